@@ -1,0 +1,343 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``--set a.b=c`` overrides.
+
+Every section is a small dataclass. Derived values (d_inner, dt_rank, nheads, padded vocab) are properties, never
+stored twice. Unknown keys and impossible values raise :class:`ConfigError` with a one-line message that names the
+field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["mamba1", "mamba2"] = "mamba1"
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    pad_vocab_multiple: int = 16
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    # Mamba1: rank of the Δ projection; "auto" = ceil(d_model / 16).
+    dt_rank: int | Literal["auto"] = "auto"
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    bias: bool = False
+    # Mamba2 only.
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    init_std: float = 0.02
+    # Which implementation of the selective scan / SSD / conv / norm ops to run.
+    kernels: Literal["auto", "triton", "reference"] = "auto"
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def dt_rank_value(self) -> int:
+        return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_layer", "vocab_size", "pad_vocab_multiple", "d_state", "d_conv", "expand")
+        if self.dt_rank != "auto" and int(self.dt_rank) <= 0:
+            raise ConfigError(f"model.dt_rank={self.dt_rank} must be a positive integer or 'auto'")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"model.dt_min={self.dt_min} / model.dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
+        if self.arch == "mamba2":
+            _positive(self, "headdim", "ngroups", "chunk_size")
+            if self.d_inner % self.headdim:
+                raise ConfigError(
+                    f"model.headdim={self.headdim} does not divide d_inner={self.d_inner} (expand*d_model); "
+                    f"pick a headdim that divides {self.d_inner}"
+                )
+            if self.nheads % self.ngroups:
+                raise ConfigError(
+                    f"model.ngroups={self.ngroups} does not divide nheads={self.nheads}; pick a divisor of {self.nheads}"
+                )
+            lo, hi = self.A_init_range
+            if not 0 < lo <= hi:
+                raise ConfigError(f"model.A_init_range={self.A_init_range}: need 0 < low <= high")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    sequence_parallel: bool = False
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "tp")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1; set tp or turn it off")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallel.offload_params needs parallel.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("parallel.offload_optimizer needs parallel.zero_stage >= 1")
+
+
+@dataclass
+class DataConfig:
+    # Path or URL of the index JSON written by tools/prepare_data.py; shards are found relative to it.
+    index: str = ""
+    tokenizer: str = ""
+    seq_len: int = 2048
+    micro_batch: int = 8
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    seed: int = 1234
+    skip_bad_shards: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "seq_len", "micro_batch")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 disables shuffling)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # WSD: fraction of max_steps spent in the final decay.
+    decay_frac: float = 0.2
+
+    def validate(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 <= self.decay_frac <= 1:
+            raise ConfigError(f"optim.decay_frac={self.decay_frac} must be in [0, 1]")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mambatron"
+    name: str = ""
+    entity: str = ""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    grad_accum: int = 1
+    save_every: int = 500
+    keep_last: int = 3
+    eval_every: int = 0
+    eval_steps: int = 10
+    log_every: int = 1
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    deterministic: bool = False
+    # Used by the planner (--dry-run) to warn when a run will not fit, and for MFU.
+    gpu_memory_gb: float = 80.0
+    gpu_peak_tflops: float = 989.0
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self) -> None:
+        _positive(self, "max_steps", "grad_accum", "keep_last", "log_every")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise ConfigError("train.save_every and train.eval_every must be >= 0 (0 disables)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        for section in (self.model, self.parallel, self.data, self.optim, self.train):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = _SECTION_NAMES.get(type(obj), type(obj).__name__)
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{section}.{name}={value!r} must be a positive number")
+
+
+_SECTION_NAMES = {
+    ModelConfig: "model",
+    ParallelConfig: "parallel",
+    DataConfig: "data",
+    OptimConfig: "optim",
+    TrainConfig: "train",
+    WandbConfig: "train.wandb",
+}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}={value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}={value!r} has the wrong type; expected {tp}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{where}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}={value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}={value!r} must be a number")
+    if tp is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            path = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{(where + '.') if where else ''}{close[0]}'?" if close else f"valid keys: {names}"
+            raise ConfigError(f"unknown config key '{path}': {hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` → nested dict. Values are parsed as YAML scalars (``true``, ``1e-3``, ``[1, 2]``)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. --set train.max_steps=100)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a field inside a non-mapping value")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data or {}, "").validate()
+
+
+def load_config(path: str | Path | None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a YAML config, apply ``key.sub=value`` overrides, validate, and return a :class:`Config`."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file (see configs/)")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections (model, data, ...)")
+    data = _merge(data, parse_overrides(overrides))
+    return config_from_dict(data)

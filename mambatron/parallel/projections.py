@@ -1,0 +1,54 @@
+"""The projections a model is built from: the only place that decides between single-device and tensor-parallel.
+
+Mixers and the LM never see a process group. They ask a :class:`Projections` object for their linear layers,
+embedding, LM head and loss, and size their local parameters with ``tp_size``:
+
+- ``column(in_f, out_f, bias)``: input ``(batch, seqlen_local, in_f)`` (sequence-sharded under sequence
+  parallelism, gathered inside), output ``(batch, seqlen, out_f // tp)``.
+- ``row(in_f, out_f, bias, scatter=True)``: input ``(batch, seqlen, in_f // tp)``; output reduced over TP,
+  ``(batch, seqlen_local, out_f)`` (reduce-scattered along the sequence under SP). ``scatter=False`` always
+  all-reduces and keeps the full sequence (Mamba1's small x_proj output).
+- ``embedding(vocab, dim)``: ``(batch, seqlen)`` ids → ``(batch, seqlen_local, dim)``.
+- ``lm_head(hidden, weight)``: ``(batch, seqlen_local, dim)`` → vocab-local logits ``(batch, seqlen, vocab // tp)``.
+- ``cross_entropy(logits_local, labels)`` → per-token loss ``(batch, seqlen)``; labels ``< 0`` are ignored.
+- ``gather_logits(logits_local)`` → full-vocab logits.
+- ``mark_sequence_parallel(param)``: tags parameters used in sequence-sharded regions (norm weights) so their
+  gradients are reduced over TP.
+
+:class:`LocalProjections` is the TP=1 implementation; ``mambatron.parallel.megatron`` provides the megatron-core one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LocalProjections:
+    tp_size = 1
+    tp_rank = 0
+    sequence_parallel = False
+
+    def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def row(self, in_features: int, out_features: int, bias: bool = False, scatter: bool = True) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    def embedding(self, vocab_size: int, dim: int) -> nn.Module:
+        return nn.Embedding(vocab_size, dim)
+
+    def lm_head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, weight.to(hidden.dtype))
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        flat = logits.float().flatten(0, -2)
+        loss = F.cross_entropy(flat, labels.clamp_min(0).flatten().long(), reduction="none")
+        return loss.view(labels.shape) * (labels >= 0)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def mark_sequence_parallel(self, param: nn.Parameter) -> None:
+        return None
