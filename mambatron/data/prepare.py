@@ -1,0 +1,265 @@
+"""Raw text → tokenized WebDataset shards + ``index.json`` (the engine behind ``tools/prepare_data.py``).
+
+Every document becomes one sample ``<key>.tokens.u16`` (or ``.tokens.u32`` when the vocabulary does not fit in 16
+bits): the document's token ids followed by EOS, as raw little-endian integers, so reading a sample is a single
+``np.frombuffer``. ``<key>`` is the document's position in the input (10 digits), so samples can be sorted back
+into input order.
+
+Inputs are read in argument order (globs sorted); text files are one document each, ``.jsonl``/``.jsonl.gz`` files
+one document per line (the ``field`` key). Documents are tokenized in worker processes, results are consumed in
+input order, and tars are written with fixed metadata (mtime 0, fixed owner, USTAR), so the same input gives
+byte-identical shards whatever the number of workers.
+
+Document ``i`` goes to the validation split when ``floor((i + 1) * f) > floor(i * f)``: an evenly spread,
+deterministic ``f`` fraction of the documents.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mambatron.data.tokenizers import Tokenizer, expand_inputs, load_tokenizer, read_text, sha256_file
+
+INDEX_FORMAT = "mambatron.shards.v1"
+SPLITS = ("train", "val")
+# Documents sent to a worker per task: big enough to amortise inter-process traffic, small enough to balance.
+_TASK_DOCS = 32
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (always little-endian on disk)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def tokens_key(dtype: np.dtype) -> str:
+    """The WebDataset extension that holds a document's raw token bytes."""
+    return f"tokens.u{8 * np.dtype(dtype).itemsize}"
+
+
+def _is_jsonl(path: str) -> bool:
+    return path.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
+
+
+def _iter_tasks(files: list[str], field_name: str, max_docs: int) -> Iterator[list[tuple[str, str]]]:
+    """Batches of ``("file", path)`` or ``("text", json_line)`` items in input order."""
+    batch: list[tuple[str, str]] = []
+    count = 0
+    for path in files:
+        if _is_jsonl(path):
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    batch.append(("json", line))
+                    count += 1
+                    if len(batch) == _TASK_DOCS or count == max_docs:
+                        yield batch
+                        batch = []
+                    if count == max_docs:
+                        return
+        else:
+            batch.append(("file", path))
+            count += 1
+            if len(batch) == _TASK_DOCS or count == max_docs:
+                yield batch
+                batch = []
+            if count == max_docs:
+                return
+    if batch:
+        yield batch
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _tokenize_task(args: tuple[list[tuple[str, str]], str, str]) -> list[tuple[bytes, int, int]]:
+    """Tokenize one batch → ``(raw token bytes incl. EOS, n_tokens, n_chars)`` per document (empty docs: 0 tokens)."""
+    task, field_name, dtype_str = args
+    tok = _worker_tokenizer
+    assert tok is not None
+    dtype = np.dtype(dtype_str)
+    out = []
+    for kind, payload in task:
+        if kind == "file":
+            text = read_text(payload)
+        else:
+            obj = json.loads(payload)
+            if field_name not in obj:
+                raise KeyError(f"JSONL record has no field {field_name!r} (keys: {sorted(obj)}); pass --field")
+            text = str(obj[field_name])
+        if not text:
+            out.append((b"", 0, 0))
+            continue
+        ids = tok.encode_array(text)
+        arr = np.empty(len(ids) + 1, dtype=dtype)
+        arr[:-1] = ids
+        arr[-1] = tok.eos_id
+        out.append((arr.tobytes(), len(arr), len(text)))
+    return out
+
+
+@dataclass
+class _SplitWriter:
+    """Writes one split's shards, starting a new tar once the current one holds ``shard_tokens`` tokens."""
+
+    out_dir: Path
+    split: str
+    key_ext: str
+    shard_tokens: int
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    _tar: Any = None
+    _file: Any = None
+
+    def add(self, key: str, data: bytes, n_tokens: int) -> None:
+        import webdataset as wds
+
+        if self._tar is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._file = open(self.out_dir / name, "wb")
+            # Fixed mtime/owner/mode and USTAR: the tar's bytes depend only on its samples.
+            self._tar = wds.TarWriter(self._file, user="mambatron", group="mambatron", mtime=0, encoder=False)
+            self.shards.append({"name": name, "tokens": 0, "docs": 0})
+        self._tar.write({"__key__": key, self.key_ext: data})
+        self.shards[-1]["tokens"] += n_tokens
+        self.shards[-1]["docs"] += 1
+        if self.shards[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.close()
+        self._tar = self._file = None
+        shard = self.shards[-1]
+        path = self.out_dir / shard["name"]
+        shard["bytes"] = path.stat().st_size
+        shard["sha256"] = sha256_file(path)
+
+
+def prepare_data(
+    inputs: Iterable[str],
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    shard_tokens: int = 100_000_000,
+    field_name: str = "text",
+    val_fraction: float = 0.001,
+    workers: int = 0,
+    max_docs: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``inputs`` into shards under ``out_dir`` and write ``out_dir/index.json``; return the index.
+
+    ``workers``: tokenizer processes (0 = one per CPU core, 1 = in this process). ``max_docs``: stop after this many
+    documents (0 = all).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    if shard_tokens <= 0:
+        raise ValueError(f"shard_tokens={shard_tokens} must be positive")
+    files = expand_inputs(inputs)
+    if not files:
+        raise ValueError("no input files")
+    tok = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tok.vocab_size)
+    key_ext = tokens_key(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writers = {s: _SplitWriter(out, s, key_ext, shard_tokens) for s in SPLITS}
+    workers = workers or os.cpu_count() or 1
+    tasks = ((t, field_name, dtype.str) for t in _iter_tasks(files, field_name, max_docs))
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=None if any(_is_jsonl(f) for f in files) else (min(len(files), max_docs) if max_docs else len(files)),
+        unit="doc",
+        desc="prepare",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    pool = None
+    if workers > 1:
+        pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)
+        )
+        results: Iterable[list[tuple[bytes, int, int]]] = pool.imap(_tokenize_task, tasks)
+    else:
+        _init_worker(str(tokenizer_dir))
+        results = map(_tokenize_task, tasks)
+    doc_index = 0
+    empty = 0
+    chars = 0
+    try:
+        for batch in results:
+            for data, n_tokens, n_chars in batch:
+                index = doc_index
+                doc_index += 1
+                if n_tokens == 0:
+                    empty += 1
+                    continue
+                chars += n_chars
+                is_val = math.floor((index + 1) * val_fraction) > math.floor(index * val_fraction)
+                writers["val" if is_val else "train"].add(f"{index:010d}", data, n_tokens)
+            bar.update(len(batch))
+            bar.set_postfix(tokens=sum(s["tokens"] for w in writers.values() for s in w.shards), refresh=False)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    for w in writers.values():
+        w.close()
+    index = {
+        "format": INDEX_FORMAT,
+        "dtype": dtype.name,
+        "tokens_key": key_ext,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "tokenizer_kind": tok.kind,
+        "tokenizer_hash": tok.hash,
+        "documents": doc_index,
+        "empty_documents": empty,
+        "characters": chars,
+        "splits": {
+            s: {
+                "tokens": sum(x["tokens"] for x in w.shards),
+                "docs": sum(x["docs"] for x in w.shards),
+                "shards": w.shards,
+            }
+            for s, w in writers.items()
+        },
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def read_shard_tokens(path: str | Path, key_ext: str = "tokens.u16") -> dict[str, np.ndarray]:
+    """All documents of one local shard as ``{key: tokens}`` (a debugging helper; training streams instead)."""
+    dtype = np.dtype("<u2") if key_ext.endswith("16") else np.dtype("<u4")
+    docs = {}
+    with tarfile.open(path) as tf:
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if ext == key_ext:
+                docs[key] = np.frombuffer(tf.extractfile(member).read(), dtype=dtype)
+    return docs
