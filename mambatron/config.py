@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +84,8 @@ class ModelConfig:
                 )
             if self.nheads % self.ngroups:
                 raise ConfigError(
-                    f"model.ngroups={self.ngroups} does not divide nheads={self.nheads}; pick a divisor of {self.nheads}"
+                    f"model.ngroups={self.ngroups} does not divide nheads={self.nheads}; "
+                    f"pick a divisor of {self.nheads}"
                 )
             lo, hi = self.A_init_range
             if not 0 < lo <= hi:
@@ -165,6 +167,8 @@ class WandbConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = "runs/default"
+    # Model directory (config.yaml + model.safetensors, e.g. from tools/import_hf.py) to take initial weights from.
+    init_from: str = ""
     max_steps: int = 1000
     grad_accum: int = 1
     save_every: int = 500
@@ -201,7 +205,16 @@ class Config:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain JSON/YAML-safe dict (tuples become lists); ``config_from_dict`` reads it back."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -297,6 +310,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` → nested dict. Values are parsed as YAML scalars (``true``, ``1e-3``, ``[1, 2]``)."""
     nested: dict[str, Any] = {}
@@ -305,6 +321,8 @@ def parse_overrides(overrides: typing.Iterable[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not key=value (e.g. --set train.max_steps=100)")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
+        if isinstance(value, str) and _FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads "1e-3" as a string
         node = nested
         parts = key.strip().split(".")
         for part in parts[:-1]:

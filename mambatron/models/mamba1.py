@@ -1,0 +1,147 @@
+"""Mamba1 mixer: in_proj → causal depthwise conv1d → SiLU → x_proj → (Δ, B, C) → selective scan → gate → out_proj.
+
+Shapes: hidden ``(batch, seqlen, d_model)``; inside, channels-first ``(batch, d_inner, seqlen)`` for the conv and
+the scan. Under tensor parallelism ``d_inner`` is split: every per-channel parameter holds this rank's slice and the
+projections come from the factory (``in_proj`` column-parallel with local output ``[x | z]``, ``x_proj``
+row-parallel with an all-reduce of its small output, ``out_proj`` row-parallel).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambatron.config import ModelConfig
+from mambatron.models.ops import get_op
+from mambatron.parallel.projections import LocalProjections
+
+
+def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus⁻¹(x) = x + log(-expm1(-x)), stable for small x."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def sample_dt(n: int, cfg: ModelConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Initial Δ values, log-uniform in [dt_min, dt_max], floored at dt_init_floor: shape (n,)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+    return dt.clamp_min(cfg.dt_init_floor)
+
+
+class Mamba1Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections | None = None):
+        super().__init__()
+        proj = proj or LocalProjections()
+        if cfg.d_inner % proj.tp_size:
+            raise ValueError(f"tensor-parallel size {proj.tp_size} does not divide d_inner={cfg.d_inner}")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.d_inner_local = cfg.d_inner // proj.tp_size
+        n, r, di = cfg.d_state, cfg.dt_rank_value, self.d_inner_local
+        self.in_proj = proj.column(cfg.d_model, 2 * cfg.d_inner, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(di, di, cfg.d_conv, groups=di, bias=cfg.conv_bias, padding=cfg.d_conv - 1)
+        self.x_proj = proj.row(cfg.d_inner, r + 2 * n, bias=False, scatter=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(di, n))
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        for p in (self.A_log, self.D, self.dt_proj.bias):
+            p._no_weight_decay = True
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Mamba-paper init: S4D-real A, Δ log-uniform through the inverse softplus, D = 1."""
+        cfg = self.cfg
+        n, di = cfg.d_state, self.d_inner_local
+        for lin in (self.in_proj, self.x_proj, self.out_proj):
+            _kaiming_uniform(lin.weight, generator)
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.zero_()
+        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+        _kaiming_uniform(self.conv1d.weight, generator)
+        if self.conv1d.bias is not None:
+            bound = 1 / math.sqrt(cfg.d_conv)
+            self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        std = cfg.dt_rank_value**-0.5
+        self.dt_proj.weight.uniform_(-std, std, generator=generator)
+        self.dt_proj.bias.copy_(inverse_softplus(sample_dt(di, cfg, generator)))
+        a = torch.arange(1, n + 1, dtype=torch.float32).repeat(di, 1)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
+        """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model). ``cache`` (generation) is
+        filled with the final conv window and SSM state."""
+        cfg = self.cfg
+        kernels = cfg.kernels
+        xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
+        x, z = xz.chunk(2, dim=-1)
+        x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen)
+        z = z.transpose(1, 2).contiguous()
+        if cache is not None:
+            cache["conv"] = _last_window(x, cfg.d_conv)
+        conv = get_op("conv1d", kernels, x)
+        x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
+        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (batch, d_inner, seqlen)
+        A = -torch.exp(self.A_log.float())
+        scan = get_op("selective_scan", kernels, x)
+        out = scan(
+            x,
+            delta,
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+            return_last_state=cache is not None,
+            seq_idx=seq_idx,
+        )
+        if cache is not None:
+            out, cache["ssm"] = out
+        return self.out_proj(out.transpose(1, 2))
+
+    def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache`` (conv window, SSM)."""
+        cfg = self.cfg
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner) each
+        update = get_op("conv1d_update", cfg.kernels, x)
+        x = update(x, cache["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())  # (batch, d_inner)
+        A = -torch.exp(self.A_log.float())
+        state = cache["ssm"]  # (batch, d_inner, d_state), fp32
+        state.mul_(torch.exp(delta.unsqueeze(-1) * A)).add_(
+            delta.unsqueeze(-1) * B.float().unsqueeze(1) * x.float().unsqueeze(-1)
+        )
+        y = torch.einsum("bdn,bn->bd", state, C.float()) + self.D.float() * x.float()
+        y = (y * F.silu(z.float())).to(hidden.dtype)
+        return self.out_proj(y)
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        di = self.d_inner_local
+        return {
+            "conv": torch.zeros(batch, di, self.cfg.d_conv, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch, di, self.cfg.d_state, device=device, dtype=torch.float32),
+        }
+
+
+def _last_window(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The last ``width`` inputs along the sequence, zero-padded on the left: (batch, dim, width)."""
+    seqlen = x.shape[-1]
+    if seqlen >= width:
+        return x[..., seqlen - width :].clone()
+    return F.pad(x, (width - seqlen, 0))
+
+
+def _kaiming_uniform(w: torch.Tensor, generator: torch.Generator | None) -> None:
+    """nn.Linear's default init (kaiming-uniform with a=sqrt(5)), reproducible through ``generator``."""
+    fan_in = w[0].numel() if w.dim() > 1 else w.numel()
+    bound = 1 / math.sqrt(fan_in)
+    w.uniform_(-bound, bound, generator=generator)

@@ -1,0 +1,134 @@
+"""Mamba2 mixer: fused in_proj [z | xBC | dt] → causal conv over xBC → SSD → gated group-wise RMSNorm → out_proj.
+
+Shapes: hidden ``(batch, seqlen, d_model)``; x ``(batch, seqlen, nheads, headdim)``; B, C ``(batch, seqlen,
+ngroups, d_state)``; dt ``(batch, seqlen, nheads)``. Under tensor parallelism heads and groups are split; the local
+in_proj output is ``[z_l | x_l | B_l | C_l | dt_l]`` and the gated norm is per group, so it stays local.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambatron.config import ModelConfig
+from mambatron.models.mamba1 import _kaiming_uniform, _last_window, inverse_softplus, sample_dt
+from mambatron.models.ops import get_op
+from mambatron.parallel.projections import LocalProjections
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections | None = None):
+        super().__init__()
+        proj = proj or LocalProjections()
+        tp = proj.tp_size
+        if cfg.nheads % tp or cfg.ngroups % tp:
+            raise ValueError(f"tensor-parallel size {tp} must divide nheads={cfg.nheads} and ngroups={cfg.ngroups}")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.d_inner_local = cfg.d_inner // tp
+        self.nheads_local = cfg.nheads // tp
+        self.ngroups_local = cfg.ngroups // tp
+        self.conv_dim = self.d_inner_local + 2 * self.ngroups_local * cfg.d_state
+        in_features = 2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads
+        self.in_proj = proj.column(cfg.d_model, in_features, bias=cfg.bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim, bias=cfg.conv_bias, padding=cfg.d_conv - 1
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads_local))
+        self.A_log = nn.Parameter(torch.empty(self.nheads_local))
+        self.D = nn.Parameter(torch.empty(self.nheads_local))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.empty(self.d_inner_local))
+        self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        for p in (self.dt_bias, self.A_log, self.D, self.norm.weight):
+            p._no_weight_decay = True
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Mamba2 init: A uniform in A_init_range (stored as log), Δ bias through the inverse softplus, D = 1."""
+        cfg = self.cfg
+        for lin in (self.in_proj, self.out_proj):
+            _kaiming_uniform(lin.weight, generator)
+            if getattr(lin, "bias", None) is not None:
+                lin.bias.zero_()
+        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+        _kaiming_uniform(self.conv1d.weight, generator)
+        if self.conv1d.bias is not None:
+            bound = 1 / math.sqrt(cfg.d_conv)
+            self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        self.dt_bias.copy_(inverse_softplus(sample_dt(self.nheads_local, cfg, generator)))
+        lo, hi = cfg.A_init_range
+        self.A_log.copy_(torch.log(torch.empty(self.nheads_local).uniform_(lo, hi, generator=generator)))
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    def _split_in(self, zxbcdt: torch.Tensor):
+        di, gn = self.d_inner_local, self.ngroups_local * self.cfg.d_state
+        return torch.split(zxbcdt, [di, di + 2 * gn, self.nheads_local], dim=-1)
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        norm = get_op("gated_rms_norm", self.cfg.kernels, y)
+        group = self.d_inner_local // self.ngroups_local
+        return norm(y, self.norm.weight, None, z=z, eps=self.cfg.norm_eps, group_size=group, norm_before_gate=False)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
+        """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model)."""
+        cfg = self.cfg
+        z, xbc, dt = self._split_in(self.in_proj(hidden))
+        batch, seqlen, _ = xbc.shape
+        xbc_t = xbc.transpose(1, 2).contiguous()  # (batch, conv_dim, seqlen)
+        if cache is not None:
+            cache["conv"] = _last_window(xbc_t, cfg.d_conv)
+        conv = get_op("conv1d", cfg.kernels, xbc_t)
+        xbc = conv(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
+        xbc = xbc.transpose(1, 2)
+        gn = self.ngroups_local * cfg.d_state
+        x, B, C = torch.split(xbc, [self.d_inner_local, gn, gn], dim=-1)
+        ssd = get_op("ssd", cfg.kernels, x)
+        y = ssd(
+            x.reshape(batch, seqlen, self.nheads_local, cfg.headdim).contiguous(),
+            dt.contiguous(),
+            -torch.exp(self.A_log.float()),
+            B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
+            C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
+            cfg.chunk_size,
+            D=self.D.float(),
+            dt_bias=self.dt_bias.float(),
+            seq_idx=seq_idx,
+            dt_softplus=True,
+            return_final_states=cache is not None,
+        )
+        if cache is not None:
+            y, cache["ssm"] = y
+        y = self._gated_norm(y.reshape(batch, seqlen, self.d_inner_local), z)
+        return self.out_proj(y)
+
+    def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
+        """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache``."""
+        cfg = self.cfg
+        h, p, g, n = self.nheads_local, cfg.headdim, self.ngroups_local, cfg.d_state
+        z, xbc, dt = self._split_in(self.in_proj(hidden))
+        update = get_op("conv1d_update", cfg.kernels, xbc)
+        xbc = update(xbc, cache["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+        x, B, C = torch.split(xbc, [self.d_inner_local, g * n, g * n], dim=-1)
+        batch = x.shape[0]
+        x = x.float().view(batch, h, p)
+        B = B.float().view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
+        C = C.float().view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, nheads)
+        dA = torch.exp(dt * -torch.exp(self.A_log.float()))
+        state = cache["ssm"]  # (batch, nheads, headdim, d_state), fp32
+        state.mul_(dA[..., None, None]).add_((dt[..., None] * x)[..., None] * B[:, :, None, :])
+        y = torch.einsum("bhpn,bhn->bhp", state, C) + self.D.float()[:, None] * x
+        y = y.reshape(batch, self.d_inner_local).to(hidden.dtype)
+        return self.out_proj(self._gated_norm(y, z))
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        cfg = self.cfg
+        return {
+            "conv": torch.zeros(batch, self.conv_dim, cfg.d_conv, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch, self.nheads_local, cfg.headdim, cfg.d_state, device=device, dtype=torch.float32),
+        }

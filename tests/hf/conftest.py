@@ -1,0 +1,1 @@
+from tests.models.conftest import _seed, arch  # noqa: F401  (shared fixtures)

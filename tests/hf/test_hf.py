@@ -1,0 +1,78 @@
+"""Logits parity with Hugging Face transformers after export, and back after import (fp32, CPU)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
+
+from mambatron.hf import from_hf, to_hf
+from mambatron.models import build_model, generate
+from tests.models.conftest import tiny_model_config
+
+TOL = 1e-4
+
+
+def _perturbed(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_loads_in_transformers_with_equal_logits_and_generation(arch, tie, tmp_path):
+    cfg = tiny_model_config(arch, tie_embeddings=tie, conv_bias=True)
+    ours = _perturbed(build_model(cfg))
+    to_hf(ours, cfg, tmp_path)
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(hf).__name__ == ("MambaForCausalLM" if arch == "mamba1" else "Mamba2ForCausalLM")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 23))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= TOL, diff
+    prompt = ids[:, :5]
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert torch.equal(theirs, generate(ours, prompt, max_new_tokens=16))
+
+
+def test_import_from_random_hf_model(arch, tmp_path):
+    if arch == "mamba1":
+        hf = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2))
+    else:
+        hf_cfg = Mamba2Config(
+            vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=1,
+            chunk_size=8,
+        )  # fmt: skip
+        hf = Mamba2ForCausalLM(hf_cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+    ours, cfg = from_hf(tmp_path)
+    ours.eval()
+    assert cfg.arch == arch and cfg.padded_vocab_size == 64
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+        theirs = hf.generate(ids[:, :4], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+    assert diff <= TOL, diff
+    assert torch.equal(theirs, generate(ours, ids[:, :4], max_new_tokens=16))
+
+
+def test_round_trip_is_exact(arch, tmp_path):
+    cfg = tiny_model_config(arch)
+    ours = build_model(cfg)
+    to_hf(ours, cfg, tmp_path)
+    back, cfg2 = from_hf(tmp_path)
+    assert cfg2 == cfg
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
+def test_wrong_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_hf(tmp_path)

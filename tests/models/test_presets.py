@@ -1,0 +1,28 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from mambatron.config import load_config
+from mambatron.models import build_model, count_parameters
+
+PRESETS = sorted(Path("configs").glob("mamba*.yaml"))
+
+
+def test_every_size_has_a_preset():
+    names = {p.stem for p in PRESETS}
+    for size in ("130m", "370m", "790m", "1.4b", "2.8b", "7b"):
+        assert f"mamba1-{size}" in names
+    for size in ("130m", "370m", "780m", "1.3b", "2.7b", "8b"):
+        assert f"mamba2-{size}" in names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_parameter_count_matches_name(path):
+    cfg = load_config(path)
+    model = build_model(cfg.model, device="meta")
+    n = count_parameters(model)
+    value, unit = re.search(r"-([\d.]+)([mb])$", path.stem).groups()
+    expected = float(value) * (1e6 if unit == "m" else 1e9)
+    assert abs(n - expected) / expected <= 0.05, f"{path.stem}: {n / 1e6:.1f}M parameters"
+    assert cfg.model.arch == path.stem.split("-")[0]

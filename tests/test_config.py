@@ -1,0 +1,45 @@
+import pytest
+
+from mambatron.config import ConfigError, load_config, parse_overrides
+
+
+def test_presets_and_overrides_load():
+    cfg = load_config("configs/tiny.yaml", ["train.max_steps=7", "optim.betas=[0.8, 0.9]", "model.arch=mamba2"])
+    assert cfg.train.max_steps == 7
+    assert cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.arch == "mamba2"
+
+
+def test_override_parsing_types():
+    assert parse_overrides(["a.b=1", "c=true", "d=1e-3", "e=x"]) == {"a": {"b": 1}, "c": True, "d": 1e-3, "e": "x"}
+
+
+def test_typo_key_names_field_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", ["model.d_modle=64"])
+    msg = str(e.value)
+    assert "model.d_modle" in msg and "model.d_model" in msg and "\n" not in msg
+
+
+def test_typo_section_suggests():
+    with pytest.raises(ConfigError, match="did you mean 'optim'"):
+        load_config(None, ["optm.lr=1"])
+
+
+def test_non_divisible_shape_names_field():
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/tiny.yaml", ["model.arch=mamba2", "model.headdim=48"])
+    msg = str(e.value)
+    assert "model.headdim=48" in msg and "d_inner=256" in msg and "\n" not in msg
+
+
+def test_bad_literal_and_type():
+    with pytest.raises(ConfigError, match="model.arch='mamba3' is not one of"):
+        load_config(None, ["model.arch=mamba3"])
+    with pytest.raises(ConfigError, match="train.max_steps='abc' must be an integer"):
+        load_config(None, ["train.max_steps=abc"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")
