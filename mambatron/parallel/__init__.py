@@ -1,0 +1,71 @@
+"""Parallelism, decided in one place: process groups, tensor/sequence-parallel projections, ZeRO, consolidation.
+
+- :mod:`.dist`: torchrun/SLURM environment → torch.distributed + megatron-core parallel_state (:class:`DistInfo`).
+- :mod:`.projections` / :mod:`.megatron`: the projection factory the models are built from (TP=1 / TP>1).
+- :mod:`.zero`: DeepSpeed ZeRO 0-3 engine over the data-parallel group.
+- :mod:`.consolidate`: TP shards ↔ full (TP=1) state dicts, and module states out of ZeRO checkpoints.
+
+megatron-core and DeepSpeed are imported lazily, so ``import mambatron.parallel`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from mambatron.config import ConfigError, ModelConfig, ParallelConfig
+from mambatron.parallel.projections import LocalProjections
+
+if TYPE_CHECKING:
+    from mambatron.parallel.megatron import MegatronProjections
+
+__all__ = ["ConfigError", "LocalProjections", "build_projections", "validate_parallel"]
+
+
+def validate_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, world_size: int | None = None) -> None:
+    """Reject a model/parallel layout that cannot be sharded, before anything is allocated.
+
+    Checks that TP divides d_inner (Mamba1), nheads and ngroups (Mamba2) and the padded vocab, and that the world
+    size (when given) is a multiple of TP. Raises :class:`ConfigError` with a one-line message naming the fix.
+    """
+    parallel_cfg.validate()
+    tp = parallel_cfg.tp
+    if world_size is not None and (world_size < 1 or world_size % tp):
+        raise ConfigError(
+            f"WORLD_SIZE={world_size} is not a multiple of parallel.tp={tp}; launch a multiple of {tp} processes "
+            f"or set parallel.tp to a divisor of {world_size}"
+        )
+    if tp == 1:
+        return
+    if model_cfg.arch == "mamba1" and model_cfg.d_inner % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide d_inner={model_cfg.d_inner} (model.expand*model.d_model); "
+            f"pick a tp that divides {model_cfg.d_inner}"
+        )
+    if model_cfg.arch == "mamba2":
+        if model_cfg.nheads % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide nheads={model_cfg.nheads} (d_inner / model.headdim); "
+                f"pick a tp that divides {model_cfg.nheads}"
+            )
+        if model_cfg.ngroups % tp:
+            raise ConfigError(
+                f"parallel.tp={tp} does not divide model.ngroups={model_cfg.ngroups}; "
+                f"set model.ngroups to a multiple of {tp} or pick a tp that divides {model_cfg.ngroups}"
+            )
+    if model_cfg.padded_vocab_size % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} does not divide the padded vocab {model_cfg.padded_vocab_size}; "
+            f"set model.pad_vocab_multiple to a multiple of {tp}"
+        )
+
+
+def build_projections(
+    parallel_cfg: ParallelConfig, *, init_std: float = 0.02
+) -> LocalProjections | MegatronProjections:
+    """The projection factory for this run: :class:`LocalProjections` at TP=1, megatron-core layers at TP>1
+    (megatron's parallel_state must be initialised, see :func:`mambatron.parallel.dist.setup`)."""
+    if parallel_cfg.tp == 1:
+        return LocalProjections()
+    from mambatron.parallel.megatron import MegatronProjections
+
+    return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std)

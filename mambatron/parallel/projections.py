@@ -43,7 +43,9 @@ class LocalProjections:
         return F.linear(hidden, weight.to(hidden.dtype))
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        flat = logits.float().flatten(0, -2)
+        flat = logits.flatten(0, -2)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # the softmax of a 50k vocabulary needs fp32
         loss = F.cross_entropy(flat, labels.clamp_min(0).flatten().long(), reduction="none")
         return loss.view(labels.shape) * (labels >= 0)
 

@@ -1,0 +1,185 @@
+"""TP-sharded module states ↔ one full (TP=1) state dict, and module states out of DeepSpeed ZeRO checkpoints.
+
+The full state dict is the single-device model's, with exactly its parameter names (it feeds the Hugging Face
+export). Each parameter has one layout, looked up from its name:
+
+- *split*: cut along ``dim`` into TP blocks, component by component. A fused projection is several components
+  laid end to end (Mamba1 in_proj ``[x | z]``, Mamba2 in_proj ``[z | x | B | C | dt]``, Mamba2 conv ``[x | B | C]``),
+  and a rank's local tensor holds its block of every component, in the same order. Column-parallel weights and
+  per-channel slices split dim 0; row-parallel weights split dim 1 (the reduced input dimension).
+- *replicated*: the same on every rank (block norms, final norm, row-parallel biases, x_proj's bias).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from mambatron.config import ModelConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one full parameter maps to TP shards: ``dim`` is None when replicated; ``components`` are full sizes."""
+
+    dim: int | None
+    components: tuple[int, ...] = ()
+
+    @property
+    def replicated(self) -> bool:
+        return self.dim is None
+
+
+REPLICATED = Layout(None)
+_EXTRA_STATE = "_extra_state"
+
+
+def param_layout(name: str, model_cfg: ModelConfig) -> Layout:
+    """The :class:`Layout` of full-state parameter ``name``; raises KeyError for a name it does not know."""
+    c = model_cfg
+    if name in ("embedding.weight", "lm_head.weight"):
+        return Layout(0, (c.padded_vocab_size,))
+    if name == "norm_f.weight" or re.fullmatch(r"layers\.\d+\.norm\.weight", name):
+        return REPLICATED
+    m = re.fullmatch(r"layers\.\d+\.mixer\.(.+)", name)
+    if m is None:
+        raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
+    leaf = m.group(1)
+    di = c.d_inner
+    if leaf in ("out_proj.bias", "x_proj.bias"):
+        return REPLICATED
+    if leaf == "out_proj.weight":
+        return Layout(1, (di,))
+    if c.arch == "mamba1":
+        table = {
+            "in_proj.weight": Layout(0, (di, di)),
+            "in_proj.bias": Layout(0, (di, di)),
+            "conv1d.weight": Layout(0, (di,)),
+            "conv1d.bias": Layout(0, (di,)),
+            "x_proj.weight": Layout(1, (di,)),
+            "dt_proj.weight": Layout(0, (di,)),
+            "dt_proj.bias": Layout(0, (di,)),
+            "A_log": Layout(0, (di,)),
+            "D": Layout(0, (di,)),
+        }
+    else:
+        gn, h = c.ngroups * c.d_state, c.nheads
+        table = {
+            "in_proj.weight": Layout(0, (di, di, gn, gn, h)),
+            "in_proj.bias": Layout(0, (di, di, gn, gn, h)),
+            "conv1d.weight": Layout(0, (di, gn, gn)),
+            "conv1d.bias": Layout(0, (di, gn, gn)),
+            "dt_bias": Layout(0, (h,)),
+            "A_log": Layout(0, (h,)),
+            "D": Layout(0, (h,)),
+            "norm.weight": Layout(0, (di,)),
+        }
+    if leaf not in table:
+        raise KeyError(f"no tensor-parallel layout for parameter {name!r} ({c.arch})")
+    return table[leaf]
+
+
+def shard_tensor(full: torch.Tensor, layout: Layout, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """This rank's block of ``full`` (component by component along ``layout.dim``)."""
+    if layout.replicated or tp_size == 1:
+        return full.clone()
+    _check_sizes(full, layout, tp_size)
+    parts = torch.split(full, list(layout.components), dim=layout.dim)
+    return torch.cat([p.chunk(tp_size, dim=layout.dim)[tp_rank] for p in parts], dim=layout.dim).contiguous()
+
+
+def unshard_tensor(shards: list[torch.Tensor], layout: Layout) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor`: the full tensor from every rank's block (in TP-rank order)."""
+    tp_size = len(shards)
+    if layout.replicated or tp_size == 1:
+        return shards[0].clone()
+    local_sizes = [s // tp_size for s in layout.components]
+    per_rank = [torch.split(s, local_sizes, dim=layout.dim) for s in shards]
+    pieces = [per_rank[r][i] for i in range(len(local_sizes)) for r in range(tp_size)]
+    return torch.cat(pieces, dim=layout.dim).contiguous()
+
+
+def shard(full_state: StateDict, model_cfg: ModelConfig, tp_size: int, tp_rank: int) -> StateDict:
+    """Full (TP=1) state dict → the module state of TP rank ``tp_rank`` of ``tp_size``."""
+    return {
+        name: shard_tensor(t, param_layout(name, model_cfg), tp_size, tp_rank)
+        for name, t in full_state.items()
+        if not name.endswith(_EXTRA_STATE)
+    }
+
+
+def consolidate(shard_states: list[StateDict], model_cfg: ModelConfig) -> StateDict:
+    """TP-sharded module states (one per TP rank, in rank order) → the full (TP=1) state dict."""
+    names = [n for n in shard_states[0] if not n.endswith(_EXTRA_STATE)]
+    for rank, state in enumerate(shard_states[1:], start=1):
+        if {n for n in state if not n.endswith(_EXTRA_STATE)} != set(names):
+            raise ValueError(f"TP rank {rank}'s state has different parameter names than rank 0's")
+    return {name: unshard_tensor([s[name] for s in shard_states], param_layout(name, model_cfg)) for name in names}
+
+
+def reshard(shard_states: list[StateDict], model_cfg: ModelConfig, tp_size: int) -> list[StateDict]:
+    """Module states at one TP size → module states at ``tp_size`` (one per rank)."""
+    full = consolidate(shard_states, model_cfg)
+    return [shard(full, model_cfg, tp_size, r) for r in range(tp_size)]
+
+
+def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -> list[StateDict]:
+    """fp32 module states, one per TP (``mp_rank_XX``) rank, from a DeepSpeed checkpoint at ``checkpoint_dir/tag``
+    (``tag`` defaults to the one named in ``checkpoint_dir/latest``).
+
+    ZeRO 1-3: the fp32 master weights are gathered from the data-parallel partitions with DeepSpeed's
+    ``get_fp32_state_dict_from_zero_checkpoint``, one TP rank at a time (it refuses TP > 1 checkpoints as a whole).
+    Without ZeRO partitions the module weights saved in ``mp_rank_XX_model_states.pt`` are used.
+    """
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    step_dir = os.path.join(checkpoint_dir, tag)
+    files = glob.glob(os.path.join(step_dir, "*mp_rank_*_model_states.pt"))
+    mp_ranks = sorted({int(re.search(r"mp_rank_(\d+)_model_states", os.path.basename(f)).group(1)) for f in files})
+    if not mp_ranks:
+        raise FileNotFoundError(f"no '*mp_rank_XX_model_states.pt' files in {step_dir!r}")
+    return [_module_state_for_mp_rank(step_dir, mp) for mp in mp_ranks]
+
+
+def consolidate_zero_checkpoint(checkpoint_dir: str, model_cfg: ModelConfig, tag: str | None = None) -> StateDict:
+    """The full (TP=1) fp32 state dict of a (TP-sharded, ZeRO-partitioned) DeepSpeed checkpoint."""
+    return consolidate(zero_checkpoint_module_states(checkpoint_dir, tag), model_cfg)
+
+
+def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    suffix = f"mp_rank_{mp_rank:02d}"
+    optim_files = glob.glob(os.path.join(step_dir, f"*{suffix}_optim_states.pt"))
+    if optim_files:
+        with tempfile.TemporaryDirectory() as tmp:
+            # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a folder: give it one TP rank's.
+            view = os.path.join(tmp, "step")
+            os.makedirs(view)
+            for path in glob.glob(os.path.join(step_dir, f"*{suffix}_*states.pt")):
+                os.symlink(os.path.abspath(path), os.path.join(view, os.path.basename(path)))
+            try:
+                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step")
+                return {k: v.float() for k, v in state.items() if not k.endswith(_EXTRA_STATE)}
+            except ValueError:
+                pass  # not ZeRO-partitioned (e.g. stage 0): the saved module weights are complete
+    model_files = sorted(glob.glob(os.path.join(step_dir, f"*{suffix}_model_states.pt")))
+    module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items() if not k.endswith(_EXTRA_STATE)}
+
+
+def _check_sizes(full: torch.Tensor, layout: Layout, tp_size: int) -> None:
+    if full.shape[layout.dim] != sum(layout.components):
+        raise ValueError(
+            f"tensor of shape {tuple(full.shape)} does not match components {layout.components} along dim {layout.dim}"
+        )
+    if any(s % tp_size for s in layout.components):
+        raise ValueError(f"tp={tp_size} does not divide the components {layout.components}")

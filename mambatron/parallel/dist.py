@@ -1,0 +1,236 @@
+"""Process-group setup: torchrun or SLURM environment → torch.distributed + megatron-core parallel_state.
+
+Ranks are laid out TP-major (megatron's default order): ranks ``[k*tp, (k+1)*tp)`` form one tensor-parallel group,
+and the data-parallel groups take one rank from each. nccl on GPU, gloo on CPU (where :mod:`.cpu_shims` are
+applied first). A single process with no launcher environment gets a world of one, so tests and notebooks need no
+setup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mambatron.config import ConfigError, ParallelConfig
+from mambatron.parallel import cpu_shims
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits. ``device`` is the torch device its model lives on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_size: int
+    tp_rank: int
+    dp_size: int
+    dp_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank layout and rendezvous read from the launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun), else SLURM_PROCID/SLURM_NTASKS/
+    SLURM_LOCALID with MASTER_ADDR from the first host of SLURM_NODELIST, else a single process.
+
+    torchrun's variables win when both are present (``srun torchrun ...``).
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        master_addr = env.get("MASTER_ADDR") or first_host(nodelist)
+        # One port per job so two jobs sharing a node do not collide.
+        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master_addr,
+            master_port=int(env.get("MASTER_PORT", default_port)),
+            source="slurm",
+        )
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, source="single")
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list: ``"gpu[01-03,7],cpu1"`` → ``["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]``.
+
+    Handles several bracket groups per name (``"r[1-2]n[3-4]"``); zero padding follows the range's first bound.
+    """
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        expanded = [""]
+        for text, ranges in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", item):
+            if not text and not ranges:
+                continue
+            parts = [text]
+            if ranges:
+                parts = [text + n for n in _expand_ranges(ranges)]
+            expanded = [prefix + part for prefix in expanded for part in parts]
+        hosts.extend(h for h in expanded if h)
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM node list, via ``scontrol show hostnames`` when available, else :func:`expand_hostlist`."""
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            out = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+            ).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass
+    return expand_hostlist(nodelist)[0]
+
+
+def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 30) -> DistInfo:
+    """Initialise torch.distributed and megatron-core's parallel_state with TP = ``parallel_cfg.tp``, DP = the rest.
+
+    Idempotent for an already initialised process group (its backend is kept). Raises :class:`ConfigError` when
+    the world size is not a multiple of TP.
+    """
+    parallel_cfg = parallel_cfg or ParallelConfig()
+    tp = parallel_cfg.tp
+    launch = read_launch_env()
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_shims.apply()
+    backend = "nccl" if on_gpu else "gloo"
+
+    if not dist.is_initialized():
+        world = launch.world_size
+        if world % tp:
+            raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")
+        if on_gpu:
+            torch.cuda.set_device(launch.local_rank)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if launch.source == "single":
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            # DeepSpeed and other libraries read these; SLURM launches do not set them.
+            os.environ.setdefault("RANK", str(launch.rank))
+            os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+            os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                rank=launch.rank,
+                world_size=launch.world_size,
+                timeout=timeout,
+            )
+    else:
+        backend = dist.get_backend()
+        if on_gpu:
+            torch.cuda.set_device(launch.local_rank)
+    world = dist.get_world_size()
+    if world % tp:
+        raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")
+
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            distributed_timeout_minutes=timeout_minutes,
+            create_gloo_process_groups=False,
+        )
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    return DistInfo(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=launch.local_rank,
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+        backend=backend,
+    )
+
+
+def seed_model_parallel(seed: int) -> None:
+    """Seed megatron's RNG tracker (default, tensor-parallel and expert streams) for ``tensor_parallel.checkpoint``
+    and forked regions. Does not touch the global CPU generator when running without CUDA."""
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def teardown() -> None:
+    """Destroy megatron's groups and the default process group (an exit without it sometimes aborts under gloo)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in nodelist:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    if current:
+        items.append(current)
+    return [i.strip() for i in items if i.strip()]
+
+
+def _expand_ranges(ranges: str) -> list[str]:
+    out = []
+    for part in ranges.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            width = len(lo)
+            out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+        else:
+            out.append(part)
+    return out

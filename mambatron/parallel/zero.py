@@ -1,0 +1,181 @@
+"""DeepSpeed ZeRO (stages 0-3) over the data-parallel group, composed with megatron-core tensor parallelism.
+
+The DeepSpeed JSON is generated from the run's YAML config (:func:`deepspeed_config`); ``parallel.deepspeed_extra``
+(a mapping, when the config has it) is merged on top for knobs we do not model. The optimizer is torch's AdamW (its
+state resumes bit-exactly; DeepSpeed's fused CPU Adam does not in fp32) with weight decay only on matrices. There
+is no DeepSpeed scheduler: the trainer writes ``param_group["lr"]`` itself each step.
+
+Tensor parallelism reaches DeepSpeed through :class:`MegatronMPU`. Two things DeepSpeed relies on but cannot know:
+
+- which parameters are TP-partitioned (for the global gradient norm, so a replicated parameter counts once and a
+  sharded one on every rank): :func:`mark_tensor_parallel_params` tags them from the layouts in
+  :mod:`.consolidate`;
+- that gradients of parameters used in sequence-parallel regions are partial per TP rank: hooks from
+  :mod:`.megatron` sum them over TP (DeepSpeed only reduces over data parallel).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mambatron.config import Config, ModelConfig
+from mambatron.parallel.consolidate import param_layout
+from mambatron.parallel.dist import DistInfo
+
+
+class MegatronMPU:
+    """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (model parallel = tensor parallel)."""
+
+    def __init__(self) -> None:
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._ps.get_tensor_model_parallel_group()
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._ps.get_data_parallel_group())
+
+
+def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Norm weights, biases, A_log, D and dt_bias (everything below 2-D, or tagged ``_no_weight_decay``)."""
+    return param.dim() < 2 or getattr(param, "_no_weight_decay", False) or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: decay on ≥2-D weights only. Empty groups are dropped."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """torch AdamW over :func:`param_groups` with the run's lr, betas, eps and weight decay."""
+    o = config.optim
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+    )
+
+
+def mark_tensor_parallel_params(model: nn.Module, model_cfg: ModelConfig) -> int:
+    """Tag every TP-partitioned parameter ``tensor_model_parallel=True`` (with its ``partition_dim``), so
+    DeepSpeed's global gradient norm sums it on every TP rank and replicated ones once. Returns how many."""
+    count = 0
+    for name, param in model.named_parameters():
+        layout = param_layout(name, model_cfg)
+        if layout.replicated:
+            continue
+        param.tensor_model_parallel = True
+        param.partition_dim = layout.dim
+        param.partition_stride = 1
+        count += 1
+    return count
+
+
+def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, generated from the YAML config; ``extra`` is deep-merged on top."""
+    p, t = config.parallel, config.train
+    on_gpu = dist_info.device.type == "cuda"
+    zero: dict[str, Any] = {"stage": p.zero_stage}
+    if p.zero_stage > 0:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_scatter=True)
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": config.data.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size,
+        "gradient_clipping": config.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # torch AdamW is deliberate (exact resume); DeepSpeed would otherwise insist on its own optimizers.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if extra:
+        ds = _deep_merge(ds, extra)
+    return ds
+
+
+def build_engine(
+    model: nn.Module,
+    config: Config,
+    dist_info: DistInfo,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """Wrap ``model`` (already on ``dist_info.device``) in a DeepSpeed engine: ZeRO ``parallel.zero_stage`` over the
+    data-parallel group, bf16 with fp32 master weights (or fp32 when ``train.precision=fp32``), gradient clipping by
+    the global norm over TP and DP, optional CPU offload. Returns the engine (``engine.optimizer.param_groups``
+    carries the lr the trainer sets)."""
+    import deepspeed
+
+    from mambatron.parallel import cpu_shims
+    from mambatron.parallel.megatron import install_sequence_parallel_grad_hooks
+
+    if dist_info.device.type != "cuda":
+        cpu_shims.apply()
+    if dist_info.tp_size > 1:
+        mark_tensor_parallel_params(model, config.model)
+        install_sequence_parallel_grad_hooks(model)
+    if extra is None:
+        extra = getattr(config.parallel, "deepspeed_extra", None)
+    ds_config = deepspeed_config(config, dist_info, extra)
+    optimizer = optimizer or build_optimizer(model, config)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        mpu=MegatronMPU(),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
