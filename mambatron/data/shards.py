@@ -1,0 +1,519 @@
+"""Streaming token shards → packed ``(micro_batch, seq_len)`` batches with an exact, resumable position.
+
+Layout of the stream
+--------------------
+The shards of a split (listed in ``index.json``) are dealt out to ``world_size × max(1, num_workers)`` *streams*:
+stream ``rank * n_local + w`` reads shards ``order[stream::n_streams]`` of the epoch's shard order (a seeded
+permutation per epoch when shuffling, the index order otherwise), so ranks and DataLoader workers read disjoint
+shards and together cover the split once per epoch. Each stream independently:
+
+1. reads documents (one WebDataset sample each: raw little-endian token ids ending with EOS),
+2. shuffles them with a seeded buffer (``shuffle_buffer`` documents; drained at the end of each epoch),
+3. packs them back to back into rows of ``seq_len + 1`` tokens — a document longer than a row continues in the next
+   row — and emits ``micro_batch`` rows at a time as ``input_ids = row[:-1]``, ``labels = row[1:]`` and ``seq_idx``
+   (the document index of every input token within its row: 0 at the row start, +1 after each EOS).
+
+Exact resume
+------------
+A stream's position is small and positional: epoch, shard position and sample offset of the reader, the shuffle
+RNG state, the shuffle buffer and the packing remainder described by sample references ``(shard, sample)``
+(plus a token offset for the partly packed document). Restoring re-reads just the referenced samples. Every batch a
+worker produces carries its stream's position *after* that batch; the loader in the main process keeps the latest
+one per stream and which stream the DataLoader serves next (it serves workers round-robin), so ``state_dict()`` is
+exact even though workers prefetch ahead. On restore, DataLoader workers are rotated so that the stream that was
+next is served first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mambatron.data.prepare import INDEX_FORMAT
+from mambatron.data.tokenizers import tokenizer_hash
+
+log = logging.getLogger("mambatron.data")
+
+STATE_VERSION = 1
+
+
+class ShardError(RuntimeError):
+    """A shard could not be read completely; the message names the shard."""
+
+
+class DataIndexError(ValueError):
+    """The index is unreadable or does not match the configuration (tokenizer, split, stream count)."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a split: where to read it and what it must contain."""
+
+    url: str
+    docs: int
+    tokens: int
+
+
+def _is_url(name: str) -> bool:
+    return name.startswith("pipe:") or "://" in name
+
+
+def read_index(index: str) -> dict[str, Any]:
+    """Load ``index.json`` from a local path, an ``http(s)://``/``file://`` URL or a ``pipe:`` command."""
+    try:
+        if index.startswith("pipe:"):
+            raw = subprocess.run(index[5:], shell=True, check=True, capture_output=True).stdout
+        elif _is_url(index):
+            with urllib.request.urlopen(index, timeout=60) as r:
+                raw = r.read()
+        else:
+            with open(index, "rb") as f:
+                raw = f.read()
+        data = json.loads(raw)
+    except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        raise DataIndexError(
+            f"cannot read the data index {index!r} ({e}); set data.index to the index.json written by "
+            "tools/prepare_data.py"
+        ) from e
+    if data.get("format") != INDEX_FORMAT:
+        raise DataIndexError(f"{index!r} is not a mambatron shard index (format {data.get('format')!r})")
+    return data
+
+
+def shard_infos(index_url: str, index: dict[str, Any], split: str) -> list[ShardInfo]:
+    """The split's shards with URLs resolved relative to the index (absolute paths and URLs are kept)."""
+    if split not in index["splits"]:
+        raise DataIndexError(f"split {split!r} not in {index_url!r}; it has {sorted(index['splits'])}")
+    out = []
+    for shard in index["splits"][split]["shards"]:
+        name = shard["name"]
+        if _is_url(name) or os.path.isabs(name):
+            url = name
+        elif _is_url(index_url):
+            url = urllib.parse.urljoin(index_url, name)
+        else:
+            url = os.path.join(os.path.dirname(os.path.abspath(index_url)), name)
+        out.append(ShardInfo(url=url, docs=int(shard["docs"]), tokens=int(shard["tokens"])))
+    return out
+
+
+def iter_shard(shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(sample_index, tokens)`` for samples ``start..`` of one shard, read with webdataset.
+
+    Samples before ``start`` are skipped without decoding. Raises :class:`ShardError` naming the shard when it cannot
+    be opened, is corrupt, or ends before the number of samples the index lists (a truncated tar).
+    """
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stream = None
+    count = 0
+    try:
+        stream = wds.gopen(shard.url, "rb")
+        files = tar_file_expander([{"url": shard.url, "stream": stream}])
+        for sample in group_by_keys(files):
+            if count >= start:
+                data = sample.get(key_ext)
+                if data is None or len(data) % dtype.itemsize:
+                    raise ShardError(f"shard {shard.url}: sample {sample['__key__']!r} has no valid {key_ext} entry")
+                yield count, np.frombuffer(data, dtype=dtype)
+            count += 1
+        if count != shard.docs:
+            raise ShardError(
+                f"shard {shard.url} ended after {count} of its {shard.docs} samples (truncated or replaced?)"
+            )
+    except ShardError:
+        raise
+    except Exception as e:
+        raise ShardError(f"shard {shard.url} is unreadable after {count} samples: {type(e).__name__}: {e}") from e
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception as e:  # a pipe killed early exits non-zero; that is not an error of the data
+                log.debug("closing %s: %s", shard.url, e)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a stream needs, picklable for DataLoader workers."""
+
+    shards: tuple[ShardInfo, ...]
+    key_ext: str
+    dtype: str
+    eos_id: int
+    seq_len: int
+    micro_batch: int
+    shuffle_buffer: int
+    seed: int
+    infinite: bool
+    skip_bad_shards: bool
+    rank: int
+    n_local: int
+    n_streams: int
+
+    def epoch_shards(self, epoch: int, stream: int) -> np.ndarray:
+        """Shard ids read by ``stream`` in ``epoch``."""
+        n = len(self.shards)
+        order = np.random.default_rng([self.seed, epoch, 7]).permutation(n) if self.shuffle_buffer else np.arange(n)
+        return order[stream :: self.n_streams]
+
+
+def fresh_stream_state() -> dict[str, Any]:
+    return {
+        "epoch": 0,
+        "shard_pos": 0,
+        "sample": 0,
+        "rng": None,
+        "buffer": [],
+        "pending": [],
+        "skipped": 0,
+        "epoch_docs": 0,
+    }
+
+
+class _Packer:
+    """Concatenates documents and cuts ``rows × (seq_len + 1)`` token blocks; remembers where each piece came from."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        self.row = spec.seq_len + 1
+        self.rows = spec.micro_batch
+        self.need = self.row * self.rows
+        self.eos = spec.eos_id
+        self.pending: deque[list[Any]] = deque()  # [shard, sample, tokens, offset]
+        self.total = 0
+
+    def add(self, shard: int, sample: int, tokens: np.ndarray, offset: int = 0) -> None:
+        self.pending.append([shard, sample, tokens, offset])
+        self.total += len(tokens) - offset
+
+    def ready(self) -> bool:
+        return self.total >= self.need
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        pieces = []
+        remaining = self.need
+        while remaining:
+            item = self.pending[0]
+            tokens, offset = item[2], item[3]
+            take = min(len(tokens) - offset, remaining)
+            pieces.append(tokens[offset : offset + take])
+            remaining -= take
+            if offset + take == len(tokens):
+                self.pending.popleft()
+            else:
+                item[3] = offset + take
+        self.total -= self.need
+        rows = np.concatenate(pieces).reshape(self.rows, self.row).astype(np.int64)
+        seq_idx = np.zeros((self.rows, self.row - 1), dtype=np.int32)
+        np.cumsum(rows[:, :-2] == self.eos, axis=1, dtype=np.int32, out=seq_idx[:, 1:])
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+            "labels": torch.from_numpy(np.ascontiguousarray(rows[:, 1:])),
+            "seq_idx": torch.from_numpy(seq_idx),
+        }
+
+    def refs(self) -> list[list[int]]:
+        return [[int(s), int(i), int(o)] for s, i, _, o in self.pending]
+
+
+class _Stream:
+    """One stream's reader → shuffle buffer → packer, resumable from a position dict."""
+
+    def __init__(self, spec: StreamSpec, stream: int, state: dict[str, Any] | None) -> None:
+        self.spec = spec
+        self.stream = stream
+        self.dtype = np.dtype(spec.dtype)
+        st = fresh_stream_state() if state is None else json.loads(json.dumps(state))
+        self.epoch, self.shard_pos, self.sample = st["epoch"], st["shard_pos"], st["sample"]
+        self.skipped = st["skipped"]
+        self.epoch_docs = st["epoch_docs"]
+        self.rng = self._new_rng()
+        if st["rng"] is not None:
+            self.rng.bit_generator.state = st["rng"]
+        self.ids = spec.epoch_shards(self.epoch, stream)
+        self.reader: Iterator[tuple[int, np.ndarray]] | None = None
+        self.buffer: list[np.ndarray] = []
+        self.buffer_refs = np.zeros((max(spec.shuffle_buffer, 1), 2), dtype=np.int64)
+        self.packer = _Packer(spec)
+        self._restore(st["buffer"], st["pending"])
+
+    def _new_rng(self) -> np.random.Generator:
+        return np.random.default_rng([self.spec.seed, self.epoch, self.stream, 11])
+
+    def _restore(self, buffer: list[list[int]], pending: list[list[int]]) -> None:
+        wanted: dict[int, set[int]] = {}
+        for shard, sample, *_ in buffer + pending:
+            wanted.setdefault(shard, set()).add(sample)
+        found: dict[tuple[int, int], np.ndarray] = {}
+        for shard, samples in sorted(wanted.items()):
+            last = max(samples)
+            for idx, tokens in iter_shard(self.spec.shards[shard], self.spec.key_ext, self.dtype):
+                if idx in samples:
+                    found[shard, idx] = tokens
+                if idx == last:
+                    break
+        for i, (shard, sample) in enumerate(buffer):
+            self.buffer.append(found[shard, sample])
+            self.buffer_refs[i] = shard, sample
+        for shard, sample, offset in pending:
+            self.packer.add(shard, sample, found[shard, sample], offset)
+
+    def state(self) -> dict[str, Any]:
+        """Position after everything produced so far (JSON-serialisable)."""
+        return {
+            "epoch": self.epoch,
+            "shard_pos": self.shard_pos,
+            "sample": self.sample,
+            "rng": self.rng.bit_generator.state,
+            "buffer": self.buffer_refs[: len(self.buffer)].tolist(),
+            "pending": self.packer.refs(),
+            "skipped": self.skipped,
+            "epoch_docs": self.epoch_docs,
+        }
+
+    def _next_sample(self) -> tuple[int, int, np.ndarray] | None:
+        """The next document of this epoch as ``(shard, sample, tokens)``, or None when the epoch's shards are done."""
+        spec = self.spec
+        while self.shard_pos < len(self.ids):
+            shard = int(self.ids[self.shard_pos])
+            if self.reader is None:
+                self.reader = iter_shard(spec.shards[shard], spec.key_ext, self.dtype, start=self.sample)
+            try:
+                idx, tokens = next(self.reader)
+            except StopIteration:
+                idx = None
+            except ShardError as e:
+                if not spec.skip_bad_shards:
+                    raise
+                self.skipped += 1
+                log.warning("skipping bad shard (%d skipped so far on this stream): %s", self.skipped, e)
+                idx = None
+            if idx is None:
+                self.reader = None
+                self.shard_pos += 1
+                self.sample = 0
+                continue
+            self.sample = idx + 1
+            self.epoch_docs += 1
+            return shard, idx, tokens
+        return None
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        spec = self.spec
+        size = spec.shuffle_buffer
+        packer = self.packer
+        while True:
+            while packer.ready():
+                yield packer.pop(), self.state()
+            item = self._next_sample()
+            if item is not None:
+                shard, idx, tokens = item
+                if size == 0:
+                    packer.add(shard, idx, tokens)
+                elif len(self.buffer) < size:
+                    self.buffer_refs[len(self.buffer)] = shard, idx
+                    self.buffer.append(tokens)
+                else:
+                    j = int(self.rng.integers(size))
+                    out_shard, out_idx = self.buffer_refs[j]
+                    packer.add(int(out_shard), int(out_idx), self.buffer[j])
+                    self.buffer[j] = tokens
+                    self.buffer_refs[j] = shard, idx
+            elif self.buffer:
+                j = int(self.rng.integers(len(self.buffer)))
+                last = len(self.buffer) - 1
+                out_shard, out_idx = self.buffer_refs[j]
+                packer.add(int(out_shard), int(out_idx), self.buffer[j])
+                self.buffer[j] = self.buffer[last]
+                self.buffer_refs[j] = self.buffer_refs[last]
+                self.buffer.pop()
+            else:
+                # A partial final batch is dropped: every batch has the same shape.
+                if not spec.infinite:
+                    return
+                if self.epoch_docs == 0:
+                    raise ShardError(
+                        f"stream {self.stream} read no document in epoch {self.epoch}: all of its "
+                        f"{len(self.ids)} shards were unreadable or empty"
+                    )
+                self.epoch += 1
+                self.shard_pos = self.sample = self.epoch_docs = 0
+                self.rng = self._new_rng()
+                self.ids = spec.epoch_shards(self.epoch, self.stream)
+
+
+class _StreamDataset(IterableDataset):
+    """Runs this rank's streams: DataLoader worker ``i`` serves local stream ``(i + first) % n_local``."""
+
+    def __init__(self, spec: StreamSpec, states: list[dict[str, Any] | None], first: int) -> None:
+        self.spec = spec
+        self.states = states
+        self.first = first
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        local = (worker + self.first) % self.spec.n_local
+        stream = _Stream(self.spec, self.spec.rank * self.spec.n_local + local, self.states[local])
+        for batch, state in stream:
+            batch["_stream"] = local
+            batch["_state"] = state
+            yield batch
+
+
+def _keep(batch: Any) -> Any:
+    return batch
+
+
+class ShardLoader:
+    """Iterable over packed batches of one split for one rank; see the module docstring.
+
+    ``for batch in loader`` yields dicts with ``input_ids``/``labels`` ``(micro_batch, seq_len)`` int64 and
+    ``seq_idx`` ``(micro_batch, seq_len)`` int32 — forever for ``train`` (multi-epoch), one pass for ``val``.
+    Iterating again continues where the last batch handed out left off.
+    """
+
+    def __init__(self, cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> None:
+        if not cfg.index:
+            raise DataIndexError("data.index is empty; point it at the index.json written by tools/prepare_data.py")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.cfg = cfg
+        self.split = split
+        self.rank = rank
+        self.world_size = world_size
+        self.index = read_index(cfg.index)
+        if cfg.tokenizer:
+            have = tokenizer_hash(cfg.tokenizer)
+            want = self.index["tokenizer_hash"]
+            if have != want:
+                raise DataIndexError(
+                    f"tokenizer mismatch: data.tokenizer={cfg.tokenizer!r} has hash {have[:16]}, but the shards of "
+                    f"{cfg.index!r} were made with tokenizer hash {want[:16]} ({self.index['tokenizer_kind']}). "
+                    "Set data.tokenizer to the folder given to tools/prepare_data.py, or re-run tools/prepare_data.py "
+                    "with this tokenizer."
+                )
+        shards = shard_infos(cfg.index, self.index, split)
+        self.num_workers = int(cfg.num_workers)
+        n_local = max(1, self.num_workers)
+        n_streams = world_size * n_local
+        if split == "train" and len(shards) < n_streams:
+            raise DataIndexError(
+                f"{cfg.index!r} has {len(shards)} train shards but world_size×max(1, data.num_workers) = "
+                f"{world_size}×{n_local} = {n_streams} streams need one each; lower data.num_workers or re-run "
+                "tools/prepare_data.py with a smaller --shard-tokens"
+            )
+        self.spec = StreamSpec(
+            shards=tuple(shards),
+            key_ext=self.index["tokens_key"],
+            dtype=np.dtype(self.index["dtype"]).newbyteorder("<").str,
+            eos_id=int(self.index["eos_id"]),
+            seq_len=int(cfg.seq_len),
+            micro_batch=int(cfg.micro_batch),
+            shuffle_buffer=int(cfg.shuffle_buffer) if split == "train" else 0,
+            seed=int(cfg.seed),
+            infinite=split == "train",
+            skip_bad_shards=bool(cfg.skip_bad_shards),
+            rank=rank,
+            n_local=n_local,
+            n_streams=n_streams,
+        )
+        self._fingerprint = hashlib.sha256(
+            json.dumps([[s.get("name"), s.get("sha256")] for s in self.index["splits"][split]["shards"]]).encode()
+        ).hexdigest()
+        self._states: list[dict[str, Any] | None] = [None] * n_local
+        self._next = 0
+        self.batches = 0
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Input tokens in one batch of this rank: ``micro_batch × seq_len``."""
+        return self.spec.micro_batch * self.spec.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of the tokenizer the shards were made with."""
+        return int(self.index["vocab_size"])
+
+    @property
+    def skipped_shards(self) -> int:
+        """Bad shards skipped so far (with ``skip_bad_shards``) by this rank's streams, as of the last batch."""
+        return sum(s["skipped"] for s in self._states if s is not None)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dataset = _StreamDataset(self.spec, list(self._states), self._next)
+        if self.num_workers == 0:
+            batches: Any = iter(dataset)
+        else:
+            batches = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                collate_fn=_keep,
+                pin_memory=torch.cuda.is_available(),
+                prefetch_factor=2,
+            )
+        n_local = self.spec.n_local
+        for batch in batches:
+            local = int(batch.pop("_stream"))
+            self._states[local] = batch.pop("_state")
+            self._next = (local + 1) % n_local
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exact position of every stream of this rank after the last batch handed out (JSON-serialisable)."""
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seq_len": self.spec.seq_len,
+            "micro_batch": self.spec.micro_batch,
+            "shuffle_buffer": self.spec.shuffle_buffer,
+            "seed": self.spec.seed,
+            "shards": self._fingerprint,
+            "batches": self.batches,
+            "next_stream": self._next,
+            "streams": json.loads(json.dumps(self._states)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same data settings)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key in ("split", "rank", "world_size", "num_workers", "seq_len", "micro_batch", "shuffle_buffer", "seed"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data position: it was saved with {key}={state[key]!r} but this loader has "
+                    f"{key}={mine[key]!r}; resume with the same data settings and world size"
+                )
+        if state["shards"] != self._fingerprint:
+            raise ValueError(
+                f"cannot resume the data position: the {self.split} shards listed in {self.cfg.index!r} changed "
+                "since it was saved"
+            )
+        self._states = json.loads(json.dumps(state["streams"]))
+        self._next = int(state["next_stream"])
+        self.batches = int(state["batches"])
+
+
+def build_loader(data_cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> ShardLoader:
+    """The batches of ``split`` for ``rank`` of ``world_size`` (``data_cfg``: :class:`mambatron.config.DataConfig`)."""
+    return ShardLoader(data_cfg, split=split, rank=rank, world_size=world_size)
