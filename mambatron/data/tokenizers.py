@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import os
 import sysconfig
@@ -157,9 +158,12 @@ def _train_sentencepiece(files: list[str], vocab_size: int, out: Path, kind: str
 
     spm.set_random_generator_seed(seed)
     s = SPM_SPECIALS
+    # Written from memory rather than via model_prefix, which would embed the output path in the model file and
+    # make the hash depend on where the folder was written.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=_training_lines(files, max_bytes),
-        model_prefix=str(out / "tokenizer"),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type=kind,
         byte_fallback=True,
@@ -177,7 +181,7 @@ def _train_sentencepiece(files: list[str], vocab_size: int, out: Path, kind: str
         num_threads=1,
         minloglevel=2,
     )
-    os.remove(out / "tokenizer.vocab")
+    (out / SPM_FILE).write_bytes(model.getvalue())
     hf_config = {
         "tokenizer_class": "LlamaTokenizer",
         "add_bos_token": False,
@@ -326,15 +330,16 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
             "create one with tools/train_tokenizer.py"
         )
     meta = json.loads(meta_path.read_text())
+    digest = tokenizer_hash(folder)
+    if digest != meta["hash"]:
+        raise TokenizerError(
+            f"{folder}: model file hash {digest[:12]} differs from the recorded {meta['hash'][:12]}; "
+            "the folder was modified after training — retrain it with tools/train_tokenizer.py"
+        )
     cls = ByteTokenizer if meta["kind"] == "bytes" else SentencePieceTokenizer
     tok = cls(folder, meta)
     tok.kind = meta["kind"]
     tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id = (int(meta[k]) for k in ("pad_id", "bos_id", "eos_id", "unk_id"))
-    tok.hash = tokenizer_hash(folder)
-    if tok.hash != meta["hash"]:
-        raise TokenizerError(
-            f"{folder}: model file hash {tok.hash[:12]} differs from the recorded {meta['hash'][:12]}; "
-            "the folder was modified after training — retrain it with tools/train_tokenizer.py"
-        )
+    tok.hash = digest
     tok.path = folder
     return tok

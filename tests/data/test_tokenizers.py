@@ -1,0 +1,114 @@
+"""Tokenizer folders: exact round trip, special ids, stable hash, and loading as a Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mambatron.data.tokenizers import (
+    TokenizerError,
+    expand_inputs,
+    load_tokenizer,
+    stdlib_files,
+    tokenizer_hash,
+    train_tokenizer,
+)
+
+SAMPLES = [
+    "def  foo(x):\n\treturn x  # ünïcødé 日本語 🙂\n\n  end ",
+    " leading space",
+    "",
+    "\x00\x01 control\r\n",
+    "x" * 500,
+]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_bytes_tokenizer(tmp_path: Path) -> None:
+    tok = load_tokenizer(train_tokenizer([], 0, tmp_path / "tok", kind="bytes"))
+    assert (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) == (260, 256, 257, 258)
+    for text in SAMPLES:
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8"))
+        assert tok.decode(ids) == text
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_sentencepiece_round_trip(tmp_path: Path, kind: str) -> None:
+    corpus = tmp_path / "c.txt"
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(600)]
+    corpus.write_text("\n".join(SAMPLES * 5 + lines))
+    tok = load_tokenizer(train_tokenizer([str(corpus)], 320, tmp_path / "tok", kind=kind))
+    assert tok.kind == kind
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert tok.vocab_size == 320
+    for text in SAMPLES + ["never seen: ☃ Ω ≈ ∑ \U0001f680"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_hash_is_of_model_file_and_detects_edits(tmp_path: Path, bpe_tokenizer: Path) -> None:
+    import shutil
+
+    tok = load_tokenizer(bpe_tokenizer)
+    assert len(tok.hash) == 64 and tok.hash == tokenizer_hash(bpe_tokenizer)
+    copy = tmp_path / "copy"
+    shutil.copytree(bpe_tokenizer, copy)
+    assert tokenizer_hash(copy) == tok.hash
+    with open(copy / "tokenizer.model", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(TokenizerError, match="retrain"):
+        load_tokenizer(copy)
+    with pytest.raises(TokenizerError, match="train_tokenizer.py"):
+        load_tokenizer(tmp_path)
+
+
+def test_hf_loads_sentencepiece_folder(bpe_tokenizer: Path) -> None:
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    ours = load_tokenizer(bpe_tokenizer)
+    for hf in (AutoTokenizer.from_pretrained(bpe_tokenizer), LlamaTokenizer.from_pretrained(bpe_tokenizer)):
+        assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (1, 2, 3, 0)
+        for text in SAMPLES:
+            ids = hf.encode(text, add_special_tokens=False)
+            assert ids == ours.encode(text)
+            assert hf.decode(ids) == text
+
+
+def test_hf_loads_bytes_folder(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    folder = train_tokenizer([], 0, tmp_path / "tok", kind="bytes")
+    hf = AutoTokenizer.from_pretrained(folder)
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (256, 257, 258, 259)
+    assert len(hf) == 260
+    for text in SAMPLES:
+        ids = hf.encode(text, add_special_tokens=False)
+        assert ids == list(text.encode("utf-8"))
+        assert hf.decode(ids) == text
+
+
+def test_stdlib_corpus_is_sorted_python_sources() -> None:
+    files = stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    assert all(f.endswith(".py") and "site-packages" not in f for f in files)
+    assert any(f.endswith("/json/__init__.py") for f in files)
+    assert expand_inputs(["stdlib"]) == files
+
+
+def test_cli_trains_on_stdlib(tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    cmd = [sys.executable, str(REPO / "tools/train_tokenizer.py"), "--input", "stdlib", "--vocab-size", "512"]
+    subprocess.run([*cmd, "--out", str(out), "--max-train-bytes", "300000"], check=True, capture_output=True)
+    tok = load_tokenizer(out)
+    text = "import os\n\nprint(os.getcwd())  # ok\n"
+    assert tok.vocab_size == 512 and tok.decode(tok.encode(text)) == text
+    # Same input, same model file.
+    subprocess.run([*cmd, "--out", str(tmp_path / "again"), "--max-train-bytes", "300000"], check=True)
+    assert tokenizer_hash(tmp_path / "again") == tok.hash
