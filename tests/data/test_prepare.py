@@ -1,0 +1,87 @@
+"""Shard preparation: deterministic bytes, webdataset-readable tars, index contents, JSONL input, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mambatron.data.prepare import prepare_data, read_shard_tokens, token_dtype
+from mambatron.data.tokenizers import load_tokenizer
+
+from .conftest import Prepared, as_sorted_keys
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_index_describes_shards(prepared: Prepared) -> None:
+    index = prepared.index()
+    tok = load_tokenizer(prepared.tokenizer)
+    assert index["dtype"] == "uint16" and index["tokens_key"] == "tokens.u16"
+    assert index["tokenizer_hash"] == tok.hash and index["vocab_size"] == 260 and index["eos_id"] == 258
+    train = index["splits"]["train"]
+    assert len(train["shards"]) >= 8, "fixture should give several shards"
+    for split in ("train", "val"):
+        docs = []
+        for shard in index["splits"][split]["shards"]:
+            found = read_shard_tokens(prepared.data / shard["name"])
+            assert len(found) == shard["docs"]
+            assert sum(len(v) for v in found.values()) == shard["tokens"]
+            docs.extend(found.values())
+        assert as_sorted_keys(docs) == as_sorted_keys(prepared.split_docs(split))
+    assert index["splits"]["val"]["docs"] == len(prepared.texts) // 8
+
+
+def test_shards_readable_by_webdataset(prepared: Prepared) -> None:
+    import webdataset as wds
+
+    names = [s["name"] for s in prepared.index()["splits"]["train"]["shards"]]
+    urls = [str(prepared.data / n) for n in names]
+    samples = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    assert len(samples) == prepared.index()["splits"]["train"]["docs"]
+    tokens = np.frombuffer(samples[0]["tokens.u16"], dtype="<u2")
+    assert tokens[-1] == 258
+    assert samples[0]["__key__"] == "0000000000"
+
+
+def test_prepare_is_deterministic_across_worker_counts(prepared: Prepared, tmp_path: Path) -> None:
+    glob = str(prepared.corpus / "*.txt")
+    kw = dict(shard_tokens=1000, val_fraction=0.125, progress=False)
+    prepare_data([glob], prepared.tokenizer, tmp_path / "a", workers=2, **kw)
+    prepare_data([glob], prepared.tokenizer, tmp_path / "b", workers=2, **kw)
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b") == _shard_bytes(prepared.data)
+
+
+def test_jsonl_field_and_max_docs(prepared: Prepared, tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as f:
+        for i, text in enumerate(prepared.texts):
+            f.write(json.dumps({"id": i, "body": text}) + "\n")
+    index = prepare_data(
+        [str(path)], prepared.tokenizer, tmp_path / "j", field_name="body", val_fraction=0, max_docs=10, workers=1,
+        progress=False,
+    )
+    assert index["documents"] == 10 and index["splits"]["val"]["docs"] == 0
+    tok = load_tokenizer(prepared.tokenizer)
+    found = read_shard_tokens(tmp_path / "j" / index["splits"]["train"]["shards"][0]["name"])
+    assert tok.decode(found["0000000003"]) == prepared.texts[3]
+
+
+def test_token_dtype() -> None:
+    assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
+
+
+def test_cli_on_stdlib(tmp_path: Path, bpe_tokenizer: Path) -> None:
+    cmd = [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", "stdlib", "--tokenizer", str(bpe_tokenizer)]
+    cmd += ["--max-docs", "40", "--shard-tokens", "20000", "--val-fraction", "0.1", "--workers", "2", "--quiet"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "s")], check=True, capture_output=True)
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert index["documents"] == 40 and index["splits"]["val"]["docs"] == 4
+    assert index["splits"]["train"]["tokens"] > 20000 and len(index["splits"]["train"]["shards"]) >= 2
