@@ -1,0 +1,284 @@
+"""Memory and throughput planner behind ``python -m mambatron.train --dry-run``.
+
+Counts parameters from the model config (no model is built), then estimates bytes per GPU for weights, gradients,
+optimizer state (per ZeRO stage and CPU offload) and activations (with and without activation checkpointing) for a
+TP / DP / micro-batch / sequence-length layout, plus tokens per step and FLOPs per token. Needs neither GPUs nor an
+initialised process group: the world size comes from the launcher's environment or an argument.
+
+Estimates are deliberately simple and documented term by term; they are meant to catch a layout that cannot fit,
+not to replace a profiler.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mambatron.config import Config, ModelConfig
+
+GIB = 1024**3
+
+
+@dataclass
+class ParamCount:
+    """Parameters of the full (unsharded) model."""
+
+    embedding: int
+    per_layer: int
+    n_layer: int
+    final_norm: int
+    lm_head: int  # 0 when tied to the embedding
+
+    @property
+    def blocks(self) -> int:
+        return self.per_layer * self.n_layer
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.blocks + self.final_norm + self.lm_head
+
+    @property
+    def matmul(self) -> int:
+        """Parameters used in matrix multiplies per token (blocks' projections and the LM head, not the lookup)."""
+        return self.blocks + self.embedding  # the (tied or untied) head multiplies by a vocab x d_model matrix
+
+
+def count_params(m: ModelConfig) -> ParamCount:
+    d, di, n, k = m.d_model, m.d_inner, m.d_state, m.d_conv
+    bias = int(m.bias)
+    if m.arch == "mamba1":
+        r = m.dt_rank_value
+        layer = (
+            d * 2 * di
+            + bias * 2 * di  # in_proj [x | z]
+            + di * k
+            + int(m.conv_bias) * di  # depthwise conv1d
+            + di * (r + 2 * n)  # x_proj -> [dt | B | C]
+            + r * di
+            + di  # dt_proj (+ bias)
+            + di * n
+            + di  # A_log, D
+            + di * d
+            + bias * d  # out_proj
+            + d  # pre-norm
+        )
+    else:
+        g, h = m.ngroups, m.nheads
+        conv_dim = di + 2 * g * n
+        in_out = 2 * di + 2 * g * n + h
+        layer = (
+            d * in_out
+            + bias * in_out  # in_proj [z | x | B | C | dt]
+            + conv_dim * k
+            + int(m.conv_bias) * conv_dim  # conv1d over xBC
+            + 3 * h  # dt_bias, A_log, D
+            + di  # gated RMSNorm
+            + di * d
+            + bias * d  # out_proj
+            + d  # pre-norm
+        )
+    vocab = m.padded_vocab_size
+    return ParamCount(
+        embedding=vocab * d,
+        per_layer=layer,
+        n_layer=m.n_layer,
+        final_norm=d,
+        lm_head=0 if m.tie_embeddings else vocab * d,
+    )
+
+
+def flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 3 x forward (forward + backward), forward = 2 x matmul params + the scan.
+
+    The selective scan costs about 9 * d_inner * d_state per token per layer (Mamba1: discretise, update, read out);
+    SSD adds its intra-chunk quadratic term of 2 * chunk * d_inner per token per layer on top of the state work.
+    """
+    pc = count_params(m)
+    if m.arch == "mamba1":
+        scan = 9 * m.d_inner * m.d_state
+    else:
+        chunk = min(m.chunk_size, seq_len)
+        scan = 2 * chunk * m.d_inner + 6 * m.d_inner * m.d_state
+    return 3.0 * (2.0 * pc.matmul + m.n_layer * scan)
+
+
+@dataclass
+class Plan:
+    """The numbers the dry run prints. Bytes are per GPU."""
+
+    world_size: int
+    tp: int
+    dp: int
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    precision: str
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    activation_checkpointing: bool
+    params_total: int
+    params_per_gpu: int
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    optimizer_cpu_bytes: int
+    activations_bytes: int
+    activations_bytes_no_ckpt: int
+    activations_bytes_ckpt: int
+    logits_bytes: int
+    total_bytes: int
+    gpu_memory_bytes: int
+    tokens_per_step: int
+    flops_per_token: float
+    flops_per_step: float
+    warnings: list[str]
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.gpu_memory_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fits": self.fits}
+
+
+def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, bytes_: int) -> int:
+    """Tensors one block keeps for backward, for ``tokens`` = micro_batch x seq_len local tokens.
+
+    Residual-stream tensors (fp32 residual, normed input; ~3 d_model-wide units) are split over TP only with
+    sequence parallelism; the inner tensors (in_proj output x and z, conv output, delta, scan output, gate; ~7
+    d_inner-wide units, Mamba2 adds B, C and dt) are always split over TP.
+    """
+    inner = 7 * m.d_inner
+    if m.arch == "mamba2":
+        inner += 2 * m.ngroups * m.d_state * 2 + m.nheads
+    outer = 3 * m.d_model
+    outer_local = outer // tp if sequence_parallel else outer
+    return tokens * bytes_ * (inner // tp + outer_local)
+
+
+def make_plan(config: Config, world_size: int) -> Plan:
+    """Estimate per-GPU memory and throughput of ``config`` launched on ``world_size`` processes."""
+    m, par, data, train = config.model, config.parallel, config.data, config.train
+    tp = par.tp
+    warnings: list[str] = []
+    if world_size % tp:
+        warnings.append(f"world size {world_size} is not a multiple of parallel.tp={tp}")
+    dp = max(world_size // tp, 1)
+    pc = count_params(m)
+    # Sharded over TP: every block projection and the vocab dimension; replicated: norms and per-channel vectors
+    # are small enough that dividing everything by TP is within a percent.
+    local = -(-pc.total // tp)
+    bf16 = train.precision == "bf16"
+    weight_b = 2 if bf16 else 4
+    grad_b = 2 if bf16 else 4
+    # Adam: exp_avg + exp_avg_sq in fp32, plus an fp32 master copy when the weights are bf16.
+    optim_b = 12 if bf16 else 8
+    stage = par.zero_stage
+    weights = local * weight_b // (dp if stage >= 3 else 1)
+    grads = local * grad_b // (dp if stage >= 2 else 1)
+    optim_full = local * optim_b // (dp if stage >= 1 else 1)
+    optim_gpu, optim_cpu = (0, optim_full) if par.offload_optimizer else (optim_full, 0)
+    if par.offload_params:
+        weights = 0
+    tokens_local = data.micro_batch * data.seq_len
+    act_b = 2 if bf16 else 4
+    per_layer = activation_bytes_per_layer(m, tokens_local, tp, par.sequence_parallel, act_b)
+    no_ckpt = m.n_layer * per_layer
+    # Checkpointing keeps each block's fp32 residual input and recomputes one block at a time.
+    residual_local = m.d_model // tp if par.sequence_parallel else m.d_model
+    ckpt = m.n_layer * tokens_local * 4 * residual_local + per_layer
+    # Vocab-parallel logits in the compute dtype plus their fp32 copy in the loss.
+    logits = tokens_local * (m.padded_vocab_size // tp) * (act_b + 4)
+    acts = (ckpt if train.activation_checkpointing else no_ckpt) + logits
+    total = weights + grads + optim_gpu + acts
+    gpu_bytes = int(train.gpu_memory_gb * GIB)
+    if total > gpu_bytes:
+        hints = []
+        if not train.activation_checkpointing and no_ckpt > ckpt:
+            hints.append("train.activation_checkpointing=true")
+        if stage < 3:
+            hints.append(f"parallel.zero_stage={stage + 1}")
+        if not par.offload_optimizer and stage >= 1:
+            hints.append("parallel.offload_optimizer=true")
+        hints.append("a smaller data.micro_batch (raise train.grad_accum) or a larger parallel.tp")
+        warnings.append(
+            f"estimated {total / GIB:.1f} GiB per GPU exceeds train.gpu_memory_gb={train.gpu_memory_gb:g}; "
+            f"try {', '.join(hints)}"
+        )
+    tokens_per_step = tokens_local * train.grad_accum * dp
+    fpt = flops_per_token(m, data.seq_len)
+    return Plan(
+        world_size=world_size,
+        tp=tp,
+        dp=dp,
+        zero_stage=stage,
+        offload_optimizer=par.offload_optimizer,
+        offload_params=par.offload_params,
+        precision=train.precision,
+        micro_batch=data.micro_batch,
+        seq_len=data.seq_len,
+        grad_accum=train.grad_accum,
+        activation_checkpointing=train.activation_checkpointing,
+        params_total=pc.total,
+        params_per_gpu=local,
+        weights_bytes=weights,
+        grads_bytes=grads,
+        optimizer_bytes=optim_gpu,
+        optimizer_cpu_bytes=optim_cpu,
+        activations_bytes=acts,
+        activations_bytes_no_ckpt=no_ckpt + logits,
+        activations_bytes_ckpt=ckpt + logits,
+        logits_bytes=logits,
+        total_bytes=total,
+        gpu_memory_bytes=gpu_bytes,
+        tokens_per_step=tokens_per_step,
+        flops_per_token=fpt,
+        flops_per_step=fpt * tokens_per_step,
+        warnings=warnings,
+    )
+
+
+def world_size_from_env(environ: dict[str, str] | None = None) -> int:
+    """World size without initialising anything: ``WORLD_SIZE`` (torchrun), else ``SLURM_NNODES`` x
+    ``MAMBATRON_NPROC_PER_NODE`` (or ``SLURM_GPUS_PER_NODE``), else 1."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    nnodes = int(env.get("SLURM_NNODES", "1"))
+    per_node = env.get("MAMBATRON_NPROC_PER_NODE") or env.get("SLURM_GPUS_PER_NODE") or "1"
+    return nnodes * int(str(per_node).split(":")[-1])
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plan(plan: Plan, config: Config) -> str:
+    """Human-readable table of a :class:`Plan`."""
+    m = config.model
+    lines = [
+        f"mambatron plan: {m.arch} d_model={m.d_model} n_layer={m.n_layer} vocab={m.padded_vocab_size}",
+        f"  world size      {plan.world_size}  (TP {plan.tp} x DP {plan.dp}), ZeRO stage {plan.zero_stage}"
+        f"{', optimizer offload' if plan.offload_optimizer else ''}{', param offload' if plan.offload_params else ''}",
+        f"  precision       {plan.precision}, micro-batch {plan.micro_batch} x seq_len {plan.seq_len}, "
+        f"grad_accum {plan.grad_accum}",
+        f"  parameters      {plan.params_total:,} total ({plan.params_total / 1e9:.3f} B), "
+        f"{plan.params_per_gpu:,} per TP shard",
+        "  memory per GPU:",
+        f"    weights       {_gib(plan.weights_bytes)}",
+        f"    gradients     {_gib(plan.grads_bytes)}",
+        f"    optimizer     {_gib(plan.optimizer_bytes)}"
+        + (f"   (+{plan.optimizer_cpu_bytes / GIB:.2f} GiB on CPU)" if plan.optimizer_cpu_bytes else ""),
+        f"    activations   {_gib(plan.activations_bytes)}   "
+        f"(checkpointing {'on' if plan.activation_checkpointing else 'off'}; "
+        f"with: {plan.activations_bytes_ckpt / GIB:.2f} GiB, without: {plan.activations_bytes_no_ckpt / GIB:.2f} GiB; "
+        f"logits {plan.logits_bytes / GIB:.2f} GiB)",
+        f"    total         {_gib(plan.total_bytes)}   of {plan.gpu_memory_bytes / GIB:.0f} GiB "
+        f"-> {'fits' if plan.fits else 'DOES NOT FIT'}",
+        f"  tokens per step {plan.tokens_per_step:,}",
+        f"  FLOPs per token {plan.flops_per_token:.3e}  ({plan.flops_per_step:.3e} per step)",
+    ]
+    lines += [f"  WARNING: {w}" for w in plan.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""``python -m mambatron.train --config C [--set k=v ...] [--dry-run]``: train (or plan) one run.
+
+Launched by torchrun or srun (one process per device); a single process works too. Resumes automatically from the
+newest complete checkpoint in ``train.out_dir``. ``--dry-run`` prints the memory/throughput plan and exits without
+initialising anything distributed (the world size comes from the launcher's environment or ``--world-size``).
+Exit codes: 0 done, 75 preempted (checkpoint saved; under SLURM the job was requeued), 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mambatron.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mambatron.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override config fields, e.g. --set train.max_steps=100 data.micro_batch=4 (repeatable)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the memory/throughput plan and exit")
+    parser.add_argument("--world-size", type=int, default=None, help="world size to plan for (with --dry-run)")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    return parser.parse_args(argv)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    from mambatron.plan import format_plan, make_plan, world_size_from_env
+
+    config = load_config(args.config, args.overrides)
+    world = args.world_size or world_size_from_env()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # one line of output per launch, not one per process
+    plan = make_plan(config, world)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan, config), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.dry_run:
+            return dry_run(args)
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from mambatron.train.trainer import Trainer
+
+    return Trainer(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

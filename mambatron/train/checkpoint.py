@@ -1,0 +1,326 @@
+"""Step-directory checkpoints: DeepSpeed's sharded states plus a JSON manifest, written atomically.
+
+Layout of one checkpoint::
+
+    <out_dir>/checkpoints/step_0000100/
+        manifest.json                           # config, step, tokens, data positions, schedule, sizes, status
+        rank_00000.pt ...                       # per-rank RNG states and data-loader position
+        mp_rank_00_model_states.pt ...          # DeepSpeed: module weights per TP rank
+        zero_pp_rank_0_mp_rank_00_optim_states.pt ...   # DeepSpeed: ZeRO optimizer shards per (DP, TP) rank
+
+A checkpoint is first written to ``checkpoints/.tmp_step_0000100`` and renamed to its final name by rank 0 only
+after every rank has finished writing and ``manifest.json`` (with ``"status": "complete"``) is on disk. Resume looks
+only at ``step_*`` directories whose manifest says complete, so a torn checkpoint is never loaded.
+
+Resuming on the same TP and DP sizes goes through ``engine.load_checkpoint`` and is bit-exact. On a different layout
+(:func:`load_resharded`) the full fp32 weights and Adam moments are rebuilt from the ZeRO shards of every TP rank,
+merged and re-split over the new TP size, and scattered into the new engine's partitions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+_TMP_PREFIX = ".tmp_"
+
+# Optimizer state tensors that have a parameter's shape (torch Adam/AdamW).
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def rank_file(step_dir: Path, rank: int) -> Path:
+    return step_dir / f"rank_{rank:05d}.pt"
+
+
+def read_manifest(step_dir: str | Path) -> dict[str, Any]:
+    with open(Path(step_dir) / MANIFEST) as f:
+        return json.load(f)
+
+
+def is_complete(step_dir: Path) -> bool:
+    """True when ``step_dir`` has a readable manifest marked complete (anything else is a torn write)."""
+    try:
+        return read_manifest(step_dir).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_RE.match(child.name)
+        if match and child.is_dir() and is_complete(child):
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    complete = list_checkpoints(out_dir)
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a step directory, a ``checkpoints/`` folder or a run directory; return a complete step directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        if not is_complete(path):
+            raise FileNotFoundError(f"{path} is an incomplete checkpoint (manifest status is not 'complete')")
+        return path
+    for run_dir in (path, path.parent):
+        if (found := latest_checkpoint(run_dir)) is not None:
+            return found
+    raise FileNotFoundError(f"no complete checkpoint in {path}; pass <out_dir>/checkpoints/step_XXXXXXX")
+
+
+# ----------------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (when present) CUDA generator states of this process."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------- save
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    engine: Any,
+    out_dir: str | Path,
+    step: int,
+    manifest: dict[str, Any],
+    rank_state: dict[str, Any],
+    rank: int,
+    keep_last: int,
+) -> Path:
+    """Write ``checkpoints/step_<step>`` from every rank (a collective: all ranks must call it).
+
+    ``manifest`` (identical on every rank) is completed with the data positions gathered from all ranks;
+    ``rank_state`` (RNG, data position, anything per rank) goes to ``rank_XXXXX.pt``. Returns the final directory.
+    """
+    root = checkpoint_root(out_dir)
+    name = step_dir_name(step)
+    tmp = root / f"{_TMP_PREFIX}{name}"
+    final = root / name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a run that died while saving
+            shutil.rmtree(tmp)
+    _barrier()
+    started = time.time()
+    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+    torch.save(rank_state, rank_file(tmp, rank))
+    data_positions = _gather_objects(rank_state.get("data"))
+    _barrier()
+    if rank == 0:
+        body = dict(manifest)
+        body.update(
+            format_version=FORMAT_VERSION,
+            step=step,
+            data={str(r): pos for r, pos in enumerate(data_positions)},
+            rank_files=[rank_file(tmp, r).name for r in range(len(data_positions))],
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            save_seconds=round(time.time() - started, 3),
+            status="complete",
+        )
+        _fsync_write(tmp / MANIFEST, json.dumps(body, indent=1, default=str))
+        if final.exists():  # an older save of the same step (e.g. saved again after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = list_checkpoints(root.parent)
+    for old in complete[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- load
+
+
+def load_same_layout(engine: Any, step_dir: Path) -> None:
+    """Load module, optimizer and ZeRO shards saved with the current TP and DP sizes (bit-exact)."""
+    path, _ = engine.load_checkpoint(
+        str(step_dir.parent),
+        tag=step_dir.name,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=False,
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+
+
+def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any] | None:
+    path = rank_file(step_dir, rank)
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """Full (DP-unpartitioned) fp32 weights and Adam state of TP rank ``mp_rank`` from a ZeRO-1/2 checkpoint.
+
+    Returns ``(weights, optim)`` with ``weights[name]`` the fp32 master weight and ``optim[name]`` a dict with
+    ``exp_avg``, ``exp_avg_sq`` (tensors of the parameter's shape) and ``step``. Names are those of
+    ``engine.module.named_parameters()``.
+    """
+    model_file = step_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
+    model_states = torch.load(model_file, map_location="cpu", weights_only=False)
+    shard_files = sorted(
+        step_dir.glob(f"*zero_pp_rank_*_mp_rank_{mp_rank:02d}_optim_states.pt"),
+        key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)),
+    )
+    if not shard_files:
+        raise FileNotFoundError(
+            f"{step_dir} has no ZeRO optimizer shards for mp_rank {mp_rank}; resharding needs zero_stage 1 or 2"
+        )
+    shapes: dict[str, torch.Size] = {}
+    for group in model_states["param_shapes"]:
+        shapes.update(group)
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {"fp32": [], **{k: [] for k in MOMENT_KEYS}} for n in shapes}
+    steps: dict[str, Any] = {}
+    for shard_file in shard_files:
+        osd = torch.load(shard_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if osd.get("zero_stage") not in (1, 2):
+            found = osd.get("zero_stage")
+            raise ValueError(f"{shard_file.name}: resharding supports ZeRO stages 1 and 2, found {found}")
+        base = osd["base_optimizer_state"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            fp32 = osd["single_partition_of_fp32_groups"][g]
+            group_state = base["state"].get(base["param_groups"][g]["params"][0], {})
+            for pname, addr in mapping.items():
+                pieces[pname]["fp32"].append(fp32.narrow(0, addr.start, addr.numel))
+                for key in MOMENT_KEYS:
+                    if key in group_state:
+                        pieces[pname][key].append(group_state[key].narrow(0, addr.start, addr.numel))
+                if "step" in group_state:
+                    steps[pname] = group_state["step"]
+    weights: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, Any]] = {}
+    for pname, shape in shapes.items():
+        weights[pname] = torch.cat(pieces[pname]["fp32"]).float().view(shape)
+        state: dict[str, Any] = {"step": steps.get(pname, 0)}
+        for key in MOMENT_KEYS:
+            if pieces[pname][key]:
+                state[key] = torch.cat(pieces[pname][key]).float().view(shape)
+        optim[pname] = state
+    return weights, optim
+
+
+def load_resharded(
+    engine: Any,
+    step_dir: Path,
+    saved_tp: int,
+    merge_tp: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
+    split_tp: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+) -> None:
+    """Load a checkpoint saved with another TP and/or DP size into ``engine`` (ZeRO stage 1 or 2).
+
+    ``merge_tp`` turns the per-TP-rank state dicts (saved layout) into one full state dict; ``split_tp`` cuts a full
+    state dict into this rank's shard for the current TP size. Both are applied to the weights and to each Adam
+    moment, which have the weights' shapes and are sharded the same way.
+    """
+    per_rank = [read_full_state(step_dir, r) for r in range(saved_tp)]
+    full_weights = merge_tp([w for w, _ in per_rank])
+    local_weights = split_tp(full_weights)
+    local_moments = {
+        key: split_tp(merge_tp([{n: s[key] for n, s in o.items() if key in s} for _, o in per_rank]))
+        for key in MOMENT_KEYS
+        if all(key in s for s in per_rank[0][1].values())
+    }
+    step_value = next(iter(per_rank[0][1].values()))["step"]
+    _scatter_into_engine(engine, local_weights, local_moments, step_value)
+
+
+def _scatter_into_engine(
+    engine: Any, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]], step_value: Any
+) -> None:
+    """Write full local weights and Adam moments into a ZeRO-1/2 engine's module and flat fp32 partitions."""
+    zero_opt = engine.optimizer
+    names = {p: n for n, p in engine.module.named_parameters()}
+    missing = sorted(set(names.values()) - set(weights))
+    if missing:
+        raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for param, pname in names.items():
+            param.data.copy_(weights[pname].to(param.dtype).view_as(param))
+        inner = zero_opt.optimizer
+        for g, flat_hp in enumerate(zero_opt.single_partition_of_fp32_groups):
+            buffers = {key: torch.zeros_like(flat_hp) for key in moments}
+            for lp in zero_opt.bit16_groups[g]:
+                mapping = getattr(lp, "_hp_mapping", None)
+                if mapping is None:
+                    continue
+                pname = names[lp]
+                lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
+                flat_hp.narrow(0, hp_addr.start, hp_addr.numel).copy_(
+                    weights[pname].float().flatten().narrow(0, lp_addr.start, lp_addr.numel)
+                )
+                for key, buf in buffers.items():
+                    src = moments[key][pname].float().flatten().narrow(0, lp_addr.start, lp_addr.numel)
+                    buf.narrow(0, hp_addr.start, hp_addr.numel).copy_(src)
+            if buffers:
+                step_tensor = step_value.clone() if torch.is_tensor(step_value) else torch.tensor(float(step_value))
+                inner.state[flat_hp] = {"step": step_tensor, **buffers}
+        zero_opt._hp_optimizer_states_linked = False

@@ -1,0 +1,370 @@
+"""The trainer: build → resume → (train_step, evaluate, save)* → exit, with named steps read top to bottom.
+
+One process per device (torchrun or srun). Tensor parallelism comes from :mod:`mambatron.parallel` (projections
+handed to the model), data parallelism and ZeRO from a DeepSpeed engine, the data from
+:func:`mambatron.data.build_loader` (each TP group reads the stream of its data-parallel rank).
+
+Preemption: SIGUSR1 or SIGTERM sets a flag; at the end of the current optimizer step every rank agrees on it (one
+tiny all-reduce per step), the run saves a checkpoint and exits with :data:`EXIT_PREEMPTED`. Under SLURM rank 0
+first asks the controller to requeue the job (``scontrol requeue $SLURM_JOB_ID``), which then resumes from that
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mambatron.config import Config
+from mambatron.plan import flops_per_token
+from mambatron.train import checkpoint as ckpt
+from mambatron.train.metrics import MetricsLogger, Throughput, memory_gib
+from mambatron.train.schedule import LRSchedule
+
+EXIT_OK = 0
+# EX_TEMPFAIL from sysexits.h: "try again later" — the run saved a checkpoint after a preemption signal.
+EXIT_PREEMPTED = 75
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+class Trainer:
+    """Owns the run: ``Trainer(config).run()`` trains to ``train.max_steps`` (resuming if it can)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.out_dir = Path(config.train.out_dir)
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_saved_step = -1
+        self._stop_signal = 0
+
+    # ------------------------------------------------------------------------------------------------- build
+
+    def build(self) -> None:
+        """Process groups, seeds, model (meta device, then materialised), DeepSpeed engine, data, schedule, metrics."""
+        from mambatron.parallel import build_projections, validate_parallel
+        from mambatron.parallel import dist as pdist
+
+        cfg = self.config
+        self.dist = pdist.setup(cfg.parallel)
+        validate_parallel(cfg.model, cfg.parallel, self.dist.world_size)
+        self.is_main = self.dist.rank == 0
+        self._seed_everything(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model = self.build_model(build_projections(cfg.parallel, init_std=cfg.model.init_std))
+        # DeepSpeed insists on LOCAL_RANK, which a plain single-process run does not set.
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
+        self.engine = self.build_engine(self.model)
+        self.train_loader = self.build_loader("train")
+        self._train_iter: Any = None
+        self.schedule = LRSchedule.from_config(cfg.optim, cfg.train.max_steps)
+        self.tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.dist.dp_size
+        peak = cfg.train.gpu_peak_tflops * 1e12 * self.dist.world_size
+        self.throughput = Throughput(flops_per_token(cfg.model, cfg.data.seq_len), peak)
+        self.metrics = MetricsLogger(self.out_dir, self.is_main, cfg.to_dict(), cfg.train.wandb, cfg.train.max_steps)
+        self.metrics.print(
+            f"world {self.dist.world_size} (TP {self.dist.tp_size} x DP {self.dist.dp_size}) on {self.dist.device}, "
+            f"{sum(p.numel() for p in self.model.parameters()) * self.dist.tp_size:,} parameters, "
+            f"{self.tokens_per_step:,} tokens/step, ZeRO {cfg.parallel.zero_stage}, {cfg.train.precision}"
+        )
+
+    def _seed_everything(self, seed: int) -> None:
+        from mambatron.parallel import dist as pdist
+
+        random.seed(seed + self.dist.rank)
+        np.random.seed(seed + self.dist.rank)
+        torch.manual_seed(seed)
+        pdist.seed_model_parallel(seed)
+
+    def build_model(self, projections: Any) -> torch.nn.Module:
+        """Build on the meta device (nothing allocated), then materialise this rank's shard and initialise it."""
+        from mambatron.models import build_model
+
+        model = build_model(self.config.model, projections, device="meta")
+        model.to_empty(device=self.dist.device)
+        model.init_weights(seed=self.config.train.seed + 1000 * self.dist.tp_rank)
+        model.activation_checkpointing = self.config.train.activation_checkpointing
+        model.train()
+        return model
+
+    def build_engine(self, model: torch.nn.Module) -> Any:
+        """The DeepSpeed engine (ZeRO stage, precision and clipping from the config; torch AdamW)."""
+        from mambatron.parallel.zero import build_engine
+
+        return build_engine(model, self.config, self.dist)
+
+    def build_loader(self, split: str) -> Any:
+        """The batches of ``split`` for this rank's data-parallel index (TP peers read the same stream)."""
+        from mambatron.data import build_loader
+
+        return build_loader(self.config.data, split=split, rank=self.dist.dp_rank, world_size=self.dist.dp_size)
+
+    # ------------------------------------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint of ``train.out_dir``; False when there is none."""
+        step_dir = ckpt.latest_checkpoint(self.out_dir)
+        if step_dir is None:
+            return False
+        manifest = ckpt.read_manifest(step_dir)
+        same_layout = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
+        if same_layout:
+            ckpt.load_same_layout(self.engine, step_dir)
+        else:
+            self._load_resharded(step_dir, manifest)
+        rank_state = ckpt.load_rank_state(step_dir, self.dist.rank) if same_layout else None
+        if rank_state is not None:
+            ckpt.restore_rng(rank_state["rng"])
+            if rank_state.get("data") is not None:
+                self.train_loader.load_state_dict(rank_state["data"])
+        else:
+            self._seed_everything(self.config.train.seed + manifest["step"])
+            if self.is_main:
+                warnings.warn(
+                    f"resuming on TP {self.dist.tp_size} x DP {self.dist.dp_size} from a checkpoint saved on "
+                    f"TP {manifest['tp']} x DP {manifest['dp']}: weights and optimizer state are resharded, but the "
+                    "data streams restart (their positions belong to the old data-parallel layout)",
+                    stacklevel=1,
+                )
+        self.step = int(manifest["step"])
+        self.tokens_seen = int(manifest["tokens"])
+        self.last_saved_step = self.step
+        self.metrics.print(f"resumed from {step_dir} (step {self.step}, {self.tokens_seen:,} tokens)")
+        return True
+
+    def _load_resharded(self, step_dir: Path, manifest: dict[str, Any]) -> None:
+        from mambatron.parallel import consolidate
+
+        model_cfg = self.config.model
+        ckpt.load_resharded(
+            self.engine,
+            step_dir,
+            saved_tp=int(manifest["tp"]),
+            merge_tp=lambda states: consolidate.consolidate(states, model_cfg),
+            split_tp=lambda full: consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank),
+        )
+
+    # -------------------------------------------------------------------------------------------- train step
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._train_iter is None:
+            self._train_iter = iter(self.train_loader)
+        batch = next(self._train_iter)
+        return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
+
+    def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss of one micro-batch over labels >= 0 (the engine's forward returns logits)."""
+        logits = self.engine(batch["input_ids"], seq_idx=batch.get("seq_idx"))
+        per_token = self.engine.module.proj.cross_entropy(logits, batch["labels"])
+        return per_token.sum() / (batch["labels"] >= 0).sum().clamp_min(1)
+
+    def train_step(self) -> StepResult:
+        """One optimizer step: ``grad_accum`` micro-batches forward/backward, clip, AdamW update at the scheduled LR."""
+        started = time.perf_counter()
+        lr = self.schedule.lr_at(self.step)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        accum = self.config.train.grad_accum
+        grad_norm = None
+        for i in range(accum):
+            loss = self.micro_loss(self.next_batch())
+            self.engine.backward(loss)
+            if i == accum - 1 and self._norm_before_step:
+                grad_norm = self._grad_norm()
+            self.engine.step()
+            total += loss.detach().double()
+        mean_loss = self._dp_mean(total / accum)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return StepResult(
+            step=self.step,
+            loss=mean_loss,
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            seconds=time.perf_counter() - started,
+        )
+
+    @property
+    def _norm_before_step(self) -> bool:
+        """Plain fp32 without ZeRO: DeepSpeed clips but does not report the norm, so it is measured here."""
+        return not self.engine.zero_optimization() and not self.engine.bfloat16_enabled()
+
+    def _grad_norm(self) -> float:
+        """Global L2 norm of the (DP-averaged) gradients; TP-replicated parameters counted once."""
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+        from megatron.core import parallel_state
+
+        squares = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        for p in self.engine.module.parameters():
+            if p.grad is not None and (self.dist.tp_rank == 0 or is_model_parallel_parameter(p)):
+                squares += p.grad.detach().double().pow(2).sum()
+        if self.dist.tp_size > 1:
+            dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        return math.sqrt(float(squares))
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        from megatron.core import parallel_state
+
+        if self.dist.dp_size > 1:
+            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value = value / self.dist.dp_size
+        return float(value)
+
+    # -------------------------------------------------------------------------------------------------- eval
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``train.eval_steps`` micro-batches of the validation split (the same ones every time)."""
+        self.engine.eval()
+        loader = self.build_loader("val")
+        total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        for i, batch in enumerate(loader):
+            if i >= self.config.train.eval_steps:
+                break
+            batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+            total += self.micro_loss(batch).double()
+            count += 1
+        self.engine.train()
+        from megatron.core import parallel_state
+
+        if self.dist.dp_size > 1:
+            group = parallel_state.get_data_parallel_group()
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(count, group=group)
+        return float(total / count.clamp_min(1))
+
+    # -------------------------------------------------------------------------------------------------- save
+
+    def save(self) -> Path:
+        """Checkpoint the current step (a collective over all ranks)."""
+        cfg = self.config
+        manifest = {
+            "config": cfg.to_dict(),
+            "tokens": self.tokens_seen,
+            "schedule": self.schedule.state_dict(),
+            "world_size": self.dist.world_size,
+            "tp": self.dist.tp_size,
+            "dp": self.dist.dp_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "precision": cfg.train.precision,
+        }
+        rank_state = {
+            "rng": ckpt.capture_rng(),
+            "data": self.train_loader.state_dict(),
+            "rank": self.dist.rank,
+            "tp_rank": self.dist.tp_rank,
+            "dp_rank": self.dist.dp_rank,
+        }
+        started = time.perf_counter()
+        path = ckpt.save_checkpoint(
+            self.engine, self.out_dir, self.step, manifest, rank_state, self.dist.rank, cfg.train.keep_last
+        )
+        self.last_saved_step = self.step
+        self.metrics.print(f"saved {path} in {time.perf_counter() - started:.1f}s")
+        return path
+
+    # --------------------------------------------------------------------------------------------------- run
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self._stop_signal = signum
+
+    def _should_stop(self) -> bool:
+        """True on every rank once any rank got a preemption signal (agreed with one all-reduce)."""
+        flag = torch.tensor([float(self._stop_signal)], device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self._stop_signal:
+            self._stop_signal = int(flag.item())
+        return bool(flag.item())
+
+    def run(self) -> int:
+        """Build, resume, train to ``max_steps`` with periodic eval and saves; returns the process exit code."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        self.build()
+        try:
+            self.resume()
+            return self._loop()
+        finally:
+            self.metrics.close()
+            from mambatron.parallel import dist as pdist
+
+            pdist.teardown()
+
+    def _loop(self) -> int:
+        tcfg = self.config.train
+        while self.step < tcfg.max_steps:
+            result = self.train_step()
+            self._log(result)
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0:
+                self.metrics.log_eval(self.step, self.evaluate())
+            if self._should_stop():
+                name = signal.Signals(self._stop_signal).name
+                self.metrics.print(f"got {name}: saving step {self.step} and exiting")
+                self.save()
+                self._request_requeue()
+                return EXIT_PREEMPTED
+            if tcfg.save_every and self.step % tcfg.save_every == 0:
+                self.save()
+        if self.last_saved_step != self.step:
+            self.save()
+        self.metrics.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens")
+        return EXIT_OK
+
+    def _log(self, result: StepResult) -> None:
+        tokens_per_s, mfu = self.throughput.update(result.seconds, self.tokens_per_step)
+        record = {
+            "step": result.step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "step_seconds": result.seconds,
+            "memory_gib": memory_gib(self.dist.device),
+        }
+        if not math.isfinite(result.loss):
+            self.metrics.print(f"non-finite loss at step {result.step}: {json.dumps(record)}")
+        print_line = result.step % self.config.train.log_every == 0 or result.step == 1
+        self.metrics.log_step(record, print_line, self.throughput.seconds_per_step())
+
+    def _request_requeue(self) -> None:
+        """Under SLURM, rank 0 requeues the job so that it restarts from the checkpoint just written."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job or not self.is_main:
+            return
+        try:
+            out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            status = "requeued" if out.returncode == 0 else f"requeue failed: {out.stderr.strip()}"
+        except (OSError, subprocess.SubprocessError) as e:
+            status = f"requeue failed: {e}"
+        self.metrics.print(f"SLURM job {job} {status}")
