@@ -1,0 +1,7 @@
+"""Mamba1 selective scan: ``selective_scan_fn`` and its plain-PyTorch references."""
+
+from .reference import selective_scan_chunked_ref, selective_scan_fn_ref, selective_scan_sequential_ref
+
+selective_scan_fn = selective_scan_fn_ref
+
+__all__ = ["selective_scan_fn", "selective_scan_fn_ref", "selective_scan_chunked_ref", "selective_scan_sequential_ref"]
