@@ -1,0 +1,242 @@
+"""Streaming loader: exact tokens, rank/worker coverage, seq_idx, exact resume in a fresh process, HTTP and pipe
+shards, and clear errors for bad shards and wrong tokenizers."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mambatron.data import DataIndexError, ShardError, build_loader
+from mambatron.data.shards import StreamSpec, _Packer
+
+from .conftest import Prepared, as_sorted_keys, docs_of, rows_of
+
+EOS = 258
+
+
+def _check_batch(batch: dict, seq_len: int, micro_batch: int) -> None:
+    ids, labels, seq_idx = (batch[k].numpy() for k in ("input_ids", "labels", "seq_idx"))
+    assert ids.shape == labels.shape == seq_idx.shape == (micro_batch, seq_len)
+    assert ids.dtype == labels.dtype == np.int64 and seq_idx.dtype == np.int32
+    np.testing.assert_array_equal(labels[:, :-1], ids[:, 1:])
+    for row_ids, row_seq in zip(ids, seq_idx):
+        expected, doc = [], 0
+        for token in row_ids:
+            expected.append(doc)
+            doc += int(token == EOS)
+        np.testing.assert_array_equal(row_seq, expected)
+
+
+def _stream_docs(batches: list[dict]) -> list[np.ndarray]:
+    return docs_of(np.concatenate([rows_of(b).reshape(-1) for b in batches]), EOS)
+
+
+def test_packer_splits_long_documents_and_numbers_them() -> None:
+    spec = StreamSpec((), "tokens.u16", "<u2", EOS, seq_len=4, micro_batch=2, shuffle_buffer=0, seed=0,
+                      infinite=True, skip_bad_shards=False, rank=0, n_local=1, n_streams=1)  # fmt: skip
+    packer = _Packer(spec)
+    packer.add(0, 0, np.array([1, 2, EOS], dtype="<u2"))
+    assert not packer.ready()
+    packer.add(0, 1, np.array([3, 4, 5, 6, 7, 8, 9, EOS], dtype="<u2"))
+    batch = packer.pop()
+    # rows (seq_len + 1 = 5): [1 2 E 3 4] [5 6 7 8 9]; the second row continues document 1, so it starts at 0.
+    assert batch["input_ids"].tolist() == [[1, 2, EOS, 3], [5, 6, 7, 8]]
+    assert batch["labels"].tolist() == [[2, EOS, 3, 4], [6, 7, 8, 9]]
+    assert batch["seq_idx"].tolist() == [[0, 0, 0, 1], [0, 0, 0, 0]]
+    assert packer.refs() == [[0, 1, 7]] and packer.total == 1
+
+
+def test_stream_reproduces_documents_each_epoch(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=0, shuffle_buffer=8, seq_len=48)
+    expected = prepared.split_docs("train")
+    n = len(expected)
+    batches = []
+    for batch in build_loader(cfg, "train"):
+        _check_batch(batch, 48, 2)
+        batches.append(batch)
+        if len(_stream_docs(batches)) > 2 * n:
+            break
+    docs = _stream_docs(batches)
+    first, second = docs[:n], docs[n : 2 * n]
+    assert as_sorted_keys(first) == as_sorted_keys(expected)
+    assert as_sorted_keys(second) == as_sorted_keys(expected)
+    in_order = [d.tobytes() for d in expected]
+    assert [d.astype("<u2").tobytes() for d in first] != in_order, "shuffling is on"
+    assert [d.tobytes() for d in first] != [d.tobytes() for d in second], "each epoch is reshuffled"
+
+
+def test_two_ranks_two_workers_cover_an_epoch_disjointly(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=2, shuffle_buffer=4, seed=5)
+    all_docs, all_shards = [], []
+    for rank in range(2):
+        loader = build_loader(cfg, "train", rank=rank, world_size=2)
+        spec = loader.spec
+        need = {}
+        for local in range(2):
+            shards = spec.epoch_shards(0, rank * 2 + local).tolist()
+            all_shards.extend(shards)
+            need[local] = sum(spec.shards[s].docs for s in shards)
+        per_stream: dict[int, list[dict]] = {0: [], 1: []}
+        for i, batch in enumerate(loader):
+            per_stream[i % 2].append(batch)  # the DataLoader serves its workers round-robin
+            if all(len(_stream_docs(per_stream[w])) >= need[w] for w in (0, 1)) or i > 3000:
+                break
+        for local in (0, 1):
+            all_docs.extend(_stream_docs(per_stream[local])[: need[local]])
+    assert sorted(all_shards) == list(range(len(prepared.index()["splits"]["train"]["shards"])))
+    assert as_sorted_keys(all_docs) == as_sorted_keys(prepared.split_docs("train"))
+
+
+def test_resume_in_fresh_process_is_exact(prepared: Prepared, tmp_path: Path) -> None:
+    cfg = prepared.cfg(num_workers=2, shuffle_buffer=6, seq_len=64, seed=3)
+    total, stops = 180, (37, 157)  # two streams of ~70 batches per epoch each: the second stop is past an epoch end
+    loader = build_loader(cfg, "train")
+    full, states = [], {}
+    for batch in loader:
+        full.append(batch)
+        if len(full) in stops:
+            states[len(full)] = json.loads(json.dumps(loader.state_dict()))
+        if len(full) == total:
+            break
+    stopped = build_loader(cfg, "train")
+    for i, _ in enumerate(stopped):
+        if i + 1 == stops[0]:
+            break
+    assert stopped.state_dict() == states[stops[0]], "a stopped loader's state equals the live snapshot"
+    streams = states[stops[0]]["streams"]
+    assert any(s["sample"] > 0 and len(s["buffer"]) == 6 and len(s["pending"]) > 0 for s in streams), "mid-shard"
+    assert any(s["epoch"] >= 1 for s in states[stops[1]]["streams"])
+    jobs = []
+    for stop in stops:
+        (tmp_path / f"s{stop}.json").write_text(json.dumps(states[stop]))
+        jobs.append(f"{tmp_path / f's{stop}.json'}:{total - stop}:{tmp_path / f'r{stop}.npz'}")
+    child = Path(__file__).with_name("resume_child.py")
+    subprocess.run([sys.executable, str(child), json.dumps(dataclasses.asdict(cfg)), *jobs], check=True, timeout=120)
+    for stop in stops:
+        resumed = np.load(tmp_path / f"r{stop}.npz")
+        for key in ("input_ids", "labels", "seq_idx"):
+            np.testing.assert_array_equal(resumed[key], np.stack([b[key].numpy() for b in full[stop:]]), err_msg=key)
+
+
+def test_resume_in_process_without_workers(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=0, shuffle_buffer=5, seed=9)
+    loader = build_loader(cfg)
+    reference = [b["input_ids"] for _, b in zip(range(300), loader)]
+    loader = build_loader(cfg)
+    head = [b["input_ids"] for _, b in zip(range(111), loader)]
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(state)
+    tail = [b["input_ids"] for _, b in zip(range(189), resumed)]
+    for a, b in zip(head + tail, reference, strict=True):
+        assert a.equal(b)
+
+
+def test_state_refuses_other_settings(prepared: Prepared) -> None:
+    state = build_loader(prepared.cfg(num_workers=0)).state_dict()
+    other = build_loader(prepared.cfg(num_workers=0, micro_batch=3))
+    with pytest.raises(ValueError, match="micro_batch=2"):
+        other.load_state_dict(state)
+
+
+@pytest.fixture
+def http_url(prepared: Prepared) -> Iterator[str]:
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(prepared.data)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _take(cfg: object, n: int, split: str = "train") -> list[np.ndarray]:
+    return [rows_of(b) for _, b in zip(range(n), build_loader(cfg, split))]
+
+
+def test_http_and_pipe_shards_equal_disk(prepared: Prepared, http_url: str, tmp_path: Path) -> None:
+    disk = _take(prepared.cfg(num_workers=0, shuffle_buffer=8), 300)
+    over_http = _take(prepared.cfg(num_workers=0, shuffle_buffer=8, index=f"{http_url}/index.json"), 300)
+    index = prepared.index()
+    for shard in index["splits"]["train"]["shards"]:
+        shard["name"] = f"pipe:cat {prepared.data / shard['name']}"
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    over_pipe = _take(prepared.cfg(num_workers=0, shuffle_buffer=8, index=str(tmp_path / "index.json")), 300)
+    assert len(disk) == 300
+    for a, b, c in zip(disk, over_http, over_pipe, strict=True):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_val_is_one_pass_without_shuffle(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=0, micro_batch=1, seq_len=16)
+    rows = _take(cfg, 10_000, "val")
+    val = prepared.split_docs("val")
+    expected = np.concatenate(val)
+    n = sum(len(r.reshape(-1)) for r in rows)
+    assert n == len(expected) // 17 * 17  # the partial final batch is dropped
+    np.testing.assert_array_equal(np.concatenate([r.reshape(-1) for r in rows]), expected[:n])
+
+
+def test_wrong_tokenizer_is_refused(prepared: Prepared, bpe_tokenizer: Path) -> None:
+    with pytest.raises(DataIndexError, match="tokenizer mismatch") as err:
+        build_loader(prepared.cfg(tokenizer=str(bpe_tokenizer)))
+    message = str(err.value)
+    assert str(bpe_tokenizer) in message and "prepare_data.py" in message
+    assert prepared.index()["tokenizer_hash"][:16] in message
+
+
+def test_too_few_shards_for_streams(prepared: Prepared) -> None:
+    with pytest.raises(DataIndexError, match="--shard-tokens"):
+        build_loader(prepared.cfg(num_workers=8), world_size=4)
+
+
+@pytest.fixture
+def broken(prepared: Prepared, tmp_path: Path) -> Path:
+    copy = tmp_path / "data"
+    shutil.copytree(prepared.data, copy)
+    return copy
+
+
+@pytest.mark.parametrize("cut", ["middle", "member_boundary", "missing"])
+def test_bad_shard_error_names_it(prepared: Prepared, broken: Path, cut: str) -> None:
+    shard = broken / "train-000003.tar"
+    data = shard.read_bytes()
+    if cut == "missing":
+        shard.unlink()
+    else:
+        # 1536 bytes: the first member's 512-byte header + data, then the end of the file, with no end-of-archive.
+        shard.write_bytes(data[: len(data) // 2] if cut == "middle" else data[:1536])
+    cfg = prepared.cfg(index=str(broken / "index.json"), num_workers=0, shuffle_buffer=0)
+    with pytest.raises(ShardError, match="train-000003.tar"):
+        for _ in build_loader(cfg):
+            pass
+
+
+def test_bad_shard_skipped_and_counted(prepared: Prepared, broken: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shard = broken / "train-000003.tar"
+    shard.write_bytes(shard.read_bytes()[:700])
+    cfg = prepared.cfg(index=str(broken / "index.json"), num_workers=0, shuffle_buffer=0, skip_bad_shards=True)
+    loader = build_loader(cfg)
+    tokens = prepared.index()["splits"]["train"]["tokens"]
+    with caplog.at_level(logging.WARNING, logger="mambatron.data"):
+        for i, _ in enumerate(loader):
+            if i * loader.spec.micro_batch * (loader.spec.seq_len + 1) > 1.5 * tokens:
+                break
+    assert loader.skipped_shards == 2  # once per epoch
+    assert "train-000003.tar" in caplog.text and "skipping bad shard" in caplog.text
