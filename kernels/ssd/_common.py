@@ -1,0 +1,65 @@
+"""Helpers shared by the SSD Triton kernels: launch configs, block sizes, output allocation."""
+
+import os
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _first_config_when_interpreting(configs, named_args, **kwargs):
+    # The interpreter cannot benchmark (no GPU driver), and there is nothing to tune there anyway.
+    return configs[:1] if interpreting() else configs
+
+
+def autotune_warps(key: list[str]):
+    """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers)."""
+    configs = [
+        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 1), (8, 1))
+    ]
+    return triton.autotune(
+        configs=configs, key=key, prune_configs_by={"early_config_prune": _first_config_when_interpreting}
+    )
+
+
+# Upper bounds of the tile sizes along the chunk and along dstate. Tests lower them to exercise multi-tile loops at
+# shapes the interpreter can afford.
+MAX_CHUNK_BLOCK = 64
+MAX_DSTATE_BLOCK = 64
+
+
+def _fit(n: int, upper: int) -> int:
+    block = min(upper, triton.next_power_of_2(n))
+    # tl.dot on the GPU needs every dimension >= 16.
+    return block if interpreting() else max(block, 16)
+
+
+def chunk_block(chunk_size: int) -> int:
+    """Tile size along the positions of a chunk."""
+    return _fit(chunk_size, MAX_CHUNK_BLOCK)
+
+
+def dstate_block(dstate: int) -> int:
+    """Tile size along dstate."""
+    return _fit(dstate, MAX_DSTATE_BLOCK)
+
+
+def headdim_block(headdim: int) -> int:
+    """Tile size along headdim: one tile holds the whole head, so per-position sums over headdim need no atomics."""
+    return _fit(headdim, 1 << 30)
+
+
+def new_output(shape, device, dtype) -> torch.Tensor:
+    """torch.empty, or filled with NaN when MAMBATRON_POISON=1 so that an element a kernel forgot to write shows."""
+    if os.environ.get("MAMBATRON_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def row_strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    """Strides of a tensor argument, or zeros for an absent one (the kernel never reads it)."""
+    return tuple(t.stride()) if t is not None else (0,) * ndim

@@ -1,0 +1,630 @@
+"""Stage 5 of SSD: the output, and the backward kernels of the whole scan.
+
+Forward, per (batch, chunk, head) and tile of BLOCK_L positions l, over the whole head (headdim):
+    y[l] = exp(dA_cumsum[l]) · prev_state C[l]                                  (entering state, a tl.dot over dstate)
+         + sum_{s <= l} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dt[s] x[s]   (diagonal block, a tl.dot over s)
+         + D x[l],   out = y · silu(z)
+The entering state only reaches positions of the document it belongs to; CB is already 0 across documents.
+
+Backward (dy = dout · silu(z)). Most gradients of chunk_state and bmm are fused in here, so each large operand is
+read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
+- `_gate_bwd_kernel` (only with z): dz and dy.
+- `_chunk_scan_bwd_dstates_kernel`: dprev_states[c] = sum_l exp(dA_cumsum[l]) dy[l]^T C[l], for state passing.
+- `_chunk_scan_bwd_dx_kernel`: per position s, G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l]
+  + exp(dA_cumsum[last] - dA_cumsum[s]) dstates[c] B[s] (the second term from chunk_state), then dx = dt G + D dy,
+  ddt = x · G, dD. It also forms the gradient w.r.t. dA_cumsum without any (chunk, chunk) work per head: the
+  diagonal block and the entering-state term depend on dA_cumsum[l] through y[l] - D x[l] as a whole (row sums of
+  dy[l] · y[l]), on dA_cumsum[s] with the opposite sign through dt[s] ddt[s] (column sums), and chunk_state adds
+  dt[s] ddt_state[s] to the chunk's last position. y is the forward output (before the gate) saved for backward.
+- `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group.
+- `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
+  dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from mambatron.kernels.ssd._common import (
+    autotune_warps,
+    chunk_block,
+    dstate_block,
+    headdim_block,
+    new_output,
+)
+
+_KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
+
+
+@triton.jit
+def _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM: tl.constexpr):
+    """D of one head, shaped to scale a (positions, headdim) tile."""
+    if D_HAS_HDIM:
+        return tl.load(D_ptr + head * headdim + offs_p, mask=offs_p < headdim, other=0.0).to(tl.float32)[None, :]
+    return tl.load(D_ptr + head).to(tl.float32)
+
+
+@autotune_warps(key=_KEY)
+@triton.jit
+def _chunk_scan_fwd_kernel(
+    CB_ptr, x_ptr, z_ptr, dt_ptr, dA_cumsum_ptr, C_ptr, prev_states_ptr, D_ptr, seq_idx_ptr, out_ptr, out_x_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_z_b, stride_z_l, stride_z_h, stride_z_p,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    head = pid % nheads
+    chunk = (pid // nheads) % nchunks
+    batch = pid // (nheads * nchunks)
+    group = head // heads_per_group
+    pid_l = tl.program_id(1)
+    chunk_start = chunk * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_p = tl.arange(0, BLOCK_P)
+    in_l = offs_l < chunk_len
+    in_p = offs_p < headdim
+    row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+    dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
+
+    state_scale = tl.exp(dA_cumsum_l)
+    if HAS_SEQ_IDX:
+        owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
+        doc_l = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_l, mask=in_l, other=-1)
+        state_scale = tl.where(doc_l == owner, state_scale, 0.0)
+    C_base = C_ptr + batch * stride_C_b + chunk_start * stride_C_l + group * stride_C_g
+    state_base = prev_states_ptr + ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
+    acc = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        C = tl.load(
+            C_base + offs_l[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+            mask=in_l[:, None] & (offs_n[None, :] < dstate),
+            other=0.0,
+        )
+        stateT = tl.load(
+            state_base + offs_p[None, :] * dstate + offs_n[:, None],
+            mask=in_p[None, :] & (offs_n[:, None] < dstate),
+            other=0.0,
+        )
+        acc += tl.dot(C, stateT.to(C.dtype))
+    acc *= state_scale[:, None]
+
+    CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
+    x_base = x_ptr + batch * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
+    for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, chunk_len), BLOCK_L):
+        offs_s = s0 + tl.arange(0, BLOCK_L)
+        in_s = offs_s < chunk_len
+        causal = offs_s[None, :] <= offs_l[:, None]
+        CB = tl.load(
+            CB_base + offs_l[:, None] * chunk_size + offs_s[None, :],
+            mask=in_l[:, None] & in_s[None, :] & causal,
+            other=0.0,
+        )
+        dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
+        dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
+        decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
+        x_s = tl.load(
+            x_base + offs_s[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+            mask=in_s[:, None] & in_p[None, :],
+            other=0.0,
+        )
+        acc += tl.dot((CB * decay * dt_s[None, :]).to(x_s.dtype), x_s)
+
+    if HAS_D:
+        x_l = tl.load(
+            x_base + offs_l[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
+            mask=in_l[:, None] & in_p[None, :],
+            other=0.0,
+        )
+        acc += x_l.to(tl.float32) * _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM)
+    out_offs = ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :]
+    out_mask = in_l[:, None] & in_p[None, :]
+    if HAS_Z:
+        tl.store(out_x_ptr + out_offs, acc, mask=out_mask)
+        z = tl.load(
+            z_ptr
+            + batch * stride_z_b
+            + (chunk_start + offs_l[:, None]) * stride_z_l
+            + head * stride_z_h
+            + offs_p[None, :] * stride_z_p,
+            mask=out_mask,
+            other=0.0,
+        ).to(tl.float32)
+        acc *= z * tl.sigmoid(z)
+    tl.store(out_ptr + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    dout_ptr, z_ptr, out_x_ptr, dy_ptr, dz_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim,
+    stride_z_b, stride_z_l, stride_z_h, stride_z_p,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    head = pid % nheads
+    chunk = (pid // nheads) % nchunks
+    batch = pid // (nheads * nchunks)
+    chunk_start = chunk * chunk_size
+    offs_l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask = (offs_l[:, None] < tl.minimum(chunk_size, seqlen - chunk_start)) & (offs_p[None, :] < headdim)
+    offs = ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :]
+    z = tl.load(
+        z_ptr
+        + batch * stride_z_b
+        + (chunk_start + offs_l[:, None]) * stride_z_l
+        + head * stride_z_h
+        + offs_p[None, :] * stride_z_p,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    dout = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(out_x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(z)
+    tl.store(dy_ptr + offs, dout * z * sig, mask=mask)
+    tl.store(dz_ptr + offs, dout * y * sig * (1.0 + z * (1.0 - sig)), mask=mask)
+
+
+@autotune_warps(key=_KEY)
+@triton.jit
+def _chunk_scan_bwd_dstates_kernel(
+    dy_ptr, C_ptr, dA_cumsum_ptr, seq_idx_ptr, dprev_states_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    head = pid % nheads
+    chunk = (pid // nheads) % nchunks
+    batch = pid // (nheads * nchunks)
+    group = head // heads_per_group
+    chunk_start = chunk * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+    if HAS_SEQ_IDX:
+        owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
+    dy_base = dy_ptr + ((batch * seqlen + chunk_start) * nheads + head) * headdim
+    C_base = C_ptr + batch * stride_C_b + chunk_start * stride_C_l + group * stride_C_g
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for l0 in range(0, chunk_len, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        in_l = offs_l < chunk_len
+        scale = tl.exp(tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0))
+        if HAS_SEQ_IDX:
+            doc_l = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_l, mask=in_l, other=-1)
+            scale = tl.where(doc_l == owner, scale, 0.0)
+        dyT = tl.load(
+            dy_base + offs_l[None, :] * (nheads * headdim) + offs_p[:, None],
+            mask=in_l[None, :] & (offs_p[:, None] < headdim),
+            other=0.0,
+        )
+        C = tl.load(
+            C_base + offs_l[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+            mask=in_l[:, None] & (offs_n[None, :] < dstate),
+            other=0.0,
+        )
+        acc += tl.dot((dyT.to(tl.float32) * scale[None, :]).to(C.dtype), C)
+    out_ptrs = dprev_states_ptr + (((batch * nchunks + chunk) * nheads + head) * headdim + offs_p[:, None]) * dstate
+    tl.store(out_ptrs + offs_n[None, :], acc, mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
+
+
+@autotune_warps(key=_KEY)
+@triton.jit
+def _chunk_scan_bwd_dx_kernel(
+    CB_ptr, x_ptr, dy_ptr, y_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
+    dx_ptr, ddt_ptr, ddA_cumsum_ptr, ddA_chunk_part_ptr, dD_part_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    head = pid % nheads
+    chunk = (pid // nheads) % nchunks
+    batch = pid // (nheads * nchunks)
+    group = head // heads_per_group
+    pid_s = tl.program_id(1)
+    chunk_start = chunk * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_p = tl.arange(0, BLOCK_P)
+    in_s = offs_s < chunk_len
+    in_p = offs_p < headdim
+    tile_mask = in_s[:, None] & in_p[None, :]
+    row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+    dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
+    dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
+    dy_base = dy_ptr + ((batch * seqlen + chunk_start) * nheads + head) * headdim
+    dot_dtype = x_ptr.dtype.element_ty
+
+    # Diagonal block: G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l].
+    CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
+    acc = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    for l0 in range(pid_s * BLOCK_L, chunk_len, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        in_l = offs_l < chunk_len
+        causal = offs_l[None, :] >= offs_s[:, None]
+        CBT = tl.load(
+            CB_base + offs_l[None, :] * chunk_size + offs_s[:, None],
+            mask=in_s[:, None] & in_l[None, :] & causal,
+            other=0.0,
+        )
+        dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
+        decay = tl.exp(tl.where(causal, dA_cumsum_l[None, :] - dA_cumsum_s[:, None], float("-inf")))
+        dy_l = tl.load(
+            dy_base + offs_l[:, None] * (nheads * headdim) + offs_p[None, :],
+            mask=in_l[:, None] & in_p[None, :],
+            other=0.0,
+        )
+        acc += tl.dot((CBT * decay).to(dot_dtype), dy_l.to(dot_dtype))
+
+    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
+    B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
+    dstates_base = dstates_ptr + ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
+    acc_state = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        B = tl.load(
+            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+            mask=in_s[:, None] & (offs_n[None, :] < dstate),
+            other=0.0,
+        )
+        dstatesT = tl.load(
+            dstates_base + offs_p[None, :] * dstate + offs_n[:, None],
+            mask=in_p[None, :] & (offs_n[:, None] < dstate),
+            other=0.0,
+        )
+        acc_state += tl.dot(B.to(dot_dtype), dstatesT.to(dot_dtype))
+    state_weight = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_s)
+    if HAS_SEQ_IDX:
+        doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
+        doc_s = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_s, mask=in_s, other=-1)
+        state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
+    acc_state *= state_weight[:, None]
+
+    x = tl.load(
+        x_ptr
+        + batch * stride_x_b
+        + (chunk_start + offs_s[:, None]) * stride_x_l
+        + head * stride_x_h
+        + offs_p[None, :] * stride_x_p,
+        mask=tile_mask,
+        other=0.0,
+    ).to(tl.float32)
+    dy = tl.load(dy_base + offs_s[:, None] * (nheads * headdim) + offs_p[None, :], mask=tile_mask, other=0.0)
+    dy = dy.to(tl.float32)
+    ddt_state = tl.sum(x * acc_state, axis=1)
+    ddt = tl.sum(x * acc, axis=1) + ddt_state
+    dx = dt_s[:, None] * (acc + acc_state)
+    y_offs = ((batch * seqlen + chunk_start + offs_s[:, None]) * nheads + head) * headdim + offs_p[None, :]
+    y = tl.load(y_ptr + y_offs, mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_D:
+        D = _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM)
+        dx += D * dy
+        y -= D * x
+        part = ((batch * nchunks + chunk) * tl.num_programs(1) + pid_s) * nheads + head
+        tl.store(dD_part_ptr + part * headdim + offs_p, tl.sum(dy * x, axis=0), mask=in_p)
+    tl.store(dx_ptr + y_offs, dx, mask=tile_mask)
+    in_chunk = offs_s < chunk_size
+    tl.store(ddt_ptr + row + offs_s, ddt, mask=in_chunk)
+    tl.store(ddA_cumsum_ptr + row + offs_s, tl.sum(dy * y, axis=1) - dt_s * ddt, mask=in_chunk)
+    part = ((batch * nheads + head) * nchunks + chunk) * tl.num_programs(1) + pid_s
+    tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
+
+
+@autotune_warps(key=["chunk_size", "headdim", "BLOCK_L", "BLOCK_P"])
+@triton.jit
+def _chunk_scan_bwd_dcb_kernel(
+    dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dCB_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    pid_l = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    if pid_s <= pid_l:
+        ngroups = nheads // heads_per_group
+        group = pid % ngroups
+        chunk = (pid // ngroups) % nchunks
+        batch = pid // (ngroups * nchunks)
+        chunk_start = chunk * chunk_size
+        chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
+        offs_p = tl.arange(0, BLOCK_P)
+        in_l = offs_l < chunk_len
+        in_s = offs_s < chunk_len
+        in_p = offs_p < headdim
+        causal = offs_s[None, :] <= offs_l[:, None]
+        dot_dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+        for i in range(heads_per_group):
+            head = group * heads_per_group + i
+            row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+            dy = tl.load(
+                dy_ptr + ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :],
+                mask=in_l[:, None] & in_p[None, :],
+                other=0.0,
+            )
+            xT = tl.load(
+                x_ptr
+                + batch * stride_x_b
+                + (chunk_start + offs_s[None, :]) * stride_x_l
+                + head * stride_x_h
+                + offs_p[:, None] * stride_x_p,
+                mask=in_s[None, :] & in_p[:, None],
+                other=0.0,
+            )
+            dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
+            dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
+            dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
+            decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
+            acc += tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * dt_s[None, :]
+        if HAS_SEQ_IDX:
+            doc_base = seq_idx_ptr + batch * seqlen + chunk_start
+            doc_l = tl.load(doc_base + offs_l, mask=in_l, other=-1)
+            doc_s = tl.load(doc_base + offs_s, mask=in_s, other=-2)
+            acc = tl.where(doc_l[:, None] == doc_s[None, :], acc, 0.0)
+        out_ptrs = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
+        out_ptrs += offs_l[:, None] * chunk_size + offs_s[None, :]
+        tl.store(out_ptrs, acc, mask=(offs_l[:, None] < chunk_size) & (offs_s[None, :] < chunk_size))
+
+
+@autotune_warps(key=_KEY)
+@triton.jit
+def _chunk_scan_bwd_dbdc_kernel(
+    dCB_ptr, B_ptr, C_ptr, dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, prev_states_ptr, dstates_ptr, seq_idx_ptr,
+    dB_ptr, dC_ptr,
+    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
+    stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    ngroups = nheads // heads_per_group
+    group = pid % ngroups
+    chunk = (pid // ngroups) % nchunks
+    batch = pid // (ngroups * nchunks)
+    pid_t = tl.program_id(1)
+    chunk_start = chunk * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
+    offs_t = pid_t * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    in_t = offs_t < chunk_len
+    in_n = offs_n < dstate
+    in_p = offs_p < headdim
+    dot_dtype = x_ptr.dtype.element_ty
+    B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
+    C_base = C_ptr + batch * stride_C_b + chunk_start * stride_C_l + group * stride_C_g
+    dCB_base = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
+
+    # Through CB: dC[t] = sum_{s <= t} dCB[t, s] B[s] and dB[t] = sum_{l >= t} dCB[l, t] C[l].
+    acc_C = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+    for s0 in range(0, tl.minimum((pid_t + 1) * BLOCK_L, chunk_len), BLOCK_L):
+        offs_s = s0 + tl.arange(0, BLOCK_L)
+        in_s = offs_s < chunk_len
+        dCB = tl.load(
+            dCB_base + offs_t[:, None] * chunk_size + offs_s[None, :],
+            mask=in_t[:, None] & in_s[None, :] & (offs_s[None, :] <= offs_t[:, None]),
+            other=0.0,
+        )
+        B = tl.load(
+            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+            mask=in_s[:, None] & in_n[None, :],
+            other=0.0,
+        )
+        acc_C += tl.dot(dCB.to(dot_dtype), B.to(dot_dtype))
+    acc_B = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+    for l0 in range(pid_t * BLOCK_L, chunk_len, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        in_l = offs_l < chunk_len
+        dCBT = tl.load(
+            dCB_base + offs_l[None, :] * chunk_size + offs_t[:, None],
+            mask=in_t[:, None] & in_l[None, :] & (offs_l[None, :] >= offs_t[:, None]),
+            other=0.0,
+        )
+        C = tl.load(
+            C_base + offs_l[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+            mask=in_l[:, None] & in_n[None, :],
+            other=0.0,
+        )
+        acc_B += tl.dot(dCBT.to(dot_dtype), C.to(dot_dtype))
+
+    # Through the states, per head of the group: the entering state read by C, and chunk_state's use of B.
+    if HAS_SEQ_IDX:
+        doc_t = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_t, mask=in_t, other=-1)
+        owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
+        doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
+    tile_mask = in_t[:, None] & in_p[None, :]
+    state_mask = in_p[:, None] & in_n[None, :]
+    for i in range(heads_per_group):
+        head = group * heads_per_group + i
+        row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+        dA_cumsum_t = tl.load(dA_cumsum_ptr + row + offs_t, mask=in_t, other=0.0)
+        dt_t = tl.load(dt_ptr + row + offs_t, mask=in_t, other=0.0)
+        scale_C = tl.exp(dA_cumsum_t)
+        weight_B = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_t) * dt_t
+        if HAS_SEQ_IDX:
+            scale_C = tl.where(doc_t == owner, scale_C, 0.0)
+            weight_B = tl.where(doc_t == doc_last, weight_B, 0.0)
+        state_offs = (((batch * nchunks + chunk) * nheads + head) * headdim + offs_p[:, None]) * dstate + offs_n[
+            None, :
+        ]
+        dy = tl.load(
+            dy_ptr + ((batch * seqlen + chunk_start + offs_t[:, None]) * nheads + head) * headdim + offs_p[None, :],
+            mask=tile_mask,
+            other=0.0,
+        )
+        prev_state = tl.load(prev_states_ptr + state_offs, mask=state_mask, other=0.0)
+        acc_C += tl.dot(dy.to(dot_dtype), prev_state.to(dot_dtype)) * scale_C[:, None]
+        x = tl.load(
+            x_ptr
+            + batch * stride_x_b
+            + (chunk_start + offs_t[:, None]) * stride_x_l
+            + head * stride_x_h
+            + offs_p[None, :] * stride_x_p,
+            mask=tile_mask,
+            other=0.0,
+        )
+        dstates = tl.load(dstates_ptr + state_offs, mask=state_mask, other=0.0)
+        acc_B += tl.dot(x.to(dot_dtype), dstates.to(dot_dtype)) * weight_B[:, None]
+
+    out_offs = ((batch * seqlen + chunk_start + offs_t[:, None]) * ngroups + group) * dstate + offs_n[None, :]
+    tl.store(dC_ptr + out_offs, acc_C, mask=in_t[:, None] & in_n[None, :])
+    tl.store(dB_ptr + out_offs, acc_B, mask=in_t[:, None] & in_n[None, :])
+
+
+def _tiles(chunk_size):
+    block_l = chunk_block(chunk_size)
+    return block_l, triton.cdiv(chunk_size, block_l)
+
+
+def chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev_states, D=None, z=None, seq_idx=None):
+    """CB: (batch, nchunks, ngroups, chunk_size, chunk_size) fp32; x, z: (batch, seqlen, nheads, headdim);
+    dt, dA_cumsum: (batch, nheads, nchunks, chunk_size) fp32; C: (batch, seqlen, ngroups, dstate);
+    prev_states: (batch, nchunks, nheads, headdim, dstate) fp32; D: (nheads,) or (nheads, headdim) contiguous;
+    seq_idx: (batch, seqlen) int32, nondecreasing.
+
+    Returns out: (batch, seqlen, nheads, headdim) in x's dtype, and out_x, the output before the gate
+    (None without z). As chunk_scan_ref.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = C.shape[2:]
+    nchunks, chunk_size = dt.shape[2:]
+    out = new_output((batch, seqlen, nheads, headdim), x.device, x.dtype)
+    out_x = new_output(out.shape, x.device, x.dtype) if z is not None else None
+    block_l, ntiles = _tiles(chunk_size)
+    _chunk_scan_fwd_kernel[(batch * nchunks * nheads, ntiles)](
+        CB, x, z, dt, dA_cumsum, C, prev_states, D, seq_idx, out, out_x,
+        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
+        *x.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *C.stride(),
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
+        BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
+    )  # fmt: skip
+    return out, out_x
+
+
+def gate_bwd(dout, z, out_x, chunk_size):
+    """dout, z, out_x: (batch, seqlen, nheads, headdim), dout and out_x contiguous.
+
+    Returns dy = dout · silu(z) (fp32, the gradient w.r.t. the output before the gate) and dz (in z's dtype).
+    """
+    batch, seqlen, nheads, headdim = z.shape
+    nchunks = triton.cdiv(seqlen, chunk_size)
+    dy = new_output(z.shape, z.device, torch.float32)
+    dz = new_output(z.shape, z.device, z.dtype)
+    block_l, ntiles = _tiles(chunk_size)
+    _gate_bwd_kernel[(batch * nchunks * nheads, ntiles)](
+        dout, z, out_x, dy, dz,
+        seqlen, nheads, nchunks, chunk_size, headdim,
+        *z.stride(),
+        BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
+    )  # fmt: skip
+    return dy, dz
+
+
+def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
+    """dy: (batch, seqlen, nheads, headdim) contiguous; C: (batch, seqlen, ngroups, dstate);
+    dA_cumsum: (batch, nheads, nchunks, chunk_size).
+
+    Returns dprev_states: (batch, nchunks, nheads, headdim, dstate) fp32, the gradient w.r.t. chunk_scan's
+    prev_states.
+    """
+    batch, seqlen, nheads, headdim = dy.shape
+    ngroups, dstate = C.shape[2:]
+    nchunks, chunk_size = dA_cumsum.shape[2:]
+    dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), dy.device, torch.float32)
+    block_n = dstate_block(dstate)
+    _chunk_scan_bwd_dstates_kernel[(batch * nchunks * nheads, triton.cdiv(dstate, block_n))](
+        dy, C, dA_cumsum, seq_idx, dprev_states,
+        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
+        *C.stride(),
+        HAS_SEQ_IDX=seq_idx is not None,
+        BLOCK_L=chunk_block(chunk_size), BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
+    )  # fmt: skip
+    return dprev_states
+
+
+def chunk_scan_bwd_dx(CB, x, dy, y, dt, dA_cumsum, B, dstates, D=None, seq_idx=None):
+    """CB: from bmm_chunk_fwd; x: (batch, seqlen, nheads, headdim); dy, y: like x, contiguous (the gradient w.r.t.
+    and the value of the output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size);
+    B: (batch, seqlen, ngroups, dstate); dstates: (batch, nchunks, nheads, headdim, dstate) from state_passing_bwd.
+
+    Returns dx (like x, in x's dtype); ddt_out, ddA_cumsum: (batch, nheads, nchunks, chunk_size) fp32;
+    ddA_chunk: (batch, nheads, nchunks) fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D,
+    fp32) or None.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    nchunks, chunk_size = dt.shape[2:]
+    block_l, ntiles = _tiles(chunk_size)
+    dx = new_output(x.shape, x.device, x.dtype)
+    ddt_out = new_output(dt.shape, x.device, torch.float32)
+    ddA_cumsum = new_output(dt.shape, x.device, torch.float32)
+    ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), x.device, torch.float32)
+    dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), x.device, torch.float32) if D is not None else None
+    _chunk_scan_bwd_dx_kernel[(batch * nchunks * nheads, ntiles)](
+        CB, x, dy, y, dt, dA_cumsum, B, dstates, D, seq_idx,
+        dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
+        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
+        *x.stride(), *B.stride(),
+        HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
+        BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
+    )  # fmt: skip
+    dD = None
+    if D is not None:
+        dD = dD_part.sum((0, 1, 2))
+        if D.dim() == 1:
+            dD = dD.sum(-1)
+    return dx, ddt_out, ddA_cumsum, ddA_chunk_part.sum(-1), dD
+
+
+def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, ngroups, seq_idx=None):
+    """dy: (batch, seqlen, nheads, headdim) contiguous; x: like dy; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size).
+
+    Returns dCB: (batch, nchunks, ngroups, chunk_size, chunk_size) fp32, the gradient w.r.t. bmm_chunk_fwd's CB,
+    valid where s <= l.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    nchunks, chunk_size = dt.shape[2:]
+    block_l, ntiles = _tiles(chunk_size)
+    dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), x.device, torch.float32)
+    _chunk_scan_bwd_dcb_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
+        dy, x, dt, dA_cumsum, seq_idx, dCB,
+        seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
+        *x.stride(),
+        HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
+    )  # fmt: skip
+    return dCB
+
+
+def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None):
+    """dCB: from chunk_scan_bwd_dcb; B, C: (batch, seqlen, ngroups, dstate); dy, x: (batch, seqlen, nheads, headdim),
+    dy contiguous; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); prev_states, dstates:
+    (batch, nchunks, nheads, headdim, dstate) fp32.
+
+    Returns dB, dC: like B and C, in their dtypes.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2:]
+    nchunks, chunk_size = dt.shape[2:]
+    block_l, ntiles = _tiles(chunk_size)
+    block_n = dstate_block(dstate)
+    dB = new_output((batch, seqlen, ngroups, dstate), B.device, B.dtype)
+    dC = new_output((batch, seqlen, ngroups, dstate), C.device, C.dtype)
+    _chunk_scan_bwd_dbdc_kernel[(batch * nchunks * ngroups, ntiles, triton.cdiv(dstate, block_n))](
+        dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
+        dB, dC,
+        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
+        *x.stride(), *B.stride(), *C.stride(),
+        HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
+    )  # fmt: skip
+    return dB, dC
