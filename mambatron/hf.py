@@ -114,12 +114,17 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     else:
         fields.update(headdim=hf["head_dim"], ngroups=hf.get("n_groups", 1), chunk_size=hf.get("chunk_size", 256))
         limit = hf.get("time_step_limit", [0.0, float("inf")])
-        if tuple(float(v) for v in limit) != (0.0, float("inf")):
+        if tuple(_json_float(v) for v in limit) != (0.0, float("inf")):
             raise ValueError(f"time_step_limit={limit} is not supported yet; only (0.0, inf) imports exactly")
     cfg = config_from_dict({"model": fields}).model
     if cfg.arch == "mamba2" and cfg.nheads != hf["num_heads"]:
         raise ValueError(f"HF config: hidden_size*expand must equal num_heads*head_dim ({hf['num_heads']} heads)")
     return cfg
+
+
+def _json_float(value: Any) -> float:
+    """transformers writes non-finite floats as ``{"__float__": "Infinity"}``."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
 
 
 def to_hf(

@@ -76,6 +76,7 @@ class Mamba1Mixer(nn.Module):
         """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model). ``cache`` (generation) is
         filled with the final conv window and SSM state."""
         cfg = self.cfg
+        sdt = state_dtype(hidden.dtype)
         kernels = cfg.kernels
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)
@@ -88,7 +89,7 @@ class Mamba1Mixer(nn.Module):
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (batch, d_inner, seqlen)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(sdt))
         scan = get_op("selective_scan", kernels, x)
         out = scan(
             x,
@@ -96,9 +97,9 @@ class Mamba1Mixer(nn.Module):
             A,
             B.transpose(1, 2).contiguous(),
             C.transpose(1, 2).contiguous(),
-            self.D.float(),
+            self.D.to(sdt),
             z=z,
-            delta_bias=self.dt_proj.bias.float(),
+            delta_bias=self.dt_proj.bias.to(sdt),
             delta_softplus=True,
             return_last_state=cache is not None,
             seq_idx=seq_idx,
@@ -110,26 +111,32 @@ class Mamba1Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache`` (conv window, SSM)."""
         cfg = self.cfg
+        sdt = state_dtype(hidden.dtype)
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner) each
         update = get_op("conv1d_update", cfg.kernels, x)
         x = update(x, cache["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())  # (batch, d_inner)
-        A = -torch.exp(self.A_log.float())
+        delta = F.softplus(self.dt_proj(dt).to(sdt))  # (batch, d_inner)
+        A = -torch.exp(self.A_log.to(sdt))
         state = cache["ssm"]  # (batch, d_inner, d_state), fp32
         state.mul_(torch.exp(delta.unsqueeze(-1) * A)).add_(
-            delta.unsqueeze(-1) * B.float().unsqueeze(1) * x.float().unsqueeze(-1)
+            delta.unsqueeze(-1) * B.to(sdt).unsqueeze(1) * x.to(sdt).unsqueeze(-1)
         )
-        y = torch.einsum("bdn,bn->bd", state, C.float()) + self.D.float() * x.float()
-        y = (y * F.silu(z.float())).to(hidden.dtype)
+        y = torch.einsum("bdn,bn->bd", state, C.to(sdt)) + self.D.to(sdt) * x.to(sdt)
+        y = (y * F.silu(z.to(sdt))).to(hidden.dtype)
         return self.out_proj(y)
 
     def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
         di = self.d_inner_local
         return {
             "conv": torch.zeros(batch, di, self.cfg.d_conv, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch, di, self.cfg.d_state, device=device, dtype=torch.float32),
+            "ssm": torch.zeros(batch, di, self.cfg.d_state, device=device, dtype=state_dtype(dtype)),
         }
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Recurrent states are kept in fp32 (fp64 for fp64 models, used by exactness tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _last_window(x: torch.Tensor, width: int) -> torch.Tensor:

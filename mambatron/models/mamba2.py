@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
-from mambatron.models.mamba1 import _kaiming_uniform, _last_window, inverse_softplus, sample_dt
+from mambatron.models.mamba1 import _kaiming_uniform, _last_window, inverse_softplus, sample_dt, state_dtype
 from mambatron.models.ops import get_op
 from mambatron.parallel.projections import LocalProjections
 
@@ -77,6 +77,7 @@ class Mamba2Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model)."""
         cfg = self.cfg
+        sdt = state_dtype(hidden.dtype)
         z, xbc, dt = self._split_in(self.in_proj(hidden))
         batch, seqlen, _ = xbc.shape
         xbc_t = xbc.transpose(1, 2).contiguous()  # (batch, conv_dim, seqlen)
@@ -91,12 +92,12 @@ class Mamba2Mixer(nn.Module):
         y = ssd(
             x.reshape(batch, seqlen, self.nheads_local, cfg.headdim).contiguous(),
             dt.contiguous(),
-            -torch.exp(self.A_log.float()),
+            -torch.exp(self.A_log.to(sdt)),
             B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
             C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
             cfg.chunk_size,
-            D=self.D.float(),
-            dt_bias=self.dt_bias.float(),
+            D=self.D.to(sdt),
+            dt_bias=self.dt_bias.to(sdt),
             seq_idx=seq_idx,
             dt_softplus=True,
             return_final_states=cache is not None,
@@ -109,20 +110,21 @@ class Mamba2Mixer(nn.Module):
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache``."""
         cfg = self.cfg
+        sdt = state_dtype(hidden.dtype)
         h, p, g, n = self.nheads_local, cfg.headdim, self.ngroups_local, cfg.d_state
         z, xbc, dt = self._split_in(self.in_proj(hidden))
         update = get_op("conv1d_update", cfg.kernels, xbc)
         xbc = update(xbc, cache["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
         x, B, C = torch.split(xbc, [self.d_inner_local, g * n, g * n], dim=-1)
         batch = x.shape[0]
-        x = x.float().view(batch, h, p)
-        B = B.float().view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
-        C = C.float().view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
-        dt = F.softplus(dt.float() + self.dt_bias.float())  # (batch, nheads)
-        dA = torch.exp(dt * -torch.exp(self.A_log.float()))
+        x = x.to(sdt).view(batch, h, p)
+        B = B.to(sdt).view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
+        C = C.to(sdt).view(batch, g, 1, n).expand(batch, g, h // g, n).reshape(batch, h, n)
+        dt = F.softplus(dt.to(sdt) + self.dt_bias.to(sdt))  # (batch, nheads)
+        dA = torch.exp(dt * -torch.exp(self.A_log.to(sdt)))
         state = cache["ssm"]  # (batch, nheads, headdim, d_state), fp32
         state.mul_(dA[..., None, None]).add_((dt[..., None] * x)[..., None] * B[:, :, None, :])
-        y = torch.einsum("bhpn,bhn->bhp", state, C) + self.D.float()[:, None] * x
+        y = torch.einsum("bhpn,bhn->bhp", state, C) + self.D.to(sdt)[:, None] * x
         y = y.reshape(batch, self.d_inner_local).to(hidden.dtype)
         return self.out_proj(self._gated_norm(y, z))
 
@@ -130,5 +132,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         return {
             "conv": torch.zeros(batch, self.conv_dim, cfg.d_conv, device=device, dtype=dtype),
-            "ssm": torch.zeros(batch, self.nheads_local, cfg.headdim, cfg.d_state, device=device, dtype=torch.float32),
+            "ssm": torch.zeros(
+                batch, self.nheads_local, cfg.headdim, cfg.d_state, device=device, dtype=state_dtype(dtype)
+            ),
         }

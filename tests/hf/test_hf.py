@@ -19,9 +19,20 @@ def _perturbed(model):
     return model.eval()
 
 
+def _hf_greedy(hf, prompt):
+    """16 greedy tokens from transformers with no EOS handling (its configs default to an EOS id, which would stop
+    or suppress tokens) and an explicit all-ones mask (else a prompt token equal to the pad id is masked out)."""
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False)
+    assert out.shape[1] == prompt.shape[1] + 16
+    return out
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_loads_in_transformers_with_equal_logits_and_generation(arch, tie, tmp_path):
-    cfg = tiny_model_config(arch, tie_embeddings=tie, conv_bias=True)
+    # A vocabulary with no padding rows: HF generates over its whole (padded) vocab, we never emit padding ids.
+    cfg = tiny_model_config(arch, tie_embeddings=tie, vocab_size=64)
     ours = _perturbed(build_model(cfg))
     to_hf(ours, cfg, tmp_path)
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
@@ -34,7 +45,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(arch, tie
     assert diff <= TOL, diff
     prompt = ids[:, :5]
     with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        theirs = _hf_greedy(hf, prompt)
     assert torch.equal(theirs, generate(ours, prompt, max_new_tokens=16))
 
 
@@ -58,7 +69,7 @@ def test_import_from_random_hf_model(arch, tmp_path):
     ids = torch.randint(0, 64, (2, 19))
     with torch.no_grad():
         diff = (hf(ids).logits - ours(ids)).abs().max().item()
-        theirs = hf.generate(ids[:, :4], max_new_tokens=16, do_sample=False, min_new_tokens=16)
+        theirs = _hf_greedy(hf, ids[:, :4])
     assert diff <= TOL, diff
     assert torch.equal(theirs, generate(ours, ids[:, :4], max_new_tokens=16))
 
