@@ -39,6 +39,22 @@ def _batch_first(out: torch.Tensor, single_token: bool) -> torch.Tensor:
     return out.squeeze(0) if single_token else out.transpose(0, 1)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands a contiguous gradient on.
+
+    megatron's in-place all-reduce (``_reduce``) reduces ``grad.contiguous()`` and returns the original tensor, so
+    a non-contiguous gradient (e.g. arriving through our transposes) would silently skip the reduction.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def _normal_init(std: float) -> Callable[[torch.Tensor], None]:
     def init(weight: torch.Tensor) -> None:
         nn.init.normal_(weight, mean=0.0, std=std)
@@ -96,6 +112,7 @@ class TPRowLinear(RowParallelLinear):
         out, _ = super().forward(x)
         if not self.replicated_consumer:
             out = tensor_parallel.copy_to_tensor_model_parallel_region(out, group=self.tp_group)
+            out = _ContiguousGrad.apply(out)
         return _batch_first(out, single_token)
 
 
@@ -211,8 +228,12 @@ class MegatronProjections:
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits: (batch, seqlen, vocab // tp); labels: (batch, seqlen), ``< 0`` ignored → loss (batch, seqlen)."""
-        # megatron subtracts the max in place from an fp32 input; keep the caller's logits intact.
-        logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        # megatron subtracts the max in place from an fp32 input (keep the caller's logits intact) and views it 2-D.
+        logits = (
+            logits.float().contiguous()
+            if logits.dtype != torch.float32
+            else logits.clone(memory_format=torch.contiguous_format)
+        )
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.clamp_min(0).long())
         return loss * (labels >= 0)
 

@@ -171,6 +171,20 @@ def build_engine(
     return engine
 
 
+def forward_loss(
+    engine: Any, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token loss over ``labels >= 0`` of one micro-batch, through ``engine``'s forward.
+
+    input_ids, labels: (batch, seqlen). Going through ``engine(...)`` (not ``engine.module.loss``) lets DeepSpeed
+    hook the output for its backward bookkeeping; the vocab-parallel cross-entropy is then applied to the logits.
+    Follow with ``engine.backward(loss)`` and ``engine.step()``.
+    """
+    logits = engine(input_ids, seq_idx=seq_idx)
+    per_token = engine.module.proj.cross_entropy(logits, labels)
+    return per_token.sum() / (labels >= 0).sum().clamp_min(1)
+
+
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():

@@ -1,0 +1,46 @@
+"""Run a function on N gloo processes (torch.multiprocessing spawn) and collect what each rank returns."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from mambatron.config import ParallelConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable, world_size: int, tp: int, port: int, out_dir: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    from mambatron.parallel import dist as pdist
+
+    info = pdist.setup(ParallelConfig(tp=tp))
+    try:
+        result = fn(info, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        pdist.teardown()
+
+
+def run_distributed(fn: Callable, world_size: int, tp: int, *args: Any) -> list[Any]:
+    """``fn(dist_info, *args)`` on ``world_size`` processes with TP ``tp``; returns each rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_entry, args=(fn, world_size, tp, _free_port(), out_dir, args), nprocs=world_size, join=True)
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

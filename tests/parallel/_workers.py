@@ -1,0 +1,232 @@
+"""Tiny models, batches and the per-rank bodies of the multi-process tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from mambatron.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from mambatron.models import build_model
+from mambatron.parallel.consolidate import consolidate, consolidate_zero_checkpoint, shard
+from mambatron.parallel.dist import DistInfo
+from mambatron.parallel.zero import param_groups
+
+SEQLEN = 12
+
+
+def tiny_model_config(arch: str, **overrides) -> ModelConfig:
+    """Mamba1: d_inner 32, dt_rank 4. Mamba2: 4 heads of 8, 2 groups. Vocab 60 padded to 64."""
+    fields = dict(
+        arch=arch, d_model=16, n_layer=2, vocab_size=60, pad_vocab_multiple=16, d_state=4, d_conv=4, expand=2,
+        dt_rank=4, kernels="reference",
+    )  # fmt: skip
+    if arch == "mamba2":
+        fields.update(headdim=8, ngroups=2, chunk_size=8)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def full_state(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A TP=1 model's state from ``seed``, with norm weights moved off 1 so that their gradients matter."""
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    state = {}
+    for name, t in model.state_dict().items():
+        if "norm" in name:
+            t = t + 0.2 * torch.randn(t.shape, generator=gen)
+        state[name] = t.detach().clone()
+    return state
+
+
+def reference_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    return model
+
+
+def tp_model(cfg: ModelConfig, state: dict[str, torch.Tensor], sequence_parallel: bool, info: DistInfo):
+    from mambatron.parallel.megatron import MegatronProjections
+
+    proj = MegatronProjections(sequence_parallel)
+    model = build_model(cfg, projections=proj)
+    model.load_state_dict(shard(state, cfg, info.tp_size, info.tp_rank))
+    return model, proj
+
+
+def batch(cfg: ModelConfig, seed: int, batch_size: int = 2, seqlen: int = SEQLEN):
+    """input_ids, labels (batch, seqlen) and seq_idx marking two packed documents; some labels ignored (-100)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, seqlen + 1), generator=gen)
+    labels = tokens[:, 1:].clone()
+    labels[0, :2] = -100
+    seq_idx = torch.zeros(batch_size, seqlen, dtype=torch.int32)
+    seq_idx[:, seqlen // 2 + 1 :] = 1
+    return tokens[:, :-1], labels, seq_idx
+
+
+def gather_states(states: dict[str, torch.Tensor], info: DistInfo) -> list[dict[str, torch.Tensor]]:
+    """Every TP rank's tensors, in TP-rank order (all TP groups hold the same thing in these tests)."""
+    from megatron.core import parallel_state
+
+    out: list = [None] * info.tp_size
+    dist.all_gather_object(out, states, group=parallel_state.get_tensor_model_parallel_group())
+    return out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def tp_suite(info: DistInfo, cases: list[tuple[str, bool, dict]], roundtrips: list[tuple[str, bool]]) -> dict:
+    """Both TP checks in one launch (process start-up dominates on small CPUs)."""
+    return {
+        "equivalence": tp_equivalence(info, cases),
+        "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
+    }
+
+
+def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]]) -> dict:
+    """For each (arch, sequence_parallel, model overrides): logits, loss and every consolidated gradient of the
+    TP model against the TP=1 model built from the same full state."""
+    results = {}
+    for arch, sp, overrides in cases:
+        cfg = tiny_model_config(arch, **overrides)
+        state = full_state(cfg)
+        ids, labels, seq_idx = batch(cfg, seed=7)
+        ref = reference_model(cfg, state)
+        ref_logits = ref(ids, seq_idx=seq_idx).detach()
+        ref_loss = ref.loss(ids, labels, seq_idx=seq_idx)
+        ref_loss.backward()
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+
+        model, proj = tp_model(cfg, state, sp, info)
+        logits_local = model(ids, seq_idx=seq_idx)
+        logits = proj.gather_logits(logits_local).detach()
+        loss = model.loss(ids, labels, seq_idx=seq_idx)
+        loss.backward()
+        grads = consolidate(gather_states({n: p.grad for n, p in model.named_parameters()}, info), cfg)
+        results[(arch, sp, tuple(sorted(overrides.items())))] = {
+            "logits_shape": tuple(logits_local.shape),
+            "logits": max_diff(logits, ref_logits),
+            "loss": abs(loss.item() - ref_loss.item()),
+            "grads": {n: max_diff(grads[n], g) for n, g in ref_grads.items()},
+            "grad_scale": {n: g.abs().max().item() for n, g in ref_grads.items()},
+            "grad_names": sorted(grads),
+        }
+    return results
+
+
+def reshard_roundtrip(info: DistInfo, arch: str, sequence_parallel: bool) -> dict:
+    """Train the TP=2 model one step, consolidate it to TP=1, reshard back to TP=2: logits must not change."""
+    from mambatron.parallel.consolidate import reshard
+
+    cfg = tiny_model_config(arch)
+    ids, labels, seq_idx = batch(cfg, seed=3)
+    model, proj = tp_model(cfg, full_state(cfg), sequence_parallel, info)
+    model.loss(ids, labels, seq_idx=seq_idx).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.05 * p.grad.sign())
+    logits_tp2 = proj.gather_logits(model(ids, seq_idx=seq_idx)).detach()
+
+    shards = gather_states({k: v.detach().clone() for k, v in model.state_dict().items()}, info)
+    full = consolidate(shards, cfg)
+    logits_tp1 = reference_model(cfg, full)(ids, seq_idx=seq_idx).detach()
+
+    back, proj_back = tp_model(cfg, full, sequence_parallel, info)
+    logits_back = proj_back.gather_logits(back(ids, seq_idx=seq_idx)).detach()
+    same_shards = all(torch.equal(a, b) for a, b in zip(reshard(shards, cfg, 2)[info.tp_rank].values(),
+                                                          shards[info.tp_rank].values()))  # fmt: skip
+    return {
+        "tp1_vs_tp2": max_diff(logits_tp1, logits_tp2),
+        "back_vs_tp2": max_diff(logits_back, logits_tp2),
+        "reshard_identity": same_shards,
+    }
+
+
+def zero_config(arch: str, stage: int, tp: int = 2, sequence_parallel: bool = True) -> Config:
+    return Config(
+        model=tiny_model_config(arch),
+        parallel=ParallelConfig(tp=tp, sequence_parallel=sequence_parallel, zero_stage=stage),
+        data=DataConfig(micro_batch=2, seq_len=8),
+        # A small clip threshold so that clipping by the global (TP x DP) norm is active on every step.
+        optim=OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, grad_clip=0.05, warmup_steps=0),
+        train=TrainConfig(precision="fp32", grad_accum=2),
+    )
+
+
+STEPS = 5
+
+
+def training_batches(config: Config, dp_size: int, seed: int = 11) -> torch.Tensor:
+    """Token ids (steps, dp, grad_accum, micro_batch, seq_len + 1): one global batch per step."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (STEPS, dp_size, config.train.grad_accum, config.data.micro_batch, config.data.seq_len + 1)
+    return torch.randint(0, config.model.vocab_size, shape, generator=gen)
+
+
+def reference_training(config: Config, dp_size: int) -> dict:
+    """Single-process AdamW on the whole global batch: per-step losses and gradient norms (before clipping), and
+    the final full state."""
+    model = reference_model(config.model, full_state(config.model))
+    o = config.optim
+    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    data = training_batches(config, dp_size)
+    losses, norms = [], []
+    n_micro = dp_size * config.train.grad_accum
+    for step in range(STEPS):
+        opt.zero_grad()
+        total = 0.0
+        for dp in range(dp_size):
+            for a in range(config.train.grad_accum):
+                x = data[step, dp, a]
+                loss = model.loss(x[:, :-1], x[:, 1:])
+                (loss / n_micro).backward()
+                total += loss.item()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip).item())
+        opt.step()
+        losses.append(total / n_micro)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "grad_norms": norms, "full_state": state}
+
+
+def zero_training(info: DistInfo, runs: list[tuple[str, int]], checkpoint_root: str) -> dict:
+    """TP x DP training with DeepSpeed ZeRO for each (arch, stage); per-step global-mean losses, and the full
+    state consolidated from the saved (TP-sharded, ZeRO-partitioned) checkpoint."""
+    from megatron.core import parallel_state
+
+    from mambatron.parallel import build_projections
+    from mambatron.parallel.zero import build_engine, forward_loss
+
+    results = {}
+    for arch, stage in runs:
+        config = zero_config(arch, stage, tp=info.tp_size)
+        torch.manual_seed(0)
+        model = build_model(config.model, projections=build_projections(config.parallel))
+        model.load_state_dict(shard(full_state(config.model), config.model, info.tp_size, info.tp_rank))
+        engine = build_engine(model, config, info)
+        data = training_batches(config, info.dp_size)
+        losses, norms = [], []
+        for step in range(STEPS):
+            total = 0.0
+            for a in range(config.train.grad_accum):
+                x = data[step, info.dp_rank, a]
+                loss = forward_loss(engine, x[:, :-1], x[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+            mean = torch.tensor(total / config.train.grad_accum, dtype=torch.float64)
+            dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
+            losses.append(mean.item() / info.dp_size)
+            norms.append(float(engine.get_global_grad_norm()))
+        ckpt = os.path.join(checkpoint_root, f"{arch}-zero{stage}")
+        engine.save_checkpoint(ckpt, tag="step_5")
+        dist.barrier()
+        full = consolidate_zero_checkpoint(ckpt, config.model, tag="step_5") if info.rank == 0 else None
+        dist.barrier()
+        results[(arch, stage)] = {"losses": losses, "grad_norms": norms, "full_state": full}
+        del engine
+    return results
