@@ -25,6 +25,7 @@ import numpy as np
 from mambatron.config import DataConfig
 from mambatron.data import build_loader, load_tokenizer, train_tokenizer
 from mambatron.data.prepare import prepare_data, read_shard_tokens
+from mambatron.data.tokenizers import expand_inputs, read_text
 
 
 def check_loader(index_path: Path, seq_len: int, micro_batch: int, n_batches: int = 20) -> None:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer folder; default: BPE --vocab-size trained on the input")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--max-docs", type=int, default=0, help="prepare at most this many documents (0 = all)")
+    p.add_argument(
+        "--doc-chars", type=int, default=0, help="cut the input into documents of this many characters (JSONL)"
+    )
     p.add_argument("--shard-tokens", type=int, default=1_000_000)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -76,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             tok_dir = str(work / "tokenizer")
             train_tokenizer(args.input, args.vocab_size, tok_dir, "bpe", max_train_bytes=20_000_000)
         tok = load_tokenizer(tok_dir)
+        inputs = args.input
+        if args.doc_chars:
+            inputs = [str(work / "docs.jsonl")]
+            with open(inputs[0], "w") as f:
+                for path in expand_inputs(args.input):
+                    text = read_text(path)
+                    for i in range(0, len(text), args.doc_chars):
+                        f.write(json.dumps({"text": text[i : i + args.doc_chars]}) + "\n")
 
         c0, t0 = time.process_time(), time.perf_counter()
         index = prepare_data(
-            args.input, tok_dir, work / "shards", shard_tokens=args.shard_tokens, workers=1, max_docs=args.max_docs,
+            inputs, tok_dir, work / "shards", shard_tokens=args.shard_tokens, workers=1, max_docs=args.max_docs,
             val_fraction=0.001, progress=False,
         )  # fmt: skip
         prep_wall, prep_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -107,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.python_version()}",
         "tokenizer": f"{tok.kind} {tok.vocab_size}",
         "prepare_docs": index["documents"],
+        "mean_doc_tokens": round(prep_tokens / max(1, index["documents"])),
         "prepare_tokens": prep_tokens,
         "prepare_tokens_per_s_per_core": round(prep_tokens / prep_wall),
         "prepare_tokens_per_cpu_s": round(prep_tokens / prep_cpu),

@@ -165,11 +165,19 @@ class StreamSpec:
     n_local: int
     n_streams: int
 
+    # Deal documents instead of shards to streams (every stream reads every shard and keeps document
+    # ``i % n_streams == stream``): used for validation, whose few shards could otherwise leave ranks without data.
+    split_documents: bool = False
+
     def epoch_shards(self, epoch: int, stream: int) -> np.ndarray:
         """Shard ids read by ``stream`` in ``epoch``."""
         n = len(self.shards)
         order = np.random.default_rng([self.seed, epoch, 7]).permutation(n) if self.shuffle_buffer else np.arange(n)
-        return order[stream :: self.n_streams]
+        return order if self.split_documents else order[stream :: self.n_streams]
+
+    def first_documents(self) -> list[int]:
+        """Global index of each shard's first document (shards in index order)."""
+        return np.concatenate([[0], np.cumsum([s.docs for s in self.shards])]).astype(int).tolist()
 
 
 def fresh_stream_state() -> dict[str, Any]:
@@ -245,6 +253,7 @@ class _Stream:
         if st["rng"] is not None:
             self.rng.bit_generator.state = st["rng"]
         self.ids = spec.epoch_shards(self.epoch, stream)
+        self.first_docs = spec.first_documents()
         self.reader: Iterator[tuple[int, np.ndarray]] | None = None
         self.buffer: list[np.ndarray] = []
         self.buffer_refs = np.zeros((max(spec.shuffle_buffer, 1), 2), dtype=np.int64)
@@ -308,6 +317,8 @@ class _Stream:
                 self.sample = 0
                 continue
             self.sample = idx + 1
+            if spec.split_documents and (self.first_docs[shard] + idx) % spec.n_streams != self.stream:
+                continue
             self.epoch_docs += 1
             return shard, idx, tokens
         return None
@@ -427,6 +438,7 @@ class ShardLoader:
             shuffle_buffer=int(cfg.shuffle_buffer) if split == "train" else 0,
             seed=int(cfg.seed),
             infinite=split == "train",
+            split_documents=split != "train",
             skip_bad_shards=bool(cfg.skip_bad_shards),
             rank=rank,
             n_local=n_local,

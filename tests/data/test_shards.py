@@ -193,6 +193,14 @@ def test_val_is_one_pass_without_shuffle(prepared: Prepared) -> None:
     np.testing.assert_array_equal(np.concatenate([r.reshape(-1) for r in rows]), expected[:n])
 
 
+def test_val_documents_are_dealt_to_every_rank(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=2, micro_batch=1, seq_len=8)
+    counts = [sum(1 for _ in build_loader(cfg, "val", rank=r, world_size=2)) for r in range(2)]
+    val_tokens = prepared.index()["splits"]["val"]["tokens"]
+    assert all(c > 0 for c in counts) and sum(counts) * 9 <= val_tokens
+    assert len(prepared.index()["splits"]["val"]["shards"]) < 4, "fewer val shards than streams"
+
+
 def test_wrong_tokenizer_is_refused(prepared: Prepared, bpe_tokenizer: Path) -> None:
     with pytest.raises(DataIndexError, match="tokenizer mismatch") as err:
         build_loader(prepared.cfg(tokenizer=str(bpe_tokenizer)))
