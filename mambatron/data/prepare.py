@@ -23,6 +23,7 @@ import multiprocessing as mp
 import os
 import sys
 import tarfile
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,18 @@ def _tokenize_task(args: tuple[list[tuple[str, str]], str, str]) -> list[tuple[b
     return out
 
 
+def _ordered_map(pool: Any, tasks: Iterable[Any], ahead: int) -> Iterator[list[tuple[bytes, int, int]]]:
+    """``pool.imap`` in order, but with at most ``ahead`` tasks in flight: ``imap`` would read the whole input into
+    its task queue at once, which a large JSONL corpus does not fit."""
+    in_flight: deque[Any] = deque()
+    for task in tasks:
+        in_flight.append(pool.apply_async(_tokenize_task, (task,)))
+        if len(in_flight) >= ahead:
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
+
+
 @dataclass
 class _SplitWriter:
     """Writes one split's shards, starting a new tar once the current one holds ``shard_tokens`` tokens."""
@@ -200,7 +213,7 @@ def prepare_data(
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
             workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)
         )
-        results: Iterable[list[tuple[bytes, int, int]]] = pool.imap(_tokenize_task, tasks)
+        results: Iterable[list[tuple[bytes, int, int]]] = _ordered_map(pool, tasks, ahead=4 * workers)
     else:
         _init_worker(str(tokenizer_dir))
         results = map(_tokenize_task, tasks)
