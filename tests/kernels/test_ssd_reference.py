@@ -7,13 +7,14 @@ from mambatron.kernels.ssd.reference import mamba_chunk_scan_combined_ref, ssd_s
 F64 = torch.float64
 
 
-def make_inputs(batch=2, seqlen=50, nheads=4, headdim=8, ngroups=2, dstate=8, D_per_channel=False, seed=0):
+def make_inputs(batch=2, seqlen=50, nheads=4, headdim=8, ngroups=2, dstate=8, D_per_channel=False, seed=0, dtype=F64):
+    """Every tensor argument of mamba_chunk_scan_combined, random with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=F64)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype)
     return dict(
         x=rand(batch, seqlen, nheads, headdim),
         dt=rand(batch, seqlen, nheads),
-        A=-torch.rand(nheads, generator=g, dtype=F64) * 2 - 0.1,
+        A=-torch.rand(nheads, generator=g, dtype=dtype) * 2 - 0.1,
         B=rand(batch, seqlen, ngroups, dstate),
         C=rand(batch, seqlen, ngroups, dstate),
         D=rand(nheads, headdim) if D_per_channel else rand(nheads),

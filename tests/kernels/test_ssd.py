@@ -1,0 +1,234 @@
+"""The Triton SSD kernels against the reference: each stage, and the combined op's output and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter, in fp32 (bf16 is broken there), at tiny shapes. Outputs are
+allocated full of NaN (MAMBATRON_POISON=1), so an element a kernel forgets to write fails the comparison.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the kernels are defined (triton.jit reads it at decoration time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MAMBATRON_POISON", "1")
+
+import pytest  # noqa: E402
+from mambatron.kernels.ssd import _common, mamba_chunk_scan_combined  # noqa: E402
+from mambatron.kernels.ssd import reference as ref  # noqa: E402
+from mambatron.kernels.ssd.bmm import bmm_chunk_fwd  # noqa: E402
+from mambatron.kernels.ssd.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd  # noqa: E402
+from mambatron.kernels.ssd.chunk_scan import chunk_scan_fwd  # noqa: E402
+from mambatron.kernels.ssd.chunk_state import chunk_state_fwd  # noqa: E402
+from mambatron.kernels.ssd.state_passing import state_passing_bwd, state_passing_fwd  # noqa: E402
+
+from tests.kernels.test_ssd_reference import make_inputs, packed_seq_idx  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+def assert_close(actual, expected, name=""):
+    """fp32 kernels against the fp32 reference: errors relative to the largest reference value."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=2e-5 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def fp32_inputs(**kwargs):
+    return {k: v.to(DEVICE) for k, v in make_inputs(dtype=torch.float32, **kwargs).items()}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 8 along the chunk and dstate, so that chunk 16 / dstate 16 run the multi-tile loops."""
+    if not _common.interpreting():
+        pytest.skip("tiles under 16 are only valid in the interpreter")
+    monkeypatch.setattr(_common, "MAX_CHUNK_BLOCK", 8)
+    monkeypatch.setattr(_common, "MAX_DSTATE_BLOCK", 8)
+
+
+# Stages ------------------------------------------------------------------------------------------------------------
+
+CHUNK = 16
+SEQ_IDX = packed_seq_idx(2, 50, [[5, 27], [16, 1]]).to(DEVICE)
+DT_ARGS = dict(dt_softplus=True, dt_limit=(0.05, 2.0))
+
+
+def stage_inputs():
+    inputs = fp32_inputs()
+    dA_cumsum, dt = ref.chunk_cumsum_ref(inputs["dt"], inputs["A"], CHUNK, inputs["dt_bias"], **DT_ARGS)
+    # The kernels index their fp32 intermediates as contiguous tensors.
+    return inputs, dA_cumsum.contiguous(), dt.contiguous()
+
+
+def test_chunk_cumsum_fwd_bwd():
+    inputs = fp32_inputs()
+    dt_in, A, dt_bias = (inputs[k].requires_grad_() for k in ("dt", "A", "dt_bias"))
+    dA_cumsum, dt_out = chunk_cumsum_fwd(dt_in, A, CHUNK, dt_bias, **DT_ARGS)
+    dA_cumsum_ref, dt_out_ref = ref.chunk_cumsum_ref(dt_in, A, CHUNK, dt_bias, **DT_ARGS)
+    assert_close(dA_cumsum, dA_cumsum_ref, "dA_cumsum")
+    assert_close(dt_out, dt_out_ref, "dt_out")
+
+    g_cumsum, g_dt, g_chunk = torch.randn_like(dA_cumsum), torch.randn_like(dt_out), torch.randn_like(dA_cumsum[..., 0])
+    loss = (dA_cumsum_ref * g_cumsum).sum() + (dt_out_ref * g_dt).sum() + (dA_cumsum_ref[..., -1] * g_chunk).sum()
+    expected = torch.autograd.grad(loss, (dt_in, A, dt_bias))
+    actual = chunk_cumsum_bwd(g_cumsum, g_chunk, g_dt, dt_in.detach(), A.detach(), dt_out, dt_bias.detach(), **DT_ARGS)
+    for name, a, e in zip(("ddt", "dA", "ddt_bias"), actual, expected):
+        assert_close(a, e, name)
+
+
+def test_chunk_state(small_tiles):
+    inputs, dA_cumsum, dt = stage_inputs()
+    states = chunk_state_fwd(inputs["B"], inputs["x"], dt, dA_cumsum, SEQ_IDX)
+    assert_close(states, ref.chunk_state_ref(inputs["B"], inputs["x"], dt, dA_cumsum, SEQ_IDX))
+
+
+def test_state_passing_fwd_bwd():
+    inputs, dA_cumsum, dt = stage_inputs()
+    states = ref.chunk_state_ref(inputs["B"], inputs["x"], dt, dA_cumsum, SEQ_IDX).requires_grad_()
+    dA_chunk = dA_cumsum[..., -1].clone().requires_grad_()
+    initial = inputs["initial_states"].requires_grad_()
+    prev_ref, final_ref = ref.state_passing_ref(states, dA_chunk, initial, SEQ_IDX, CHUNK)
+    prev, final = state_passing_fwd(states.detach(), dA_cumsum, initial.detach(), SEQ_IDX)
+    assert_close(prev, prev_ref, "prev_states")
+    assert_close(final, final_ref, "final_states")
+
+    g_prev, g_final = torch.randn_like(prev), torch.randn_like(final)
+    loss = (prev_ref * g_prev).sum() + (final_ref * g_final).sum()
+    expected = torch.autograd.grad(loss, (states, initial, dA_chunk))
+    actual = state_passing_bwd(prev, g_prev, dA_cumsum, g_final, SEQ_IDX)
+    for name, a, e in zip(("dstates", "dinitial_states", "ddA_chunk"), actual, expected):
+        assert_close(a, e, name)
+
+
+def test_bmm_chunk(small_tiles):
+    inputs = fp32_inputs(dstate=16)
+    CB = bmm_chunk_fwd(inputs["C"], inputs["B"], CHUNK, SEQ_IDX)
+    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=DEVICE).tril()
+    # Only s <= l is computed (the scan is causal).
+    assert_close(CB[..., causal], ref.bmm_chunk_ref(inputs["C"], inputs["B"], CHUNK, SEQ_IDX)[..., causal])
+
+
+@pytest.mark.parametrize("tiles", ["whole", "small"])
+def test_chunk_scan(tiles, request):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    inputs, dA_cumsum, dt = stage_inputs()
+    x, B, C, D, z = (inputs[k] for k in ("x", "B", "C", "D", "z"))
+    states = ref.chunk_state_ref(B, x, dt, dA_cumsum, SEQ_IDX)
+    prev, _ = ref.state_passing_ref(states, dA_cumsum[..., -1], inputs["initial_states"], SEQ_IDX, CHUNK)
+    CB = ref.bmm_chunk_ref(C, B, CHUNK, SEQ_IDX).contiguous()
+    prev = prev.contiguous()
+    out, out_x = chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev, D, z, SEQ_IDX)
+    assert_close(out, ref.chunk_scan_ref(CB, x, dt, dA_cumsum, C, prev, D, z, SEQ_IDX), "out")
+    assert_close(out_x, ref.chunk_scan_ref(CB, x, dt, dA_cumsum, C, prev, D, None, SEQ_IDX), "out_x")
+
+
+# The combined op: output and every gradient ---------------------------------------------------------------------
+
+CASES = {
+    # seqlen not a multiple of the chunk, 3 documents in a row (one of 1 token), groups, D per head, z, dt processing.
+    "full": dict(
+        shape=dict(batch=2, seqlen=50, nheads=4, headdim=8, ngroups=2, dstate=8),
+        seq_idx=[[5, 27], [16, 1]],
+        drop=(),
+        kwargs=dict(dt_softplus=True, dt_limit=(0.05, 2.0)),
+    ),
+    # Multi-tile loops, D per head×headdim, one group, nothing optional, seqlen a multiple of the chunk.
+    "tiled_plain": dict(
+        shape=dict(batch=1, seqlen=48, nheads=2, headdim=16, ngroups=1, dstate=16, D_per_channel=True),
+        seq_idx=None,
+        drop=("z", "dt_bias", "initial_states"),
+        kwargs=dict(),
+        small_tiles=True,
+    ),
+    # Multi-tile loops with documents crossing tile and chunk boundaries, initial states and z, no softplus.
+    "tiled_docs": dict(
+        shape=dict(batch=2, seqlen=37, nheads=4, headdim=16, ngroups=2, dstate=16, D_per_channel=True),
+        seq_idx=[[9, 14], [3]],
+        drop=("dt_bias",),
+        kwargs=dict(dt_limit=(0.0, 1.5)),
+        small_tiles=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_combined_matches_reference(case, request):
+    spec = CASES[case]
+    if spec.get("small_tiles"):
+        request.getfixturevalue("small_tiles")
+    inputs = fp32_inputs(**spec["shape"])
+    if "dt_softplus" not in spec["kwargs"]:
+        # Without softplus, dt is used as given: keep it positive like a processed dt.
+        inputs["dt"] = inputs["dt"].abs() * 0.5
+    for name in spec["drop"]:
+        del inputs[name]
+    batch, seqlen = spec["shape"]["batch"], spec["shape"]["seqlen"]
+    seq_idx = packed_seq_idx(batch, seqlen, spec["seq_idx"]).to(DEVICE) if spec["seq_idx"] else None
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    kwargs = dict(chunk_size=CHUNK, seq_idx=seq_idx, return_final_states=True, **spec["kwargs"])
+
+    y, final = mamba_chunk_scan_combined(**leaves, **kwargs)
+    y_ref, final_ref = ref.mamba_chunk_scan_combined_ref(**leaves, **kwargs)
+    assert_close(y, y_ref, "y")
+    assert_close(final, final_ref, "final_states")
+
+    g_y, g_final = torch.randn_like(y), torch.randn_like(final)
+    names = [k for k in GRAD_NAMES if k in leaves]
+    grads = torch.autograd.grad((y * g_y).sum() + (final * g_final).sum(), [leaves[k] for k in names])
+    grads_ref = torch.autograd.grad((y_ref * g_y).sum() + (final_ref * g_final).sum(), [leaves[k] for k in names])
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"d{name}")
+
+
+def test_gradient_through_final_states_only():
+    inputs = fp32_inputs(batch=1, seqlen=20, nheads=2, ngroups=1)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    kwargs = dict(chunk_size=CHUNK, dt_softplus=True, return_final_states=True)
+    _, final = mamba_chunk_scan_combined(**leaves, **kwargs)
+    _, final_ref = ref.mamba_chunk_scan_combined_ref(**leaves, **kwargs)
+    # C, D and z only act on the output.
+    names = ("x", "dt", "A", "B", "dt_bias", "initial_states")
+    grads = torch.autograd.grad(final.sum(), [leaves[k] for k in names])
+    grads_ref = torch.autograd.grad(final_ref.sum(), [leaves[k] for k in names])
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, f"d{name}")
+
+
+# Dispatch and validation -----------------------------------------------------------------------------------------
+
+
+def test_reference_without_triton(monkeypatch):
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA tensors the Triton path always runs")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    inputs = fp32_inputs(seqlen=20)
+    y = mamba_chunk_scan_combined(**inputs, chunk_size=CHUNK, dt_softplus=True)
+    assert torch.equal(y, ref.mamba_chunk_scan_combined_ref(**inputs, chunk_size=CHUNK, dt_softplus=True))
+
+
+def test_fp64_runs_the_reference():
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs(seqlen=20).items()}
+    y = mamba_chunk_scan_combined(**inputs, chunk_size=CHUNK)
+    assert y.dtype == torch.float64
+    assert torch.equal(y, ref.mamba_chunk_scan_combined_ref(**inputs, chunk_size=CHUNK))
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(dt=torch.zeros(2, 20, 3)), ValueError, r"dt must have shape \(2, 20, 4\)"),
+        (dict(D=torch.zeros(4, 3)), ValueError, "D must have shape"),
+        (dict(B=torch.zeros(2, 20, 3, 8), C=torch.zeros(2, 20, 3, 8)), ValueError, "multiple of ngroups"),
+        (dict(initial_states=torch.zeros(2, 4, 8, 9)), ValueError, "initial_states must have shape"),
+        (dict(seq_idx=torch.zeros(2, 20)), TypeError, "seq_idx must be int32 or int64"),
+        (dict(x=torch.zeros(2, 20, 4, 8, dtype=torch.int32)), TypeError, "x must be fp16, bf16, fp32 or fp64"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+        (dict(dt_limit=(1.0, 0.5)), ValueError, "dt_limit must be"),
+    ],
+)
+def test_validation(change, error, match):
+    args = {**make_inputs(seqlen=20, dtype=torch.float32), "chunk_size": CHUNK, **change}
+    with pytest.raises(error, match=match):
+        mamba_chunk_scan_combined(**args)
