@@ -1,0 +1,247 @@
+"""``selective_scan_fn``: the Triton selective scan as an autograd op, with the reference as the CPU fallback."""
+
+import os
+
+import torch
+
+from .reference import _check_args, selective_scan_fn_ref
+
+_IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
+    if os.environ.get("MAMBATRON_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_config(P: int, dstate: int) -> dict:
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    # On GPU, 64 channels x 16 states keep the state in 8 registers per thread of 4 warps; the interpreter pays per
+    # program, so it gets one program per group. Chunks of 64 steps bound the stored states to 1/64 of a state per
+    # step; the interpreter uses 16 so that short test sequences still span several chunks.
+    block_d = min(_next_power_of_2(P), 256 if interpreting else 64)
+    return dict(
+        CHUNK=16 if interpreting else 64,
+        BLOCK_D=block_d,
+        BLOCK_N=_next_power_of_2(dstate),
+        num_warps=4,
+    )
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+        # Triton is imported on first use, not with the package: the interpreter only works if TRITON_INTERPRET is
+        # set before triton itself is imported, and CPU-only users of the reference should not pay for the import.
+        from .kernel import _scan_fwd_kernel
+
+        batch, dim, seqlen = u.shape
+        groups, dstate = B.shape[1], A.shape[1]
+        P = dim // groups
+        cfg = _launch_config(P, dstate)
+        nchunks = _cdiv(seqlen, cfg["CHUNK"])
+        out = _new((batch, dim, seqlen), u.dtype, u.device)
+        last_state = _new((batch, dim, dstate), torch.float32, u.device)
+        chunk_states = _new((batch, dim, nchunks, dstate), torch.float32, u.device)
+        grid = (batch, groups, _cdiv(P, cfg["BLOCK_D"]))
+        _scan_fwd_kernel[grid](
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            initial_state,
+            seq_idx,
+            out,
+            last_state,
+            chunk_states,
+            dim,
+            P,
+            groups,
+            seqlen,
+            dstate,
+            nchunks,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_DELTA_BIAS=delta_bias is not None,
+            DELTA_SOFTPLUS=delta_softplus,
+            HAS_H0=initial_state is not None,
+            HAS_SEQ_IDX=seq_idx is not None,
+            **cfg,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states)
+        ctx.delta_softplus = delta_softplus
+        ctx.set_materialize_grads(False)
+        return out, last_state
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        from .kernel import _scan_bwd_kernel
+
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states = ctx.saved_tensors
+        batch, dim, seqlen = u.shape
+        groups, dstate = B.shape[1], A.shape[1]
+        P = dim // groups
+        cfg = _launch_config(P, dstate)
+        nchunks = chunk_states.shape[2]
+        nblocks = _cdiv(P, cfg["BLOCK_D"])
+        dev = u.device
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dlast = None if dlast is None else dlast.contiguous()
+        f32 = torch.float32
+        du = _new(u.shape, u.dtype, dev)
+        ddelta = _new(delta.shape, delta.dtype, dev)
+        dz = _new(z.shape, z.dtype, dev) if z is not None else None
+        dA_part = _new((batch, dim, dstate), f32, dev)
+        dB_part = _new((batch, groups, nblocks, dstate, seqlen), f32, dev)
+        dC_part = _new((batch, groups, nblocks, dstate, seqlen), f32, dev)
+        dD_part = _new((batch, dim), f32, dev) if D is not None else None
+        dbias_part = _new((batch, dim), f32, dev) if delta_bias is not None else None
+        dh0 = _new((batch, dim, dstate), f32, dev)
+        scratch = torch.empty(
+            (batch * groups * nblocks, cfg["CHUNK"] + 1, cfg["BLOCK_D"], cfg["BLOCK_N"]), dtype=f32, device=dev
+        )
+        _scan_bwd_kernel[(batch, groups, nblocks)](
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            seq_idx,
+            chunk_states,
+            dout,
+            dlast,
+            scratch,
+            du,
+            ddelta,
+            dz,
+            dA_part,
+            dB_part,
+            dC_part,
+            dD_part,
+            dbias_part,
+            dh0,
+            dim,
+            P,
+            groups,
+            seqlen,
+            dstate,
+            nchunks,
+            HAS_D=D is not None,
+            HAS_Z=z is not None,
+            HAS_DELTA_BIAS=delta_bias is not None,
+            DELTA_SOFTPLUS=ctx.delta_softplus,
+            HAS_DLAST=dlast is not None,
+            HAS_SEQ_IDX=seq_idx is not None,
+            **cfg,
+        )
+        dA = dA_part.sum(0).to(A.dtype)
+        dB = dB_part.sum(2).to(B.dtype)
+        dC = dC_part.sum(2).to(C.dtype)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        ddelta_bias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        dinitial = dh0.to(initial_state.dtype) if initial_state is not None else None
+        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinitial, None
+
+
+def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):
+    _check_args(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    named.update(initial_state=initial_state, seq_idx=seq_idx)
+    for name, t in named.items():
+        if t is not None and t.device != u.device:
+            raise ValueError(f"{name} is on {t.device} but u is on {u.device}; all tensors must share a device")
+    for name in ("u", "delta", "z", "B", "C"):
+        t = named[name]
+        if t is not None and t.dtype not in _IO_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    for name in ("A", "D", "delta_bias", "initial_state"):
+        t = named[name]
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if seq_idx is not None and seq_idx.dtype != torch.int32:
+        raise TypeError(f"seq_idx must be int32, got {seq_idx.dtype}")
+
+
+def selective_scan_fn(
+    u,
+    delta,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    delta_bias=None,
+    delta_softplus=False,
+    return_last_state=False,
+    *,
+    initial_state=None,
+    seq_idx=None,
+):
+    """Mamba1 selective scan; drop-in for mamba_ssm's ``selective_scan_fn`` (see ``reference.py`` for the math).
+
+    Args:
+        u, delta: (batch, dim, seqlen) fp16/bf16/fp32; A: (dim, dstate) real; B, C: (batch, dstate, seqlen) or
+        (batch, groups, dstate, seqlen); D, delta_bias: (dim,); z: (batch, dim, seqlen) gate;
+        initial_state: (batch, dim, dstate); seq_idx: (batch, seqlen) int32 document ids (state reset where it
+        changes). Non-contiguous inputs are copied.
+    Returns:
+        out (batch, dim, seqlen) in u's dtype, or (out, last_state (batch, dim, dstate) fp32) when return_last_state.
+        Differentiable in every tensor argument except seq_idx.
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
+    """
+    _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
+    if not use_triton(u):
+        return selective_scan_fn_ref(
+            u,
+            delta,
+            A,
+            B,
+            C,
+            D,
+            z,
+            delta_bias,
+            delta_softplus,
+            return_last_state,
+            initial_state=initial_state,
+            seq_idx=seq_idx,
+        )
+    grouped_bc = B.dim() == 4
+    contig = lambda t: None if t is None else t.contiguous()
+    B4 = B if grouped_bc else B.unsqueeze(1)
+    C4 = C if grouped_bc else C.unsqueeze(1)
+    out, last_state = _SelectiveScan.apply(
+        contig(u),
+        contig(delta),
+        contig(A),
+        contig(B4),
+        contig(C4),
+        contig(D),
+        contig(z),
+        contig(delta_bias),
+        bool(delta_softplus),
+        contig(initial_state),
+        contig(seq_idx),
+    )
+    return (out, last_state) if return_last_state else out

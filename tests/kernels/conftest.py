@@ -1,0 +1,47 @@
+"""Kernel tests: Triton runs in its CPU interpreter when there is no GPU, outputs start as NaN, shared tolerances.
+
+TRITON_INTERPRET must be set before ``triton`` is imported anywhere in the process (``triton.language``'s own helpers
+such as ``tl.sum`` are decorated at import). This conftest sets it at import, which is early enough when the kernel
+tests run alone; in a whole-suite run, a test collected earlier that imports triton (megatron-core and deepspeed do)
+would be too early, so tests/conftest.py should set it too. The ``triton_interpreter`` fixture fails clearly if
+triton was imported too early. The ops only run Triton on CPU under the interpreter; models pick the reference on CPU
+themselves, so the variable does not slow other tests down.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+_TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ops allocate their outputs full of NaN, so an element a kernel never writes fails the comparison.
+os.environ.setdefault("MAMBATRON_POISON", "1")
+
+# (atol, rtol) per dtype of the tensors being compared; CI never relaxes these.
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-2, 1e-2),
+    torch.bfloat16: (6e-2, 2e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", dtype: torch.dtype | None = None):
+    """Compare a kernel result to its fp32/fp64 reference with the tolerance of ``dtype`` (default: actual's)."""
+    atol, rtol = TOLERANCES[dtype or actual.dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture
+def triton_interpreter():
+    """Use in tests that run Triton kernels on CPU."""
+    if _TRITON_IMPORTED_EARLY and not torch.cuda.is_available():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it in tests/conftest.py")
+
+
+@pytest.fixture
+def device():
+    return "cuda" if torch.cuda.is_available() else "cpu"

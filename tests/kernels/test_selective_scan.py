@@ -1,0 +1,125 @@
+"""The Triton selective scan against the reference: output, last state and every gradient.
+
+Without a GPU the kernel runs in Triton's interpreter in fp32 at tiny shapes (see conftest.py); on a GPU the same
+cases also run in bf16.
+"""
+
+import pytest
+import torch
+from mambatron.kernels.selective_scan import selective_scan_fn, selective_scan_fn_ref
+
+from tests.kernels.conftest import assert_close
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch, dim, seqlen, dstate, groups, dtype, device, seed=0, with_optional=True):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)
+    bc_shape = (batch, dstate, seqlen) if groups is None else (batch, groups, dstate, seqlen)
+    inputs = dict(
+        u=rand(batch, dim, seqlen).to(dtype),
+        delta=(rand(batch, dim, seqlen) * 0.5).to(dtype),
+        A=-torch.rand(dim, dstate, generator=g) * 3 - 0.1,
+        B=rand(*bc_shape).to(dtype),
+        C=rand(*bc_shape).to(dtype),
+    )
+    if with_optional:
+        inputs.update(
+            D=rand(dim),
+            z=rand(batch, dim, seqlen).to(dtype),
+            delta_bias=rand(dim) * 0.5,
+            initial_state=rand(batch, dim, dstate),
+        )
+    return {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+
+
+def packed_seq_idx(lengths_per_row, seqlen, device):
+    """(batch, seqlen) int32 document ids of rows packed with documents of the given lengths (the last fills up)."""
+    seq_idx = torch.zeros(len(lengths_per_row), seqlen, dtype=torch.int32)
+    for row, lengths in enumerate(lengths_per_row):
+        start = 0
+        for doc, length in enumerate(lengths):
+            seq_idx[row, start + length :] = doc + 1
+            start += length
+    return seq_idx.to(device)
+
+
+def run(fn, inputs, upcast=False, **kwargs):
+    """Output, last state and the gradients of a fixed random loss of both, for every input that has one."""
+    args = {k: (v.detach().float().requires_grad_() if upcast else v) for k, v in inputs.items()}
+    pos = [args.pop(k) for k in ("u", "delta", "A", "B", "C")]
+    out, last = fn(*pos, **args, return_last_state=True, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(out.device)
+    dlast = torch.randn(last.shape, generator=g).to(out.device)
+    leaves = pos + list(args.values())
+    grads = torch.autograd.grad((out.float() * dout).sum() + (last * dlast).sum(), leaves)
+    return out, last, dict(zip(GRAD_NAMES, grads))
+
+
+def check(inputs, dtype, **kwargs):
+    out, last, grads = run(selective_scan_fn, inputs, **kwargs)
+    out_ref, last_ref, grads_ref = run(selective_scan_fn_ref, inputs, upcast=True, **kwargs)
+    assert out.dtype == inputs["u"].dtype and last.dtype == torch.float32
+    assert_close(out, out_ref, "out", dtype)
+    assert_close(last, last_ref, "last_state", dtype)
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads_ref[name], f"d{name}", dtype)
+
+
+def dtypes():
+    return [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+def test_everything_packed_grouped(dtype, device):
+    """groups > 1, several documents per row, z, D, delta bias + softplus, initial and final state, odd length."""
+    inputs = make_inputs(batch=2, dim=6, seqlen=37, dstate=4, groups=3, dtype=dtype, device=device)
+    seq_idx = packed_seq_idx([[10, 20], [17]], 37, device)
+    check(inputs, dtype, delta_softplus=True, seq_idx=seq_idx)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+def test_shared_bc_no_optional_inputs(dtype, device):
+    inputs = make_inputs(
+        batch=2, dim=5, seqlen=19, dstate=3, groups=None, dtype=dtype, device=device, with_optional=False
+    )
+    check(inputs, dtype)
+
+
+def test_one_group_documents_without_initial_state(device):
+    inputs = make_inputs(batch=1, dim=4, seqlen=33, dstate=8, groups=1, dtype=torch.float32, device=device)
+    del inputs["initial_state"]
+    seq_idx = packed_seq_idx([[16, 1, 9]], 33, device)  # a boundary on a chunk edge and a one-token document
+    check(inputs, torch.float32, delta_softplus=True, seq_idx=seq_idx)
+
+
+def test_output_only(device):
+    inputs = make_inputs(batch=1, dim=3, seqlen=9, dstate=2, groups=None, dtype=torch.float32, device=device)
+    pos = [inputs.pop(k) for k in ("u", "delta", "A", "B", "C")]
+    out = selective_scan_fn(*pos, **inputs, delta_softplus=True)
+    assert_close(out, selective_scan_fn_ref(*pos, **inputs, delta_softplus=True), "out")
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = make_inputs(batch=1, dim=3, seqlen=9, dstate=2, groups=None, dtype=torch.float32, device="cpu")
+    pos = [inputs.pop(k) for k in ("u", "delta", "A", "B", "C")]
+    torch.testing.assert_close(selective_scan_fn(*pos, **inputs), selective_scan_fn_ref(*pos, **inputs))
+
+
+def test_clear_errors(device):
+    inputs = make_inputs(batch=1, dim=4, seqlen=8, dstate=2, groups=2, dtype=torch.float32, device=device)
+    pos = [inputs[k].detach() for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(ValueError, match="delta must have u's shape"):
+        selective_scan_fn(pos[0], pos[1][..., :-1], *pos[2:])
+    with pytest.raises(ValueError, match="divisible by the number of groups"):
+        selective_scan_fn(pos[0][:, :3], pos[1][:, :3], pos[2][:3], *pos[3:])
+    with pytest.raises(TypeError, match="seq_idx must be int32"):
+        selective_scan_fn(*pos, seq_idx=torch.zeros(1, 8, dtype=torch.int64, device=device))
+    with pytest.raises(TypeError, match="u must be float16, bfloat16 or float32"):
+        selective_scan_fn(pos[0].double(), *pos[1:])
