@@ -1,0 +1,199 @@
+"""Single-process checks: bad layouts rejected, shard/consolidate layouts, launcher environments, DeepSpeed JSON."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambatron.config import Config, ConfigError, ParallelConfig, TrainConfig
+from mambatron.parallel import LocalProjections, build_projections, validate_parallel
+from mambatron.parallel.consolidate import consolidate, param_layout, reshard, shard
+from mambatron.parallel.dist import DistInfo, expand_hostlist, read_launch_env
+from tests.parallel._workers import full_state, tiny_model_config
+
+# --------------------------------------------------------------------------- rejected configurations
+
+
+@pytest.mark.parametrize(
+    "arch,overrides,tp,world,message",
+    [
+        ("mamba1", {"d_model": 12, "expand": 1}, 8, 8, "does not divide d_inner=12"),
+        ("mamba2", {"headdim": 16}, 4, 4, "does not divide nheads=2"),
+        ("mamba2", {"ngroups": 2}, 4, 4, "does not divide model.ngroups=2"),
+        ("mamba1", {"vocab_size": 60, "pad_vocab_multiple": 4}, 8, 8, "does not divide the padded vocab 60"),
+        ("mamba1", {}, 2, 3, "WORLD_SIZE=3 is not a multiple of parallel.tp=2"),
+    ],
+)
+def test_bad_parallel_layout_is_rejected(arch, overrides, tp, world, message):
+    cfg = tiny_model_config(arch, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate_parallel(cfg, ParallelConfig(tp=tp), world)
+
+
+def test_good_layout_passes():
+    validate_parallel(tiny_model_config("mamba2"), ParallelConfig(tp=2, sequence_parallel=True), 4)
+    validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=1), 3)
+
+
+def test_sequence_parallel_needs_tp():
+    with pytest.raises(ConfigError, match="sequence_parallel=true needs parallel.tp > 1"):
+        validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=1, sequence_parallel=True), 1)
+
+
+def test_tp1_projections_are_local():
+    assert isinstance(build_projections(ParallelConfig(tp=1)), LocalProjections)
+
+
+# --------------------------------------------------------------------------- shard / consolidate layouts
+
+
+def test_mamba1_in_proj_shards_interleave_x_and_z():
+    cfg = tiny_model_config("mamba1")
+    full = full_state(cfg)
+    w = full["layers.0.mixer.in_proj.weight"]  # (2 * d_inner, d_model) = [x | z]
+    di = cfg.d_inner
+    rank1 = shard(full, cfg, 2, 1)["layers.0.mixer.in_proj.weight"]
+    torch.testing.assert_close(rank1, torch.cat([w[di // 2 : di], w[di + di // 2 :]]), rtol=0, atol=0)
+    assert shard(full, cfg, 2, 1)["layers.0.mixer.x_proj.weight"].shape == (
+        cfg.dt_rank_value + 2 * cfg.d_state,
+        di // 2,
+    )
+
+
+def test_mamba2_in_proj_shards_split_per_component():
+    cfg = tiny_model_config("mamba2")
+    full = full_state(cfg)
+    di, gn, h = cfg.d_inner, cfg.ngroups * cfg.d_state, cfg.nheads
+    w = full["layers.1.mixer.in_proj.weight"]
+    z, x, b, c, dt = torch.split(w, [di, di, gn, gn, h])
+    rank0 = shard(full, cfg, 2, 0)["layers.1.mixer.in_proj.weight"]
+    expected = torch.cat([z[: di // 2], x[: di // 2], b[: gn // 2], c[: gn // 2], dt[: h // 2]])
+    torch.testing.assert_close(rank0, expected, rtol=0, atol=0)
+    conv0 = shard(full, cfg, 2, 0)["layers.1.mixer.conv1d.weight"]
+    cx, cb, cc = torch.split(full["layers.1.mixer.conv1d.weight"], [di, gn, gn])
+    torch.testing.assert_close(conv0, torch.cat([cx[: di // 2], cb[: gn // 2], cc[: gn // 2]]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_shard_consolidate_roundtrip(arch, tp):
+    overrides = {"ngroups": 4, "bias": True, "tie_embeddings": False} if arch == "mamba2" else {"bias": True}
+    cfg = tiny_model_config(arch, **overrides)
+    full = full_state(cfg)
+    shards = [shard(full, cfg, tp, r) for r in range(tp)]
+    back = consolidate(shards, cfg)
+    assert set(back) == set(full)
+    for name, t in full.items():
+        assert torch.equal(back[name], t), name
+    to_two = reshard(shards, cfg, 2)
+    for r in range(2):
+        for name, t in shard(full, cfg, 2, r).items():
+            assert torch.equal(to_two[r][name], t), name
+
+
+def test_unknown_parameter_has_no_layout():
+    with pytest.raises(KeyError, match="no tensor-parallel layout"):
+        param_layout("layers.0.mixer.mystery", tiny_model_config("mamba1"))
+
+
+def test_replicated_and_row_layouts():
+    cfg = tiny_model_config("mamba2", bias=True)
+    assert param_layout("layers.3.norm.weight", cfg).replicated
+    assert param_layout("norm_f.weight", cfg).replicated
+    assert param_layout("layers.0.mixer.out_proj.bias", cfg).replicated
+    assert param_layout("layers.0.mixer.out_proj.weight", cfg).dim == 1
+    assert param_layout("layers.0.mixer.norm.weight", cfg).dim == 0  # the group-wise gated norm stays local
+
+
+# --------------------------------------------------------------------------- launcher environments
+
+
+def test_hostlist_expansion():
+    assert expand_hostlist("node[1-2]") == ["node1", "node2"]
+    assert expand_hostlist("gpu[01-03,7],cpu1") == ["gpu01", "gpu02", "gpu03", "gpu7", "cpu1"]
+    assert expand_hostlist("r[1-2]n[3-4]") == ["r1n3", "r1n4", "r2n3", "r2n4"]
+    assert expand_hostlist("a,b") == ["a", "b"]
+
+
+def test_launch_env_torchrun_slurm_single():
+    torchrun = read_launch_env(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
+    )
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.master_addr) == (3, 4, 1, "h")
+    assert torchrun.source == "torchrun"
+    slurm = read_launch_env(
+        {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "zz-fake[7-8]"}
+    )
+    assert (slurm.rank, slurm.world_size, slurm.local_rank, slurm.master_addr) == (5, 8, 1, "zz-fake7")
+    assert slurm.source == "slurm"
+    single = read_launch_env({})
+    assert (single.rank, single.world_size, single.source) == (0, 1, "single")
+
+
+def test_setup_rejects_world_not_multiple_of_tp(monkeypatch):
+    from mambatron.parallel import dist as pdist
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=3 is not a multiple of parallel.tp=2"):
+        pdist.setup(ParallelConfig(tp=2))
+    assert not torch.distributed.is_initialized()
+
+
+def test_single_process_setup_without_launcher(monkeypatch):
+    from mambatron.parallel import dist as pdist
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    info = pdist.setup(ParallelConfig())
+    try:
+        assert (info.rank, info.world_size, info.tp_size, info.dp_size, info.backend) == (0, 1, 1, 1, "gloo")
+        pdist.seed_model_parallel(1234)  # megatron's RNG tracker works on the CPU stand-ins
+        state = torch.get_rng_state()
+        from megatron.core import tensor_parallel
+
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            pass
+        assert torch.equal(state, torch.get_rng_state()), "the tracker must not move the global CPU generator"
+    finally:
+        pdist.teardown()
+    assert not torch.distributed.is_initialized()
+
+
+# --------------------------------------------------------------------------- DeepSpeed JSON
+
+
+def test_deepspeed_config_from_yaml_config():
+    from mambatron.parallel.zero import deepspeed_config
+
+    cfg = Config(
+        parallel=ParallelConfig(tp=2, zero_stage=3, offload_optimizer=True, offload_params=True),
+        train=TrainConfig(grad_accum=4, precision="bf16"),
+    )
+    cfg.data.micro_batch = 3
+    cfg.optim.grad_clip = 0.7
+    info = DistInfo(0, 8, 0, 2, 0, 4, 0, torch.device("cpu"), "gloo")
+    ds = deepspeed_config(cfg, info, extra={"zero_optimization": {"reduce_bucket_size": 1000}})
+    assert ds["train_batch_size"] == 3 * 4 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.7 and ds["bf16"]["enabled"]
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu" and zero["reduce_bucket_size"] == 1000
+    assert "scheduler" not in ds
+
+
+def test_weight_decay_only_on_matrices():
+    from mambatron.models import build_model
+    from mambatron.parallel.zero import param_groups
+
+    model = build_model(tiny_model_config("mamba2", bias=True))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert all(model.get_parameter(n).dim() >= 2 for n in decayed)
+    assert "layers.0.mixer.in_proj.weight" in decayed and "embedding.weight" in decayed
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    for name in ("layers.0.norm.weight", "layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_bias"):
+        assert name in skipped
+    assert no_decay["weight_decay"] == 0.0
