@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         tok_dir = args.tokenizer
         if tok_dir is None:
             tok_dir = str(work / "tokenizer")

@@ -180,6 +180,17 @@ class StreamSpec:
         return np.concatenate([[0], np.cumsum([s.docs for s in self.shards])]).astype(int).tolist()
 
 
+def plain(obj: Any) -> Any:
+    """A deep copy of a state with numpy arrays turned into lists (JSON-serialisable)."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v) for v in obj]
+    return obj
+
+
 def fresh_stream_state() -> dict[str, Any]:
     return {
         "epoch": 0,
@@ -245,7 +256,7 @@ class _Stream:
         self.spec = spec
         self.stream = stream
         self.dtype = np.dtype(spec.dtype)
-        st = fresh_stream_state() if state is None else json.loads(json.dumps(state))
+        st = fresh_stream_state() if state is None else plain(state)
         self.epoch, self.shard_pos, self.sample = st["epoch"], st["shard_pos"], st["sample"]
         self.skipped = st["skipped"]
         self.epoch_docs = st["epoch_docs"]
@@ -288,7 +299,9 @@ class _Stream:
             "shard_pos": self.shard_pos,
             "sample": self.sample,
             "rng": self.rng.bit_generator.state,
-            "buffer": self.buffer_refs[: len(self.buffer)].tolist(),
+            # An array, not a list: a batch's state is made per batch, and thousands of small lists per batch cost
+            # more (allocation, garbage collection) than the packing itself. state_dict() converts it.
+            "buffer": self.buffer_refs[: len(self.buffer)].copy(),
             "pending": self.packer.refs(),
             "skipped": self.skipped,
             "epoch_docs": self.epoch_docs,
@@ -502,7 +515,7 @@ class ShardLoader:
             "shards": self._fingerprint,
             "batches": self.batches,
             "next_stream": self._next,
-            "streams": json.loads(json.dumps(self._states)),
+            "streams": plain(self._states),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -521,7 +534,7 @@ class ShardLoader:
                 f"cannot resume the data position: the {self.split} shards listed in {self.cfg.index!r} changed "
                 "since it was saved"
             )
-        self._states = json.loads(json.dumps(state["streams"]))
+        self._states = plain(state["streams"])
         self._next = int(state["next_stream"])
         self.batches = int(state["batches"])
 
