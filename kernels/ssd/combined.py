@@ -25,6 +25,15 @@ from mambatron.kernels.ssd.state_passing import state_passing_bwd, state_passing
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _state_dtype(x: torch.Tensor) -> torch.dtype:
+    """Storage dtype of the per-chunk states and their gradients between kernels.
+
+    Their consumers round them to x's dtype for tl.dot anyway, so bf16/fp16 storage halves the largest memory traffic
+    of the scan at no cost in accuracy; the recurrences themselves run in fp32.
+    """
+    return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 class MambaChunkScanCombinedFn(torch.autograd.Function):
     """Returns (out, final_states); arguments as mamba_chunk_scan_combined, seq_idx already renumbered."""
 
@@ -32,7 +41,7 @@ class MambaChunkScanCombinedFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
         dA_cumsum, dt_out = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
         states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-        prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx)
+        prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
         CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
         out, out_x = chunk_scan_fwd(CB, x, dt_out, dA_cumsum, C, prev_states, D, z, seq_idx)
         y = out if z is None else out_x
@@ -49,13 +58,13 @@ class MambaChunkScanCombinedFn(torch.autograd.Function):
         if dfinal_states is not None:
             dfinal_states = dfinal_states.contiguous()
         states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-        prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx)
+        prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
         del states
         CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
         dy, dz = gate_bwd(dout, z, y, chunk_size) if z is not None else (dout, None)
         dprev_states = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
         dstates, dinitial_states, ddA_chunk_passing = state_passing_bwd(
-            prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx
+            prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx, _state_dtype(x)
         )
         del dprev_states
         dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(

@@ -79,7 +79,7 @@ def _state_passing_bwd_kernel(
             decay = tl.where(end == owner, decay, 0.0)
         chunk_offs = ((batch * nchunks + chunk) * nheads + head) * state_size + offs
         tl.store(dstates_ptr + chunk_offs, grad, mask=mask)
-        prev_state = tl.load(prev_states_ptr + chunk_offs, mask=mask, other=0.0)
+        prev_state = tl.load(prev_states_ptr + chunk_offs, mask=mask, other=0.0).to(tl.float32)
         part_offs = ((batch * nheads + head) * nchunks + chunk) * tl.num_programs(1) + pid_block
         tl.store(ddA_chunk_part_ptr + part_offs, decay * tl.sum(grad * prev_state))
         grad = decay * grad + tl.load(dprev_states_ptr + chunk_offs, mask=mask, other=0.0)
@@ -90,18 +90,19 @@ def _block(state_size: int) -> int:
     return min(triton.next_power_of_2(state_size), 2048)
 
 
-def state_passing_fwd(states, dA_cumsum, initial_states=None, seq_idx=None):
+def state_passing_fwd(states, dA_cumsum, initial_states=None, seq_idx=None, out_dtype=torch.float32):
     """states: (batch, nchunks, nheads, headdim, dstate) fp32; dA_cumsum: (batch, nheads, nchunks, chunk_size) fp32;
     initial_states: (batch, nheads, headdim, dstate) contiguous; seq_idx: (batch, seqlen) int32, nondecreasing.
 
-    Returns prev_states (the state entering each chunk, like states) and final_states (batch, nheads, headdim, dstate)
-    fp32 (as state_passing_ref).
+    Returns prev_states (the state entering each chunk, like states, in out_dtype) and final_states
+    (batch, nheads, headdim, dstate) fp32 (as state_passing_ref). The recurrence runs in fp32 whatever out_dtype;
+    the stored copies feed tl.dot operands that are rounded to the input dtype anyway.
     """
     batch, nchunks, nheads, headdim, dstate = states.shape
     chunk_size = dA_cumsum.shape[-1]
     seqlen = seq_idx.shape[1] if seq_idx is not None else nchunks * chunk_size
     state_size = headdim * dstate
-    prev_states = new_output(states.shape, states.device, torch.float32)
+    prev_states = new_output(states.shape, states.device, out_dtype)
     final_states = new_output((batch, nheads, headdim, dstate), states.device, torch.float32)
     block = _block(state_size)
     _state_passing_fwd_kernel[(batch * nheads, triton.cdiv(state_size, block))](
@@ -112,12 +113,14 @@ def state_passing_fwd(states, dA_cumsum, initial_states=None, seq_idx=None):
     return prev_states, final_states
 
 
-def state_passing_bwd(prev_states, dprev_states, dA_cumsum, dfinal_states=None, seq_idx=None):
+def state_passing_bwd(
+    prev_states, dprev_states, dA_cumsum, dfinal_states=None, seq_idx=None, dstates_dtype=torch.float32
+):
     """Gradients of state_passing_fwd.
 
     prev_states, dprev_states: (batch, nchunks, nheads, headdim, dstate) fp32 (the forward's output and its
     gradient); dA_cumsum: (batch, nheads, nchunks, chunk_size); dfinal_states: (batch, nheads, headdim, dstate) fp32.
-    Returns dstates (like prev_states, the gradient w.r.t. each chunk's own state), dinitial_states
+    Returns dstates (like prev_states, in dstates_dtype, the gradient w.r.t. each chunk's own state), dinitial_states
     (batch, nheads, headdim, dstate) fp32 and ddA_chunk (batch, nheads, nchunks) fp32, the gradient w.r.t. the last
     dA_cumsum of each chunk.
     """
@@ -127,7 +130,7 @@ def state_passing_bwd(prev_states, dprev_states, dA_cumsum, dfinal_states=None, 
     state_size = headdim * dstate
     block = _block(state_size)
     nblocks = triton.cdiv(state_size, block)
-    dstates = new_output(prev_states.shape, prev_states.device, torch.float32)
+    dstates = new_output(prev_states.shape, prev_states.device, dstates_dtype)
     dinitial_states = new_output((batch, nheads, headdim, dstate), prev_states.device, torch.float32)
     ddA_chunk_part = new_output((batch, nheads, nchunks, nblocks), prev_states.device, torch.float32)
     _state_passing_bwd_kernel[(batch * nheads, nblocks)](
