@@ -18,7 +18,7 @@ Compute is fp32 (fp64 for fp64 inputs); outputs have x's dtype.
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_conv1d_fn_ref", "causal_conv1d_update_ref"]
+__all__ = ["causal_conv1d_fn_ref", "causal_conv1d_update_ref", "final_states_ref"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,18 +33,7 @@ def _activate(y: torch.Tensor, activation) -> torch.Tensor:
     raise ValueError(f"activation must be None or 'silu', got {activation!r}")
 
 
-def causal_conv1d_fn_ref(
-    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
-):
-    """Causal depthwise conv1d in plain PyTorch (differentiable); drop-in for causal-conv1d's ``causal_conv1d_fn``.
-
-    Args:
-        x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) int32;
-        initial_states: (batch, dim, width - 1); activation: None or "silu".
-    Returns:
-        out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1)) when
-        return_final_states.
-    """
+def _check_args(x, weight, bias, seq_idx, initial_states):
     if x.dim() != 3:
         raise ValueError(f"x must be (batch, dim, seqlen), got {tuple(x.shape)}")
     batch, dim, seqlen = x.shape
@@ -59,16 +48,26 @@ def causal_conv1d_fn_ref(
         raise ValueError(
             f"initial_states must be (batch, dim, width - 1)={(batch, dim, width - 1)}, got {initial_states.shape}"
         )
+
+
+def causal_conv1d_fn_ref(
+    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
+):
+    """Causal depthwise conv1d in plain PyTorch (differentiable); drop-in for causal-conv1d's ``causal_conv1d_fn``.
+
+    Args:
+        x: (batch, dim, seqlen); weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) int32;
+        initial_states: (batch, dim, width - 1); activation: None or "silu".
+    Returns:
+        out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1)) when
+        return_final_states.
+    """
+    _check_args(x, weight, bias, seq_idx, initial_states)
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
     cdt = _compute_dtype(x)
-    prev = x.new_zeros(batch, dim, width - 1, dtype=cdt) if initial_states is None else initial_states.to(cdt)
-    xp = torch.cat([prev, x.to(cdt)], dim=-1)  # (batch, dim, width - 1 + seqlen)
-    if seq_idx is None:
-        doc = torch.zeros(batch, width - 1 + seqlen, dtype=torch.long, device=x.device)
-    else:
-        changed = torch.zeros_like(seq_idx, dtype=torch.long)
-        changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
-        # doc counts boundaries so far; the initial states belong to the first document (count 0).
-        doc = F.pad(changed.cumsum(-1), (width - 1, 0))
+    xp = _with_initial_states(x, initial_states, width, cdt)
+    doc = _doc_counts(seq_idx, x, width)
     w = weight.to(cdt)
     y = x.new_zeros(batch, dim, seqlen, dtype=cdt)
     for k in range(width):
@@ -80,9 +79,34 @@ def causal_conv1d_fn_ref(
     out = _activate(y, activation).to(x.dtype)
     if not return_final_states:
         return out
-    tail = xp[..., seqlen:]  # the last width - 1 inputs
-    in_last_doc = (doc[:, seqlen:] == doc[:, -1:]).to(cdt)[:, None]
-    return out, (tail * in_last_doc).to(x.dtype)
+    return out, final_states_ref(x, initial_states, seq_idx, width)
+
+
+def _with_initial_states(x, initial_states, width, dtype):
+    """(batch, dim, width - 1 + seqlen): the initial states (zeros when absent) followed by x."""
+    batch, dim, _ = x.shape
+    prev = x.new_zeros(batch, dim, width - 1, dtype=dtype) if initial_states is None else initial_states.to(dtype)
+    return torch.cat([prev, x.to(dtype)], dim=-1)
+
+
+def _doc_counts(seq_idx, x, width):
+    """(batch, width - 1 + seqlen): document boundaries seen so far; taps count iff both ends have equal counts."""
+    batch, _, seqlen = x.shape
+    if seq_idx is None:
+        return torch.zeros(batch, width - 1 + seqlen, dtype=torch.long, device=x.device)
+    changed = torch.zeros_like(seq_idx, dtype=torch.long)
+    changed[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    # The initial states belong to the first document (count 0).
+    return F.pad(changed.cumsum(-1), (width - 1, 0))
+
+
+def final_states_ref(x, initial_states, seq_idx, width):
+    """The last width - 1 inputs (batch, dim, width - 1) in x's dtype, zero where they precede the last document."""
+    seqlen = x.shape[-1]
+    tail = _with_initial_states(x, initial_states, width, _compute_dtype(x))[..., seqlen:]
+    doc = _doc_counts(seq_idx, x, width)
+    in_last_doc = (doc[:, seqlen:] == doc[:, -1:]).to(tail.dtype)[:, None]
+    return (tail * in_last_doc).to(x.dtype)
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):

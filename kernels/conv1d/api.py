@@ -1,0 +1,212 @@
+"""``causal_conv1d_fn`` and ``causal_conv1d_update``: Triton kernels as PyTorch ops, the reference as CPU fallback."""
+
+import os
+
+import torch
+
+from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_ref, final_states_ref
+
+_IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
+    if os.environ.get("MAMBATRON_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _blocks(dim: int, seqlen: int) -> tuple[int, int]:
+    # GPU: 16 channels x 128 positions keep loads 256-byte coalesced along the sequence with 4 warps. The
+    # interpreter pays per program, so it takes the whole tensor in as few programs as it can.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return min(_next_power_of_2(dim), 64), min(_next_power_of_2(seqlen), 64)
+    return 16, 128
+
+
+def _silu(activation) -> bool:
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return activation is not None
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_states, silu):
+        # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
+        from .kernel import _conv_fwd_kernel
+
+        batch, dim, seqlen = x.shape
+        width = weight.shape[1]
+        block_d, block_l = _blocks(dim, seqlen)
+        out = _new(x.shape, x.dtype, x.device)
+        grid = (batch, _cdiv(dim, block_d), _cdiv(seqlen, block_l))
+        _conv_fwd_kernel[grid](
+            x,
+            weight,
+            bias,
+            initial_states,
+            seq_idx,
+            out,
+            dim,
+            seqlen,
+            HAS_BIAS=bias is not None,
+            HAS_INIT=initial_states is not None,
+            HAS_SEQ_IDX=seq_idx is not None,
+            SILU=silu,
+            WIDTH=width,
+            BLOCK_D=block_d,
+            BLOCK_L=block_l,
+            num_warps=4,
+        )
+        ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from .kernel import _conv_bwd_kernel
+
+        x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
+        batch, dim, seqlen = x.shape
+        width = weight.shape[1]
+        block_d, block_l = _blocks(dim, seqlen)
+        nblocks_l = _cdiv(seqlen, block_l)
+        dev, f32 = x.device, torch.float32
+        dx = _new(x.shape, x.dtype, dev)
+        dw_part = _new((batch, nblocks_l, dim, width), f32, dev)
+        dbias_part = _new((batch, nblocks_l, dim), f32, dev) if bias is not None else None
+        dinit = _new(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
+        _conv_bwd_kernel[(batch, _cdiv(dim, block_d), nblocks_l)](
+            x,
+            weight,
+            bias,
+            initial_states,
+            seq_idx,
+            dout.contiguous(),
+            dx,
+            dw_part,
+            dbias_part,
+            dinit,
+            dim,
+            seqlen,
+            HAS_BIAS=bias is not None,
+            HAS_INIT=initial_states is not None,
+            HAS_SEQ_IDX=seq_idx is not None,
+            SILU=ctx.silu,
+            WIDTH=width,
+            BLOCK_D=block_d,
+            BLOCK_L=block_l,
+            BLOCK_W=_next_power_of_2(width),
+            num_warps=4,
+        )
+        dweight = dw_part.sum((0, 1)).to(weight.dtype)
+        dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        return dx, dweight, dbias, None, dinit, None
+
+
+def _validate(**named):
+    x = named["x"]
+    for name, t in named.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+    for name in ("x", "conv_state", "initial_states"):
+        t = named.get(name)
+        if t is not None and t.dtype not in _IO_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    for name in ("weight", "bias"):
+        t = named.get(name)
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    seq_idx = named.get("seq_idx")
+    if seq_idx is not None and seq_idx.dtype != torch.int32:
+        raise TypeError(f"seq_idx must be int32, got {seq_idx.dtype}")
+
+
+def causal_conv1d_fn(
+    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
+):
+    """Causal depthwise conv1d; drop-in for causal-conv1d's ``causal_conv1d_fn`` (see ``reference.py`` for the math).
+
+    Args:
+        x: (batch, dim, seqlen) fp16/bf16/fp32; weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) int32
+        document ids (no tap crosses a document boundary); initial_states: (batch, dim, width - 1);
+        activation: None or "silu". Non-contiguous inputs are copied.
+    Returns:
+        out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1)) when
+        return_final_states; differentiable in x, weight, bias and initial_states.
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
+    """
+    _check_args(x, weight, bias, seq_idx, initial_states)
+    _validate(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
+    silu = _silu(activation)
+    if not use_triton(x):
+        return causal_conv1d_fn_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
+    contig = lambda t: None if t is None else t.contiguous()
+    out = _CausalConv1d.apply(
+        x.contiguous(), weight.contiguous(), contig(bias), contig(seq_idx), contig(initial_states), silu
+    )
+    if not return_final_states:
+        return out
+    # A gather of at most width - 1 inputs per channel: PyTorch ops, differentiable as they are.
+    return out, final_states_ref(x, initial_states, seq_idx, weight.shape[1])
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """One decoding step; drop-in for causal-conv1d's ``causal_conv1d_update`` with a width-long state.
+
+    Args:
+        x: (batch, dim); conv_state: (batch, dim, width), contiguous, updated in place (shifted left, x appended);
+        weight: (dim, width); bias: (dim,); activation: None or "silu".
+    Returns:
+        out: (batch, dim) in x's dtype. Not differentiable (inference only).
+    """
+    if x.dim() != 2 or conv_state.dim() != 3 or weight.dim() != 2:
+        raise ValueError(
+            f"expected x (batch, dim), conv_state (batch, dim, width), weight (dim, width); got {tuple(x.shape)}, "
+            f"{tuple(conv_state.shape)}, {tuple(weight.shape)}"
+        )
+    _validate(x=x, conv_state=conv_state, weight=weight, bias=bias)
+    silu = _silu(activation)
+    if not use_triton(x):
+        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    batch, dim = x.shape
+    width = weight.shape[1]
+    if weight.shape != (dim, width) or conv_state.shape != (batch, dim, width):
+        raise ValueError(
+            f"expected weight (dim, width) and conv_state (batch, dim, width) with batch={batch}, dim={dim}; got "
+            f"{tuple(weight.shape)} and {tuple(conv_state.shape)}"
+        )
+    if not conv_state.is_contiguous():
+        raise ValueError("conv_state must be contiguous: it is updated in place")
+    from .kernel import _conv_update_kernel
+
+    out = _new(x.shape, x.dtype, x.device)
+    block_d = min(_next_power_of_2(dim), 256)
+    _conv_update_kernel[(batch, _cdiv(dim, block_d))](
+        x.contiguous(),
+        conv_state,
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        out,
+        dim,
+        HAS_BIAS=bias is not None,
+        SILU=silu,
+        WIDTH=width,
+        BLOCK_D=block_d,
+        BLOCK_W=_next_power_of_2(width),
+    )
+    return out

@@ -1,0 +1,102 @@
+"""The Triton causal conv1d against the reference: output, final states, every gradient, and the decoding step.
+
+Without a GPU the kernels run in Triton's interpreter in fp32 at tiny shapes (see conftest.py); on a GPU the same
+cases also run in bf16.
+"""
+
+import pytest
+import torch
+from mambatron.kernels.conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_fn_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+)
+
+from tests.kernels.conftest import assert_close
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def dtypes():
+    return [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
+
+
+def make_inputs(batch, dim, seqlen, width, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)
+    inputs = dict(
+        x=rand(batch, dim, seqlen).to(dtype),
+        weight=rand(dim, width),
+        bias=rand(dim),
+        initial_states=rand(batch, dim, width - 1).to(dtype),
+    )
+    return {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+
+
+def run(fn, inputs, upcast=False, **kwargs):
+    args = {k: (v.detach().float().requires_grad_() if upcast else v) for k, v in inputs.items()}
+    out, final = fn(**args, return_final_states=True, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=g).to(out.device)
+    dfinal = torch.randn(final.shape, generator=g).to(out.device)
+    grads = torch.autograd.grad((out.float() * dout).sum() + (final.float() * dfinal).sum(), list(args.values()))
+    return out, final, dict(zip(args, grads))
+
+
+def check(inputs, dtype, **kwargs):
+    out, final, grads = run(causal_conv1d_fn, inputs, **kwargs)
+    out_ref, final_ref, grads_ref = run(causal_conv1d_fn_ref, inputs, upcast=True, **kwargs)
+    assert out.dtype == inputs["x"].dtype
+    assert_close(out, out_ref, "out", dtype)
+    assert_close(final, final_ref, "final_states", dtype)
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads_ref[name], f"d{name}", dtype)
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_documents_and_states(dtype, activation, device):
+    """Several documents per row (one shorter than the kernel, one on a tile edge), batch > 1, odd length."""
+    inputs = make_inputs(batch=2, dim=5, seqlen=70, width=4, dtype=dtype, device=device)
+    seq_idx = torch.zeros(2, 70, dtype=torch.int32)
+    seq_idx[0, 2:] = 1
+    seq_idx[0, 3:] = 2
+    seq_idx[0, 64:] = 3
+    seq_idx[1, 40:] = 1
+    check(inputs, dtype, seq_idx=seq_idx.to(device), activation=activation)
+
+
+@pytest.mark.parametrize("width", [2, 3])
+def test_widths_without_documents(width, device):
+    inputs = make_inputs(batch=1, dim=3, seqlen=9, width=width, dtype=torch.float32, device=device)
+    check(inputs, torch.float32, activation="silu")
+
+
+def test_no_bias_no_initial_states(device):
+    inputs = make_inputs(batch=2, dim=4, seqlen=11, width=4, dtype=torch.float32, device=device)
+    del inputs["bias"], inputs["initial_states"]
+    check(inputs, torch.float32)
+
+
+def test_update_matches_reference(device):
+    g = torch.Generator().manual_seed(0)
+    x, state = torch.randn(3, 6, generator=g), torch.randn(3, 6, 4, generator=g)
+    weight, bias = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    x, state, weight, bias = (t.to(device) for t in (x, state, weight, bias))
+    state_ref = state.clone()
+    out = causal_conv1d_update(x, state, weight, bias, activation="silu")
+    out_ref = causal_conv1d_update_ref(x, state_ref, weight, bias, activation="silu")
+    assert_close(out, out_ref, "out")
+    assert_close(state, state_ref, "conv_state")
+
+
+def test_clear_errors(device):
+    x, w = torch.randn(1, 4, 8, device=device), torch.randn(4, 3, device=device)
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        causal_conv1d_fn(x, w, activation="relu")
+    with pytest.raises(ValueError, match=r"initial_states must be \(batch, dim, width - 1\)"):
+        causal_conv1d_fn(x, w, initial_states=torch.zeros(1, 4, 3, device=device))
+    with pytest.raises(TypeError, match="seq_idx must be int32"):
+        causal_conv1d_fn(x, w, seq_idx=torch.zeros(1, 8, dtype=torch.long, device=device))
