@@ -19,8 +19,10 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from mambatron.config import ModelConfig
+from mambatron.parallel.projections import LocalProjections
 
 StateDict = dict[str, torch.Tensor]
 
@@ -128,6 +130,35 @@ def reshard(shard_states: list[StateDict], model_cfg: ModelConfig, tp_size: int)
     """Module states at one TP size → module states at ``tp_size`` (one per rank)."""
     full = consolidate(shard_states, model_cfg)
     return [shard(full, model_cfg, tp_size, r) for r in range(tp_size)]
+
+
+@torch.no_grad()
+def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, tp_size: int, tp_rank: int) -> None:
+    """Initialise a (TP-sharded) ``MambaLM`` in place with this rank's shard of exactly the weights that a TP=1
+    model gets from ``init_weights(seed)`` on CPU, so a run starts identically at every TP size.
+
+    The full weights are drawn one block at a time in the TP=1 model's order (embedding, then every block, then
+    the untied head); no full model is ever held.
+    """
+    from mambatron.models.lm import Block
+
+    def load(name: str, full: torch.Tensor) -> None:
+        local = shard_tensor(full, param_layout(name, model_cfg), tp_size, tp_rank)
+        model.get_parameter(name).copy_(local)
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    c = model_cfg
+    load("embedding.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
+    for i in range(c.n_layer):
+        block = Block(c, i, LocalProjections())
+        block.norm.weight.fill_(1.0)
+        block.mixer.init_weights(gen)
+        for name, full in block.state_dict().items():
+            load(f"layers.{i}.{name}", full)
+        del block
+    model.get_parameter("norm_f.weight").fill_(1.0)
+    if not c.tie_embeddings:
+        load("lm_head.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
 
 
 def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -> list[StateDict]:

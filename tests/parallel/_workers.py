@@ -81,11 +81,30 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tp_suite(info: DistInfo, cases: list[tuple[str, bool, dict]], roundtrips: list[tuple[str, bool]]) -> dict:
-    """Both TP checks in one launch (process start-up dominates on small CPUs)."""
+    """All TP checks in one launch (process start-up dominates on small CPUs)."""
     return {
         "equivalence": tp_equivalence(info, cases),
         "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
+        "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2")},
     }
+
+
+def meta_init(info: DistInfo, arch: str) -> float:
+    """Build the TP model on the meta device, materialise it and initialise it like the TP=1 model: the largest
+    difference to this rank's shard of ``MambaLM.init_weights(seed)`` at TP=1."""
+    from mambatron.parallel.consolidate import init_weights_like_tp1
+    from mambatron.parallel.megatron import MegatronProjections
+
+    cfg = tiny_model_config(arch, tie_embeddings=arch == "mamba1")
+    model = build_model(cfg, projections=MegatronProjections(True), device="meta")
+    model.to_empty(device="cpu")
+    init_weights_like_tp1(model, cfg, seed=5, tp_size=info.tp_size, tp_rank=info.tp_rank)
+    ref = build_model(cfg)
+    ref.init_weights(seed=5)
+    expected = shard(ref.state_dict(), cfg, info.tp_size, info.tp_rank)
+    local = model.state_dict()
+    assert set(local) == set(expected)
+    return max(max_diff(local[k], v) for k, v in expected.items())
 
 
 def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]]) -> dict:
@@ -147,14 +166,16 @@ def reshard_roundtrip(info: DistInfo, arch: str, sequence_parallel: bool) -> dic
     }
 
 
-def zero_config(arch: str, stage: int, tp: int = 2, sequence_parallel: bool = True) -> Config:
+def zero_config(arch: str, stage: int, variant: str = "fp32", tp: int = 2) -> Config:
+    """``variant``: "fp32", or "bf16-offload" (bf16 compute, fp32 master weights, optimizer state on CPU)."""
+    bf16 = variant == "bf16-offload"
     return Config(
         model=tiny_model_config(arch),
-        parallel=ParallelConfig(tp=tp, sequence_parallel=sequence_parallel, zero_stage=stage),
+        parallel=ParallelConfig(tp=tp, sequence_parallel=True, zero_stage=stage, offload_optimizer=bf16),
         data=DataConfig(micro_batch=2, seq_len=8),
         # A small clip threshold so that clipping by the global (TP x DP) norm is active on every step.
         optim=OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, grad_clip=0.05, warmup_steps=0),
-        train=TrainConfig(precision="fp32", grad_accum=2),
+        train=TrainConfig(precision="bf16" if bf16 else "fp32", grad_accum=2),
     )
 
 
@@ -193,17 +214,18 @@ def reference_training(config: Config, dp_size: int) -> dict:
     return {"losses": losses, "grad_norms": norms, "full_state": state}
 
 
-def zero_training(info: DistInfo, runs: list[tuple[str, int]], checkpoint_root: str) -> dict:
-    """TP x DP training with DeepSpeed ZeRO for each (arch, stage); per-step global-mean losses, and the full
-    state consolidated from the saved (TP-sharded, ZeRO-partitioned) checkpoint."""
+def zero_training(info: DistInfo, runs: list[tuple[str, int, str]], checkpoint_root: str) -> dict:
+    """TP x DP training with DeepSpeed ZeRO for each (arch, stage, variant); per-step global-mean losses and
+    gradient norms, parameter/master dtypes, and the full state consolidated from the saved (TP-sharded,
+    ZeRO-partitioned) checkpoint."""
     from megatron.core import parallel_state
 
     from mambatron.parallel import build_projections
     from mambatron.parallel.zero import build_engine, forward_loss
 
     results = {}
-    for arch, stage in runs:
-        config = zero_config(arch, stage, tp=info.tp_size)
+    for run in runs:
+        config = zero_config(*run, tp=info.tp_size)
         torch.manual_seed(0)
         model = build_model(config.model, projections=build_projections(config.parallel))
         model.load_state_dict(shard(full_state(config.model), config.model, info.tp_size, info.tp_rank))
@@ -222,11 +244,18 @@ def zero_training(info: DistInfo, runs: list[tuple[str, int]], checkpoint_root: 
             dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
             losses.append(mean.item() / info.dp_size)
             norms.append(float(engine.get_global_grad_norm()))
-        ckpt = os.path.join(checkpoint_root, f"{arch}-zero{stage}")
+        ckpt = os.path.join(checkpoint_root, "-".join(map(str, run)))
         engine.save_checkpoint(ckpt, tag="step_5")
         dist.barrier()
         full = consolidate_zero_checkpoint(ckpt, config.model, tag="step_5") if info.rank == 0 else None
         dist.barrier()
-        results[(arch, stage)] = {"losses": losses, "grad_norms": norms, "full_state": full}
+        results[run] = {
+            "losses": losses,
+            "grad_norms": norms,
+            "full_state": full,
+            "param_dtype": next(engine.module.parameters()).dtype,
+            "master_dtypes": {p.dtype for g in engine.optimizer.optimizer.param_groups for p in g["params"]},
+            "hooked": sorted(n for n, p in engine.module.named_parameters() if getattr(p, "_sp_grad_hook", False)),
+        }
         del engine
     return results

@@ -46,3 +46,9 @@ def test_consolidate_reshard_roundtrip(suite, arch, sp):
         assert r["tp1_vs_tp2"] <= TOL, "consolidated TP=1 model must give the TP=2 logits"
         assert r["back_vs_tp2"] <= TOL, "resharded TP=2 model must give the same logits"
         assert r["reshard_identity"]
+
+
+def test_meta_device_build_initialises_like_tp1(suite):
+    for result in suite:
+        for arch, diff in result["meta_init"].items():
+            assert diff == 0.0, f"{arch}: TP shard init differs from the TP=1 init by {diff}"
