@@ -99,9 +99,14 @@ class ParallelConfig:
     zero_stage: int = 1
     offload_optimizer: bool = False
     offload_params: bool = False
+    # Merged over the DeepSpeed JSON generated from this config, for knobs it does not model
+    # (e.g. {"zero_optimization": {"reduce_bucket_size": 5e8}}).
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         _positive(self, "tp")
+        if not isinstance(self.deepspeed_extra, dict):
+            raise ConfigError(f"parallel.deepspeed_extra={self.deepspeed_extra!r} must be a mapping of DeepSpeed keys")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
         if self.sequence_parallel and self.tp == 1:
