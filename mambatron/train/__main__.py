@@ -14,6 +14,7 @@ import os
 import sys
 
 from mambatron.config import ConfigError, load_config
+from mambatron.train import signals
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def dry_run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals.install()
     args = parse_args(argv)
     try:
         if args.dry_run:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from mambatron.config import Config
 from mambatron.plan import flops_per_token
 from mambatron.train import checkpoint as ckpt
+from mambatron.train import signals
 from mambatron.train.metrics import MetricsLogger, Throughput, memory_gib
 from mambatron.train.schedule import LRSchedule
 
@@ -293,31 +294,35 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- run
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        self._stop_signal = signum
-
     def _should_stop(self) -> bool:
         """True on every rank once any rank got a preemption signal (agreed with one all-reduce)."""
-        flag = torch.tensor([float(self._stop_signal)], device=self.dist.device)
+        flag = torch.tensor([float(signals.received())], device=self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not self._stop_signal:
-            self._stop_signal = int(flag.item())
-        return bool(flag.item())
+        self._stop_signal = int(flag.item())
+        return bool(self._stop_signal)
 
     def run(self) -> int:
         """Build, resume, train to ``max_steps`` with periodic eval and saves; returns the process exit code."""
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        signals.install()
         self.build()
         try:
             self.resume()
-            return self._loop()
+            code = self._loop()
         finally:
-            self.metrics.close()
-            from mambatron.parallel import dist as pdist
+            self.shutdown()
+        if code == EXIT_PREEMPTED:
+            # Last, once this process has let go of its workers and process group: requeueing kills the job.
+            self._request_requeue()
+        return code
 
-            pdist.teardown()
+    def shutdown(self) -> None:
+        """Stop the data-loader workers, close the metrics, leave the process groups."""
+        from mambatron.parallel import dist as pdist
+
+        self._train_iter = None
+        self.metrics.close()
+        pdist.teardown()
 
     def _loop(self) -> int:
         tcfg = self.config.train

@@ -1,0 +1,22 @@
+"""Fixtures for the launch tests: the local SLURM cluster and the tiny corpus shared with tests/train."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.train.conftest import tiny_data  # noqa: F401  (re-exported fixture)
+
+HARNESS = Path(__file__).resolve().parent / "slurm_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running 2-node SLURM cluster on this machine. Fails (never skips) when it cannot be started: CI must
+    provide root and the Debian packages slurm-wlm and munge (the harness installs them with apt-get if missing)."""
+    proc = subprocess.run(["bash", str(HARNESS), "start"], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or shutil.which("sbatch") is None:
+        pytest.fail(f"could not start the local SLURM cluster:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
