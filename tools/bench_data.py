@@ -4,7 +4,8 @@
     python tools/bench_data.py --tokenizer tok/ --input 'corpus/*.txt' --seconds 20
 
 Both stages run in this one process (prepare with ``--workers 1``, the loader with ``num_workers=0``), so tokens/s is
-per core; multiply by cores for a node. The loader is checked before it is timed: without shuffling, its packed rows
+per core; multiply by cores for a node. ``*_tokens_per_cpu_s`` divides by the process's CPU time (what one core
+delivers even on a shared machine); ``*_tokens_per_s_per_core`` divides by wall time. The loader is checked before it is timed: without shuffling, its packed rows
 must equal the shard documents in order, with ``labels`` the shifted inputs and ``seq_idx`` counting EOS; no speed is
 reported if that fails. Prints one JSON object (and a Markdown table row with ``--markdown``).
 """
@@ -136,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result, indent=1))
     if args.markdown:
         print(
-            f"| {result['date']} | {result['machine']} | {result['tokenizer']} | "
-            f"{result['prepare_tokens_per_s_per_core']:,} | {result['stream_tokens_per_s_per_core']:,} | "
+            f"| {result['date']} | {result['machine']} | {result['tokenizer']} | {result['mean_doc_tokens']:,} | "
+            f"{result['prepare_tokens_per_cpu_s']:,} ({result['prepare_tokens_per_s_per_core']:,}) | "
+            f"{result['stream_tokens_per_cpu_s']:,} ({result['stream_tokens_per_s_per_core']:,}) | "
             f"`{result['command']}` |"
         )
     return 0
