@@ -2,7 +2,9 @@
 
     python tools/export_hf.py --checkpoint DIR --out DIR [--tokenizer DIR] [--dtype bf16|fp32]
 
-DIR is a model directory (config.yaml + model.safetensors, as written by tools/import_hf.py).
+DIR is a training checkpoint (a ``checkpoints/step_XXXXXXX`` directory, or a run directory: its newest complete
+checkpoint is used; TP shards and ZeRO partitions are merged) or a model directory (config.yaml +
+model.safetensors, as written by tools/import_hf.py).
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from mambatron.hf import load_model_dir, to_hf
+from mambatron.hf import load_full_state, load_model_dir, to_hf
+from mambatron.models import build_model
+from mambatron.train.checkpoint import load_full_model_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="model directory")
+    ap.add_argument("--checkpoint", required=True, help="training step/run directory or model directory")
     ap.add_argument("--out", required=True, help="output folder for the HF model")
     ap.add_argument("--tokenizer", help="tokenizer folder to ship (default: data.tokenizer from the run config)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -29,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_dir():
         print(f"error: checkpoint {str(src)!r} is not a directory", file=sys.stderr)
         return 2
-    model, config = load_model_dir(src)
+    if (src / "model.safetensors").is_file():
+        model, config = load_model_dir(src)
+    else:
+        try:
+            state, config = load_full_model_state(src)
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        model = build_model(config.model)
+        load_full_state(model, state)
     tokenizer = args.tokenizer or config.data.tokenizer or None
     if tokenizer and not Path(tokenizer).is_dir():
         print(f"warning: tokenizer folder {tokenizer!r} not found; exporting the model without it", file=sys.stderr)

@@ -324,3 +324,18 @@ def _scatter_into_engine(
                 step_tensor = step_value.clone() if torch.is_tensor(step_value) else torch.tensor(float(step_value))
                 inner.state[flat_hp] = {"step": step_tensor, **buffers}
         zero_opt._hp_optimizer_states_linked = False
+
+
+def load_full_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
+    """Full (TP=1) fp32 model weights and the run :class:`~mambatron.config.Config` of a training checkpoint.
+
+    ``path`` is a step directory, a run's ``checkpoints/`` folder or a run directory (then its newest complete
+    checkpoint is used). TP shards are merged and ZeRO partitions gathered by :mod:`mambatron.parallel.consolidate`.
+    """
+    from mambatron.config import config_from_dict
+    from mambatron.parallel import consolidate
+
+    step_dir = resolve_checkpoint(path)
+    config = config_from_dict(read_manifest(step_dir)["config"])
+    state = consolidate.consolidate_zero_checkpoint(str(step_dir.parent), config.model, tag=step_dir.name)
+    return state, config

@@ -44,6 +44,17 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [f"data.index={data / 'index.json'}", f"data.tokenizer={tok}"]
 
 
+@pytest.fixture(scope="session")
+def ref_run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """20 uninterrupted steps on 2 processes (TP 1 x DP 2, ZeRO 1, fp32), checkpoints at 10 and 20.
+
+    Returns the run directory and the overrides it was trained with (without ``train.out_dir``)."""
+    run_dir = tmp_path_factory.mktemp("ref_run")
+    overrides = [*TINY, *tiny_data, "train.max_steps=20", "parallel.zero_stage=1", "train.save_every=10"]
+    run_train(2, [*overrides, f"train.out_dir={run_dir}"])
+    return run_dir, overrides
+
+
 def train_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_CPP_LOG_LEVEL="ERROR")

@@ -8,17 +8,16 @@ import subprocess
 import time
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, kill_tree, losses, run_train, train_cmd, train_env
+from tests.train.conftest import REPO, kill_tree, losses, run_train, train_cmd, train_env
 
 
-def test_kill9_and_resume_is_bit_exact(tiny_data, tmp_path):
-    common = [*TINY, *tiny_data, "train.max_steps=20", "parallel.zero_stage=1"]
-    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-    run_train(2, [*common, f"train.out_dir={ref_dir}", "train.save_every=0"])
+def test_kill9_and_resume_is_bit_exact(ref_run, tmp_path):
+    ref_dir, common = ref_run
+    cut_dir = tmp_path / "cut"
 
     # The same run, SIGKILLed (torchrun and its workers) right after its step-10 checkpoint is complete.
     proc = subprocess.Popen(
-        train_cmd(2, [*common, f"train.out_dir={cut_dir}", "train.save_every=10"]),
+        train_cmd(2, [*common, f"train.out_dir={cut_dir}"]),
         cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     step10 = ckpt.checkpoint_root(cut_dir) / "step_0000010"
@@ -39,7 +38,7 @@ def test_kill9_and_resume_is_bit_exact(tiny_data, tmp_path):
     (torn / "manifest.json").write_text(json.dumps({**manifest, "step": 15, "status": "writing"}))
     shutil.copytree(step10, step10.parent / ".tmp_step_0000016")
 
-    out = run_train(2, [*common, f"train.out_dir={cut_dir}", "train.save_every=10"])
+    out = run_train(2, [*common, f"train.out_dir={cut_dir}"])
     assert "resumed from" in out.stdout and "step_0000010" in out.stdout, out.stdout[-2000:]
 
     ref, cut = losses(ref_dir), losses(cut_dir)
