@@ -1,0 +1,193 @@
+"""``rms_norm_fn`` and ``rmsnorm_fn``: Triton RMSNorms as PyTorch ops, with the references as the CPU fallback."""
+
+import os
+
+import torch
+
+from .reference import _check_affine, rms_norm_fn_ref, rmsnorm_fn_ref
+
+_IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
+    if os.environ.get("MAMBATRON_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
+    """(programs, rows per program, warps). The interpreter pays per program, so it gets one."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda":
+        return 1, rows, 4
+    # A few waves of programs, each walking several rows so the weight-gradient partial sums stay small.
+    programs = min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    per_program = _cdiv(rows, programs)
+    return _cdiv(rows, per_program), per_program, 8 if hidden >= 4096 else 4
+
+
+class _Norm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype):
+        # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
+        from .kernel import _norm_fwd_kernel
+
+        shape, hidden = x.shape, x.shape[-1]
+        rows = x.numel() // hidden
+        groups = hidden // group_size
+        programs, per_program, warps = _launch(rows, hidden, x.device)
+        out = _new(shape, x.dtype, x.device)
+        residual_out = _new(shape, residual_dtype, x.device) if prenorm else None
+        rstd = _new((rows, groups), torch.float32, x.device)
+        _norm_fwd_kernel[(programs,)](
+            x,
+            residual,
+            z,
+            weight,
+            bias,
+            out,
+            residual_out,
+            rstd,
+            rows,
+            groups,
+            group_size,
+            eps,
+            per_program,
+            HAS_RESIDUAL=residual is not None,
+            STORE_RESIDUAL=prenorm,
+            HAS_Z=z is not None,
+            NORM_BEFORE_GATE=norm_before_gate,
+            HAS_BIAS=bias is not None,
+            BLOCK_G=_next_power_of_2(groups),
+            BLOCK_GS=_next_power_of_2(group_size),
+            num_warps=warps,
+        )
+        ctx.save_for_backward(x, residual, z, weight, bias, rstd)
+        ctx.norm_before_gate = norm_before_gate
+        ctx.set_materialize_grads(False)
+        return (out, residual_out) if prenorm else out
+
+    @staticmethod
+    def backward(ctx, dout, dresidual_out=None):
+        from .kernel import _norm_bwd_kernel
+
+        x, residual, z, weight, bias, rstd = ctx.saved_tensors
+        shape, hidden = x.shape, x.shape[-1]
+        rows, groups = rstd.shape
+        programs, per_program, warps = _launch(rows, hidden, x.device)
+        dev = x.device
+        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+        dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
+        dx = _new(shape, x.dtype, dev)
+        dresidual = _new(shape, residual.dtype, dev) if residual is not None else None
+        dz = _new(shape, z.dtype, dev) if z is not None else None
+        dw_part = _new((programs, hidden), torch.float32, dev)
+        db_part = _new((programs, hidden), torch.float32, dev) if bias is not None else None
+        _norm_bwd_kernel[(programs,)](
+            x,
+            residual,
+            z,
+            weight,
+            bias,
+            rstd,
+            dout,
+            dresidual_out,
+            dx,
+            dresidual,
+            dz,
+            dw_part,
+            db_part,
+            rows,
+            groups,
+            hidden // groups,
+            per_program,
+            HAS_RESIDUAL=residual is not None,
+            HAS_DRESIDUAL_OUT=dresidual_out is not None,
+            HAS_Z=z is not None,
+            NORM_BEFORE_GATE=ctx.norm_before_gate,
+            HAS_BIAS=bias is not None,
+            BLOCK_G=_next_power_of_2(groups),
+            BLOCK_GS=_next_power_of_2(hidden // groups),
+            num_warps=warps,
+        )
+        dweight = dw_part.sum(0).to(weight.dtype)
+        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return dx, dresidual, dz, dweight, dbias, None, None, None, None, None
+
+
+def _validate(x, weight, bias, **others):
+    _check_affine(x, weight, bias)
+    named = dict(x=x, weight=weight, bias=bias, **others)
+    for name, t in named.items():
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share a device")
+        if t.dtype not in _IO_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if name not in ("weight", "bias") and t.shape != x.shape:
+            raise ValueError(f"{name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def rms_norm_fn(x, weight, bias=None, residual=None, eps=1e-6, prenorm=False, residual_in_fp32=False):
+    """Fused residual-add + RMSNorm; drop-in for mamba_ssm's ``rms_norm_fn`` (see ``reference.py`` for the math).
+
+    Args:
+        x: (..., hidden) fp16/bf16/fp32; weight, bias: (hidden,); residual: (..., hidden) or None.
+        Non-contiguous inputs are copied.
+    Returns:
+        out (..., hidden) in x's dtype, or (out, residual_out) when prenorm: residual_out = x + residual in fp32 when
+        residual_in_fp32, else in residual's (or x's) dtype. Differentiable in x, residual, weight and bias.
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
+    """
+    _validate(x, weight, bias, residual=residual)
+    if not use_triton(x):
+        return rms_norm_fn_ref(x, weight, bias, residual, eps, prenorm, residual_in_fp32)
+    if residual_in_fp32:
+        residual_dtype = torch.float32
+    else:
+        residual_dtype = x.dtype if residual is None else residual.dtype
+    contig = lambda t: None if t is None else t.contiguous()
+    hidden = x.shape[-1]
+    return _Norm.apply(
+        x.contiguous(), contig(residual), None, weight.contiguous(), contig(bias), eps, hidden, True, prenorm,
+        residual_dtype,
+    )  # fmt: skip
+
+
+def rmsnorm_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_before_gate=True):
+    """Gated group-wise RMSNorm; drop-in for mamba_ssm's ``layernorm_gated.rmsnorm_fn``.
+
+    Args:
+        x: (..., hidden) fp16/bf16/fp32; weight, bias: (hidden,); z: (..., hidden) gate or None; group_size divides
+        hidden (None: one group); norm_before_gate: norm(x) * silu(z) if True, norm(x * silu(z)) if False (Mamba2).
+        Non-contiguous inputs are copied.
+    Returns:
+        out: (..., hidden) in x's dtype; differentiable in x, z, weight and bias.
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
+    """
+    _validate(x, weight, bias, z=z)
+    hidden = x.shape[-1]
+    group_size = hidden if group_size is None else group_size
+    if hidden % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide hidden={hidden}")
+    if not use_triton(x):
+        return rmsnorm_fn_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
+    contig = lambda t: None if t is None else t.contiguous()
+    return _Norm.apply(
+        x.contiguous(), None, contig(z), weight.contiguous(), contig(bias), eps, group_size, norm_before_gate, False,
+        None,
+    )  # fmt: skip

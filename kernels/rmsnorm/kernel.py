@@ -1,0 +1,155 @@
+"""Triton kernels of the RMSNorms, forward and backward; one pair serves both ``rms_norm_fn`` and ``rmsnorm_fn``.
+
+Rows are (M, hidden) contiguous; a row is held as a (BLOCK_G, BLOCK_GS) tile of GROUPS groups of GROUP_SIZE
+channels, each group normalised on its own (GROUPS = 1 for the plain norm). A program walks ROWS_PER_PROGRAM rows so
+that the weight/bias gradients accumulate in registers and only (programs, hidden) partial sums reach memory.
+
+    s     = x (+ residual)                     the residual add, in fp32
+    xg    = s * silu(z) if gated before the norm, else s
+    y     = xg * rstd(group) * weight + bias   rstd = 1 / sqrt(mean over the group of xg^2 + eps)
+    out   = y * silu(z) if gated after the norm, else y
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_tile(GROUPS, GROUP_SIZE, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
+    g = tl.arange(0, BLOCK_G)
+    c = tl.arange(0, BLOCK_GS)
+    cols = g[:, None] * GROUP_SIZE + c[None, :]
+    mask = (g < GROUPS)[:, None] & (c < GROUP_SIZE)[None, :]
+    return cols, mask
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    x_ptr,
+    residual_ptr,
+    z_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    residual_out_ptr,
+    rstd_ptr,
+    M,
+    GROUPS,
+    GROUP_SIZE,
+    eps,
+    ROWS_PER_PROGRAM,
+    HAS_RESIDUAL: tl.constexpr,
+    STORE_RESIDUAL: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_GS: tl.constexpr,
+):
+    """rstd: (M, GROUPS) fp32, kept for the backward."""
+    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
+    hidden = GROUPS * GROUP_SIZE
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    row_start = tl.program_id(0) * ROWS_PER_PROGRAM
+    for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
+        offs = (tl.full((), 0, tl.int64) + row) * hidden + cols  # int64: rows * hidden may pass 2**31
+        s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if STORE_RESIDUAL:
+            tl.store(residual_out_ptr + offs, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
+        xg = s
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            gate = z * tl.sigmoid(z)
+            if not NORM_BEFORE_GATE:
+                xg = s * gate
+        rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / GROUP_SIZE + eps)  # (BLOCK_G,)
+        tl.store(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), rstd, mask=tl.arange(0, BLOCK_G) < GROUPS)
+        y = xg * rstd[:, None] * w
+        if HAS_BIAS:
+            y += b
+        if HAS_Z:
+            if NORM_BEFORE_GATE:
+                y *= gate
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    x_ptr,
+    residual_ptr,
+    z_ptr,
+    w_ptr,
+    b_ptr,
+    rstd_ptr,
+    dout_ptr,
+    dresidual_out_ptr,
+    dx_ptr,
+    dresidual_ptr,
+    dz_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    GROUPS,
+    GROUP_SIZE,
+    ROWS_PER_PROGRAM,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_DRESIDUAL_OUT: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    NORM_BEFORE_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_GS: tl.constexpr,
+):
+    """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces."""
+    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
+    hidden = GROUPS * GROUP_SIZE
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
+    db = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
+    row_start = tl.program_id(0) * ROWS_PER_PROGRAM
+    for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
+        offs = (tl.full((), 0, tl.int64) + row) * hidden + cols  # int64: rows * hidden may pass 2**31
+        s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), mask=tl.arange(0, BLOCK_G) < GROUPS, other=0.0)
+        dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xg = s
+        if HAS_Z:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
+            gate = z * sig
+            dgate = sig * (1.0 + z * (1.0 - sig))
+            if NORM_BEFORE_GATE:
+                y = s * rstd[:, None] * w
+                if HAS_BIAS:
+                    y += b
+                tl.store(dz_ptr + offs, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                dy = dy * gate
+            else:
+                xg = s * gate
+        xhat = xg * rstd[:, None]
+        dw += dy * xhat
+        db += dy
+        wdy = dy * w
+        dxg = (wdy - xhat * (tl.sum(wdy * xhat, axis=1) / GROUP_SIZE)[:, None]) * rstd[:, None]
+        ds = dxg
+        if HAS_Z:
+            if not NORM_BEFORE_GATE:
+                tl.store(dz_ptr + offs, (dxg * s * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                ds = dxg * gate
+        if HAS_DRESIDUAL_OUT:
+            ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_RESIDUAL:
+            tl.store(dresidual_ptr + offs, ds.to(dresidual_ptr.dtype.element_ty), mask=mask)
+    part = tl.program_id(0).to(tl.int64) * hidden + cols
+    tl.store(dw_ptr + part, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(db_ptr + part, db, mask=mask)

@@ -1,0 +1,104 @@
+"""The Triton RMSNorms against the references: outputs, the pre-norm residual, and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter in fp32 at tiny shapes (see conftest.py); on a GPU the same
+cases also run in bf16.
+"""
+
+import pytest
+import torch
+from mambatron.kernels.rmsnorm import rms_norm_fn, rms_norm_fn_ref, rmsnorm_fn, rmsnorm_fn_ref
+
+from tests.kernels.conftest import assert_close
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")
+
+
+def dtypes():
+    return [torch.float32, torch.bfloat16] if torch.cuda.is_available() else [torch.float32]
+
+
+def rand(*shape, seed, dtype, device):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device).requires_grad_()
+
+
+def grads_of(outputs, inputs, seed=1):
+    """Gradients of a fixed random linear loss of ``outputs`` w.r.t. every tensor in ``inputs`` (None-safe)."""
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outputs)
+    names = [k for k, v in inputs.items() if v is not None]
+    return dict(zip(names, torch.autograd.grad(loss, [inputs[k] for k in names])))
+
+
+def upcast(inputs):
+    return {k: (None if v is None else v.detach().float().requires_grad_()) for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_residual_add_norm(dtype, residual_in_fp32, with_residual, device):
+    inputs = dict(
+        x=rand(2, 5, 48, seed=0, dtype=dtype, device=device),
+        weight=rand(48, seed=2, dtype=torch.float32, device=device),
+        bias=rand(48, seed=3, dtype=torch.float32, device=device),
+        residual=rand(2, 5, 48, seed=1, dtype=dtype, device=device) if with_residual else None,
+    )
+    kw = dict(eps=1e-5, prenorm=True, residual_in_fp32=residual_in_fp32)
+    out, res = rms_norm_fn(**inputs, **kw)
+    inputs_ref = upcast(inputs)
+    out_ref, res_ref = rms_norm_fn_ref(**inputs_ref, **kw)
+    assert out.dtype == dtype and res.dtype == (torch.float32 if residual_in_fp32 else dtype)
+    assert_close(out, out_ref, "out", dtype)
+    assert_close(res, res_ref, "residual_out", dtype)
+    grads, grads_ref = grads_of((out, res), inputs), grads_of((out_ref, res_ref), inputs_ref)
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads_ref[name], f"d{name}", dtype)
+
+
+def test_norm_without_prenorm_or_bias(device):
+    x, w = rand(3, 20, seed=0, dtype=torch.float32, device=device), rand(20, seed=1, dtype=torch.float32, device=device)
+    out = rms_norm_fn(x, w)
+    out_ref = rms_norm_fn_ref(x, w)
+    assert_close(out, out_ref, "out")
+    (dx, dw), (dx_ref, dw_ref) = (torch.autograd.grad(o.square().sum(), (x, w)) for o in (out, out_ref))
+    assert_close(dx, dx_ref, "dx")
+    assert_close(dw, dw_ref, "dweight")
+
+
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("group_size", [None, 12])
+def test_gated_group_norm(dtype, norm_before_gate, group_size, device):
+    inputs = dict(
+        x=rand(3, 4, 36, seed=0, dtype=dtype, device=device),
+        weight=rand(36, seed=2, dtype=torch.float32, device=device),
+        bias=rand(36, seed=3, dtype=torch.float32, device=device),
+        z=rand(3, 4, 36, seed=1, dtype=dtype, device=device),
+    )
+    kw = dict(eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    out = rmsnorm_fn(**inputs, **kw)
+    inputs_ref = upcast(inputs)
+    out_ref = rmsnorm_fn_ref(**inputs_ref, **kw)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, "out", dtype)
+    grads, grads_ref = grads_of((out,), inputs), grads_of((out_ref,), inputs_ref)
+    for name, grad in grads.items():
+        assert grad.dtype == inputs[name].dtype, name
+        assert_close(grad, grads_ref[name], f"d{name}", dtype)
+
+
+def test_gated_without_gate_or_bias(device):
+    x, w = rand(2, 16, seed=0, dtype=torch.float32, device=device), rand(16, seed=1, dtype=torch.float32, device=device)
+    out = rmsnorm_fn(x, w, group_size=4)
+    assert_close(out, rmsnorm_fn_ref(x, w, group_size=4), "out")
+
+
+def test_clear_errors(device):
+    x, w = torch.randn(2, 12, device=device), torch.randn(12, device=device)
+    with pytest.raises(ValueError, match="group_size=5 must divide hidden=12"):
+        rmsnorm_fn(x, w, group_size=5)
+    with pytest.raises(ValueError, match="weight must be"):
+        rms_norm_fn(x, w[:6])
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        rms_norm_fn(x, w, residual=x[:1])
