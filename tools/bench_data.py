@@ -5,9 +5,10 @@
 
 Both stages run in this one process (prepare with ``--workers 1``, the loader with ``num_workers=0``), so tokens/s is
 per core; multiply by cores for a node. ``*_tokens_per_cpu_s`` divides by the process's CPU time (what one core
-delivers even on a shared machine); ``*_tokens_per_s_per_core`` divides by wall time. The loader is checked before it is timed: without shuffling, its packed rows
-must equal the shard documents in order, with ``labels`` the shifted inputs and ``seq_idx`` counting EOS; no speed is
-reported if that fails. Prints one JSON object (and a Markdown table row with ``--markdown``).
+delivers even on a shared machine); ``*_tokens_per_s_per_core`` divides by wall time. The loader is checked before it
+is timed: without shuffling, its packed rows must equal the shard documents in order, with ``labels`` the shifted
+inputs and ``seq_idx`` counting EOS; no speed is reported if that fails. Prints one JSON object (and a Markdown table
+row with ``--markdown``).
 """
 
 from __future__ import annotations

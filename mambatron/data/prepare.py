@@ -276,3 +276,18 @@ def read_shard_tokens(path: str | Path, key_ext: str = "tokens.u16") -> dict[str
             if ext == key_ext:
                 docs[key] = np.frombuffer(tf.extractfile(member).read(), dtype=dtype)
     return docs
+
+
+def verify_shards(index_path: str | Path) -> list[str]:
+    """Check every local shard listed in ``index_path`` against its recorded size and sha256; return the problems."""
+    index_path = Path(index_path)
+    index = json.loads(index_path.read_text())
+    problems = []
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            path = index_path.parent / shard["name"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            elif path.stat().st_size != shard["bytes"] or sha256_file(path) != shard["sha256"]:
+                problems.append(f"{path}: size or sha256 differs from the index (corrupt or replaced)")
+    return problems

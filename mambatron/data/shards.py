@@ -102,6 +102,11 @@ def shard_infos(index_url: str, index: dict[str, Any], split: str) -> list[Shard
         name = shard["name"]
         if _is_url(name) or os.path.isabs(name):
             url = name
+        elif index_url.startswith("pipe:"):
+            raise DataIndexError(
+                f"shard {name!r} of an index read through {index_url!r} must be an absolute path or URL "
+                "(a relative name has nothing to be relative to)"
+            )
         elif _is_url(index_url):
             url = urllib.parse.urljoin(index_url, name)
         else:

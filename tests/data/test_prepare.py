@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mambatron.data.prepare import prepare_data, read_shard_tokens, token_dtype
+from mambatron.data.prepare import prepare_data, read_shard_tokens, token_dtype, verify_shards
 from mambatron.data.tokenizers import load_tokenizer
 
 from .conftest import Prepared, as_sorted_keys
@@ -65,7 +65,13 @@ def test_jsonl_field_and_max_docs(prepared: Prepared, tmp_path: Path) -> None:
         for i, text in enumerate(prepared.texts):
             f.write(json.dumps({"id": i, "body": text}) + "\n")
     index = prepare_data(
-        [str(path)], prepared.tokenizer, tmp_path / "j", field_name="body", val_fraction=0, max_docs=10, workers=1,
+        [str(path)],
+        prepared.tokenizer,
+        tmp_path / "j",
+        field_name="body",
+        val_fraction=0,
+        max_docs=10,
+        workers=1,
         progress=False,
     )
     assert index["documents"] == 10 and index["splits"]["val"]["docs"] == 0
@@ -85,3 +91,21 @@ def test_cli_on_stdlib(tmp_path: Path, bpe_tokenizer: Path) -> None:
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert index["documents"] == 40 and index["splits"]["val"]["docs"] == 4
     assert index["splits"]["train"]["tokens"] > 20000 and len(index["splits"]["train"]["shards"]) >= 2
+
+
+def test_verify_finds_corrupt_shards(prepared: Prepared, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.data, copy)
+    assert verify_shards(copy / "index.json") == []
+    data = bytearray((copy / "train-000001.tar").read_bytes())
+    data[600] ^= 1
+    (copy / "train-000001.tar").write_bytes(bytes(data))
+    (copy / "val-000000.tar").unlink()
+    problems = verify_shards(copy / "index.json")
+    assert len(problems) == 2 and "train-000001.tar" in problems[0] and "val-000000.tar: missing" in problems[1]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--verify", str(copy / "index.json")], capture_output=True
+    )
+    assert run.returncode == 1 and b"2 bad shard(s)" in run.stderr
