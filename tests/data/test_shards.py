@@ -252,3 +252,16 @@ def test_bad_shard_skipped_and_counted(
     assert loader.skipped_shards == 2  # once per epoch
     if workers == 0:  # worker processes log to their own stderr
         assert "train-000003.tar" in caplog.text and "skipping bad shard" in caplog.text
+
+
+def test_uint32_shards_stream_the_same(prepared: Prepared, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mambatron.data import prepare
+
+    monkeypatch.setattr(prepare, "token_dtype", lambda vocab_size: np.dtype("<u4"))
+    glob = str(prepared.corpus / "*.txt")
+    index = prepare.prepare_data([glob], prepared.tokenizer, tmp_path, shard_tokens=1000, val_fraction=0.125, workers=1)
+    assert index["dtype"] == "uint32" and index["tokens_key"] == "tokens.u32"
+    wide = _take(prepared.cfg(num_workers=0, shuffle_buffer=8, index=str(tmp_path / "index.json")), 100)
+    narrow = _take(prepared.cfg(num_workers=0, shuffle_buffer=8), 100)
+    for a, b in zip(wide, narrow, strict=True):
+        np.testing.assert_array_equal(a, b)
