@@ -107,7 +107,8 @@ def mark_tensor_parallel_params(model: nn.Module, model_cfg: ModelConfig) -> int
 
 
 def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, generated from the YAML config; ``extra`` is deep-merged on top."""
+    """The DeepSpeed JSON for this run, generated from the YAML config; ``extra`` (default
+    ``parallel.deepspeed_extra``) is deep-merged on top."""
     p, t = config.parallel, config.train
     on_gpu = dist_info.device.type == "cuda"
     zero: dict[str, Any] = {"stage": p.zero_stage}
@@ -131,6 +132,7 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    extra = p.deepspeed_extra if extra is None else extra
     if extra:
         ds = _deep_merge(ds, extra)
     return ds
@@ -157,8 +159,6 @@ def build_engine(
     if dist_info.tp_size > 1:
         mark_tensor_parallel_params(model, config.model)
         install_sequence_parallel_grad_hooks(model)
-    if extra is None:
-        extra = getattr(config.parallel, "deepspeed_extra", None)
     ds_config = deepspeed_config(config, dist_info, extra)
     optimizer = optimizer or build_optimizer(model, config)
     engine, *_ = deepspeed.initialize(

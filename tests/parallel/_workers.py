@@ -243,7 +243,8 @@ def zero_training(info: DistInfo, runs: list[tuple[str, int, str]], checkpoint_r
             mean = torch.tensor(total / config.train.grad_accum, dtype=torch.float64)
             dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
             losses.append(mean.item() / info.dp_size)
-            norms.append(float(engine.get_global_grad_norm()))
+            norm = engine.get_global_grad_norm()  # None without ZeRO in fp32 (DeepSpeed does not report it)
+            norms.append(float("nan") if norm is None else float(norm))
         ckpt = os.path.join(checkpoint_root, "-".join(map(str, run)))
         engine.save_checkpoint(ckpt, tag="step_5")
         dist.barrier()
@@ -254,8 +255,13 @@ def zero_training(info: DistInfo, runs: list[tuple[str, int, str]], checkpoint_r
             "grad_norms": norms,
             "full_state": full,
             "param_dtype": next(engine.module.parameters()).dtype,
-            "master_dtypes": {p.dtype for g in engine.optimizer.optimizer.param_groups for p in g["params"]},
+            "master_dtypes": {p.dtype for g in _inner_optimizer(engine).param_groups for p in g["params"]},
             "hooked": sorted(n for n, p in engine.module.named_parameters() if getattr(p, "_sp_grad_hook", False)),
         }
         del engine
     return results
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that updates the master weights (ZeRO wraps it; without ZeRO it is the engine's)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)

@@ -167,13 +167,19 @@ def test_deepspeed_config_from_yaml_config():
     from mambatron.parallel.zero import deepspeed_config
 
     cfg = Config(
-        parallel=ParallelConfig(tp=2, zero_stage=3, offload_optimizer=True, offload_params=True),
+        parallel=ParallelConfig(
+            tp=2,
+            zero_stage=3,
+            offload_optimizer=True,
+            offload_params=True,
+            deepspeed_extra={"zero_optimization": {"reduce_bucket_size": 1000}},
+        ),
         train=TrainConfig(grad_accum=4, precision="bf16"),
     )
     cfg.data.micro_batch = 3
     cfg.optim.grad_clip = 0.7
     info = DistInfo(0, 8, 0, 2, 0, 4, 0, torch.device("cpu"), "gloo")
-    ds = deepspeed_config(cfg, info, extra={"zero_optimization": {"reduce_bucket_size": 1000}})
+    ds = deepspeed_config(cfg, info)
     assert ds["train_batch_size"] == 3 * 4 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 0.7 and ds["bf16"]["enabled"]

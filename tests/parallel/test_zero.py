@@ -1,4 +1,4 @@
-"""TP=2 x DP=2 (4 gloo processes) with DeepSpeed ZeRO 1/2/3 and sequence parallelism against one process.
+"""TP=2 x DP=2 (4 gloo processes) with DeepSpeed ZeRO 0/1/2/3 and sequence parallelism against one process.
 
 Gradient clipping is active on every step, so the global (TP x DP) gradient norm is checked too; a missing
 TP reduction of the sequence-parallel norm gradients would make the runs drift.
@@ -12,7 +12,7 @@ import torch
 from tests.parallel import _workers as w
 from tests.parallel._launch import run_distributed
 
-RUNS = [("mamba1", 1, "fp32"), ("mamba2", 2, "fp32"), ("mamba1", 3, "fp32")]
+RUNS = [("mamba1", 0, "fp32"), ("mamba1", 1, "fp32"), ("mamba2", 2, "fp32"), ("mamba1", 3, "fp32")]
 BF16_RUN = ("mamba2", 2, "bf16-offload")
 BF16_LOSS_TOL = 3e-2
 LOSS_TOL = 1e-5
@@ -44,9 +44,10 @@ def test_losses_match_single_process(runs, references, run):
         assert len(losses) == w.STEPS
         diffs = [abs(a - b) for a, b in zip(losses, ref["losses"])]
         assert max(diffs) <= LOSS_TOL, f"rank {rank}: {losses} vs {ref['losses']}"
-        norms = result[run]["grad_norms"]
         assert min(ref["grad_norms"]) > w.zero_config(*run).optim.grad_clip, "clipping must be active"
-        assert max(abs(a - b) for a, b in zip(norms, ref["grad_norms"])) <= 1e-5, (norms, ref["grad_norms"])
+        if run[1] > 0:  # without ZeRO DeepSpeed clips but does not report the norm
+            norms = result[run]["grad_norms"]
+            assert max(abs(a - b) for a, b in zip(norms, ref["grad_norms"])) <= 1e-5, (norms, ref["grad_norms"])
 
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda r: "-".join(map(str, r)))
