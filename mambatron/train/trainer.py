@@ -61,6 +61,7 @@ class Trainer:
         self.tokens_seen = 0
         self.last_saved_step = -1
         self._stop_signal = 0
+        self.initialised_from = ""
 
     # ------------------------------------------------------------------------------------------------- build
 
@@ -87,6 +88,8 @@ class Trainer:
         peak = cfg.train.gpu_peak_tflops * 1e12 * self.dist.world_size
         self.throughput = Throughput(flops_per_token(cfg.model, cfg.data.seq_len), peak)
         self.metrics = MetricsLogger(self.out_dir, self.is_main, cfg.to_dict(), cfg.train.wandb, cfg.train.max_steps)
+        if self.initialised_from:
+            self.metrics.print(f"initial weights from {self.initialised_from}")
         self.metrics.print(
             f"world {self.dist.world_size} (TP {self.dist.tp_size} x DP {self.dist.dp_size}) on {self.dist.device}, "
             f"{sum(p.numel() for p in self.model.parameters()) * self.dist.tp_size:,} parameters, "
@@ -108,9 +111,27 @@ class Trainer:
         model = build_model(self.config.model, projections, device="meta")
         model.to_empty(device=self.dist.device)
         model.init_weights(seed=self.config.train.seed + 1000 * self.dist.tp_rank)
+        init_from = self.config.train.init_from
+        if init_from and ckpt.latest_checkpoint(self.out_dir) is None:
+            self._load_initial_weights(model, init_from)
         model.activation_checkpointing = self.config.train.activation_checkpointing
         model.train()
         return model
+
+    def _load_initial_weights(self, model: torch.nn.Module, model_dir: str) -> None:
+        """Start from a model directory's full weights (e.g. from tools/import_hf.py), cut to this TP rank."""
+        from safetensors.torch import load_file
+
+        from mambatron.parallel import consolidate
+
+        full = load_file(str(Path(model_dir) / "model.safetensors"))
+        local = consolidate.shard(full, self.config.model, self.dist.tp_size, self.dist.tp_rank)
+        own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        missing, unexpected = sorted(set(own) - set(local)), sorted(set(local) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"train.init_from={model_dir}: missing keys {missing[:5]}, unexpected {unexpected[:5]}")
+        model.load_state_dict(local, strict=False)
+        self.initialised_from = model_dir
 
     def build_engine(self, model: torch.nn.Module) -> Any:
         """The DeepSpeed engine (ZeRO stage, precision and clipping from the config; torch AdamW)."""
