@@ -417,6 +417,8 @@ class ShardLoader:
     """
 
     def __init__(self, cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> None:
+        if hasattr(cfg, "validate"):
+            cfg.validate()
         if not cfg.index:
             raise DataIndexError("data.index is empty; point it at the index.json written by tools/prepare_data.py")
         if not 0 <= rank < world_size:
