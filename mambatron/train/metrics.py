@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def _init_wandb(out_dir: Path, config: dict[str, Any], wandb_cfg: Any) -> Any:
     import wandb
 
     id_file = out_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         mode=wandb_cfg.mode,

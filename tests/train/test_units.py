@@ -1,0 +1,122 @@
+"""Fast in-process tests: LR schedules, the planner and --dry-run, checkpoint bookkeeping, metrics, plot_loss."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from mambatron.config import WandbConfig, load_config
+from mambatron.models import build_model
+from mambatron.plan import count_params, make_plan, world_size_from_env
+from mambatron.train import checkpoint as ckpt
+from mambatron.train.__main__ import main as train_main
+from mambatron.train.metrics import MetricsLogger
+from mambatron.train.schedule import LRSchedule
+
+
+def test_schedules():
+    cos = LRSchedule("cosine", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert cos.lr_at(0) == pytest.approx(0.1) and cos.lr_at(9) == pytest.approx(1.0)
+    assert cos.lr_at(10) == pytest.approx(1.0) and cos.lr_at(109) == pytest.approx(0.1)
+    assert cos.lr_at(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 50 / 99)))
+    wsd = LRSchedule("wsd", lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, decay_frac=0.2)
+    assert wsd.lr_at(50) == 1.0 and wsd.lr_at(79) == 1.0
+    assert wsd.lr_at(80) == pytest.approx(1 - 1 / 20) and wsd.lr_at(99) == pytest.approx(0.0)
+    assert LRSchedule("constant", 0.5, 0.0, 0, 10).lr_at(7) == 0.5
+    lrs = [cos.lr_at(s) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.arch=mamba1", "model.d_model=64", "model.n_layer=3"],
+        ["model.arch=mamba2", "model.d_model=64", "model.n_layer=2", "model.headdim=16", "model.ngroups=2"],
+        ["model.arch=mamba1", "model.d_model=64", "model.n_layer=2", "model.tie_embeddings=false", "model.bias=true"],
+    ],
+)
+def test_param_count_matches_model(overrides):
+    cfg = load_config("configs/tiny.yaml", overrides)
+    model = build_model(cfg.model)
+    assert count_params(cfg.model).total == sum(p.numel() for p in model.parameters())
+
+
+def test_plan_zero_stages_and_fit_warning():
+    cfg = load_config("configs/mamba1-7b.yaml")
+    plans = {s: make_plan(load_config("configs/mamba1-7b.yaml", [f"parallel.zero_stage={s}"]), 8) for s in range(4)}
+    assert plans[0].optimizer_bytes == 8 * plans[1].optimizer_bytes
+    assert plans[2].grads_bytes * 8 == plans[1].grads_bytes
+    assert plans[3].weights_bytes * 8 == plans[2].weights_bytes
+    p = make_plan(cfg, 16)
+    assert 6.5e9 < p.params_total < 7.5e9 and p.dp == 16
+    assert p.tokens_per_step == cfg.data.micro_batch * cfg.data.seq_len * 16
+    assert p.activations_bytes_ckpt < p.activations_bytes_no_ckpt
+    offload = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.offload_optimizer=true"]), 16)
+    assert offload.optimizer_bytes == 0 and offload.optimizer_cpu_bytes == p.optimizer_bytes
+    big = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.zero_stage=0", "data.micro_batch=16"]), 1)
+    assert not big.fits and any("exceeds train.gpu_memory_gb" in w for w in big.warnings)
+    assert world_size_from_env({"WORLD_SIZE": "8"}) == 8
+    assert world_size_from_env({"SLURM_NNODES": "4", "MAMBATRON_NPROC_PER_NODE": "8"}) == 32
+    assert world_size_from_env({}) == 1
+
+
+def test_dry_run_cli(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert train_main(["--config", "configs/mamba1-7b.yaml", "--dry-run", "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "world size      64" in out and "FLOPs per token" in out
+    assert train_main(["--config", "configs/tiny.yaml", "--set", "parallel.tp=2", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tp"] == 2
+    assert train_main(["--config", "configs/tiny.yaml", "--set", "train.nope=1", "--dry-run"]) == 2
+
+
+def _fake_checkpoint(root: Path, step: int, status: str = "complete") -> Path:
+    d = root / ckpt.step_dir_name(step)
+    d.mkdir(parents=True)
+    (d / ckpt.MANIFEST).write_text(json.dumps({"step": step, "status": status}))
+    return d
+
+
+def test_checkpoint_listing_ignores_torn_writes(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for s in (10, 20, 30):
+        _fake_checkpoint(root, s)
+    _fake_checkpoint(root, 40, status="writing")  # manifest written but not marked complete
+    (root / "step_0000050").mkdir()  # no manifest at all
+    (root / ".tmp_step_0000060").mkdir()  # still being written
+    (root / "step_0000070").mkdir()
+    (root / "step_0000070" / ckpt.MANIFEST).write_text('{"status": "compl')  # truncated manifest
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000010", "step_0000020", "step_0000030"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_0000030"
+    assert ckpt.resolve_checkpoint(tmp_path) == root / "step_0000030"
+    assert ckpt.resolve_checkpoint(root) == root / "step_0000030"
+    with pytest.raises(FileNotFoundError):
+        ckpt.resolve_checkpoint(root / "step_0000040")
+    ckpt._prune(root, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000020", "step_0000030"]
+    assert (root / "step_0000040").exists()  # pruning only touches complete checkpoints
+
+
+def test_metrics_jsonl_and_offline_wandb(tmp_path):
+    import tools.plot_loss as plot_loss
+
+    cfg = load_config("configs/tiny.yaml")
+    logger = MetricsLogger(tmp_path, True, cfg.to_dict(), WandbConfig(mode="offline", project="t"), 10)
+    for step in (1, 2, 2):  # a resumed run appends a step again; the last record wins when read
+        rec = dict(step=step, loss=5.0 - step, lr=1e-3, grad_norm=1.0, tokens=64 * step, tokens_per_s=1.0,
+                   mfu=0.0, step_seconds=0.1, memory_gib=0.0)  # fmt: skip
+        logger.log_step(rec, print_line=True, seconds_per_step=0.1)
+    logger.log_eval(2, 3.5)
+    logger.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"} <= set(lines[0])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, "wandb offline run directory missing"
+    train, val = plot_loss.read_metrics(tmp_path)
+    assert sorted(train) == [1, 2] and val[2]["val_ppl"] == pytest.approx(math.exp(3.5))
+    assert plot_loss.main([str(tmp_path), "--out", str(tmp_path / "loss.png"), "--x", "tokens"]) == 0
+    assert (tmp_path / "loss.png").stat().st_size > 1000
