@@ -167,11 +167,20 @@ def reshard_roundtrip(info: DistInfo, arch: str, sequence_parallel: bool) -> dic
 
 
 def zero_config(arch: str, stage: int, variant: str = "fp32", tp: int = 2) -> Config:
-    """``variant``: "fp32", or "bf16-offload" (bf16 compute, fp32 master weights, optimizer state on CPU)."""
+    """``variant``: "fp32"; "bf16-offload" (bf16 compute, fp32 master weights, optimizer state on CPU);
+    "fp32-offload-all" (ZeRO-3 with optimizer state and parameters offloaded)."""
     bf16 = variant == "bf16-offload"
+    offload_all = variant == "fp32-offload-all"
+    parallel = ParallelConfig(
+        tp=tp,
+        sequence_parallel=True,
+        zero_stage=stage,
+        offload_optimizer=bf16 or offload_all,
+        offload_params=offload_all,
+    )
     return Config(
         model=tiny_model_config(arch),
-        parallel=ParallelConfig(tp=tp, sequence_parallel=True, zero_stage=stage, offload_optimizer=bf16),
+        parallel=parallel,
         data=DataConfig(micro_batch=2, seq_len=8),
         # A small clip threshold so that clipping by the global (TP x DP) norm is active on every step.
         optim=OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, grad_clip=0.05, warmup_steps=0),

@@ -12,7 +12,13 @@ import torch
 from tests.parallel import _workers as w
 from tests.parallel._launch import run_distributed
 
-RUNS = [("mamba1", 0, "fp32"), ("mamba1", 1, "fp32"), ("mamba2", 2, "fp32"), ("mamba1", 3, "fp32")]
+RUNS = [
+    ("mamba1", 0, "fp32"),
+    ("mamba1", 1, "fp32"),
+    ("mamba2", 2, "fp32"),
+    ("mamba1", 3, "fp32"),
+    ("mamba2", 3, "fp32-offload-all"),
+]
 BF16_RUN = ("mamba2", 2, "bf16-offload")
 BF16_LOSS_TOL = 3e-2
 LOSS_TOL = 1e-5
