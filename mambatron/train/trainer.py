@@ -5,9 +5,9 @@ handed to the model), data parallelism and ZeRO from a DeepSpeed engine, the dat
 :func:`mambatron.data.build_loader` (each TP group reads the stream of its data-parallel rank).
 
 Preemption: SIGUSR1 or SIGTERM sets a flag; at the end of the current optimizer step every rank agrees on it (one
-tiny all-reduce per step), the run saves a checkpoint and exits with :data:`EXIT_PREEMPTED`. Under SLURM rank 0
-first asks the controller to requeue the job (``scontrol requeue $SLURM_JOB_ID``), which then resumes from that
-checkpoint.
+tiny all-reduce per step), the run saves a checkpoint and exits with :data:`EXIT_PREEMPTED`. After SIGUSR1 (the
+time-limit warning that launch/train.sh asks SLURM for) rank 0 then requeues the job (``scontrol requeue
+$SLURM_JOB_ID``), which resumes from that checkpoint; SIGTERM (scancel, node shutdown) only saves and exits.
 """
 
 from __future__ import annotations
@@ -332,7 +332,8 @@ class Trainer:
             code = self._loop()
         finally:
             self.shutdown()
-        if code == EXIT_PREEMPTED:
+        if code == EXIT_PREEMPTED and self._stop_signal == signal.SIGUSR1:
+            # Only for the time-limit signal: SIGTERM also comes from scancel, which must not bring the job back.
             # Last, once this process has let go of its workers and process group: requeueing kills the job.
             self._request_requeue()
         return code
