@@ -21,14 +21,22 @@ if TYPE_CHECKING:
 __all__ = ["ConfigError", "LocalProjections", "build_projections", "validate_parallel"]
 
 
-def validate_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, world_size: int | None = None) -> None:
+def validate_parallel(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, world_size: int | None = None, seq_len: int | None = None
+) -> None:
     """Reject a model/parallel layout that cannot be sharded, before anything is allocated.
 
-    Checks that TP divides d_inner (Mamba1), nheads and ngroups (Mamba2) and the padded vocab, and that the world
-    size (when given) is a multiple of TP. Raises :class:`ConfigError` with a one-line message naming the fix.
+    Checks that TP divides d_inner (Mamba1), nheads and ngroups (Mamba2) and the padded vocab, that the world
+    size (when given) is a multiple of TP, and under sequence parallelism that TP divides ``seq_len`` (when given).
+    Raises :class:`ConfigError` with a one-line message naming the fix.
     """
     parallel_cfg.validate()
     tp = parallel_cfg.tp
+    if seq_len is not None and parallel_cfg.sequence_parallel and seq_len % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks but data.seq_len={seq_len} is not "
+            f"a multiple of {tp}; pick a multiple of {tp} or turn sequence_parallel off"
+        )
     if world_size is not None and (world_size < 1 or world_size % tp):
         raise ConfigError(
             f"WORLD_SIZE={world_size} is not a multiple of parallel.tp={tp}; launch a multiple of {tp} processes "

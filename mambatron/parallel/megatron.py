@@ -131,6 +131,11 @@ class TPEmbedding(VocabParallelEmbedding):
         _drop_extra_state_hook(self)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.reduce_scatter_embeddings and (input_ids.dim() != 2 or input_ids.shape[1] % self.tp_group.size()):
+            raise ValueError(
+                f"sequence parallelism needs input_ids (batch, seqlen) with seqlen divisible by tp="
+                f"{self.tp_group.size()}, got shape {tuple(input_ids.shape)}"
+            )
         out = super().forward(input_ids)
         # megatron returns (seqlen_local, batch, dim) when it reduce-scatters, else (batch, seqlen, dim).
         return out.transpose(0, 1) if self.reduce_scatter_embeddings else out

@@ -86,7 +86,25 @@ def tp_suite(info: DistInfo, cases: list[tuple[str, bool, dict]], roundtrips: li
         "equivalence": tp_equivalence(info, cases),
         "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
         "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2")},
+        "steps": {arch: recurrent_steps(info, arch) for arch in ("mamba1", "mamba2")},
     }
+
+
+def recurrent_steps(info: DistInfo, arch: str, steps: int = 4) -> float:
+    """Token-by-token generation steps (single-token shapes through the TP layers) against TP=1: max logit diff."""
+    cfg = tiny_model_config(arch)
+    state = full_state(cfg)
+    ids, _, _ = batch(cfg, seed=9)
+    ref = reference_model(cfg, state)
+    model, proj = tp_model(cfg, state, False, info)
+    ref_caches, caches = ref.empty_caches(ids.shape[0]), model.empty_caches(ids.shape[0])
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(steps):
+            expected = ref.step(ids[:, t], ref_caches)
+            got = proj.gather_logits(model.step(ids[:, t], caches))
+            worst = max(worst, max_diff(got, expected))
+    return worst
 
 
 def meta_init(info: DistInfo, arch: str) -> float:

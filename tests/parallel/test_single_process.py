@@ -30,6 +30,12 @@ def test_bad_parallel_layout_is_rejected(arch, overrides, tp, world, message):
         validate_parallel(cfg, ParallelConfig(tp=tp), world)
 
 
+def test_sequence_parallel_needs_seq_len_multiple_of_tp():
+    with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2"):
+        validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2, sequence_parallel=True), 2, seq_len=2049)
+    validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2), 2, seq_len=2049)
+
+
 def test_good_layout_passes():
     validate_parallel(tiny_model_config("mamba2"), ParallelConfig(tp=2, sequence_parallel=True), 4)
     validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=1), 3)

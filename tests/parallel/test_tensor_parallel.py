@@ -52,3 +52,9 @@ def test_meta_device_build_initialises_like_tp1(suite):
     for result in suite:
         for arch, diff in result["meta_init"].items():
             assert diff == 0.0, f"{arch}: TP shard init differs from the TP=1 init by {diff}"
+
+
+def test_recurrent_steps_match_tp1(suite):
+    for result in suite:
+        for arch, diff in result["steps"].items():
+            assert diff <= TOL, f"{arch}: generation-step logits differ by {diff}"
