@@ -1,12 +1,12 @@
 """Tensor- and sequence-parallel projections built on megatron-core (the ``Projections`` contract, TP > 1).
 
-Models keep the (batch, seqlen, hidden) layout; megatron's sequence-parallel collectives work on dim 0, so every
-layer here transposes to (seqlen, batch, hidden) around the megatron call and back. Under sequence parallelism the
-residual stream between layers is (batch, seqlen / tp, d_model): a contiguous block of the sequence per TP rank.
+Models keep the (batch, seqlen, hidden) layout; megatron's sequence-parallel collectives work on dim 0, so under
+sequence parallelism every layer here transposes to (seqlen, batch, hidden) around the megatron call and back. The
+residual stream between layers is then (batch, seqlen / tp, d_model): a contiguous block of the sequence per rank.
 
 Weights are created with megatron's CPU initialisation (a full master weight from the global torch RNG, then the
-rank's slice), so the same seed gives the same full weights at every TP size; exact TP=1 ↔ TP=N equality is
-obtained by loading shards of one full state dict with :func:`mambatron.parallel.consolidate.shard`.
+rank's slice). A TP=N model equal to a TP=1 one is obtained by loading shards of its full state dict
+(:func:`mambatron.parallel.consolidate.shard`) or by :func:`mambatron.parallel.consolidate.init_weights_like_tp1`.
 """
 
 from __future__ import annotations
@@ -26,17 +26,26 @@ from torch import nn
 from mambatron.parallel import cpu_shims
 
 
-def _seq_first(x: torch.Tensor, sequence_parallel: bool) -> tuple[torch.Tensor, bool]:
-    """(batch, seqlen, hidden) → (seqlen, batch, hidden); a single token (batch, hidden) becomes (1, batch, hidden)."""
+def _to_megatron(x: torch.Tensor, sequence_parallel: bool) -> tuple[torch.Tensor, str]:
+    """Lay ``x`` out for a megatron layer; returns the tensor and how to undo it (see :func:`_from_megatron`).
+
+    Sequence-parallel collectives split and gather dim 0, so (batch, seqlen, hidden) becomes (seqlen, batch,
+    hidden); without SP the layers are plain matmuls over the last dim and the batch-first tensor is passed as is.
+    A single token (batch, hidden), as in recurrent generation, becomes (1, batch, hidden).
+    """
     if x.dim() == 2:
         if sequence_parallel:
             raise ValueError("single-token (recurrent) steps need parallel.sequence_parallel=false")
-        return x.unsqueeze(0), True
-    return x.transpose(0, 1).contiguous(), False
+        return x.unsqueeze(0), "token"
+    if sequence_parallel:
+        return x.transpose(0, 1).contiguous(), "seq_first"
+    return x, "batch_first"
 
 
-def _batch_first(out: torch.Tensor, single_token: bool) -> torch.Tensor:
-    return out.squeeze(0) if single_token else out.transpose(0, 1)
+def _from_megatron(out: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "token":
+        return out.squeeze(0)
+    return out.transpose(0, 1) if layout == "seq_first" else out
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -83,9 +92,9 @@ class TPColumnLinear(ColumnParallelLinear):
         _drop_extra_state_hook(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, single_token = _seq_first(x, self.sequence_parallel)
+        x, layout = _to_megatron(x, self.sequence_parallel)
         out, _ = super().forward(x)
-        return _batch_first(out, single_token)
+        return _from_megatron(out, layout)
 
 
 class TPRowLinear(RowParallelLinear):
@@ -108,12 +117,12 @@ class TPRowLinear(RowParallelLinear):
         self.replicated_consumer = replicated_consumer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x, single_token = _seq_first(x, self.sequence_parallel)
+        x, layout = _to_megatron(x, self.sequence_parallel)
         out, _ = super().forward(x)
         if not self.replicated_consumer:
             out = tensor_parallel.copy_to_tensor_model_parallel_region(out, group=self.tp_group)
             out = _ContiguousGrad.apply(out)
-        return _batch_first(out, single_token)
+        return _from_megatron(out, layout)
 
 
 class TPEmbedding(VocabParallelEmbedding):
@@ -219,7 +228,7 @@ class MegatronProjections:
     def lm_head(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, seqlen_local, dim); weight: the vocab slice (vocab // tp, dim) →
         vocab-local logits (batch, seqlen, vocab // tp). Column-parallel: SP all-gathers the sequence first."""
-        hidden, single_token = _seq_first(hidden, self.sequence_parallel)
+        hidden, layout = _to_megatron(hidden, self.sequence_parallel)
         out = tensor_parallel.linear_with_grad_accumulation_and_async_allreduce(
             input=hidden,
             weight=weight.to(hidden.dtype),
@@ -229,7 +238,7 @@ class MegatronProjections:
             sequence_parallel=self.sequence_parallel,
             tp_group=self.tp_group,
         )
-        return _batch_first(out, single_token)
+        return _from_megatron(out, layout)
 
     def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """logits: (batch, seqlen, vocab // tp); labels: (batch, seqlen), ``< 0`` ignored → loss (batch, seqlen)."""
