@@ -83,6 +83,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def tp_suite(info: DistInfo, cases: list[tuple[str, bool, dict]], roundtrips: list[tuple[str, bool]]) -> dict:
     """All TP checks in one launch (process start-up dominates on small CPUs)."""
     return {
+        "info": (info.rank, info.world_size, info.tp_size, info.tp_rank, info.dp_size),
         "equivalence": tp_equivalence(info, cases),
         "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
         "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2")},

@@ -23,12 +23,14 @@ ROUNDTRIPS = [("mamba1", True), ("mamba2", False)]
 
 @pytest.fixture(scope="module")
 def suite():
-    return run_distributed(w.tp_suite, 2, 2, CASES, ROUNDTRIPS)
+    # Launched the way srun does (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID); the ZeRO tests use torchrun's variables.
+    return run_distributed(w.tp_suite, 2, 2, CASES, ROUNDTRIPS, launcher="slurm")
 
 
 @pytest.mark.parametrize("arch,sp,overrides", CASES, ids=lambda c: str(c))
 def test_tp2_matches_tp1(suite, arch, sp, overrides):
     key = (arch, sp, tuple(sorted(overrides.items())))
+    assert [r["info"] for r in suite] == [(0, 2, 2, 0, 1), (1, 2, 2, 1, 1)], "rank, world, tp, tp_rank, dp"
     for rank, result in enumerate(suite):
         r = result["equivalence"][key]
         assert r["logits_shape"] == (2, w.SEQLEN, 32), "logits must be vocab-local (padded vocab 64 / tp 2)"
