@@ -30,17 +30,11 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _launch_config(P: int, dstate: int) -> dict:
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    # On GPU, 64 channels x 16 states keep the state in 8 registers per thread of 4 warps; the interpreter pays per
-    # program, so it gets one program per group. Chunks of 64 steps bound the stored states to 1/64 of a state per
-    # step; the interpreter uses 16 so that short test sequences still span several chunks.
-    block_d = min(_next_power_of_2(P), 256 if interpreting else 64)
-    return dict(
-        CHUNK=16 if interpreting else 64,
-        BLOCK_D=block_d,
-        BLOCK_N=_next_power_of_2(dstate),
-        num_warps=4,
-    )
+    """Tile sizes: the scan tile is (BLOCK_D, BLOCK_N, CHUNK) fp32 in registers, several copies live at once."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter pays per program and per scanned element: one program per group, short chunks.
+        return dict(CHUNK=16, BLOCK_D=min(_next_power_of_2(P), 64), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
+    return dict(CHUNK=32, BLOCK_D=min(_next_power_of_2(P), 8), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -116,9 +110,6 @@ class _SelectiveScan(torch.autograd.Function):
         dD_part = _new((batch, dim), f32, dev) if D is not None else None
         dbias_part = _new((batch, dim), f32, dev) if delta_bias is not None else None
         dh0 = _new((batch, dim, dstate), f32, dev)
-        scratch = torch.empty(
-            (batch * groups * nblocks, cfg["CHUNK"] + 1, cfg["BLOCK_D"], cfg["BLOCK_N"]), dtype=f32, device=dev
-        )
         _scan_bwd_kernel[(batch, groups, nblocks)](
             u,
             delta,
@@ -132,7 +123,6 @@ class _SelectiveScan(torch.autograd.Function):
             chunk_states,
             dout,
             dlast,
-            scratch,
             du,
             ddelta,
             dz,
