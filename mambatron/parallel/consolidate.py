@@ -167,7 +167,8 @@ def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -
 
     ZeRO 1-3: the fp32 master weights are gathered from the data-parallel partitions with DeepSpeed's
     ``get_fp32_state_dict_from_zero_checkpoint``, one TP rank at a time (it refuses TP > 1 checkpoints as a whole).
-    Without ZeRO partitions the module weights saved in ``mp_rank_XX_model_states.pt`` are used.
+    Without ZeRO partitions (stage 0) the module weights saved in ``mp_rank_XX_model_states.pt`` are used, cast
+    to fp32: exact for fp32 training, the bf16 weights (not the fp32 masters) for bf16 training.
     """
     if tag is None:
         with open(os.path.join(checkpoint_dir, "latest")) as f:
@@ -198,13 +199,19 @@ def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
             for path in glob.glob(os.path.join(step_dir, f"*{suffix}_*states.pt")):
                 os.symlink(os.path.abspath(path), os.path.join(view, os.path.basename(path)))
             try:
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step")
-                return {k: v.float() for k, v in state.items() if not k.endswith(_EXTRA_STATE)}
+                return _as_fp32(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step"))
             except ValueError:
                 pass  # not ZeRO-partitioned (e.g. stage 0): the saved module weights are complete
     model_files = sorted(glob.glob(os.path.join(step_dir, f"*{suffix}_model_states.pt")))
-    module = torch.load(model_files[0], map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items() if not k.endswith(_EXTRA_STATE)}
+    return _as_fp32(torch.load(model_files[0], map_location="cpu", weights_only=False)["module"])
+
+
+def _as_fp32(state: StateDict) -> StateDict:
+    return {
+        k: v.float() if v.is_floating_point() else v
+        for k, v in state.items()
+        if not k.endswith(_EXTRA_STATE) and v is not None
+    }
 
 
 def _check_sizes(full: torch.Tensor, layout: Layout, tp_size: int) -> None:
