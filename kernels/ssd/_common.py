@@ -18,9 +18,7 @@ def _first_config_when_interpreting(configs, named_args, **kwargs):
 
 def autotune_warps(key: list[str]):
     """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers)."""
-    configs = [
-        triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3), (4, 1), (8, 1))
-    ]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3))]
     return triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": _first_config_when_interpreting}
     )

@@ -12,11 +12,12 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
 - `_chunk_scan_bwd_dstates_kernel`: dprev_states[c] = sum_l exp(dA_cumsum[l]) dy[l]^T C[l], for state passing.
 - `_chunk_scan_bwd_dx_kernel`: per position s, G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l]
   + exp(dA_cumsum[last] - dA_cumsum[s]) dstates[c] B[s] (the second term from chunk_state), then dx = dt G + D dy,
-  ddt = x · G, dD. It also forms the gradient w.r.t. dA_cumsum without any (chunk, chunk) work per head: the
-  diagonal block and the entering-state term depend on dA_cumsum[l] through y[l] - D x[l] as a whole (row sums of
-  dy[l] · y[l]), on dA_cumsum[s] with the opposite sign through dt[s] ddt[s] (column sums), and chunk_state adds
-  dt[s] ddt_state[s] to the chunk's last position. y is the forward output (before the gate) saved for backward.
-- `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group.
+  ddt = x · G, dD. Gradient w.r.t. dA_cumsum: the diagonal block depends on dA_cumsum[s] (columns, opposite sign)
+  through dt[s] ddt_diag[s], chunk_state likewise through dt[s] ddt_state[s] (which it adds to the chunk's last
+  position), and the entering-state term on dA_cumsum[l] through dy[l] · y_prev[l], with y_prev recomputed in fp32
+  here (a bf16 copy of the output would cost dA its accuracy).
+- `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group,
+  and per head the diagonal block's dependence on dA_cumsum[l] (rows): sum_s dCB_head[l, s] CB[l, s].
 - `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
   dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group.
 """
@@ -216,10 +217,11 @@ def _chunk_scan_bwd_dstates_kernel(
 @autotune_warps(key=_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    CB_ptr, x_ptr, dy_ptr, y_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
+    CB_ptr, x_ptr, dy_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, C_ptr, prev_states_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
     dx_ptr, ddt_ptr, ddA_cumsum_ptr, ddA_chunk_part_ptr, dD_part_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -263,28 +265,32 @@ def _chunk_scan_bwd_dx_kernel(
         )
         acc += tl.dot((CBT * decay).to(dot_dtype), dy_l.to(dot_dtype))
 
-    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
+    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk;
+    # and the entering state's output exp(dA_cumsum[s]) prev_state C[s], recomputed in fp32 for ddA_cumsum.
     B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
-    dstates_base = dstates_ptr + ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
+    C_base = C_ptr + batch * stride_C_b + chunk_start * stride_C_l + group * stride_C_g
+    state_base = ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
     acc_state = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    y_prev = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
     for n0 in range(0, dstate, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        B = tl.load(
-            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-            mask=in_s[:, None] & (offs_n[None, :] < dstate),
-            other=0.0,
-        )
-        dstatesT = tl.load(
-            dstates_base + offs_p[None, :] * dstate + offs_n[:, None],
-            mask=in_p[None, :] & (offs_n[:, None] < dstate),
-            other=0.0,
-        )
+        row_mask = in_s[:, None] & (offs_n[None, :] < dstate)
+        stateT_offs = state_base + offs_p[None, :] * dstate + offs_n[:, None]
+        stateT_mask = in_p[None, :] & (offs_n[:, None] < dstate)
+        B = tl.load(B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=row_mask, other=0.0)
+        dstatesT = tl.load(dstates_ptr + stateT_offs, mask=stateT_mask, other=0.0)
         acc_state += tl.dot(B.to(dot_dtype), dstatesT.to(dot_dtype))
+        C = tl.load(C_base + offs_s[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=row_mask, other=0.0)
+        prev_stateT = tl.load(prev_states_ptr + stateT_offs, mask=stateT_mask, other=0.0)
+        y_prev += tl.dot(C.to(dot_dtype), prev_stateT.to(dot_dtype))
     state_weight = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_s)
+    prev_scale = tl.exp(dA_cumsum_s)
     if HAS_SEQ_IDX:
         doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
+        owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
         doc_s = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_s, mask=in_s, other=-1)
         state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
+        prev_scale = tl.where(doc_s == owner, prev_scale, 0.0)
     acc_state *= state_weight[:, None]
 
     x = tl.load(
@@ -301,18 +307,17 @@ def _chunk_scan_bwd_dx_kernel(
     ddt_state = tl.sum(x * acc_state, axis=1)
     ddt = tl.sum(x * acc, axis=1) + ddt_state
     dx = dt_s[:, None] * (acc + acc_state)
-    y_offs = ((batch * seqlen + chunk_start + offs_s[:, None]) * nheads + head) * headdim + offs_p[None, :]
-    y = tl.load(y_ptr + y_offs, mask=tile_mask, other=0.0).to(tl.float32)
     if HAS_D:
         D = _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM)
         dx += D * dy
-        y -= D * x
         part = ((batch * nchunks + chunk) * tl.num_programs(1) + pid_s) * nheads + head
         tl.store(dD_part_ptr + part * headdim + offs_p, tl.sum(dy * x, axis=0), mask=in_p)
-    tl.store(dx_ptr + y_offs, dx, mask=tile_mask)
+    dx_offs = ((batch * seqlen + chunk_start + offs_s[:, None]) * nheads + head) * headdim + offs_p[None, :]
+    tl.store(dx_ptr + dx_offs, dx, mask=tile_mask)
     in_chunk = offs_s < chunk_size
     tl.store(ddt_ptr + row + offs_s, ddt, mask=in_chunk)
-    tl.store(ddA_cumsum_ptr + row + offs_s, tl.sum(dy * y, axis=1) - dt_s * ddt, mask=in_chunk)
+    ddA_cumsum = prev_scale * tl.sum(dy * y_prev, axis=1) - dt_s * ddt
+    tl.store(ddA_cumsum_ptr + row + offs_s, ddA_cumsum, mask=in_chunk)
     part = ((batch * nheads + head) * nchunks + chunk) * tl.num_programs(1) + pid_s
     tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
 
@@ -320,7 +325,7 @@ def _chunk_scan_bwd_dx_kernel(
 @autotune_warps(key=["chunk_size", "headdim", "BLOCK_L", "BLOCK_P"])
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
-    dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, dCB_ptr,
+    dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_rows_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -328,14 +333,23 @@ def _chunk_scan_bwd_dcb_kernel(
     pid = tl.program_id(0)
     pid_l = tl.program_id(1)
     pid_s = tl.program_id(2)
-    if pid_s <= pid_l:
-        ngroups = nheads // heads_per_group
-        group = pid % ngroups
-        chunk = (pid // ngroups) % nchunks
-        batch = pid // (ngroups * nchunks)
+    ngroups = nheads // heads_per_group
+    group = pid % ngroups
+    chunk = (pid // ngroups) % nchunks
+    batch = pid // (ngroups * nchunks)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    rows_offs = (batch * nheads * nchunks + chunk) * tl.num_programs(2) + pid_s
+    rows_stride_head = nchunks * tl.num_programs(2) * chunk_size
+    rows_ptrs = ddA_rows_ptr + rows_offs * chunk_size + offs_l
+    if pid_s > pid_l:
+        for i in range(heads_per_group):
+            head = group * heads_per_group + i
+            tl.store(
+                rows_ptrs + head * rows_stride_head, tl.zeros((BLOCK_L,), dtype=tl.float32), mask=offs_l < chunk_size
+            )
+    else:
         chunk_start = chunk * chunk_size
         chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-        offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
         offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
         offs_p = tl.arange(0, BLOCK_P)
         in_l = offs_l < chunk_len
@@ -343,6 +357,12 @@ def _chunk_scan_bwd_dcb_kernel(
         in_p = offs_p < headdim
         causal = offs_s[None, :] <= offs_l[:, None]
         dot_dtype = x_ptr.dtype.element_ty
+        CB_base = CB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
+        CB = tl.load(
+            CB_base + offs_l[:, None] * chunk_size + offs_s[None, :],
+            mask=in_l[:, None] & in_s[None, :] & causal,
+            other=0.0,
+        )
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for i in range(heads_per_group):
             head = group * heads_per_group + i
@@ -365,7 +385,10 @@ def _chunk_scan_bwd_dcb_kernel(
             dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
             dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
             decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
-            acc += tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * dt_s[None, :]
+            dCB_head = tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * dt_s[None, :]
+            acc += dCB_head
+            # The diagonal block's dependence on dA_cumsum[l] (row sums; the column sums come from the dx kernel).
+            tl.store(rows_ptrs + head * rows_stride_head, tl.sum(dCB_head * CB, axis=1), mask=offs_l < chunk_size)
         if HAS_SEQ_IDX:
             doc_base = seq_idx_ptr + batch * seqlen + chunk_start
             doc_l = tl.load(doc_base + offs_l, mask=in_l, other=-1)
@@ -553,14 +576,15 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     return dprev_states
 
 
-def chunk_scan_bwd_dx(CB, x, dy, y, dt, dA_cumsum, B, dstates, D=None, seq_idx=None):
-    """CB: from bmm_chunk_fwd; x: (batch, seqlen, nheads, headdim); dy, y: like x, contiguous (the gradient w.r.t.
-    and the value of the output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size);
-    B: (batch, seqlen, ngroups, dstate); dstates: (batch, nchunks, nheads, headdim, dstate) from state_passing_bwd.
+def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=None, seq_idx=None):
+    """CB: from bmm_chunk_fwd; x: (batch, seqlen, nheads, headdim); dy: like x, contiguous (the gradient w.r.t. the
+    output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); B, C: (batch, seqlen, ngroups,
+    dstate); prev_states: from state_passing_fwd; dstates: (batch, nchunks, nheads, headdim, dstate) from
+    state_passing_bwd.
 
-    Returns dx (like x, in x's dtype); ddt_out, ddA_cumsum: (batch, nheads, nchunks, chunk_size) fp32;
-    ddA_chunk: (batch, nheads, nchunks) fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D,
-    fp32) or None.
+    Returns dx (like x, in x's dtype); ddt_out, ddA_cumsum: (batch, nheads, nchunks, chunk_size) fp32 (ddA_cumsum
+    without the diagonal block's row sums, which chunk_scan_bwd_dcb returns); ddA_chunk: (batch, nheads, nchunks)
+    fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D, fp32) or None.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
@@ -572,10 +596,10 @@ def chunk_scan_bwd_dx(CB, x, dy, y, dt, dA_cumsum, B, dstates, D=None, seq_idx=N
     ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), x.device, torch.float32)
     dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), x.device, torch.float32) if D is not None else None
     _chunk_scan_bwd_dx_kernel[(batch * nchunks * nheads, ntiles)](
-        CB, x, dy, y, dt, dA_cumsum, B, dstates, D, seq_idx,
+        CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D, seq_idx,
         dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
-        *x.stride(), *B.stride(),
+        *x.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
     )  # fmt: skip
@@ -587,23 +611,27 @@ def chunk_scan_bwd_dx(CB, x, dy, y, dt, dA_cumsum, B, dstates, D=None, seq_idx=N
     return dx, ddt_out, ddA_cumsum, ddA_chunk_part.sum(-1), dD
 
 
-def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, ngroups, seq_idx=None):
-    """dy: (batch, seqlen, nheads, headdim) contiguous; x: like dy; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size).
+def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
+    """dy: (batch, seqlen, nheads, headdim) contiguous; x: like dy; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size);
+    CB: (batch, nchunks, ngroups, chunk_size, chunk_size) from bmm_chunk_fwd.
 
-    Returns dCB: (batch, nchunks, ngroups, chunk_size, chunk_size) fp32, the gradient w.r.t. bmm_chunk_fwd's CB,
-    valid where s <= l.
+    Returns dCB: like CB, the gradient w.r.t. it (valid where s <= l), and ddA_rows: (batch, nheads, nchunks,
+    chunk_size), the gradient w.r.t. dA_cumsum[l] of the diagonal block through its rows, both fp32.
     """
     batch, seqlen, nheads, headdim = x.shape
+    ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
     dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), x.device, torch.float32)
+    # One partial row sum per tile of s; the tiles above the diagonal write zeros.
+    ddA_rows = new_output((batch, nheads, nchunks, ntiles, chunk_size), x.device, torch.float32)
     _chunk_scan_bwd_dcb_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
-        dy, x, dt, dA_cumsum, seq_idx, dCB,
+        dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_rows,
         seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
         *x.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
     )  # fmt: skip
-    return dCB
+    return dCB, ddA_rows.sum(3)
 
 
 def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None):

@@ -3,7 +3,8 @@
 Forward: chunk_cumsum → chunk_state → state_passing → bmm_chunk → chunk_scan (5 launches). Backward recomputes the
 chunk states and CB instead of saving them (they are the largest intermediates), then runs the fused gradient
 kernels of chunk_scan.py, state_passing's reverse recurrence and chunk_cumsum's backward (7 launches, 8 with z).
-Saved for backward: the inputs, the output (before the gate), and dt_out/dA_cumsum (batch·nheads·seqlen fp32 each).
+Saved for backward: the inputs, dt_out/dA_cumsum (batch·nheads·seqlen fp32 each), and with z the output before the
+gate (for dz).
 """
 
 import torch
@@ -44,36 +45,43 @@ class MambaChunkScanCombinedFn(torch.autograd.Function):
         prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
         CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
         out, out_x = chunk_scan_fwd(CB, x, dt_out, dA_cumsum, C, prev_states, D, z, seq_idx)
-        y = out if z is None else out_x
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y, dt_out, dA_cumsum)
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out_x, dt_out, dA_cumsum)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         ctx.set_materialize_grads(False)
         return out, final_states
 
     @staticmethod
     def backward(ctx, dout, dfinal_states):
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y, dt_out, dA_cumsum = ctx.saved_tensors
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out_x, dt_out, dA_cumsum = ctx.saved_tensors
         chunk_size = ctx.chunk_size
-        dout = torch.zeros_like(y) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
         if dfinal_states is not None:
             dfinal_states = dfinal_states.contiguous()
         states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
         prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
         del states
         CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
-        dy, dz = gate_bwd(dout, z, y, chunk_size) if z is not None else (dout, None)
+        dy, dz = gate_bwd(dout, z, out_x, chunk_size) if z is not None else (dout, None)
         dprev_states = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
         dstates, dinitial_states, ddA_chunk_passing = state_passing_bwd(
             prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx, _state_dtype(x)
         )
         del dprev_states
         dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(
-            CB, x, dy, y, dt_out, dA_cumsum, B, dstates, D, seq_idx
+            CB, x, dy, dt_out, dA_cumsum, B, C, prev_states, dstates, D, seq_idx
         )
-        dCB = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, B.shape[2], seq_idx)
+        dCB, ddA_rows = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
         dB, dC = chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx)
         ddt, dA, ddt_bias = chunk_cumsum_bwd(
-            ddA_cumsum, ddA_chunk + ddA_chunk_passing, ddt_out, dt, A, dt_out, dt_bias, ctx.dt_softplus, ctx.dt_limit
+            ddA_cumsum + ddA_rows,
+            ddA_chunk + ddA_chunk_passing,
+            ddt_out,
+            dt,
+            A,
+            dt_out,
+            dt_bias,
+            ctx.dt_softplus,
+            ctx.dt_limit,
         )
         return (
             dx,
