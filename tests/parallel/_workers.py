@@ -210,6 +210,11 @@ def zero_config(arch: str, stage: int, variant: str = "fp32", tp: int = 2) -> Co
 STEPS = 5
 
 
+def lr_at(config: Config, step: int) -> float:
+    """A warm-up ramp, written into the optimizer's param groups every step."""
+    return config.optim.lr * (step + 1) / STEPS
+
+
 def training_batches(config: Config, dp_size: int, seed: int = 11) -> torch.Tensor:
     """Token ids (steps, dp, grad_accum, micro_batch, seq_len + 1): one global batch per step."""
     gen = torch.Generator().manual_seed(seed)
@@ -227,6 +232,8 @@ def reference_training(config: Config, dp_size: int) -> dict:
     losses, norms = [], []
     n_micro = dp_size * config.train.grad_accum
     for step in range(STEPS):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(config, step)
         opt.zero_grad()
         total = 0.0
         for dp in range(dp_size):
@@ -261,6 +268,8 @@ def zero_training(info: DistInfo, runs: list[tuple[str, int, str]], checkpoint_r
         data = training_batches(config, info.dp_size)
         losses, norms = [], []
         for step in range(STEPS):
+            for group in engine.optimizer.param_groups:  # as the trainer sets its schedule
+                group["lr"] = lr_at(config, step)
             total = 0.0
             for a in range(config.train.grad_accum):
                 x = data[step, info.dp_rank, a]
