@@ -110,7 +110,14 @@ class Trainer:
 
         model = build_model(self.config.model, projections, device="meta")
         model.to_empty(device=self.dist.device)
-        model.init_weights(seed=self.config.train.seed + 1000 * self.dist.tp_rank)
+        if self.dist.tp_size > 1:
+            from mambatron.parallel.consolidate import init_weights_like_tp1
+
+            # Each shard gets exactly its slice of the TP=1 initialisation: a run starts the same at every TP size.
+            d = self.dist
+            init_weights_like_tp1(model, self.config.model, self.config.train.seed, d.tp_size, d.tp_rank)
+        else:
+            model.init_weights(seed=self.config.train.seed)
         init_from = self.config.train.init_from
         if init_from and ckpt.latest_checkpoint(self.out_dir) is None:
             self._load_initial_weights(model, init_from)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, losses, train_env
+from tests.train.conftest import REPO, TINY, losses, run_train, train_env
 
 
 @pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 2)], ids=["dp2-to-dp1", "tp1-to-tp2"])
@@ -34,3 +34,17 @@ def test_resume_on_another_layout(ref_run, tmp_path, nproc, tp):
         # The data streams restart on a new layout, so the loss is not the reference's, but it continues from a
         # trained model, not from scratch (~5.6 at init).
         assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
+
+
+def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
+    """A TP=2 run (CLI, meta-device build, vocab-parallel loss, eval) starts exactly like the TP=1 model and follows
+    the same loss curve up to float reduction order."""
+    common = [*TINY, *tiny_data, "train.max_steps=4", "train.eval_every=4", "train.eval_steps=2"]
+    run_train(1, [*common, f"train.out_dir={tmp_path / 'tp1'}"])
+    run_train(2, [*common, f"train.out_dir={tmp_path / 'tp2'}", "parallel.tp=2"])
+    tp1, tp2 = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
+    assert sorted(tp2) == [1, 2, 3, 4]
+    for step in tp1:
+        assert tp2[step] == pytest.approx(tp1[step], abs=1e-5), (step, tp1, tp2)
+    val = [json.loads(x) for x in (tmp_path / "tp2" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
+    assert len(val) == 1 and val[0]["step"] == 4
