@@ -7,7 +7,8 @@ embedding, LM head and loss, and size their local parameters with ``tp_size``:
   parallelism, gathered inside), output ``(batch, seqlen, out_f // tp)``.
 - ``row(in_f, out_f, bias, scatter=True)``: input ``(batch, seqlen, in_f // tp)``; output reduced over TP,
   ``(batch, seqlen_local, out_f)`` (reduce-scattered along the sequence under SP). ``scatter=False`` always
-  all-reduces and keeps the full sequence (Mamba1's small x_proj output).
+  all-reduces and keeps the full sequence (Mamba1's small x_proj output); it is for outputs that every rank
+  consumes with its own channels, so their gradient is summed over TP as well.
 - ``embedding(vocab, dim)``: ``(batch, seqlen)`` ids → ``(batch, seqlen_local, dim)``.
 - ``lm_head(hidden, weight)``: ``(batch, seqlen_local, dim)`` → vocab-local logits ``(batch, seqlen, vocab // tp)``.
 - ``cross_entropy(logits_local, labels)`` → per-token loss ``(batch, seqlen)``; labels ``< 0`` are ignored.
@@ -15,7 +16,9 @@ embedding, LM head and loss, and size their local parameters with ``tp_size``:
 - ``mark_sequence_parallel(param)``: tags parameters used in sequence-sharded regions (norm weights) so their
   gradients are reduced over TP.
 
-:class:`LocalProjections` is the TP=1 implementation; ``mambatron.parallel.megatron`` provides the megatron-core one.
+:class:`LocalProjections` is the TP=1 implementation; ``mambatron.parallel.megatron`` provides the megatron-core one
+(``mambatron.parallel.build_projections`` picks). A single token ``(batch, in_f)`` (recurrent generation) is accepted
+everywhere without sequence parallelism.
 """
 
 from __future__ import annotations
