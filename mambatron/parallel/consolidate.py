@@ -148,17 +148,19 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     c = model_cfg
-    load("embedding.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
-    for i in range(c.n_layer):
-        block = Block(c, i, LocalProjections())
-        block.norm.weight.fill_(1.0)
-        block.mixer.init_weights(gen)
-        for name, full in block.state_dict().items():
-            load(f"layers.{i}.{name}", full)
-        del block
-    model.get_parameter("norm_f.weight").fill_(1.0)
-    if not c.tie_embeddings:
-        load("lm_head.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
+    with torch.device("cpu"):
+        load("embedding.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
+        for i in range(c.n_layer):
+            block = Block(c, i, LocalProjections())
+            block.norm.weight.fill_(1.0)
+            block.mixer.init_weights(gen)
+            for name, full in block.state_dict().items():
+                load(f"layers.{i}.{name}", full)
+            del block
+        model.get_parameter("norm_f.weight").fill_(1.0)
+        if not c.tie_embeddings:
+            head = torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen)
+            load("lm_head.weight", head)
 
 
 def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -> list[StateDict]:
