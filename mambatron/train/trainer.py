@@ -270,7 +270,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over ``train.eval_steps`` micro-batches of the validation split (the same ones every time)."""
+        """Mean loss over ``train.eval_steps`` micro-batches of the validation split (the same ones every time);
+        NaN when the split is empty."""
         self.engine.eval()
         loader = self.build_loader("val")
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
@@ -288,7 +289,7 @@ class Trainer:
             group = parallel_state.get_data_parallel_group()
             dist.all_reduce(total, group=group)
             dist.all_reduce(count, group=group)
-        return float(total / count.clamp_min(1))
+        return float(total / count) if count.item() else float("nan")
 
     # -------------------------------------------------------------------------------------------------- save
 
@@ -359,7 +360,11 @@ class Trainer:
             result = self.train_step()
             self._log(result)
             if tcfg.eval_every and self.step % tcfg.eval_every == 0:
-                self.metrics.log_eval(self.step, self.evaluate())
+                val_loss = self.evaluate()
+                if math.isnan(val_loss):
+                    self.metrics.print("the validation split has no batches: evaluation skipped")
+                else:
+                    self.metrics.log_eval(self.step, val_loss)
             if self._should_stop():
                 name = signal.Signals(self._stop_signal).name
                 self.metrics.print(f"got {name}: saving step {self.step} and exiting")
