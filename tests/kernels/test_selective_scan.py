@@ -21,7 +21,7 @@ def make_inputs(batch, dim, seqlen, dstate, groups, dtype, device, seed=0, with_
     bc_shape = (batch, dstate, seqlen) if groups is None else (batch, groups, dstate, seqlen)
     inputs = dict(
         u=rand(batch, dim, seqlen).to(dtype),
-        delta=(rand(batch, dim, seqlen) * 0.5).to(dtype),
+        delta=(torch.rand(batch, dim, seqlen, generator=g) * 0.5).to(dtype),  # dt > 0 also without softplus
         A=-torch.rand(dim, dstate, generator=g) * 3 - 0.1,
         B=rand(*bc_shape).to(dtype),
         C=rand(*bc_shape).to(dtype),
