@@ -50,16 +50,22 @@ PORT=${MAMBATRON_RDZV_PORT:-$((29500 + ${SLURM_JOB_ID:-0} % 1000))}
 echo "[train.sh] job $JOB (restart ${SLURM_RESTART_COUNT:-0}) nodes ${SLURM_NNODES:-1} x ${MAMBATRON_NPROC_PER_NODE}" \
      "processes, rendezvous $HEAD:$PORT, $(date -u +%FT%TZ)"
 
+# Forward USR1/TERM to the training processes (a signal that comes before srun has started is passed on after).
+SRUN="" PENDING=""
+forward() {
+  echo "[train.sh] got SIG$1, forwarding to the training processes"
+  if [ -n "$SRUN" ]; then kill -s "$1" "$SRUN" 2>/dev/null; else PENDING=$1; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
 # torchrun itself ignores SIGUSR1 (it would die of it); its training processes catch it and save.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c 'trap "" USR1; exec "$@"' torchrun \
   "$PY" -m torch.distributed.run --nnodes "${SLURM_NNODES:-1}" --nproc-per-node "$MAMBATRON_NPROC_PER_NODE" \
   --rdzv-backend c10d --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "$JOB" --max-restarts 0 \
   -m mambatron.train "$@" &
 SRUN=$!
-
-forward() { echo "[train.sh] got SIG$1, forwarding to the training processes"; kill -s "$1" "$SRUN" 2>/dev/null; }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+if [ -n "$PENDING" ]; then forward "$PENDING"; fi
 # `wait` returns early whenever a trapped signal arrives: keep waiting until srun itself has exited.
 while :; do
   wait "$SRUN"; rc=$?

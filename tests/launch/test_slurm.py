@@ -78,8 +78,8 @@ def test_sbatch_dry_run_prints_7b_plan(slurm_cluster, tmp_path):
 
 
 def test_sbatch_train_and_time_limit_requeue(slurm_cluster, tiny_data, tmp_path):
-    steps = 300
-    common = [*TINY, *tiny_data, f"train.max_steps={steps}", "train.save_every=100", "train.log_every=50",
+    steps = 500
+    common = [*TINY, *tiny_data, f"train.max_steps={steps}", "train.save_every=200", "train.log_every=50",
               "parallel.zero_stage=1"]  # fmt: skip
     base = ["--nodes=2", "--gpus-per-node=0", "--open-mode=append"]
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
@@ -88,10 +88,11 @@ def test_sbatch_train_and_time_limit_requeue(slurm_cluster, tiny_data, tmp_path)
     ref = sbatch([*base, "--time=10", "launch/train.sh", "--config", "configs/tiny.yaml", "--set", *common,
                   f"train.out_dir={ref_dir}"], ref_log)  # fmt: skip
     # The same job with a signal 90 s before its time limit; once it is training, its limit is cut to 2 minutes,
-    # so slurmctld sends SIGUSR1 at its next check (the signal time is already past), well before the hard limit.
+    # so slurmctld sends SIGUSR1 at its next time-limit check (<= 30 s; the signal time is already past), well
+    # before the hard limit and before the 500 steps are done.
     cut = sbatch([*base, "--time=10", "--signal=B:USR1@90", "launch/train.sh", "--config", "configs/tiny.yaml",
                   "--set", *common, f"train.out_dir={cut_dir}"], cut_log)  # fmt: skip
-    wait_for(lambda: last_step(cut_dir) >= 20, 180, "the second job to start training", cut_log)
+    wait_for(lambda: last_step(cut_dir) >= 1, 180, "the second job to start training", cut_log)
     subprocess.run(["scontrol", "update", f"JobId={cut}", "TimeLimit=2"], check=True)
     wait_for(lambda: int(job_info(cut).get("Restarts", "0")) >= 1, 150, "the job to requeue itself", cut_log)
     # Give the requeued run its full time back so that it finishes.
