@@ -12,12 +12,12 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
 - `_chunk_scan_bwd_dstates_kernel`: dprev_states[c] = sum_l exp(dA_cumsum[l]) dy[l]^T C[l], for state passing.
 - `_chunk_scan_bwd_dx_kernel`: per position s, G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l]
   + exp(dA_cumsum[last] - dA_cumsum[s]) dstates[c] B[s] (the second term from chunk_state), then dx = dt G + D dy,
-  ddt = x · G, dD. Gradient w.r.t. dA_cumsum: the diagonal block depends on dA_cumsum[s] (columns, opposite sign)
-  through dt[s] ddt_diag[s], chunk_state likewise through dt[s] ddt_state[s] (which it adds to the chunk's last
-  position), and the entering-state term on dA_cumsum[l] through dy[l] · y_prev[l], with y_prev recomputed in fp32
-  here (a bf16 copy of the output would cost dA its accuracy).
+  ddt = x · G, dD. Gradient w.r.t. dA_cumsum: chunk_state's depends on dA_cumsum[s] through -dt[s] ddt_state[s]
+  (and the chunk's last position collects the opposite total), and the entering-state term on dA_cumsum[l] through
+  dy[l] · y_prev[l], with y_prev recomputed in fp32 here (a bf16 copy of the output would cost dA its accuracy).
 - `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group,
-  and per head the diagonal block's dependence on dA_cumsum[l] (rows): sum_s dCB_head[l, s] CB[l, s].
+  and per head the diagonal block's gradient w.r.t. dA_cumsum: with T = dCB_head · CB, row sums of T for
+  dA_cumsum[l] minus column sums for dA_cumsum[s].
 - `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
   dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group.
 """
@@ -316,7 +316,7 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(dx_ptr + dx_offs, dx, mask=tile_mask)
     in_chunk = offs_s < chunk_size
     tl.store(ddt_ptr + row + offs_s, ddt, mask=in_chunk)
-    ddA_cumsum = prev_scale * tl.sum(dy * y_prev, axis=1) - dt_s * ddt
+    ddA_cumsum = prev_scale * tl.sum(dy * y_prev, axis=1) - dt_s * ddt_state
     tl.store(ddA_cumsum_ptr + row + offs_s, ddA_cumsum, mask=in_chunk)
     part = ((batch * nheads + head) * nchunks + chunk) * tl.num_programs(1) + pid_s
     tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
@@ -325,7 +325,7 @@ def _chunk_scan_bwd_dx_kernel(
 @autotune_warps(key=["chunk_size", "headdim", "BLOCK_L", "BLOCK_P"])
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
-    dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_rows_ptr,
+    dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_diag_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -338,19 +338,23 @@ def _chunk_scan_bwd_dcb_kernel(
     chunk = (pid // ngroups) % nchunks
     batch = pid // (ngroups * nchunks)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    rows_offs = (batch * nheads * nchunks + chunk) * tl.num_programs(2) + pid_s
-    rows_stride_head = nchunks * tl.num_programs(2) * chunk_size
-    rows_ptrs = ddA_rows_ptr + rows_offs * chunk_size + offs_l
+    offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
+    # Partial sums of the diagonal block's gradient w.r.t. dA_cumsum, (batch, nheads, nchunks, 2 * ntiles, chunk_size):
+    # row sums (for dA_cumsum[l]) at slot pid_s, negated column sums (for dA_cumsum[s]) at slot ntiles + pid_l.
+    ntiles = tl.num_programs(1)
+    diag_stride_head = nchunks * 2 * ntiles * chunk_size
+    diag_base = ddA_diag_ptr + (batch * nheads * nchunks + chunk) * 2 * ntiles * chunk_size
+    rows_ptrs = diag_base + pid_s * chunk_size + offs_l
+    cols_ptrs = diag_base + (ntiles + pid_l) * chunk_size + offs_s
     if pid_s > pid_l:
         for i in range(heads_per_group):
             head = group * heads_per_group + i
-            tl.store(
-                rows_ptrs + head * rows_stride_head, tl.zeros((BLOCK_L,), dtype=tl.float32), mask=offs_l < chunk_size
-            )
+            zeros = tl.zeros((BLOCK_L,), dtype=tl.float32)
+            tl.store(rows_ptrs + head * diag_stride_head, zeros, mask=offs_l < chunk_size)
+            tl.store(cols_ptrs + head * diag_stride_head, zeros, mask=offs_s < chunk_size)
     else:
         chunk_start = chunk * chunk_size
         chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
-        offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
         offs_p = tl.arange(0, BLOCK_P)
         in_l = offs_l < chunk_len
         in_s = offs_s < chunk_len
@@ -387,8 +391,11 @@ def _chunk_scan_bwd_dcb_kernel(
             decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
             dCB_head = tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * dt_s[None, :]
             acc += dCB_head
-            # The diagonal block's dependence on dA_cumsum[l] (row sums; the column sums come from the dx kernel).
-            tl.store(rows_ptrs + head * rows_stride_head, tl.sum(dCB_head * CB, axis=1), mask=offs_l < chunk_size)
+            # Rows and columns are summed from the same fp32 products, so their totals (equal in exact arithmetic)
+            # cancel to fp32 rounding; dA sums over the whole sequence and would otherwise inherit bf16 rounding.
+            ddA_diag = dCB_head * CB
+            tl.store(rows_ptrs + head * diag_stride_head, tl.sum(ddA_diag, axis=1), mask=offs_l < chunk_size)
+            tl.store(cols_ptrs + head * diag_stride_head, -tl.sum(ddA_diag, axis=0), mask=offs_s < chunk_size)
         if HAS_SEQ_IDX:
             doc_base = seq_idx_ptr + batch * seqlen + chunk_start
             doc_l = tl.load(doc_base + offs_l, mask=in_l, other=-1)
@@ -615,23 +622,23 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     """dy: (batch, seqlen, nheads, headdim) contiguous; x: like dy; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size);
     CB: (batch, nchunks, ngroups, chunk_size, chunk_size) from bmm_chunk_fwd.
 
-    Returns dCB: like CB, the gradient w.r.t. it (valid where s <= l), and ddA_rows: (batch, nheads, nchunks,
-    chunk_size), the gradient w.r.t. dA_cumsum[l] of the diagonal block through its rows, both fp32.
+    Returns dCB: like CB, the gradient w.r.t. it (valid where s <= l), and ddA_diag: (batch, nheads, nchunks,
+    chunk_size), the gradient w.r.t. dA_cumsum of the diagonal block, both fp32.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
     dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), x.device, torch.float32)
-    # One partial row sum per tile of s; the tiles above the diagonal write zeros.
-    ddA_rows = new_output((batch, nheads, nchunks, ntiles, chunk_size), x.device, torch.float32)
+    # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
+    ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), x.device, torch.float32)
     _chunk_scan_bwd_dcb_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
-        dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_rows,
+        dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
         seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
         *x.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
     )  # fmt: skip
-    return dCB, ddA_rows.sum(3)
+    return dCB, ddA_diag.sum(3)
 
 
 def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None):

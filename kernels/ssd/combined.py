@@ -70,10 +70,10 @@ class MambaChunkScanCombinedFn(torch.autograd.Function):
         dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(
             CB, x, dy, dt_out, dA_cumsum, B, C, prev_states, dstates, D, seq_idx
         )
-        dCB, ddA_rows = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
+        dCB, ddA_diag = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
         dB, dC = chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx)
         ddt, dA, ddt_bias = chunk_cumsum_bwd(
-            ddA_cumsum + ddA_rows,
+            ddA_cumsum + ddA_diag,
             ddA_chunk + ddA_chunk_passing,
             ddt_out,
             dt,
