@@ -10,6 +10,6 @@ PY=${MAMBATRON_PYTHON:-$([ -x .venv/bin/python ] && echo "$ROOT/.venv/bin/python
 GPUS=$(command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | wc -l || echo 0)
 NPROC=${MAMBATRON_NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 1)}
 export MAMBATRON_NPROC_PER_NODE=$NPROC PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-$USER}
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton-cache-$(id -un)}
 for arg in "$@"; do [ "$arg" = --dry-run ] && exec "$PY" -m mambatron.train "$@"; done
 exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m mambatron.train "$@"
