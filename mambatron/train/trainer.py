@@ -76,6 +76,8 @@ class Trainer:
         self.is_main = self.dist.rank == 0
         self._seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
+            # cuBLAS is deterministic only with a fixed workspace; must be set before the first matmul.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.model = self.build_model(build_projections(cfg.parallel, init_std=cfg.model.init_std))
         # DeepSpeed insists on LOCAL_RANK, which a plain single-process run does not set.
