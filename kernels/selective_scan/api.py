@@ -30,11 +30,11 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _launch_config(P: int, dstate: int) -> dict:
-    """Tile sizes: the scan tile is (BLOCK_D, BLOCK_N, CHUNK) fp32 in registers, several copies live at once."""
+    """Tile sizes: the kernels scan (BLOCK_D, CHUNK) fp32 tiles, one state index at a time."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter pays per program and per scanned element: one program per group, short chunks.
         return dict(CHUNK=16, BLOCK_D=min(_next_power_of_2(P), 64), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
-    return dict(CHUNK=32, BLOCK_D=min(_next_power_of_2(P), 8), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
+    return dict(CHUNK=256, BLOCK_D=min(_next_power_of_2(P), 8), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -105,8 +105,8 @@ class _SelectiveScan(torch.autograd.Function):
         ddelta = _new(delta.shape, delta.dtype, dev)
         dz = _new(z.shape, z.dtype, dev) if z is not None else None
         dA_part = _new((batch, dim, dstate), f32, dev)
-        dB_part = _new((batch, groups, nblocks, dstate, seqlen), f32, dev)
-        dC_part = _new((batch, groups, nblocks, dstate, seqlen), f32, dev)
+        dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
+        dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dD_part = _new((batch, dim), f32, dev) if D is not None else None
         dbias_part = _new((batch, dim), f32, dev) if delta_bias is not None else None
         dh0 = _new((batch, dim, dstate), f32, dev)
@@ -127,8 +127,8 @@ class _SelectiveScan(torch.autograd.Function):
             ddelta,
             dz,
             dA_part,
-            dB_part,
-            dC_part,
+            dB_acc,
+            dC_acc,
             dD_part,
             dbias_part,
             dh0,
@@ -147,8 +147,8 @@ class _SelectiveScan(torch.autograd.Function):
             **cfg,
         )
         dA = dA_part.sum(0).to(A.dtype)
-        dB = dB_part.sum(2).to(B.dtype)
-        dC = dC_part.sum(2).to(C.dtype)
+        dB = dB_acc.to(B.dtype)
+        dC = dC_acc.to(C.dtype)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         ddelta_bias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinitial = dh0.to(initial_state.dtype) if initial_state is not None else None

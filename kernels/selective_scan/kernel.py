@@ -1,12 +1,12 @@
 """Triton kernels of the Mamba1 selective scan, forward and backward.
 
 One program owns (one batch row, one group, BLOCK_D channels of that group) and walks the sequence in chunks of
-CHUNK steps, carrying its (BLOCK_D, dstate) fp32 state from chunk to chunk in registers. Inside a chunk, the
-recurrence h_t = a_t * h_{t-1} + b_t over a (BLOCK_D, dstate, CHUNK) register tile is one ``tl.associative_scan``
-(a parallel prefix over time on pairs (a, b)), so every load and store is a coalesced (rows, CHUNK) tile and no step
-waits on the previous one's memory latency. The forward stores only the state at each chunk start (1/CHUNK of a state
-per step); the backward walks the chunks last to first, recomputes the chunk's states from that, and runs the adjoint
-recurrence dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse scan.
+CHUNK steps, carrying its (BLOCK_D, dstate) fp32 state from chunk to chunk in registers. Inside a chunk it loops over
+the state index n; for each, the recurrence h_t = a_t * h_{t-1} + b_t over a (BLOCK_D, CHUNK) tile is one
+``tl.associative_scan`` on pairs (a, b) along time, so every load and store is a coalesced (rows, CHUNK) tile, no step
+waits on the previous one's memory latency, and registers stay bounded for long chunks. The forward stores only the
+state at each chunk start (1/CHUNK of a state per step); the backward walks the chunks last to first, recomputes each
+chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse scan.
 
 Tensors are contiguous: u, delta, z, out (batch, dim, seqlen); A (dim, dstate); B, C (batch, groups, dstate, seqlen);
 channel d of group g is g * P + p with P = dim // groups. Everything is computed in fp32 and cast on store.
@@ -15,7 +15,7 @@ channel d of group g is g * P + p with P = dim // groups. Everything is computed
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -96,8 +96,6 @@ def _scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     offs_t = tl.arange(0, CHUNK)
 
-    # A is pre-scaled by log2(e) so the decay is a single exp2.
-    A2 = tl.load(A_ptr + d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
@@ -110,7 +108,7 @@ def _scan_fwd_kernel(
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
 
     row = (pid_b * dim + d).to(tl.int64) * seqlen  # (BLOCK_D,)
-    bc_row = ((pid_b * groups + pid_g) * dstate + offs_n).to(tl.int64) * seqlen  # (BLOCK_N,)
+    bc_base = ((pid_b * groups + pid_g) * dstate).to(tl.int64) * seqlen  # B[b, g, 0, 0]
     chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
@@ -123,19 +121,25 @@ def _scan_fwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
         dt, _ = _load_dt(delta_ptr, io_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        bc_offs = bc_row[:, None] + t[None, :]
-        bc_mask = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])  # (BLOCK_D, BLOCK_N, CHUNK)
-        a = tl.where(_doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, None, :], 0.0, a)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((a, b), 2, _first_order)
-        hs = a_cum * h[:, :, None] + b_cum
-        y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
-        # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
-        h = tl.sum(tl.where((offs_t == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        dtu = dt * u
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        h_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks.
+        for n in range(dstate):
+            A2_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
+            B_n = tl.load(B_ptr + bc_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + bc_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
+            a_cum, b_cum = tl.associative_scan((a, dtu * B_n[None, :]), 1, _first_order)
+            is_n = (offs_n == n)[None, :]
+            h_n = tl.sum(tl.where(is_n, h, 0.0), axis=1)
+            hs = a_cum * h_n[:, None] + b_cum
+            y += hs * C_n[None, :]
+            # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
+            h_last = tl.sum(tl.where((offs_t == CHUNK - 1)[None, :], hs, 0.0), axis=1)
+            h_next = tl.where(is_n, h_last[:, None], h_next)
+        h = h_next
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
@@ -186,14 +190,12 @@ def _scan_bwd_kernel(
 ):
     """Gradients of one (batch row, group, channel block).
 
-    dA, dD, ddelta_bias are per-batch partial sums (batch, dim, ...); dB, dC are per-channel-block partial sums
-    (batch, groups, nblocks, dstate, seqlen). The caller reduces them, which keeps the kernel free of atomics and
-    deterministic.
+    dA, dD, ddelta_bias are per-batch partial sums (batch, dim, ...) that the caller reduces; dB, dC (batch, groups,
+    dstate, seqlen) fp32 must start at zero: every channel block adds its share atomically.
     """
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_d = tl.program_id(2)
-    nblocks = tl.num_programs(2)
     offs_p = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_p < P
     d = pid_g * P + offs_p
@@ -220,8 +222,7 @@ def _scan_bwd_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     row = (pid_b * dim + d).to(tl.int64) * seqlen
-    bc_row = ((pid_b * groups + pid_g) * dstate + offs_n).to(tl.int64) * seqlen
-    dbc_row = (((pid_b * groups + pid_g) * nblocks + pid_d) * dstate + offs_n).to(tl.int64) * seqlen
+    bc_base = ((pid_b * groups + pid_g) * dstate).to(tl.int64) * seqlen
     chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
@@ -235,52 +236,64 @@ def _scan_bwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
         dt, dt_raw = _load_dt(delta_ptr, io_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        bc_offs = bc_row[:, None] + t[None, :]
-        bc_mask = mask_n[:, None] & mask_t[None, :]
-        Bt = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0).to(tl.float32)
-
-        # Recompute the chunk's states.
-        a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-        a = tl.where(_doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, None, :], 0.0, a)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((a, b), 2, _first_order)
-        hs = a_cum * h0[:, :, None] + b_cum
-
-        dy = tl.load(dout_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
+        next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
+        dt_next, _ = _load_dt(delta_ptr, io_offs + 1, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
+        dtu = dt * u
+        dout = tl.load(dout_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
+        dy = dout
         if HAS_Z:
             z = tl.load(z_ptr + io_offs, mask=io_mask, other=0.0).to(tl.float32)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            sig = tl.sigmoid(z)
+            dy = dout * z * sig
+
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        dhB = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
+        ddt_decay = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n d loss / d (dt * A_n) * A_n
+        dh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + bc_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + bc_base + n * seqlen + t, mask=mask_t, other=0.0).to(tl.float32)
+            is_n = (offs_n == n)[None, :]
+            # Recompute the chunk's states for this n.
+            a = tl.where(starts, 0.0, tl.exp2(dt * (A_n * LOG2E)[:, None]))
+            b = dtu * B_n[None, :]
+            a_cum, b_cum = tl.associative_scan((a, b), 1, _first_order)
+            hs = a_cum * tl.sum(tl.where(is_n, h0, 0.0), axis=1)[:, None] + b_cum
+            if HAS_Z:
+                y += hs * C_n[None, :]
+            # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
+            a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
+            a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n[None, :]), 1, _first_order, reverse=True)
+            dhs = dy_rev + a_rev * tl.sum(tl.where(is_n, dh, 0.0), axis=1)[:, None]
+            dh_first = tl.sum(tl.where((offs_t == 0)[None, :], dhs, 0.0), axis=1)
+            dh_next = tl.where(is_n, dh_first[:, None], dh_next)
+
+            # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
+            bc_offs = bc_base + n * seqlen + t
+            tl.atomic_add(dC_ptr + bc_offs, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc_offs, tl.sum(dhs * dtu, axis=0), mask=mask_t, sem="relaxed")
+            dhB += dhs * B_n[None, :]
+            # d loss / d (dt * A) = dh_t * a_t * h_{t-1} = dh_t * (h_t - b_t): no need for the previous state.
+            dA_term = tl.where(mask_t[None, :], dhs * (hs - b), 0.0)
+            ddt_decay += dA_term * A_n[:, None]
+            dA_n = tl.sum(dA_term * dt, axis=1)
+            dA_acc = tl.where(is_n, dA_acc + dA_n[:, None], dA_acc)
+        dh = dh_next
+
+        if HAS_Z:
             if HAS_D:
                 y += Dv[:, None] * u
-            sig = tl.sigmoid(z)
-            dz = dy * y * sig * (1.0 + z * (1.0 - sig))
+            dz = dout * y * sig * (1.0 + z * (1.0 - sig))
             tl.store(dz_ptr + io_offs, dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
-            dy = dy * z * sig
-
-        # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
-        t_next = t + 1
-        next_mask = mask_d[:, None] & (t_next < seqlen)[None, :]
-        dt_next, _ = _load_dt(delta_ptr, io_offs + 1, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        a_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
-        a_next = tl.where(_doc_start(seq_ptr, t_next, seqlen, HAS_SEQ_IDX)[None, None, :], 0.0, a_next)
-        a_rev, dy_rev = tl.associative_scan((a_next, dy[:, None, :] * Ct[None, :, :]), 2, _first_order, reverse=True)
-        dhs = dy_rev + a_rev * dh[:, :, None]  # (BLOCK_D, BLOCK_N, CHUNK) adjoint of every state of the chunk
-        dh = tl.sum(tl.where((offs_t == 0)[None, None, :], dhs, 0.0), axis=2)
-
-        dC = tl.sum(dy[:, None, :] * hs, axis=0)  # (BLOCK_N, CHUNK)
-        dB = tl.sum(dhs * (dt * u)[:, None, :], axis=0)
-        tl.store(dC_ptr + dbc_row[:, None] + t[None, :], dC, mask=bc_mask)
-        tl.store(dB_ptr + dbc_row[:, None] + t[None, :], dB, mask=bc_mask)
-        dhB = tl.sum(dhs * Bt[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
         du = dhB * dt
         if HAS_D:
             du += dy * Dv[:, None]
             dD_acc += tl.sum(dy * u, axis=1)
-        # d loss / d (dt * A) = dh_t * a_t * h_{t-1} = dh_t * (h_t - b_t): no need for the previous state.
-        dA_term = tl.where(mask_t[None, None, :], dhs * (hs - b), 0.0)
-        ddt = dhB * u + tl.sum(dA_term * A[:, :, None], axis=1)
-        dA_acc += tl.sum(dA_term * dt[:, None, :], axis=2)
+        ddt = dhB * u + ddt_decay
         if DELTA_SOFTPLUS:
             ddt = ddt * tl.sigmoid(dt_raw)
         ddt = tl.where(io_mask, ddt, 0.0)

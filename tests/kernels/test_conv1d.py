@@ -75,7 +75,7 @@ def test_widths_without_documents(width, device):
 
 
 def test_no_bias_no_initial_states(device):
-    inputs = make_inputs(batch=2, dim=4, seqlen=11, width=4, dtype=torch.float32, device=device)
+    inputs = make_inputs(batch=2, dim=70, seqlen=11, width=4, dtype=torch.float32, device=device)  # 2 channel blocks
     del inputs["bias"], inputs["initial_states"]
     check(inputs, torch.float32)
 

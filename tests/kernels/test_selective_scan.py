@@ -98,6 +98,12 @@ def test_one_group_documents_without_initial_state(device):
     check(inputs, torch.float32, delta_softplus=True, seq_idx=seq_idx)
 
 
+def test_several_channel_blocks(device):
+    """More channels than one program takes, so dB/dC are reduced over channel blocks and the last block is partial."""
+    inputs = make_inputs(batch=1, dim=80, seqlen=20, dstate=2, groups=None, dtype=torch.float32, device=device)
+    check(inputs, torch.float32, delta_softplus=True)
+
+
 def test_output_only(device):
     inputs = make_inputs(batch=1, dim=3, seqlen=9, dstate=2, groups=None, dtype=torch.float32, device=device)
     pos = [inputs.pop(k) for k in ("u", "delta", "A", "B", "C")]
