@@ -219,7 +219,8 @@ def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any] | None:
 
 
 def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Full (DP-unpartitioned) fp32 weights and Adam state of TP rank ``mp_rank`` from a ZeRO-1/2 checkpoint.
+    """Full (DP-unpartitioned) fp32 weights and Adam state of TP rank ``mp_rank`` from a ZeRO-1/2 checkpoint (or
+    an fp32 checkpoint without ZeRO, whose manifest names the optimizer's parameters).
 
     Returns ``(weights, optim)`` with ``weights[name]`` the fp32 master weight and ``optim[name]`` a dict with
     ``exp_avg``, ``exp_avg_sq`` (tensors of the parameter's shape) and ``step``. Names are those of
@@ -232,9 +233,7 @@ def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tenso
         key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)),
     )
     if not shard_files:
-        raise FileNotFoundError(
-            f"{step_dir} has no ZeRO optimizer shards for mp_rank {mp_rank}; resharding needs zero_stage 1 or 2"
-        )
+        return _read_unpartitioned_state(step_dir, model_states)
     shapes: dict[str, torch.Size] = {}
     for group in model_states["param_shapes"]:
         shapes.update(group)
@@ -268,6 +267,26 @@ def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tenso
     return weights, optim
 
 
+def _read_unpartitioned_state(
+    step_dir: Path, model_states: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """fp32 without ZeRO: the module weights and the torch optimizer's state are whole in the model-states file."""
+    group_names = read_manifest(step_dir).get("optimizer_param_names")
+    optimizer = model_states.get("optimizer")
+    if not group_names or not optimizer or "state" not in optimizer:
+        raise FileNotFoundError(
+            f"{step_dir} has neither ZeRO optimizer shards nor a whole fp32 optimizer state; resharding needs "
+            "zero_stage 1 or 2, or zero_stage 0 with precision fp32"
+        )
+    weights = {k: v.float() for k, v in model_states["module"].items() if not k.endswith("_extra_state")}
+    optim: dict[str, dict[str, Any]] = {}
+    for group, names in zip(optimizer["param_groups"], group_names):
+        for index, pname in zip(group["params"], names):
+            state = optimizer["state"].get(index, {})
+            optim[pname] = {"step": state.get("step", 0), **{k: state[k].float() for k in MOMENT_KEYS if k in state}}
+    return weights, optim
+
+
 def load_resharded(
     engine: Any,
     step_dir: Path,
@@ -296,7 +315,8 @@ def load_resharded(
 def _scatter_into_engine(
     engine: Any, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]], step_value: Any
 ) -> None:
-    """Write full local weights and Adam moments into a ZeRO-1/2 engine's module and flat fp32 partitions."""
+    """Write full local weights and Adam moments into the engine: the module, and either a ZeRO-1/2 optimizer's
+    flat fp32 partitions or (fp32 without ZeRO) the torch optimizer's per-parameter state."""
     zero_opt = engine.optimizer
     names = {p: n for n, p in engine.module.named_parameters()}
     missing = sorted(set(names.values()) - set(weights))
@@ -305,6 +325,14 @@ def _scatter_into_engine(
     with torch.no_grad():
         for param, pname in names.items():
             param.data.copy_(weights[pname].to(param.dtype).view_as(param))
+        if not engine.zero_optimization():
+            if engine.bfloat16_enabled():
+                raise ValueError("resharding a bf16 run without ZeRO is not supported; use zero_stage 1 or 2")
+            for param, pname in names.items():
+                if moments:
+                    step = step_value.clone() if torch.is_tensor(step_value) else torch.tensor(float(step_value))
+                    zero_opt.state[param] = {"step": step, **{k: moments[k][pname].clone() for k in moments}}
+            return
         inner = zero_opt.optimizer
         for g, flat_hp in enumerate(zero_opt.single_partition_of_fp32_groups):
             buffers = {key: torch.zeros_like(flat_hp) for key in moments}

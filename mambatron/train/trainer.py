@@ -308,6 +308,12 @@ class Trainer:
             "zero_stage": cfg.parallel.zero_stage,
             "precision": cfg.train.precision,
         }
+        if not self.engine.zero_optimization():
+            # Without ZeRO the optimizer state is saved whole, keyed by position: name the parameters for resharding.
+            names = {id(p): n for n, p in self.engine.module.named_parameters()}
+            groups = [[names.get(id(p)) for p in g["params"]] for g in self.engine.optimizer.param_groups]
+            if all(n is not None for g in groups for n in g):
+                manifest["optimizer_param_names"] = groups
         rank_state = {
             "rng": ckpt.capture_rng(),
             "data": self.train_loader.state_dict(),

@@ -36,15 +36,20 @@ def main() -> None:
     for key in ckpt.MOMENT_KEYS:
         merged = consolidate.consolidate([{n: s[key] for n, s in o.items()} for _, o in saved], cfg)
         want[key] = consolidate.shard(merged, cfg, d.tp_size, d.tp_rank)
-    trainer.engine.optimizer._lazy_init_hp_params_optimizer_state()
+    engine = trainer.engine
+    if engine.zero_optimization():
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+        master, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state
+    else:  # fp32 without ZeRO: the parameters are the master weights, the torch optimizer holds the moments
+        master, moment = (lambda p: p.detach()), (lambda p, key: engine.optimizer.state[p][key])
     mismatches = [n for n in full_weights if not torch.equal(full_weights[n], by_deepspeed[n])]
-    for name, param in trainer.engine.module.named_parameters():
-        if not torch.equal(safe_get_full_fp32_param(param), want["weights"][name]):
+    for name, param in engine.module.named_parameters():
+        if not torch.equal(master(param), want["weights"][name]):
             mismatches.append(f"weights:{name}")
         if not torch.equal(param.detach().float(), want["weights"][name]):
             mismatches.append(f"module:{name}")
         for key in ckpt.MOMENT_KEYS:
-            if not torch.equal(safe_get_full_optimizer_state(param, key), want[key][name]):
+            if not torch.equal(moment(param, key), want[key][name]):
                 mismatches.append(f"{key}:{name}")
     losses = [trainer.train_step().loss for _ in range(2)]
     report = {

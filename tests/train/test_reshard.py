@@ -36,6 +36,26 @@ def test_resume_on_another_layout(ref_run, tmp_path, nproc, tp):
         assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
 
 
+def test_resume_fp32_without_zero_on_more_processes(tiny_data, tmp_path):
+    """ZeRO stage 0 (the tiny config's default): a 1-process checkpoint resumes on TP 2 and on DP 2."""
+    overrides = [*TINY, *tiny_data, "parallel.zero_stage=0", "train.max_steps=2"]
+    run_dir = tmp_path / "run"
+    run_train(0, [*overrides, f"train.out_dir={run_dir}"])
+    assert "optimizer_param_names" in ckpt.read_manifest(ckpt.latest_checkpoint(run_dir))
+    for tp in (2, 1):
+        report = tmp_path / f"report_tp{tp}"
+        report.mkdir()
+        resumed = tmp_path / f"tp{tp}"
+        shutil.copytree(ckpt.checkpoint_root(run_dir), ckpt.checkpoint_root(resumed))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "tests/train/reshard_probe.py", str(report), *overrides, f"train.out_dir={resumed}",
+               f"parallel.tp={tp}", "train.max_steps=4"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        for r in (json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))):
+            assert r["mismatches"] == [] and r["finite"] and r["step"] == 4, r
+
+
 def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
     """A TP=2 run (CLI, meta-device build, vocab-parallel loss, eval) starts exactly like the TP=1 model and follows
     the same loss curve up to float reduction order."""
