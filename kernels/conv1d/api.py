@@ -78,40 +78,50 @@ class _CausalConv1d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        from .kernel import _conv_bwd_kernel
+        from .kernel import _conv_bwd_act_kernel, _conv_bwd_dx_kernel
 
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
         block_d, block_l = _blocks(dim, seqlen)
         nblocks_l = _cdiv(seqlen, block_l)
+        grid = (batch, _cdiv(dim, block_d), nblocks_l)
         dev, f32 = x.device, torch.float32
-        dx = _new(x.shape, x.dtype, dev)
+        dout = dout.contiguous()
+        g = _new(x.shape, f32, dev) if ctx.silu else dout
         dw_part = _new((batch, nblocks_l, dim, width), f32, dev)
         dbias_part = _new((batch, nblocks_l, dim), f32, dev) if bias is not None else None
-        dinit = _new(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-        _conv_bwd_kernel[(batch, _cdiv(dim, block_d), nblocks_l)](
+        flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
+        _conv_bwd_act_kernel[grid](
             x,
             weight,
             bias,
             initial_states,
             seq_idx,
-            dout.contiguous(),
-            dx,
+            dout,
+            g,
             dw_part,
             dbias_part,
-            dinit,
             dim,
             seqlen,
             HAS_BIAS=bias is not None,
             HAS_INIT=initial_states is not None,
-            HAS_SEQ_IDX=seq_idx is not None,
             SILU=ctx.silu,
-            WIDTH=width,
-            BLOCK_D=block_d,
-            BLOCK_L=block_l,
+            **flags,
+        )
+        dx = _new(x.shape, x.dtype, dev)
+        dinit = _new(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
+        _conv_bwd_dx_kernel[grid](
+            g,
+            weight,
+            seq_idx,
+            dx,
+            dinit,
+            dim,
+            seqlen,
+            HAS_INIT=initial_states is not None,
             BLOCK_W=_next_power_of_2(width),
-            num_warps=4,
+            **flags,
         )
         dweight = dw_part.sum((0, 1)).to(weight.dtype)
         dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None

@@ -5,9 +5,9 @@ seq_idx (batch, seqlen). A program owns a (BLOCK_D channels, BLOCK_L positions) 
 initial_states[..., WIDTH - 1 + p]. A tap from s to t counts iff seq_idx is constant on [s, t], with seq_idx[p < 0]
 taken as seq_idx[0] (initial states belong to the first document).
 
-The backward recomputes the pre-activations it needs instead of reading a saved copy: dx[s] needs the activation
-gradient at t = s .. s + WIDTH - 1, i.e. WIDTH recomputations of WIDTH taps each, all hitting L1/L2 for the usual
-WIDTH = 4; HBM traffic stays at one read of x and dout and one write of dx.
+The backward runs in two passes: the first recomputes the pre-activation (nothing but x is saved), writes the
+pre-activation gradient g in fp32 (only with SiLU; without, g is dout) and reduces the weight and bias gradients of
+its tile; the second gathers dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j] from shifted loads of g, which hit L1.
 """
 
 import triton
@@ -112,84 +112,16 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _act_grad(
-    x_ptr,
-    init_ptr,
-    w_ptr,
-    bias_ptr,
-    seq_ptr,
-    dout_ptr,
-    row,
-    init_row,
-    d,
-    t,
-    seqlen,
-    mask_d,
-    HAS_BIAS: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr,
-    SILU: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
-    """d loss / d pre-activation at positions t (BLOCK_D, BLOCK_L); zero outside [0, seqlen)."""
-    mask = mask_d[:, None] & ((t >= 0) & (t < seqlen))[None, :]
-    g = tl.load(dout_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(
-            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, row, init_row, d, t, seqlen, mask_d,
-            HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, WIDTH,
-        )  # fmt: skip
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-    return g
-
-
-@triton.jit
-def _input_grad(
-    x_ptr,
-    init_ptr,
-    w_ptr,
-    bias_ptr,
-    seq_ptr,
-    dout_ptr,
-    row,
-    init_row,
-    d,
-    s,
-    seqlen,
-    mask_d,
-    HAS_BIAS: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr,
-    SILU: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
-    """d loss / d input at positions s (BLOCK_D, BLOCK_L): input s feeds outputs s + j through tap WIDTH - 1 - j."""
-    dx = tl.zeros((row.shape[0], s.shape[0]), dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        g = _act_grad(
-            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, init_row, d, s + j, seqlen, mask_d,
-            HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-        )  # fmt: skip
-        if HAS_SEQ_IDX:
-            g = tl.where(_same_doc(seq_ptr, s, j, seqlen)[None, :], g, 0.0)
-        w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        dx += w[:, None] * g
-    return dx
-
-
-@triton.jit
-def _conv_bwd_kernel(
+def _conv_bwd_act_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
     init_ptr,
     seq_idx_ptr,
     dout_ptr,
-    dx_ptr,
+    g_ptr,
     dw_ptr,
     dbias_ptr,
-    dinit_ptr,
     dim,
     seqlen,
     HAS_BIAS: tl.constexpr,
@@ -199,37 +131,34 @@ def _conv_bwd_kernel(
     WIDTH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_W: tl.constexpr,
 ):
-    """dx and dinitial_states exactly; dweight (batch, nblocks_l, dim, WIDTH) and dbias (batch, nblocks_l, dim) as
-    per-tile partial sums that the caller reduces (no atomics, deterministic)."""
+    """g = d loss / d pre-activation (fp32, stored only with SILU: otherwise it is dout), and the weight and bias
+    gradients of this tile as partial sums dweight (batch, nblocks_l, dim, WIDTH), dbias (batch, nblocks_l, dim)."""
     pid_b = tl.program_id(0)
     pid_l = tl.program_id(2)
     nblocks_l = tl.num_programs(2)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = d < dim
+    mask = mask_d[:, None] & (t < seqlen)[None, :]
     row = (pid_b * dim + d).to(tl.int64) * seqlen
     init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-
-    dx = _input_grad(
-        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, init_row, d, s, seqlen, mask_d,
-        HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-    )  # fmt: skip
-    mask = mask_d[:, None] & (s < seqlen)[None, :]
-    tl.store(dx_ptr + row[:, None] + s[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-    # Weight and bias gradients, from the outputs of this tile.
-    g = _act_grad(
-        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, init_row, d, s, seqlen, mask_d,
-        HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-    )  # fmt: skip
+    g = tl.load(dout_ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(
+            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, row, init_row, d, t, seqlen, mask_d,
+            HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, WIDTH,
+        )  # fmt: skip
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+        tl.store(g_ptr + row[:, None] + t[None, :], g, mask=mask)
     part = (pid_b * nblocks_l + pid_l) * dim + d
+    # The taps are the ones the forward read; loading them again hits L1.
     for k in tl.static_range(WIDTH):
-        src = s - (WIDTH - 1 - k)
+        src = t - (WIDTH - 1 - k)
         xs = _load_x(x_ptr, init_ptr, row, init_row, src, seqlen, mask_d, HAS_INIT, WIDTH)
         if HAS_SEQ_IDX:
             xs = tl.where(_same_doc(seq_ptr, src, WIDTH - 1 - k, seqlen)[None, :], xs, 0.0)
@@ -237,16 +166,58 @@ def _conv_bwd_kernel(
     if HAS_BIAS:
         tl.store(dbias_ptr + part, tl.sum(g, axis=1), mask=mask_d)
 
+
+@triton.jit
+def _input_grad(g_ptr, w_ptr, seq_ptr, row, d, s, seqlen, mask_d, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
+    """d loss / d input at positions s (BLOCK_D, BLOCK_L): input s feeds outputs s + j through tap WIDTH - 1 - j."""
+    dx = tl.zeros((row.shape[0], s.shape[0]), dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        t = s + j
+        valid = (t >= 0) & (t < seqlen)
+        if HAS_SEQ_IDX:
+            valid = valid & _same_doc(seq_ptr, s, j, seqlen)
+        g = tl.load(g_ptr + row[:, None] + t[None, :], mask=mask_d[:, None] & valid[None, :], other=0.0)
+        w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+        dx += w[:, None] * g.to(tl.float32)
+    return dx
+
+
+@triton.jit
+def _conv_bwd_dx_kernel(
+    g_ptr,
+    w_ptr,
+    seq_idx_ptr,
+    dx_ptr,
+    dinit_ptr,
+    dim,
+    seqlen,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """dx from g (the pre-activation gradient, (batch, dim, seqlen)), and dinitial_states in the first tile."""
+    pid_b = tl.program_id(0)
+    pid_l = tl.program_id(2)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = d < dim
+    row = (pid_b * dim + d).to(tl.int64) * seqlen
+    seq_ptr = seq_idx_ptr
+    if HAS_SEQ_IDX:
+        seq_ptr += pid_b * seqlen
+    dx = _input_grad(g_ptr, w_ptr, seq_ptr, row, d, s, seqlen, mask_d, HAS_SEQ_IDX, WIDTH)
+    mask = mask_d[:, None] & (s < seqlen)[None, :]
+    tl.store(dx_ptr + row[:, None] + s[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_INIT:
         if pid_l == 0:
             p = tl.arange(0, BLOCK_W) - (WIDTH - 1)  # the initial-state positions -(WIDTH - 1) .. -1, padded
-            dinit = _input_grad(
-                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, init_row, d, p, seqlen, mask_d,
-                HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-            )  # fmt: skip
-            mask_p = mask_d[:, None] & (p < 0)[None, :]
+            dinit = _input_grad(g_ptr, w_ptr, seq_ptr, row, d, p, seqlen, mask_d, HAS_SEQ_IDX, WIDTH)
+            init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
             ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
-            tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_p)
+            tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_d[:, None] & (p < 0)[None, :])
 
 
 @triton.jit
