@@ -56,8 +56,3 @@ def new_output(shape, device, dtype) -> torch.Tensor:
     if os.environ.get("MAMBATRON_POISON", "0") == "1":
         return torch.full(shape, float("nan"), device=device, dtype=dtype)
     return torch.empty(shape, device=device, dtype=dtype)
-
-
-def row_strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
-    """Strides of a tensor argument, or zeros for an absent one (the kernel never reads it)."""
-    return tuple(t.stride()) if t is not None else (0,) * ndim

@@ -24,6 +24,8 @@ from mambatron.kernels.ssd.reference import NO_DT_LIMIT, document_index, mamba_c
 from mambatron.kernels.ssd.state_passing import state_passing_bwd, state_passing_fwd
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The kernels index memory with 32-bit offsets.
+_MAX_ELEMENTS = 2**31 - 1
 
 
 def _state_dtype(x: torch.Tensor) -> torch.dtype:
@@ -174,6 +176,15 @@ def mamba_chunk_scan_combined(
             x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit,
             return_final_states,
         )  # fmt: skip
+    batch, seqlen, nheads, headdim = x.shape
+    nchunks = -(-seqlen // chunk_size)
+    states_numel = batch * nchunks * nheads * headdim * B.shape[-1]
+    if max(x.numel(), B.numel(), states_numel, batch * nchunks * chunk_size * nheads) > _MAX_ELEMENTS:
+        raise ValueError(
+            "mamba_chunk_scan_combined: tensors of 2**31 elements or more (x, B/C, or the per-chunk states "
+            f"batch·nchunks·nheads·headdim·dstate = {states_numel}) overflow the kernels' 32-bit offsets; "
+            "split the batch"
+        )
     if seq_idx is not None:
         seq_idx = document_index(seq_idx).contiguous()
     out, final_states = MambaChunkScanCombinedFn.apply(

@@ -132,12 +132,22 @@ def test_chunk_scan(tiles, request):
 # The combined op: output and every gradient ---------------------------------------------------------------------
 
 CASES = {
-    # seqlen not a multiple of the chunk, 3 documents in a row (one of 1 token), groups, D per head, z, dt processing.
+    # seqlen not a multiple of the chunk, 3 documents in a row (one of 1 token), groups, D per head, z, dt processing;
+    # x, z, B, C strided like the slices of one projection in Mamba2.
     "full": dict(
         shape=dict(batch=2, seqlen=50, nheads=4, headdim=8, ngroups=2, dstate=8),
         seq_idx=[[5, 27], [16, 1]],
         drop=(),
         kwargs=dict(dt_softplus=True, dt_limit=(0.05, 2.0)),
+        strided=True,
+    ),
+    # A chunk size that is not a power of two, one head per group.
+    "odd_chunk": dict(
+        shape=dict(batch=1, seqlen=30, nheads=2, headdim=8, ngroups=2, dstate=8),
+        seq_idx=[[13]],
+        drop=("z",),
+        kwargs=dict(dt_softplus=True),
+        chunk_size=12,
     ),
     # Multi-tile loops, D per head×headdim, one group, nothing optional, seqlen a multiple of the chunk.
     "tiled_plain": dict(
@@ -169,10 +179,15 @@ def test_combined_matches_reference(case, request):
         inputs["dt"] = inputs["dt"].abs() * 0.5
     for name in spec["drop"]:
         del inputs[name]
+    if spec.get("strided"):
+        for name in ("x", "z", "B", "C"):
+            inputs[name] = torch.cat([inputs[name], inputs[name]], dim=-1)[..., : inputs[name].shape[-1]]
+            assert not inputs[name].is_contiguous()
     batch, seqlen = spec["shape"]["batch"], spec["shape"]["seqlen"]
     seq_idx = packed_seq_idx(batch, seqlen, spec["seq_idx"]).to(DEVICE) if spec["seq_idx"] else None
     leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    kwargs = dict(chunk_size=CHUNK, seq_idx=seq_idx, return_final_states=True, **spec["kwargs"])
+    chunk_size = spec.get("chunk_size", CHUNK)
+    kwargs = dict(chunk_size=chunk_size, seq_idx=seq_idx, return_final_states=True, **spec["kwargs"])
 
     y, final = mamba_chunk_scan_combined(**leaves, **kwargs)
     y_ref, final_ref = ref.mamba_chunk_scan_combined_ref(**leaves, **kwargs)
@@ -237,3 +252,14 @@ def test_validation(change, error, match):
     args = {**make_inputs(seqlen=20, dtype=torch.float32), "chunk_size": CHUNK, **change}
     with pytest.raises(error, match=match):
         mamba_chunk_scan_combined(**args)
+
+
+def test_rejects_sizes_beyond_32_bit_offsets():
+    if not _common.interpreting():
+        pytest.skip("meta tensors take the Triton path only under the interpreter")
+    seqlen = 2**31
+    meta = lambda *shape: torch.empty(*shape, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        mamba_chunk_scan_combined(
+            meta(1, seqlen, 1, 1), meta(1, seqlen, 1), meta(1), meta(1, seqlen, 1, 1), meta(1, seqlen, 1, 1), 256
+        )

@@ -67,6 +67,19 @@ def test_seq_idx_equals_separate_documents():
         torch.testing.assert_close(y[:, start:end], y_doc, rtol=0, atol=1e-10)
 
 
+def test_seq_idx_resets_where_it_changes():
+    """Ids need not increase: a row labelled 0, 1, 0 holds three documents."""
+    inputs = make_inputs(batch=1, seqlen=30)
+    reused = packed_seq_idx(1, 30, [[10, 10]]) % 2
+    y = mamba_chunk_scan_combined_ref(chunk_size=8, seq_idx=reused, dt_softplus=True, **inputs)
+    y_seq = ssd_sequential_ref(seq_idx=reused, dt_softplus=True, **inputs)
+    y_increasing = mamba_chunk_scan_combined_ref(
+        chunk_size=8, seq_idx=packed_seq_idx(1, 30, [[10, 10]]), dt_softplus=True, **inputs
+    )
+    torch.testing.assert_close(y, y_seq, rtol=0, atol=1e-10)
+    torch.testing.assert_close(y, y_increasing, rtol=0, atol=1e-10)
+
+
 def test_initial_and_final_states_split_the_sequence():
     """Running the second half from the first half's final state equals running the whole sequence."""
     inputs = make_inputs(seqlen=48)
