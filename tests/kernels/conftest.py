@@ -1,11 +1,9 @@
 """Kernel tests: Triton runs in its CPU interpreter when there is no GPU, outputs start as NaN, shared tolerances.
 
 TRITON_INTERPRET must be set before ``triton`` is imported anywhere in the process (``triton.language``'s own helpers
-such as ``tl.sum`` are decorated at import). This conftest sets it at import, which is early enough when the kernel
-tests run alone; in a whole-suite run, a test collected earlier that imports triton (megatron-core and deepspeed do)
-would be too early, so tests/conftest.py should set it too. The ``triton_interpreter`` fixture fails clearly if
-triton was imported too early. The ops only run Triton on CPU under the interpreter; models pick the reference on CPU
-themselves, so the variable does not slow other tests down.
+such as ``tl.sum`` are decorated at import). tests/conftest.py sets it for whole-suite runs, where modules collected
+earlier import triton (megatron-core, deepspeed, transformers); this conftest sets it again for runs that start here.
+The ``triton_interpreter`` fixture fails with a clear message if triton was imported too early anyway.
 """
 
 import os
