@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mambatron.config import Config
-from mambatron.plan import flops_per_token
+from mambatron.plan import count_params, flops_per_token
 from mambatron.train import checkpoint as ckpt
 from mambatron.train import signals
 from mambatron.train.metrics import MetricsLogger, Throughput, memory_gib
@@ -94,7 +94,7 @@ class Trainer:
             self.metrics.print(f"initial weights from {self.initialised_from}")
         self.metrics.print(
             f"world {self.dist.world_size} (TP {self.dist.tp_size} x DP {self.dist.dp_size}) on {self.dist.device}, "
-            f"{sum(p.numel() for p in self.model.parameters()) * self.dist.tp_size:,} parameters, "
+            f"{count_params(cfg.model).total:,} parameters, "
             f"{self.tokens_per_step:,} tokens/step, ZeRO {cfg.parallel.zero_stage}, {cfg.train.precision}"
         )
 
