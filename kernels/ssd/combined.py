@@ -1,8 +1,9 @@
 """`mamba_chunk_scan_combined`: the SSD scan as one autograd op over the Triton stages.
 
 Forward: chunk_cumsum → chunk_state → state_passing → bmm_chunk → chunk_scan (5 launches). Backward recomputes the
-chunk states and CB instead of saving them (they are the largest intermediates), then runs the fused gradient
-kernels of chunk_scan.py, state_passing's reverse recurrence and chunk_cumsum's backward (7 launches, 8 with z).
+chunk states and CB instead of saving them (they are the largest intermediates; 3 launches), then runs the fused
+gradient kernels of chunk_scan.py, state_passing's reverse recurrence and chunk_cumsum's backward (6 launches, 7 with
+z), plus small torch reductions of per-tile partial sums (kept instead of atomics, so results are deterministic).
 Saved for backward: the inputs, dt_out/dA_cumsum (batch·nheads·seqlen fp32 each), and with z the output before the
 gate (for dz).
 """
@@ -56,7 +57,8 @@ class MambaChunkScanCombinedFn(torch.autograd.Function):
     def backward(ctx, dout, dfinal_states):
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out_x, dt_out, dA_cumsum = ctx.saved_tensors
         chunk_size = ctx.chunk_size
-        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+        # The gradient kernels index dy as a contiguous (batch, seqlen, nheads, headdim) tensor.
+        dout = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
         if dfinal_states is not None:
             dfinal_states = dfinal_states.contiguous()
         states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
