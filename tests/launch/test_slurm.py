@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,14 +16,14 @@ import time
 from pathlib import Path
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, losses
+from tests.train.conftest import REPO, TINY, losses, train_env
 
 NPROC_PER_NODE = 2
 
 
 def sbatch(args: list[str], log: Path, env: dict[str, str] | None = None) -> str:
     full_env = {
-        **os.environ,
+        **train_env(),
         "MAMBATRON_PYTHON": sys.executable,
         "MAMBATRON_NPROC_PER_NODE": str(NPROC_PER_NODE),
         "OMP_NUM_THREADS": "1",

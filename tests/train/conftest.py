@@ -56,7 +56,9 @@ def ref_run(tiny_data: list[str], tmp_path_factory: pytest.TempPathFactory) -> t
 
 
 def train_env() -> dict[str, str]:
+    """The environment of a training subprocess: like a user's, without the suite's Triton-interpreter switch."""
     env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TORCH_CPP_LOG_LEVEL="ERROR")
     return env
 
