@@ -51,7 +51,9 @@ def check_kernels(cfg, device: str) -> float:
         small.kernels = kernels
         torch.manual_seed(0)
         model = build_model(small).to(device)
-        ids = torch.randint(0, small.vocab_size, (2, 513), device=device, generator=torch.Generator(device).manual_seed(1))
+        ids = torch.randint(
+            0, small.vocab_size, (2, 513), device=device, generator=torch.Generator(device).manual_seed(1)
+        )
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model.loss(ids[:, :-1], ids[:, 1:])
         loss.backward()
@@ -169,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     for r in records:
         if "tokens_per_s" in r:
-            print(f"{r['what']:45s} {r['tokens_per_s']:>10.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_mem_GB']:.1f} GB")
+            print(
+                f"{r['what']:45s} {r['tokens_per_s']:>10.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_mem_GB']:.1f} GB"
+            )
     if args.json:
         with open(args.json, "a") as f:
             for r in records:

@@ -9,6 +9,7 @@ chunk_scan.py, fused with the other gradients w.r.t. B and C.
 import torch
 import triton
 import triton.language as tl
+
 from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, new_output
 
 

@@ -8,6 +8,7 @@ w.r.t. dt, A and dt_bias.
 import torch
 import triton
 import triton.language as tl
+
 from mambatron.kernels.ssd._common import new_output
 
 

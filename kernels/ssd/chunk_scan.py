@@ -25,6 +25,7 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
 import torch
 import triton
 import triton.language as tl
+
 from mambatron.kernels.ssd._common import (
     autotune_warps,
     chunk_block,

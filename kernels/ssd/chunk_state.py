@@ -9,6 +9,7 @@ over the chunk's positions. Its gradients are computed by the fused backward ker
 import torch
 import triton
 import triton.language as tl
+
 from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, headdim_block, new_output
 
 

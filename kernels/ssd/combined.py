@@ -9,6 +9,7 @@ gate (for dz).
 """
 
 import torch
+
 from mambatron.kernels.ssd._common import interpreting
 from mambatron.kernels.ssd.bmm import bmm_chunk_fwd
 from mambatron.kernels.ssd.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd

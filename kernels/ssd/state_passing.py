@@ -9,6 +9,7 @@ by memory traffic of the (batch, nchunks, nheads, headdim, dstate) fp32 tensors.
 import torch
 import triton
 import triton.language as tl
+
 from mambatron.kernels.ssd._common import new_output
 
 

@@ -118,10 +118,12 @@ class MambaLM(nn.Module):
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over labels >= 0. input_ids, labels: (batch, seqlen)."""
-        logits = self(input_ids, seq_idx=seq_idx)
+        return self.loss_from_logits(self(input_ids, seq_idx=seq_idx), labels)
+
+    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of (vocab-local) logits (batch, seqlen, vocab // tp) over labels >= 0."""
         per_token = self.proj.cross_entropy(logits, labels)
-        mask = labels >= 0
-        return per_token.sum() / mask.sum().clamp_min(1)
+        return per_token.sum() / (labels >= 0).sum().clamp_min(1)
 
     def step(self, token_ids: torch.Tensor, caches: list) -> torch.Tensor:
         """One recurrent step: token_ids (batch,) → logits (batch, padded_vocab)."""

@@ -210,8 +210,7 @@ class Trainer:
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token loss of one micro-batch over labels >= 0 (the engine's forward returns logits)."""
         logits = self.engine(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        per_token = self.engine.module.proj.cross_entropy(logits, batch["labels"])
-        return per_token.sum() / (batch["labels"] >= 0).sum().clamp_min(1)
+        return self.engine.module.loss_from_logits(logits, batch["labels"])
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches forward/backward, clip, AdamW update at the scheduled LR."""

@@ -6,13 +6,13 @@ cases also run in bf16.
 
 import pytest
 import torch
+
 from mambatron.kernels.conv1d import (
     causal_conv1d_fn,
     causal_conv1d_fn_ref,
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
-
 from tests.kernels.conftest import assert_close
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mambatron.kernels.conv1d.reference import causal_conv1d_fn_ref, causal_conv1d_update_ref
 
 F64 = torch.float64

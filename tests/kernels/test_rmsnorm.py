@@ -6,8 +6,8 @@ cases also run in bf16.
 
 import pytest
 import torch
-from mambatron.kernels.rmsnorm import rms_norm_fn, rms_norm_fn_ref, rmsnorm_fn, rmsnorm_fn_ref
 
+from mambatron.kernels.rmsnorm import rms_norm_fn, rms_norm_fn_ref, rmsnorm_fn, rmsnorm_fn_ref
 from tests.kernels.conftest import assert_close
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+
 from mambatron.kernels.rmsnorm.reference import rms_norm_fn_ref, rmsnorm_fn_ref
 
 F64 = torch.float64

@@ -6,8 +6,8 @@ cases also run in bf16.
 
 import pytest
 import torch
-from mambatron.kernels.selective_scan import selective_scan_fn, selective_scan_fn_ref
 
+from mambatron.kernels.selective_scan import selective_scan_fn, selective_scan_fn_ref
 from tests.kernels.conftest import assert_close
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")

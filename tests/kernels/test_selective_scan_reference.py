@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mambatron.kernels.selective_scan.reference import selective_scan_chunked_ref, selective_scan_sequential_ref
 
 F64 = torch.float64

@@ -6,6 +6,7 @@ sets TRITON_INTERPRET and MAMBATRON_POISON, so outputs start as NaN and an eleme
 
 import pytest
 import torch
+
 from mambatron.kernels.ssd import _common, mamba_chunk_scan_combined
 from mambatron.kernels.ssd import reference as ref
 from mambatron.kernels.ssd.bmm import bmm_chunk_fwd
@@ -13,7 +14,6 @@ from mambatron.kernels.ssd.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fw
 from mambatron.kernels.ssd.chunk_scan import chunk_scan_fwd
 from mambatron.kernels.ssd.chunk_state import chunk_state_fwd
 from mambatron.kernels.ssd.state_passing import state_passing_bwd, state_passing_fwd
-
 from tests.kernels.conftest import assert_close as assert_close_dtype
 from tests.kernels.test_ssd_reference import make_inputs, packed_seq_idx
 

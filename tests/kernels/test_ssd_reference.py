@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from mambatron.kernels.ssd.reference import mamba_chunk_scan_combined_ref, ssd_sequential_ref
 
 F64 = torch.float64
