@@ -12,6 +12,7 @@ $SLURM_JOB_ID``), which resumes from that checkpoint; SIGTERM (scancel, node shu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -272,25 +273,28 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over ``train.eval_steps`` micro-batches of the validation split (the same ones every time);
-        NaN when the split is empty."""
+        NaN when the split is empty.
+
+        Ranks may hold different numbers of validation batches; every forward is a collective under TP and ZeRO-3,
+        so all ranks first agree on the smallest count and evaluate exactly that many."""
         self.engine.eval()
-        loader = self.build_loader("val")
+        batches = list(itertools.islice(self.build_loader("val"), self.config.train.eval_steps))
+        n = torch.tensor(len(batches), dtype=torch.int64, device=self.dist.device)
+        if self.dist.world_size > 1:
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        count = torch.zeros((), dtype=torch.float64, device=self.dist.device)
-        for i, batch in enumerate(loader):
-            if i >= self.config.train.eval_steps:
-                break
+        for batch in batches[: int(n)]:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}
             total += self.micro_loss(batch).double()
-            count += 1
         self.engine.train()
-        from megatron.core import parallel_state
-
+        if int(n) == 0:
+            return float("nan")
         if self.dist.dp_size > 1:
-            group = parallel_state.get_data_parallel_group()
-            dist.all_reduce(total, group=group)
-            dist.all_reduce(count, group=group)
-        return float(total / count) if count.item() else float("nan")
+            from megatron.core import parallel_state
+
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            total /= self.dist.dp_size
+        return float(total / int(n))
 
     # -------------------------------------------------------------------------------------------------- save
 
