@@ -3,37 +3,20 @@
 import os
 
 import torch
+import triton
+
+from mambatron.kernels._common import new_output, use_triton
 
 from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_ref, final_states_ref
 
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
-    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
-    if os.environ.get("MAMBATRON_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _blocks(dim: int, seqlen: int) -> tuple[int, int]:
     # GPU: 16 channels x 128 positions keep loads 256-byte coalesced along the sequence with 4 warps. The
     # interpreter pays per program, so it takes the whole tensor in as few programs as it can.
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(_next_power_of_2(dim), 64), min(_next_power_of_2(seqlen), 64)
+        return min(triton.next_power_of_2(dim), 64), min(triton.next_power_of_2(seqlen), 64)
     return 16, 128
 
 
@@ -52,8 +35,8 @@ class _CausalConv1d(torch.autograd.Function):
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
         block_d, block_l = _blocks(dim, seqlen)
-        out = _new(x.shape, x.dtype, x.device)
-        grid = (batch, _cdiv(dim, block_d), _cdiv(seqlen, block_l))
+        out = new_output(x.shape, x.dtype, x.device)
+        grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
         _conv_fwd_kernel[grid](
             x,
             weight,
@@ -84,13 +67,13 @@ class _CausalConv1d(torch.autograd.Function):
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
         block_d, block_l = _blocks(dim, seqlen)
-        nblocks_l = _cdiv(seqlen, block_l)
-        grid = (batch, _cdiv(dim, block_d), nblocks_l)
+        nblocks_l = triton.cdiv(seqlen, block_l)
+        grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
         dev, f32 = x.device, torch.float32
         dout = dout.contiguous()
-        g = _new(x.shape, f32, dev) if ctx.silu else dout
-        dw_part = _new((batch, nblocks_l, dim, width), f32, dev)
-        dbias_part = _new((batch, nblocks_l, dim), f32, dev) if bias is not None else None
+        g = new_output(x.shape, f32, dev) if ctx.silu else dout
+        dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
+        dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
         flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
         _conv_bwd_act_kernel[grid](
             x,
@@ -109,8 +92,8 @@ class _CausalConv1d(torch.autograd.Function):
             SILU=ctx.silu,
             **flags,
         )
-        dx = _new(x.shape, x.dtype, dev)
-        dinit = _new(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
+        dx = new_output(x.shape, x.dtype, dev)
+        dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
         _conv_bwd_dx_kernel[grid](
             g,
             weight,
@@ -120,7 +103,7 @@ class _CausalConv1d(torch.autograd.Function):
             dim,
             seqlen,
             HAS_INIT=initial_states is not None,
-            BLOCK_W=_next_power_of_2(width),
+            BLOCK_W=triton.next_power_of_2(width),
             **flags,
         )
         dweight = dw_part.sum((0, 1)).to(weight.dtype)
@@ -204,9 +187,9 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         raise ValueError("conv_state must be contiguous: it is updated in place")
     from .kernel import _conv_update_kernel
 
-    out = _new(x.shape, x.dtype, x.device)
-    block_d = min(_next_power_of_2(dim), 256)
-    _conv_update_kernel[(batch, _cdiv(dim, block_d))](
+    out = new_output(x.shape, x.dtype, x.device)
+    block_d = min(triton.next_power_of_2(dim), 256)
+    _conv_update_kernel[(batch, triton.cdiv(dim, block_d))](
         x.contiguous(),
         conv_state,
         weight.contiguous(),
@@ -217,6 +200,6 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
         SILU=silu,
         WIDTH=width,
         BLOCK_D=block_d,
-        BLOCK_W=_next_power_of_2(width),
+        BLOCK_W=triton.next_power_of_2(width),
     )
     return out

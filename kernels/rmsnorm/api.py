@@ -3,30 +3,13 @@
 import os
 
 import torch
+import triton
+
+from mambatron.kernels._common import new_output, use_triton
 
 from .reference import _check_affine, rms_norm_fn_ref, rmsnorm_fn_ref
 
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
-    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
-    if os.environ.get("MAMBATRON_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _launch(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
@@ -35,8 +18,8 @@ def _launch(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int
         return 1, rows, 4
     # A few waves of programs, each walking several rows so the weight-gradient partial sums stay small.
     programs = min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
-    per_program = _cdiv(rows, programs)
-    return _cdiv(rows, per_program), per_program, 8 if hidden >= 4096 else 4
+    per_program = triton.cdiv(rows, programs)
+    return triton.cdiv(rows, per_program), per_program, 8 if hidden >= 4096 else 4
 
 
 class _Norm(torch.autograd.Function):
@@ -49,9 +32,9 @@ class _Norm(torch.autograd.Function):
         rows = x.numel() // hidden
         groups = hidden // group_size
         programs, per_program, warps = _launch(rows, hidden, x.device)
-        out = _new(shape, x.dtype, x.device)
-        residual_out = _new(shape, residual_dtype, x.device) if prenorm else None
-        rstd = _new((rows, groups), torch.float32, x.device)
+        out = new_output(shape, x.dtype, x.device)
+        residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
+        rstd = new_output((rows, groups), torch.float32, x.device)
         _norm_fwd_kernel[(programs,)](
             x,
             residual,
@@ -71,8 +54,8 @@ class _Norm(torch.autograd.Function):
             HAS_Z=z is not None,
             NORM_BEFORE_GATE=norm_before_gate,
             HAS_BIAS=bias is not None,
-            BLOCK_G=_next_power_of_2(groups),
-            BLOCK_GS=_next_power_of_2(group_size),
+            BLOCK_G=triton.next_power_of_2(groups),
+            BLOCK_GS=triton.next_power_of_2(group_size),
             num_warps=warps,
         )
         ctx.save_for_backward(x, residual, z, weight, bias, rstd)
@@ -91,11 +74,11 @@ class _Norm(torch.autograd.Function):
         dev = x.device
         dout = torch.zeros_like(x) if dout is None else dout.contiguous()
         dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
-        dx = _new(shape, x.dtype, dev)
-        dresidual = _new(shape, residual.dtype, dev) if residual is not None else None
-        dz = _new(shape, z.dtype, dev) if z is not None else None
-        dw_part = _new((programs, hidden), torch.float32, dev)
-        db_part = _new((programs, hidden), torch.float32, dev) if bias is not None else None
+        dx = new_output(shape, x.dtype, dev)
+        dresidual = new_output(shape, residual.dtype, dev) if residual is not None else None
+        dz = new_output(shape, z.dtype, dev) if z is not None else None
+        dw_part = new_output((programs, hidden), torch.float32, dev)
+        db_part = new_output((programs, hidden), torch.float32, dev) if bias is not None else None
         _norm_bwd_kernel[(programs,)](
             x,
             residual,
@@ -119,8 +102,8 @@ class _Norm(torch.autograd.Function):
             HAS_Z=z is not None,
             NORM_BEFORE_GATE=ctx.norm_before_gate,
             HAS_BIAS=bias is not None,
-            BLOCK_G=_next_power_of_2(groups),
-            BLOCK_GS=_next_power_of_2(hidden // groups),
+            BLOCK_G=triton.next_power_of_2(groups),
+            BLOCK_GS=triton.next_power_of_2(hidden // groups),
             num_warps=warps,
         )
         dweight = dw_part.sum(0).to(weight.dtype)

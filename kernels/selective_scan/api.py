@@ -3,41 +3,28 @@
 import os
 
 import torch
+import triton
+
+from mambatron.kernels._common import new_output, use_triton
 
 from .reference import _check_args, selective_scan_fn_ref
 
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def use_triton(*tensors: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1)."""
-    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _new(shape, dtype, device) -> torch.Tensor:
-    """Output buffer; MAMBATRON_POISON=1 fills it with NaN so that an element the kernel never writes shows up."""
-    if os.environ.get("MAMBATRON_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _launch_config(P: int, dstate: int) -> dict:
     """Tile sizes: the kernels scan (BLOCK_D, CHUNK) fp32 tiles, one state index at a time."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter pays per program and per scanned element: one program per group, short chunks.
-        return dict(CHUNK=16, BLOCK_D=min(_next_power_of_2(P), 64), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
+        return dict(
+            CHUNK=16, BLOCK_D=min(triton.next_power_of_2(P), 64), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
+        )
     # On an H100 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16, 4 warps), (CHUNK, BLOCK_D) = (64, 8) and
     # (128, 16) were the fastest fwd+bwd (about 14.5 ms, with per-block dB/dC partials then); 16 channels per
     # program halve the dB/dC atomics of 8.
-    return dict(CHUNK=128, BLOCK_D=min(_next_power_of_2(P), 16), BLOCK_N=_next_power_of_2(dstate), num_warps=4)
+    return dict(
+        CHUNK=128, BLOCK_D=min(triton.next_power_of_2(P), 16), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
+    )
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -51,11 +38,11 @@ class _SelectiveScan(torch.autograd.Function):
         groups, dstate = B.shape[1], A.shape[1]
         P = dim // groups
         cfg = _launch_config(P, dstate)
-        nchunks = _cdiv(seqlen, cfg["CHUNK"])
-        out = _new((batch, dim, seqlen), u.dtype, u.device)
-        last_state = _new((batch, dim, dstate), torch.float32, u.device)
-        chunk_states = _new((batch, dim, nchunks, dstate), torch.float32, u.device)
-        grid = (batch, groups, _cdiv(P, cfg["BLOCK_D"]))
+        nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
+        out = new_output((batch, dim, seqlen), u.dtype, u.device)
+        last_state = new_output((batch, dim, dstate), torch.float32, u.device)
+        chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
+        grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
         _scan_fwd_kernel[grid](
             u,
             delta,
@@ -99,20 +86,20 @@ class _SelectiveScan(torch.autograd.Function):
         P = dim // groups
         cfg = _launch_config(P, dstate)
         nchunks = chunk_states.shape[2]
-        nblocks = _cdiv(P, cfg["BLOCK_D"])
+        nblocks = triton.cdiv(P, cfg["BLOCK_D"])
         dev = u.device
         dout = torch.zeros_like(u) if dout is None else dout.contiguous()
         dlast = None if dlast is None else dlast.contiguous()
         f32 = torch.float32
-        du = _new(u.shape, u.dtype, dev)
-        ddelta = _new(delta.shape, delta.dtype, dev)
-        dz = _new(z.shape, z.dtype, dev) if z is not None else None
-        dA_part = _new((batch, dim, dstate), f32, dev)
+        du = new_output(u.shape, u.dtype, dev)
+        ddelta = new_output(delta.shape, delta.dtype, dev)
+        dz = new_output(z.shape, z.dtype, dev) if z is not None else None
+        dA_part = new_output((batch, dim, dstate), f32, dev)
         dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
-        dD_part = _new((batch, dim), f32, dev) if D is not None else None
-        dbias_part = _new((batch, dim), f32, dev) if delta_bias is not None else None
-        dh0 = _new((batch, dim, dstate), f32, dev)
+        dD_part = new_output((batch, dim), f32, dev) if D is not None else None
+        dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
+        dh0 = new_output((batch, dim, dstate), f32, dev)
         _scan_bwd_kernel[(batch, groups, nblocks)](
             u,
             delta,

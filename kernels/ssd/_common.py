@@ -1,14 +1,8 @@
 """Helpers shared by the SSD Triton kernels: launch configs, block sizes, output allocation."""
 
-import os
-
-import torch
 import triton
 
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from mambatron.kernels._common import interpreting, new_output  # noqa: F401  (re-exported to the stages)
 
 
 def _first_config_when_interpreting(configs, named_args, **kwargs):
@@ -49,10 +43,3 @@ def dstate_block(dstate: int) -> int:
 def headdim_block(headdim: int) -> int:
     """Tile size along headdim: one tile holds the whole head, so per-position sums over headdim need no atomics."""
     return _fit(headdim, 1 << 30)
-
-
-def new_output(shape, device, dtype) -> torch.Tensor:
-    """torch.empty, or filled with NaN when MAMBATRON_POISON=1 so that an element a kernel forgot to write shows."""
-    if os.environ.get("MAMBATRON_POISON", "0") == "1":
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(shape, device=device, dtype=dtype)

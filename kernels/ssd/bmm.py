@@ -66,7 +66,7 @@ def bmm_chunk_fwd(C, B, chunk_size, seq_idx=None):
     batch, seqlen, ngroups, dstate = C.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
     block_l = chunk_block(chunk_size)
-    CB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), C.device, torch.float32)
+    CB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, C.device)
     ntiles = triton.cdiv(chunk_size, block_l)
     _bmm_chunk_fwd_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
         C, B, seq_idx, CB,

@@ -130,8 +130,8 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=False, dt_limi
     Returns dA_cumsum, dt_out: (batch, nheads, nchunks, chunk_size) fp32 (as chunk_cumsum_ref).
     """
     batch, seqlen, nheads, nchunks, block_h, grid = _launch_shape(dt, chunk_size)
-    dt_out = new_output((batch, nheads, nchunks, chunk_size), dt.device, torch.float32)
-    dA_cumsum = new_output((batch, nheads, nchunks, chunk_size), dt.device, torch.float32)
+    dt_out = new_output((batch, nheads, nchunks, chunk_size), torch.float32, dt.device)
+    dA_cumsum = new_output((batch, nheads, nchunks, chunk_size), torch.float32, dt.device)
     clamp, dt_min, dt_max = _limits(dt_limit)
     _chunk_cumsum_fwd_kernel[grid](
         dt, A, dt_bias, dt_out, dA_cumsum,
@@ -154,9 +154,9 @@ def chunk_cumsum_bwd(ddA_cumsum, ddA_chunk, ddt_out, dt, A, dt_out, dt_bias=None
     """
     chunk_size = dt_out.shape[-1]
     batch, seqlen, nheads, nchunks, block_h, grid = _launch_shape(dt, chunk_size)
-    ddt = new_output(dt.shape, dt.device, dt.dtype)
-    dA_part = new_output((batch, nchunks, nheads), dt.device, torch.float32)
-    ddt_bias_part = new_output((batch, nchunks, nheads), dt.device, torch.float32) if dt_bias is not None else None
+    ddt = new_output(dt.shape, dt.dtype, dt.device)
+    dA_part = new_output((batch, nchunks, nheads), torch.float32, dt.device)
+    ddt_bias_part = new_output((batch, nchunks, nheads), torch.float32, dt.device) if dt_bias is not None else None
     clamp, dt_min, dt_max = _limits(dt_limit)
     _chunk_cumsum_bwd_kernel[grid](
         ddA_cumsum, ddA_chunk, ddt_out, dt, A, dt_bias, dt_out,

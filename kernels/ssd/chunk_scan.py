@@ -529,8 +529,8 @@ def chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev_states, D=None, z=None, seq_idx
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = C.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
-    out = new_output((batch, seqlen, nheads, headdim), x.device, x.dtype)
-    out_x = new_output(out.shape, x.device, x.dtype) if z is not None else None
+    out = new_output((batch, seqlen, nheads, headdim), x.dtype, x.device)
+    out_x = new_output(out.shape, x.dtype, x.device) if z is not None else None
     block_l, ntiles = _tiles(chunk_size)
     _chunk_scan_fwd_kernel[(batch * nchunks * nheads, ntiles)](
         CB, x, z, dt, dA_cumsum, C, prev_states, D, seq_idx, out, out_x,
@@ -550,8 +550,8 @@ def gate_bwd(dout, z, out_x, chunk_size):
     """
     batch, seqlen, nheads, headdim = z.shape
     nchunks = triton.cdiv(seqlen, chunk_size)
-    dy = new_output(z.shape, z.device, torch.float32)
-    dz = new_output(z.shape, z.device, z.dtype)
+    dy = new_output(z.shape, torch.float32, z.device)
+    dz = new_output(z.shape, z.dtype, z.device)
     block_l, ntiles = _tiles(chunk_size)
     _gate_bwd_kernel[(batch * nchunks * nheads, ntiles)](
         dout, z, out_x, dy, dz,
@@ -572,7 +572,7 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     batch, seqlen, nheads, headdim = dy.shape
     ngroups, dstate = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
-    dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), dy.device, torch.float32)
+    dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, dy.device)
     block_n = dstate_block(dstate)
     _chunk_scan_bwd_dstates_kernel[(batch * nchunks * nheads, triton.cdiv(dstate, block_n))](
         dy, C, dA_cumsum, seq_idx, dprev_states,
@@ -598,11 +598,11 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=No
     ngroups, dstate = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
-    dx = new_output(x.shape, x.device, x.dtype)
-    ddt_out = new_output(dt.shape, x.device, torch.float32)
-    ddA_cumsum = new_output(dt.shape, x.device, torch.float32)
-    ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), x.device, torch.float32)
-    dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), x.device, torch.float32) if D is not None else None
+    dx = new_output(x.shape, x.dtype, x.device)
+    ddt_out = new_output(dt.shape, torch.float32, x.device)
+    ddA_cumsum = new_output(dt.shape, torch.float32, x.device)
+    ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), torch.float32, x.device)
+    dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), torch.float32, x.device) if D is not None else None
     _chunk_scan_bwd_dx_kernel[(batch * nchunks * nheads, ntiles)](
         CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D, seq_idx,
         dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
@@ -630,9 +630,9 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
-    dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), x.device, torch.float32)
+    dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
     # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
-    ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), x.device, torch.float32)
+    ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), torch.float32, x.device)
     _chunk_scan_bwd_dcb_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
         seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
@@ -654,8 +654,8 @@ def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, s
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
     block_n = dstate_block(dstate)
-    dB = new_output((batch, seqlen, ngroups, dstate), B.device, B.dtype)
-    dC = new_output((batch, seqlen, ngroups, dstate), C.device, C.dtype)
+    dB = new_output((batch, seqlen, ngroups, dstate), B.dtype, B.device)
+    dC = new_output((batch, seqlen, ngroups, dstate), C.dtype, C.device)
     _chunk_scan_bwd_dbdc_kernel[(batch * nchunks * ngroups, ntiles, triton.cdiv(dstate, block_n))](
         dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
         dB, dC,

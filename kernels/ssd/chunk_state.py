@@ -71,7 +71,7 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     _, _, nchunks, chunk_size = dt.shape
-    states = new_output((batch, nchunks, nheads, headdim, dstate), x.device, torch.float32)
+    states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, x.device)
     block_p, block_n = headdim_block(headdim), dstate_block(dstate)
     grid = (batch * nchunks * nheads, triton.cdiv(headdim, block_p), triton.cdiv(dstate, block_n))
     _chunk_state_fwd_kernel[grid](

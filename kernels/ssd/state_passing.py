@@ -103,8 +103,8 @@ def state_passing_fwd(states, dA_cumsum, initial_states=None, seq_idx=None, out_
     chunk_size = dA_cumsum.shape[-1]
     seqlen = seq_idx.shape[1] if seq_idx is not None else nchunks * chunk_size
     state_size = headdim * dstate
-    prev_states = new_output(states.shape, states.device, out_dtype)
-    final_states = new_output((batch, nheads, headdim, dstate), states.device, torch.float32)
+    prev_states = new_output(states.shape, out_dtype, states.device)
+    final_states = new_output((batch, nheads, headdim, dstate), torch.float32, states.device)
     block = _block(state_size)
     _state_passing_fwd_kernel[(batch * nheads, triton.cdiv(state_size, block))](
         states, dA_cumsum, initial_states, seq_idx, prev_states, final_states,
@@ -131,9 +131,9 @@ def state_passing_bwd(
     state_size = headdim * dstate
     block = _block(state_size)
     nblocks = triton.cdiv(state_size, block)
-    dstates = new_output(prev_states.shape, prev_states.device, dstates_dtype)
-    dinitial_states = new_output((batch, nheads, headdim, dstate), prev_states.device, torch.float32)
-    ddA_chunk_part = new_output((batch, nheads, nchunks, nblocks), prev_states.device, torch.float32)
+    dstates = new_output(prev_states.shape, dstates_dtype, prev_states.device)
+    dinitial_states = new_output((batch, nheads, headdim, dstate), torch.float32, prev_states.device)
+    ddA_chunk_part = new_output((batch, nheads, nchunks, nblocks), torch.float32, prev_states.device)
     _state_passing_bwd_kernel[(batch * nheads, nblocks)](
         prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx,
         dstates, dinitial_states, ddA_chunk_part,

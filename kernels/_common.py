@@ -1,0 +1,22 @@
+"""Helpers shared by every kernel folder: when Triton runs, and how outputs are allocated."""
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors under the Triton interpreter."""
+    return all(t.is_cuda for t in tensors) or interpreting()
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty, or filled with NaN when MAMBATRON_POISON=1 so that an element a kernel never writes shows up."""
+    if os.environ.get("MAMBATRON_POISON", "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
