@@ -32,7 +32,16 @@ def _hf_greedy(hf, prompt):
 @pytest.mark.parametrize("tie", [True, False])
 def test_export_loads_in_transformers_with_equal_logits_and_generation(arch, tie, tmp_path):
     # A vocabulary with no padding rows: HF generates over its whole (padded) vocab, we never emit padding ids.
-    cfg = tiny_model_config(arch, tie_embeddings=tie, vocab_size=64)
+    _check_export(tiny_model_config(arch, tie_embeddings=tie, vocab_size=64), tmp_path)
+
+
+def test_export_mamba2_with_groups(tmp_path):
+    # transformers 5.x normalises the gated RMSNorm per group, as we do, so groups > 1 export with parity too.
+    _check_export(tiny_model_config("mamba2", vocab_size=64, ngroups=2), tmp_path)
+
+
+def _check_export(cfg, tmp_path):
+    arch = cfg.arch
     ours = _perturbed(build_model(cfg))
     to_hf(ours, cfg, tmp_path)
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
