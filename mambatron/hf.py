@@ -178,22 +178,16 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path) -> None:
 
 
 def _copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> dict[str, int | None]:
-    src = Path(tokenizer_dir)
-    if not src.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer folder {str(src)!r} not found; pass the folder tools/train_tokenizer.py wrote"
-        )
-    for f in src.iterdir():
+    """Copy a tokenizer folder (tools/train_tokenizer.py) beside the model; returns its special ids for config.json
+    (so transformers' generate stops at EOS and pads with the right id)."""
+    from mambatron.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)  # validates the folder, with a message naming what is missing
+    for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)
-    ids: dict[str, int | None] = {}
-    meta = src / "tokenizer_config.json"
-    if meta.is_file():
-        data = json.loads(meta.read_text())
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if isinstance(data.get(name), int):
-                ids[name] = data[name]
-    return ids
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    return {k: (v if v is not None and v >= 0 else None) for k, v in ids.items()}
 
 
 def load_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:

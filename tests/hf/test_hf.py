@@ -96,3 +96,19 @@ def test_round_trip_is_exact(arch, tmp_path):
 def test_wrong_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_hf(tmp_path)
+
+
+def test_export_ships_the_tokenizer_and_its_special_ids(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mambatron.data.tokenizers import load_tokenizer, train_tokenizer
+
+    tok_dir = train_tokenizer([], 0, tmp_path / "tok", kind="bytes")
+    tok = load_tokenizer(tok_dir)
+    cfg = tiny_model_config("mamba2", vocab_size=tok.vocab_size)
+    out = to_hf(build_model(cfg), cfg, tmp_path / "hf", tokenizer_dir=tok_dir)
+    hf_cfg = AutoModelForCausalLM.from_pretrained(out).config
+    assert (hf_cfg.bos_token_id, hf_cfg.eos_token_id, hf_cfg.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    text = "def f(x):\n    return x + 1  # é"
+    assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
