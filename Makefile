@@ -12,11 +12,11 @@ DEMO := runs/demo
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tools/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test,hf]"
+	$(PIP) install -q -e ".[test,hf]" -c tools/constraints.txt
 	touch $@
 
 demo: install
