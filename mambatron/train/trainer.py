@@ -380,7 +380,6 @@ class Trainer:
                 name = signal.Signals(self._stop_signal).name
                 self.metrics.print(f"got {name}: saving step {self.step} and exiting")
                 self.save()
-                self._request_requeue()
                 return EXIT_PREEMPTED
             if tcfg.save_every and self.step % tcfg.save_every == 0:
                 self.save()

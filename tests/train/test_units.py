@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from mambatron.config import WandbConfig, load_config
 from mambatron.models import build_model
 from mambatron.plan import count_params, make_plan, world_size_from_env
 from mambatron.train import checkpoint as ckpt
+from mambatron.train import signals
 from mambatron.train.__main__ import main as train_main
 from mambatron.train.metrics import MetricsLogger
 from mambatron.train.schedule import LRSchedule
+from mambatron.train.trainer import EXIT_PREEMPTED, StepResult, Trainer
 
 
 def test_schedules():
@@ -120,3 +125,23 @@ def test_metrics_jsonl_and_offline_wandb(tmp_path):
     assert sorted(train) == [1, 2] and val[2]["val_ppl"] == pytest.approx(math.exp(3.5))
     assert plot_loss.main([str(tmp_path), "--out", str(tmp_path / "loss.png"), "--x", "tokens"]) == 0
     assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("signum, requeues", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_preemption_requeues_once_and_only_after_sigusr1(monkeypatch, signum, requeues):
+    """The preempted loop saves and returns; run() requeues after shutdown, once, and never for SIGTERM (scancel)."""
+    trainer = Trainer(load_config("configs/tiny.yaml", ["train.max_steps=5"]))
+    calls = []
+    monkeypatch.setattr(signals, "install", lambda: None)
+    monkeypatch.setattr(signals, "received", lambda: signum)
+    trainer.dist = SimpleNamespace(world_size=1, device=torch.device("cpu"))
+    trainer.metrics = SimpleNamespace(print=lambda line: None)
+    trainer.build = lambda: None
+    trainer.resume = lambda: False
+    trainer.train_step = lambda: StepResult(step=trainer.step + 1, loss=1.0, lr=1.0, grad_norm=1.0, seconds=0.1)
+    trainer._log = lambda result: setattr(trainer, "step", result.step)
+    trainer.save = lambda: calls.append(("save", trainer.step))
+    trainer.shutdown = lambda: calls.append(("shutdown", trainer.step))
+    trainer._request_requeue = lambda: calls.append(("requeue", trainer.step))
+    assert trainer.run() == EXIT_PREEMPTED
+    assert calls == [("save", 1), ("shutdown", 1)] + [("requeue", 1)] * requeues
