@@ -173,9 +173,11 @@ def make_plan(config: Config, world_size: int) -> Plan:
     bf16 = train.precision == "bf16"
     weight_b = 2 if bf16 else 4
     grad_b = 2 if bf16 else 4
-    # Adam: exp_avg + exp_avg_sq in fp32, plus an fp32 master copy when the weights are bf16.
-    optim_b = 12 if bf16 else 8
     stage = par.zero_stage
+    # Adam: exp_avg + exp_avg_sq in fp32 (8 bytes). DeepSpeed's bf16 optimizer (any stage) and its ZeRO optimizers
+    # (fp32 too) add an fp32 copy of the weights and an fp32 gradient for the update (4 + 4); only fp32 without ZeRO
+    # steps the torch optimizer on the parameters themselves.
+    optim_b = 8 if not bf16 and stage == 0 else 16
     weights = local * weight_b // (dp if stage >= 3 else 1)
     grads = local * grad_b // (dp if stage >= 2 else 1)
     optim_full = local * optim_b // (dp if stage >= 1 else 1)

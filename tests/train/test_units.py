@@ -53,6 +53,12 @@ def test_plan_zero_stages_and_fit_warning():
     cfg = load_config("configs/mamba1-7b.yaml")
     plans = {s: make_plan(load_config("configs/mamba1-7b.yaml", [f"parallel.zero_stage={s}"]), 8) for s in range(4)}
     assert plans[0].optimizer_bytes == 8 * plans[1].optimizer_bytes
+    # bf16: fp32 master weights + fp32 gradients + two Adam moments, as DeepSpeed allocates them.
+    assert plans[1].optimizer_bytes == plans[1].params_per_gpu * 16 // 8
+    fp32 = {s: make_plan(load_config("configs/mamba1-7b.yaml", ["train.precision=fp32", f"parallel.zero_stage={s}"]), 8)
+            for s in (0, 1)}  # fmt: skip
+    assert fp32[0].optimizer_bytes == fp32[0].params_per_gpu * 8  # torch AdamW on the fp32 parameters themselves
+    assert fp32[1].optimizer_bytes == fp32[1].params_per_gpu * 16 // 8  # ZeRO clones fp32 master weights
     assert plans[2].grads_bytes * 8 == plans[1].grads_bytes
     assert plans[3].weights_bytes * 8 == plans[2].weights_bytes
     p = make_plan(cfg, 16)
