@@ -34,7 +34,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Throughput:
-    """Tokens/s, MFU and ETA over a sliding window of recent steps (the first step, which compiles, is skipped)."""
+    """Tokens/s, MFU and ETA over a sliding window of recent steps. The first step of a process (kernel compilation,
+    allocator warm-up) stands alone until the second arrives and is then dropped from the window."""
 
     def __init__(self, flops_per_token: float, peak_flops_total: float, window: int = 20) -> None:
         self.flops_per_token = flops_per_token
@@ -42,9 +43,14 @@ class Throughput:
         self.window = window
         self._times: list[float] = []
         self._tokens: list[int] = []
+        self._updates = 0
 
     def update(self, step_seconds: float, tokens: int) -> tuple[float, float]:
         """Record one step; return ``(tokens_per_s, mfu)`` over the window."""
+        self._updates += 1
+        if self._updates == 2:
+            self._times.clear()
+            self._tokens.clear()
         self._times.append(step_seconds)
         self._tokens.append(tokens)
         if len(self._times) > self.window:

@@ -17,7 +17,7 @@ from mambatron.plan import count_params, make_plan, world_size_from_env
 from mambatron.train import checkpoint as ckpt
 from mambatron.train import signals
 from mambatron.train.__main__ import main as train_main
-from mambatron.train.metrics import MetricsLogger
+from mambatron.train.metrics import MetricsLogger, Throughput
 from mambatron.train.schedule import LRSchedule
 from mambatron.train.trainer import EXIT_PREEMPTED, StepResult, Trainer
 
@@ -151,3 +151,14 @@ def test_preemption_requeues_once_and_only_after_sigusr1(monkeypatch, signum, re
     trainer._request_requeue = lambda: calls.append(("requeue", trainer.step))
     assert trainer.run() == EXIT_PREEMPTED
     assert calls == [("save", 1), ("shutdown", 1)] + [("requeue", 1)] * requeues
+
+
+def test_throughput_drops_the_first_step_from_the_window():
+    tp = Throughput(flops_per_token=6.0, peak_flops_total=1200.0, window=3)
+    assert tp.update(10.0, 100) == (10.0, 0.05)  # the first step alone while there is nothing else
+    assert tp.seconds_per_step() == 10.0
+    assert tp.update(1.0, 100) == (100.0, 0.5)  # ...then it leaves the window (it would give 200 / 11 s)
+    tp.update(2.0, 100)
+    tp.update(2.0, 100)
+    tp.update(3.0, 100)
+    assert tp.seconds_per_step() == pytest.approx(7.0 / 3)  # sliding window of the last 3 steps
