@@ -1,7 +1,7 @@
 """Learning-rate schedules: linear warmup, then cosine, WSD (warmup-stable-decay) or constant.
 
 The schedule is a pure function of the optimizer step, so resuming needs only the step number; the manifest still
-records the schedule's parameters so a resumed run can check that they did not change.
+records the schedule's parameters, and a resumed run warns when they changed (e.g. a raised ``train.max_steps``).
 """
 
 from __future__ import annotations
@@ -55,3 +55,15 @@ class LRSchedule:
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def change_since(self, saved: dict[str, Any], step: int) -> str | None:
+        """Describe how this schedule differs from ``saved`` (a checkpoint's :meth:`state_dict`) at ``step``, or None
+        when it is the same. Raising ``max_steps`` stretches cosine/WSD, so the next step's lr jumps."""
+        current = self.state_dict()
+        changed = [f"{k} {v} -> {current[k]}" for k, v in saved.items() if current.get(k) != v]
+        if not changed:
+            return None
+        return (
+            f"the LR schedule changed since the checkpoint ({', '.join(changed)}): lr at step {step} is now "
+            f"{self.lr_at(step):.3e} (was {LRSchedule(**saved).lr_at(step):.3e})"
+        )

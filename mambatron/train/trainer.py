@@ -185,6 +185,9 @@ class Trainer:
         self.step = int(manifest["step"])
         self.tokens_seen = int(manifest["tokens"])
         self.last_saved_step = self.step
+        change = self.schedule.change_since(manifest["schedule"], self.step) if "schedule" in manifest else None
+        if change and self.is_main:
+            warnings.warn(change, stacklevel=1)
         self.metrics.print(f"resumed from {step_dir} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
 

@@ -35,6 +35,15 @@ def test_schedules():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+def test_schedule_change_since_checkpoint():
+    saved = LRSchedule("cosine", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert saved.change_since(saved.state_dict(), 110) is None
+    raised = LRSchedule("cosine", lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=210)  # train.max_steps raised
+    note = raised.change_since(saved.state_dict(), 110)
+    now = 0.1 + 0.45 * (1 + math.cos(math.pi * 100 / 199))  # back up the stretched cosine
+    assert "max_steps 110 -> 210" in note and f"lr at step 110 is now {now:.3e} (was 1.000e-01)" in note
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
