@@ -193,6 +193,10 @@ def save_checkpoint(
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` complete checkpoints, and the temporary directories of saves that
+    died (called once the current save is renamed, so every ``.tmp_step_*`` left is stale)."""
+    for stale in root.glob(f"{_TMP_PREFIX}step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
     complete = list_checkpoints(root.parent)
     for old in complete[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)

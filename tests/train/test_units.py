@@ -118,7 +118,8 @@ def test_checkpoint_listing_ignores_torn_writes(tmp_path):
         ckpt.resolve_checkpoint(root / "step_0000040")
     ckpt._prune(root, keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000020", "step_0000030"]
-    assert (root / "step_0000040").exists()  # pruning only touches complete checkpoints
+    assert (root / "step_0000040").exists()  # pruning only touches complete checkpoints...
+    assert not (root / ".tmp_step_0000060").exists()  # ...and the temporary directories of saves that died
 
 
 def test_metrics_jsonl_and_offline_wandb(tmp_path):
