@@ -91,6 +91,20 @@ class MambaLM(nn.Module):
         if not self.cfg.tie_embeddings:
             self.lm_head.weight.normal_(0.0, self.cfg.init_std, generator=gen)
 
+    def _apply(self, fn, recurse=True):
+        # Materialising from the meta device (``to_empty``) replaces every Parameter object, which would silently drop
+        # what was attached to the old ones at construction: ``_no_weight_decay``, the sequence-parallel tag and the
+        # hook that sums such a parameter's gradient over TP. Carry them over to the new objects.
+        before = dict(self.named_parameters(remove_duplicate=False))
+        out = super()._apply(fn, recurse)
+        for name, param in self.named_parameters(remove_duplicate=False):
+            old = before.get(name)
+            if old is not None and param is not old:
+                param.__dict__.update(old.__dict__)
+                for hook in (old._backward_hooks or {}).values():
+                    param.register_hook(hook)
+        return out
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight

@@ -47,11 +47,17 @@ def reference_model(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> torch.n
     return model
 
 
-def tp_model(cfg: ModelConfig, state: dict[str, torch.Tensor], sequence_parallel: bool, info: DistInfo):
+def tp_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], sequence_parallel: bool, info: DistInfo, meta: bool = False
+):
+    """The TP model holding this rank's shard of ``state``; ``meta``: built on the meta device and materialised
+    with ``to_empty``, as the trainer does."""
     from mambatron.parallel.megatron import MegatronProjections
 
     proj = MegatronProjections(sequence_parallel)
-    model = build_model(cfg, projections=proj)
+    model = build_model(cfg, projections=proj, device="meta" if meta else None)
+    if meta:
+        model.to_empty(device="cpu")
     model.load_state_dict(shard(state, cfg, info.tp_size, info.tp_rank))
     return model, proj
 
@@ -80,11 +86,17 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def tp_suite(info: DistInfo, cases: list[tuple[str, bool, dict]], roundtrips: list[tuple[str, bool]]) -> dict:
+def tp_suite(
+    info: DistInfo,
+    cases: list[tuple[str, bool, dict]],
+    roundtrips: list[tuple[str, bool]],
+    meta_cases: list[tuple[str, bool, dict]] = (),
+) -> dict:
     """All TP checks in one launch (process start-up dominates on small CPUs)."""
     return {
         "info": (info.rank, info.world_size, info.tp_size, info.tp_rank, info.dp_size),
         "equivalence": tp_equivalence(info, cases),
+        "meta_equivalence": tp_equivalence(info, meta_cases, meta=True),
         "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
         "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2")},
         "steps": {arch: recurrent_steps(info, arch) for arch in ("mamba1", "mamba2")},
@@ -126,9 +138,9 @@ def meta_init(info: DistInfo, arch: str) -> float:
     return max(max_diff(local[k], v) for k, v in expected.items())
 
 
-def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]]) -> dict:
+def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]], meta: bool = False) -> dict:
     """For each (arch, sequence_parallel, model overrides): logits, loss and every consolidated gradient of the
-    TP model against the TP=1 model built from the same full state."""
+    TP model (built on the meta device when ``meta``) against the TP=1 model built from the same full state."""
     results = {}
     for arch, sp, overrides in cases:
         cfg = tiny_model_config(arch, **overrides)
@@ -140,7 +152,7 @@ def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]]) -> dict:
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
 
-        model, proj = tp_model(cfg, state, sp, info)
+        model, proj = tp_model(cfg, state, sp, info, meta=meta)
         logits_local = model(ids, seq_idx=seq_idx)
         logits = proj.gather_logits(logits_local).detach()
         loss = model.loss(ids, labels, seq_idx=seq_idx)
@@ -153,6 +165,8 @@ def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]]) -> dict:
             "grads": {n: max_diff(grads[n], g) for n, g in ref_grads.items()},
             "grad_scale": {n: g.abs().max().item() for n, g in ref_grads.items()},
             "grad_names": sorted(grads),
+            "no_decay": sorted(n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)),
+            "ref_no_decay": sorted(n for n, p in ref.named_parameters() if getattr(p, "_no_weight_decay", False)),
         }
     return results
 
