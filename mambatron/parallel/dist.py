@@ -64,22 +64,23 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
         return LaunchEnv(
             rank=int(env["RANK"]),
             world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+            local_rank=int(env.get("LOCAL_RANK") or 0),
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=int(env.get("MASTER_PORT") or 29500),
             source="torchrun",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
         master_addr = env.get("MASTER_ADDR") or first_host(nodelist)
-        # One port per job so two jobs sharing a node do not collide.
-        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000
+        # One port per job so two jobs sharing a node do not collide; 15000-24999 stays below Linux's ephemeral
+        # range (32768+), where an outgoing connection may already hold the port, and below torchrun's 29500.
+        default_port = 15000 + int(env.get("SLURM_JOB_ID") or 0) % 10000
         return LaunchEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_rank=int(env.get("SLURM_LOCALID") or 0),
             master_addr=master_addr,
-            master_port=int(env.get("MASTER_PORT", default_port)),
+            master_port=int(env.get("MASTER_PORT") or default_port),
             source="slurm",
         )
     return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=0, source="single")
@@ -144,11 +145,14 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             # DeepSpeed and other libraries read these; SLURM launches do not set them.
-            os.environ.setdefault("RANK", str(launch.rank))
-            os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
-            os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
-            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            for key, value in (
+                ("RANK", launch.rank),
+                ("WORLD_SIZE", launch.world_size),
+                ("LOCAL_RANK", launch.local_rank),
+                ("MASTER_ADDR", launch.master_addr),
+                ("MASTER_PORT", launch.master_port),
+            ):
+                os.environ[key] = os.environ.get(key) or str(value)
             dist.init_process_group(
                 backend,
                 init_method=f"tcp://{launch.master_addr}:{launch.master_port}",

@@ -136,6 +136,17 @@ def test_launch_env_torchrun_slurm_single():
     assert (single.rank, single.world_size, single.source) == (0, 1, "single")
 
 
+def test_slurm_master_port_per_job_below_ephemeral_range():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu-[01-03,07]"}
+    ports = {read_launch_env({**env, "SLURM_JOB_ID": str(job)}).master_port for job in range(123_456, 133_456)}
+    assert len(ports) == 10_000 and min(ports) >= 1024 and max(ports) < 29500  # 29500+: torchrun's rendezvous
+    slurm = read_launch_env({**env, "SLURM_JOB_ID": "123456"})
+    assert (slurm.master_addr, slurm.master_port) == ("gpu-01", 18456)
+    # An exported but empty variable counts as unset.
+    assert read_launch_env({**env, "SLURM_JOB_ID": "7", "MASTER_PORT": "", "MASTER_ADDR": ""}).master_port == 15007
+    assert read_launch_env({**env, "MASTER_PORT": "4242"}).master_port == 4242
+
+
 def test_setup_rejects_world_not_multiple_of_tp(monkeypatch):
     from mambatron.parallel import dist as pdist
 
