@@ -12,9 +12,9 @@ A checkpoint is first written to ``checkpoints/.tmp_step_0000100`` and renamed t
 after every rank has finished writing and ``manifest.json`` (with ``"status": "complete"``) is on disk. Resume looks
 only at ``step_*`` directories whose manifest says complete, so a torn checkpoint is never loaded.
 
-Resuming on the same TP and DP sizes goes through ``engine.load_checkpoint`` and is bit-exact. On a different layout
-(:func:`load_resharded`) the full fp32 weights and Adam moments are rebuilt from the ZeRO shards of every TP rank,
-merged and re-split over the new TP size, and scattered into the new engine's partitions.
+Resuming on the same TP and DP sizes (and ZeRO format) goes through ``engine.load_checkpoint`` and is bit-exact. On
+a different layout (:func:`load_resharded`) the full fp32 weights and Adam moments are rebuilt from the ZeRO shards
+of every TP rank, merged and re-split over the new TP size, and scattered into the new engine's partitions.
 """
 
 from __future__ import annotations
@@ -205,8 +205,15 @@ def _prune(root: Path, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------------------------- load
 
 
+def same_zero_format(saved_stage: int, stage: int) -> bool:
+    """Whether DeepSpeed can load a ZeRO-``saved_stage`` optimizer state into a ZeRO-``stage`` engine itself (stages 1
+    and 2 share one format). For any other pair it would find no files it knows and silently keep fresh Adam
+    moments, so such a checkpoint goes through :func:`load_resharded`."""
+    return saved_stage == stage or {saved_stage, stage} <= {1, 2}
+
+
 def load_same_layout(engine: Any, step_dir: Path) -> None:
-    """Load module, optimizer and ZeRO shards saved with the current TP and DP sizes (bit-exact)."""
+    """Load module, optimizer and ZeRO shards saved with the current TP and DP sizes and ZeRO format (bit-exact)."""
     path, _ = engine.load_checkpoint(
         str(step_dir.parent),
         tag=step_dir.name,
@@ -304,6 +311,8 @@ def load_resharded(
     state dict into this rank's shard for the current TP size. Both are applied to the weights and to each Adam
     moment, which have the weights' shapes and are sharded the same way.
     """
+    if engine.zero_optimization_stage() == 3:
+        raise ValueError(f"{step_dir}: resharding into a ZeRO-3 engine is not supported; use zero_stage 0, 1 or 2")
     per_rank = [read_full_state(step_dir, r) for r in range(saved_tp)]
     full_weights = merge_tp([w for w, _ in per_rank])
     local_weights = split_tp(full_weights)

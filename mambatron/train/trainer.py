@@ -163,12 +163,13 @@ class Trainer:
         if step_dir is None:
             return False
         manifest = ckpt.read_manifest(step_dir)
-        same_layout = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
-        if same_layout:
+        same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
+        saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
+        if same_ranks and ckpt.same_zero_format(saved_stage, self.config.parallel.zero_stage):
             ckpt.load_same_layout(self.engine, step_dir)
         else:
             self._load_resharded(step_dir, manifest)
-        rank_state = ckpt.load_rank_state(step_dir, self.dist.rank) if same_layout else None
+        rank_state = ckpt.load_rank_state(step_dir, self.dist.rank) if same_ranks else None
         if rank_state is not None:
             ckpt.restore_rng(rank_state["rng"])
             if rank_state.get("data") is not None:

@@ -56,6 +56,22 @@ def test_resume_fp32_without_zero_on_more_processes(tiny_data, tmp_path):
             assert r["mismatches"] == [] and r["finite"] and r["step"] == 4, r
 
 
+def test_resume_without_zero_checkpoint_under_zero1(tiny_data, tmp_path):
+    """Same TP and DP, ZeRO stage 0 -> 1: DeepSpeed would find no ZeRO shards and keep fresh Adam moments; the
+    checkpoint is loaded through resharding instead, and weights and moments equal the saved ones."""
+    overrides = [*TINY, *tiny_data, "parallel.zero_stage=0", "train.max_steps=2"]
+    run_dir = tmp_path / "run"
+    run_train(0, [*overrides, f"train.out_dir={run_dir}"])
+    report = tmp_path / "report"
+    report.mkdir()
+    cmd = [sys.executable, "tests/train/reshard_probe.py", str(report), *overrides, f"train.out_dir={run_dir}",
+           "parallel.zero_stage=1", "train.max_steps=4"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (r,) = [json.loads(p.read_text()) for p in report.glob("rank_*.json")]
+    assert r["mismatches"] == [] and r["finite"] and r["step"] == 4, r
+
+
 def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
     """A TP=2 run (CLI, meta-device build, vocab-parallel loss, eval) starts exactly like the TP=1 model and follows
     the same loss curve up to float reduction order."""
