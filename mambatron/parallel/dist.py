@@ -120,6 +120,22 @@ def first_host(nodelist: str) -> str:
     return expand_hostlist(nodelist)[0]
 
 
+def local_cuda_device(local_rank: int, device_count: int) -> int:
+    """The CUDA device index of the process with ``local_rank`` on a node where it sees ``device_count`` devices.
+
+    Normally its local rank; 0 when every task sees only its own GPU (``srun --gpus-per-task=1`` or
+    ``--gpu-bind=single:1`` set ``CUDA_VISIBLE_DEVICES`` per task, while local ranks still count up).
+    """
+    if local_rank < device_count:
+        return local_rank
+    if device_count == 1:
+        return 0
+    raise ConfigError(
+        f"local rank {local_rank} but only {device_count} CUDA devices are visible; launch at most {device_count} "
+        "processes per node (torchrun --nproc-per-node, srun --ntasks-per-node) or give each task one GPU"
+    )
+
+
 def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 30) -> DistInfo:
     """Initialise torch.distributed and megatron-core's parallel_state with TP = ``parallel_cfg.tp``, DP = the rest.
 
@@ -139,7 +155,7 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
         if world % tp:
             raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")
         if on_gpu:
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(local_cuda_device(launch.local_rank, torch.cuda.device_count()))
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if launch.source == "single":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -163,7 +179,7 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
     else:
         backend = dist.get_backend()
         if on_gpu:
-            torch.cuda.set_device(launch.local_rank)
+            torch.cuda.set_device(local_cuda_device(launch.local_rank, torch.cuda.device_count()))
     world = dist.get_world_size()
     if world % tp:
         raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")

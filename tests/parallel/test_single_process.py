@@ -8,7 +8,7 @@ import torch
 from mambatron.config import Config, ConfigError, ParallelConfig, TrainConfig
 from mambatron.parallel import LocalProjections, build_projections, validate_parallel
 from mambatron.parallel.consolidate import consolidate, param_layout, reshard, shard
-from mambatron.parallel.dist import DistInfo, expand_hostlist, read_launch_env
+from mambatron.parallel.dist import DistInfo, expand_hostlist, local_cuda_device, read_launch_env
 from tests.parallel._workers import full_state, tiny_model_config
 
 # --------------------------------------------------------------------------- rejected configurations
@@ -145,6 +145,13 @@ def test_slurm_master_port_per_job_below_ephemeral_range():
     # An exported but empty variable counts as unset.
     assert read_launch_env({**env, "SLURM_JOB_ID": "7", "MASTER_PORT": "", "MASTER_ADDR": ""}).master_port == 15007
     assert read_launch_env({**env, "MASTER_PORT": "4242"}).master_port == 4242
+
+
+def test_local_cuda_device():
+    assert [local_cuda_device(r, 8) for r in range(8)] == list(range(8))
+    assert [local_cuda_device(r, 1) for r in range(4)] == [0, 0, 0, 0]  # one GPU bound per task
+    with pytest.raises(ConfigError, match="only 4 CUDA devices are visible; launch at most 4"):
+        local_cuda_device(5, 4)
 
 
 def test_setup_rejects_world_not_multiple_of_tp(monkeypatch):
