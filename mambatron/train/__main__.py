@@ -3,7 +3,8 @@
 Launched by torchrun or srun (one process per device); a single process works too. Resumes automatically from the
 newest complete checkpoint in ``train.out_dir``. ``--dry-run`` prints the memory/throughput plan and exits without
 initialising anything distributed (the world size comes from the launcher's environment or ``--world-size``).
-Exit codes: 0 done, 75 preempted (checkpoint saved; under SLURM the job was requeued), 2 bad configuration.
+Exit codes: 0 done, 75 preempted (checkpoint saved; after SIGUSR1 under SLURM the job was requeued), 2 bad
+configuration.
 """
 
 from __future__ import annotations
