@@ -188,9 +188,11 @@ def make_plan(config: Config, world_size: int) -> Plan:
     act_b = 2 if bf16 else 4
     per_layer = activation_bytes_per_layer(m, tokens_local, tp, par.sequence_parallel, act_b)
     no_ckpt = m.n_layer * per_layer
-    # Checkpointing keeps each block's fp32 residual input and recomputes one block at a time.
+    # Checkpointing keeps each block's inputs, the previous block's output (compute dtype) and the residual stream
+    # (fp32 with model.residual_in_fp32), and recomputes one block at a time.
     residual_local = m.d_model // tp if par.sequence_parallel else m.d_model
-    ckpt = m.n_layer * tokens_local * 4 * residual_local + per_layer
+    block_input_b = act_b + (4 if m.residual_in_fp32 else act_b)
+    ckpt = m.n_layer * tokens_local * block_input_b * residual_local + per_layer
     # Vocab-parallel logits in the compute dtype plus their fp32 copy in the loss.
     logits = tokens_local * (m.padded_vocab_size // tp) * (act_b + 4)
     acts = (ckpt if train.activation_checkpointing else no_ckpt) + logits

@@ -13,7 +13,7 @@ import torch
 
 from mambatron.config import WandbConfig, load_config
 from mambatron.models import build_model
-from mambatron.plan import count_params, make_plan, world_size_from_env
+from mambatron.plan import activation_bytes_per_layer, count_params, make_plan, world_size_from_env
 from mambatron.train import checkpoint as ckpt
 from mambatron.train import signals
 from mambatron.train.__main__ import main as train_main
@@ -74,6 +74,10 @@ def test_plan_zero_stages_and_fit_warning():
     assert 6.5e9 < p.params_total < 7.5e9 and p.dp == 16
     assert p.tokens_per_step == cfg.data.micro_batch * cfg.data.seq_len * 16
     assert p.activations_bytes_ckpt < p.activations_bytes_no_ckpt
+    # Checkpointing keeps every block's inputs: the bf16 output of the block before and the fp32 residual.
+    tokens, m = cfg.data.micro_batch * cfg.data.seq_len, cfg.model
+    one_block = activation_bytes_per_layer(m, tokens, 1, False, 2)
+    assert p.activations_bytes_ckpt - p.logits_bytes == m.n_layer * tokens * (2 + 4) * m.d_model + one_block
     offload = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.offload_optimizer=true"]), 16)
     assert offload.optimizer_bytes == 0 and offload.optimizer_cpu_bytes == p.optimizer_bytes
     big = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.zero_stage=0", "data.micro_batch=16"]), 1)
