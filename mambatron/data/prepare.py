@@ -102,9 +102,12 @@ def _tokenize_task(args: tuple[list[tuple[str, str]], str, str]) -> list[tuple[b
             text = read_text(payload)
         else:
             obj = json.loads(payload)
+            if not isinstance(obj, dict):
+                raise ValueError(f"JSONL record is a {type(obj).__name__}, not an object with a {field_name!r} field")
             if field_name not in obj:
                 raise KeyError(f"JSONL record has no field {field_name!r} (keys: {sorted(obj)}); pass --field")
-            text = str(obj[field_name])
+            # null is a missing text (an empty document), not the text "None".
+            text = "" if obj[field_name] is None else str(obj[field_name])
         if not text:
             out.append((b"", 0, 0))
             continue

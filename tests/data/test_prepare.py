@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mambatron.data.prepare import prepare_data, read_shard_tokens, token_dtype, verify_shards
 from mambatron.data.tokenizers import load_tokenizer
@@ -78,6 +79,19 @@ def test_jsonl_field_and_max_docs(prepared: Prepared, tmp_path: Path) -> None:
     tok = load_tokenizer(prepared.tokenizer)
     found = read_shard_tokens(tmp_path / "j" / index["splits"]["train"]["shards"][0]["name"])
     assert tok.decode(found["0000000003"]) == prepared.texts[3]
+
+
+def test_jsonl_null_text_is_an_empty_document(prepared: Prepared, tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t}) for t in ["abc", None, "", "de"]) + "\n")
+    index = prepare_data([str(path)], prepared.tokenizer, tmp_path / "j", val_fraction=0, workers=1, progress=False)
+    assert (index["documents"], index["empty_documents"], index["splits"]["train"]["tokens"]) == (4, 2, 4 + 3)
+    tok = load_tokenizer(prepared.tokenizer)
+    found = read_shard_tokens(tmp_path / "j" / index["splits"]["train"]["shards"][0]["name"])
+    assert {k: tok.decode(v) for k, v in found.items()} == {"0000000000": "abc", "0000000003": "de"}
+    path.write_text(json.dumps(["text"]) + "\n")
+    with pytest.raises(ValueError, match="JSONL record is a list, not an object with a 'text' field"):
+        prepare_data([str(path)], prepared.tokenizer, tmp_path / "k", workers=1, progress=False)
 
 
 def test_token_dtype() -> None:
