@@ -380,7 +380,8 @@ class Trainer:
                     self.metrics.print("the validation split has no batches: evaluation skipped")
                 else:
                     self.metrics.log_eval(self.step, val_loss)
-            if self._should_stop():
+            # A signal during the last step needs no requeue: the run saves below and ends.
+            if self.step < tcfg.max_steps and self._should_stop():
                 name = signal.Signals(self._stop_signal).name
                 self.metrics.print(f"got {name}: saving step {self.step} and exiting")
                 self.save()

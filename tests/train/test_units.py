@@ -19,7 +19,7 @@ from mambatron.train import signals
 from mambatron.train.__main__ import main as train_main
 from mambatron.train.metrics import MetricsLogger, Throughput
 from mambatron.train.schedule import LRSchedule
-from mambatron.train.trainer import EXIT_PREEMPTED, StepResult, Trainer
+from mambatron.train.trainer import EXIT_OK, EXIT_PREEMPTED, StepResult, Trainer
 
 
 def test_schedules():
@@ -147,10 +147,10 @@ def test_metrics_jsonl_and_offline_wandb(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("signum, requeues", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
-def test_preemption_requeues_once_and_only_after_sigusr1(monkeypatch, signum, requeues):
-    """The preempted loop saves and returns; run() requeues after shutdown, once, and never for SIGTERM (scancel)."""
-    trainer = Trainer(load_config("configs/tiny.yaml", ["train.max_steps=5"]))
+def _signalled_trainer(monkeypatch, signum: int, max_steps: int) -> tuple[Trainer, list]:
+    """A Trainer whose build, steps, saves and requeue are stubs recorded in the returned list; ``signum`` is
+    pending from the start."""
+    trainer = Trainer(load_config("configs/tiny.yaml", [f"train.max_steps={max_steps}"]))
     calls = []
     monkeypatch.setattr(signals, "install", lambda: None)
     monkeypatch.setattr(signals, "received", lambda: signum)
@@ -163,8 +163,21 @@ def test_preemption_requeues_once_and_only_after_sigusr1(monkeypatch, signum, re
     trainer.save = lambda: calls.append(("save", trainer.step))
     trainer.shutdown = lambda: calls.append(("shutdown", trainer.step))
     trainer._request_requeue = lambda: calls.append(("requeue", trainer.step))
+    return trainer, calls
+
+
+@pytest.mark.parametrize("signum, requeues", [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_preemption_requeues_once_and_only_after_sigusr1(monkeypatch, signum, requeues):
+    """The preempted loop saves and returns; run() requeues after shutdown, once, and never for SIGTERM (scancel)."""
+    trainer, calls = _signalled_trainer(monkeypatch, signum, max_steps=5)
     assert trainer.run() == EXIT_PREEMPTED
     assert calls == [("save", 1), ("shutdown", 1)] + [("requeue", 1)] * requeues
+
+
+def test_signal_during_the_last_step_finishes_the_run(monkeypatch):
+    trainer, calls = _signalled_trainer(monkeypatch, signal.SIGUSR1, max_steps=1)
+    assert trainer.run() == EXIT_OK
+    assert calls == [("save", 1), ("shutdown", 1)]  # saved once, not requeued to resume a finished run
 
 
 def test_throughput_drops_the_first_step_from_the_window():
