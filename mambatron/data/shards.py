@@ -84,8 +84,12 @@ def read_index(index: str) -> dict[str, Any]:
                 raw = f.read()
         data = json.loads(raw)
     except (OSError, ValueError, subprocess.CalledProcessError) as e:
+        reason = str(e).rstrip(".")
+        if isinstance(e, subprocess.CalledProcessError) and e.stderr.strip():
+            # The command's own stderr says why (no such object, access denied); it was captured, so show it.
+            reason += ": " + e.stderr.decode(errors="replace").strip()[-500:]
         raise DataIndexError(
-            f"cannot read the data index {index!r} ({e}); set data.index to the index.json written by "
+            f"cannot read the data index {index!r} ({reason}); set data.index to the index.json written by "
             "tools/prepare_data.py"
         ) from e
     if data.get("format") != INDEX_FORMAT:

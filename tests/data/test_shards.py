@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mambatron.data import DataIndexError, ShardError, build_loader
+from mambatron.data import DataIndexError, ShardError, build_loader, read_index
 from mambatron.data.shards import StreamSpec, _Packer
 
 from .conftest import Prepared, as_sorted_keys, docs_of, rows_of
@@ -207,6 +207,11 @@ def test_wrong_tokenizer_is_refused(prepared: Prepared, bpe_tokenizer: Path) -> 
     message = str(err.value)
     assert str(bpe_tokenizer) in message and "prepare_data.py" in message
     assert prepared.index()["tokenizer_hash"][:16] in message
+
+
+def test_failing_index_command_shows_its_stderr() -> None:
+    with pytest.raises(DataIndexError, match="exit status 3: no such bucket"):
+        read_index("pipe:echo no such bucket >&2; exit 3")
 
 
 def test_too_few_shards_for_streams(prepared: Prepared) -> None:
