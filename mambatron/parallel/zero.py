@@ -180,9 +180,7 @@ def forward_loss(
     hook the output for its backward bookkeeping; the vocab-parallel cross-entropy is then applied to the logits.
     Follow with ``engine.backward(loss)`` and ``engine.step()``.
     """
-    logits = engine(input_ids, seq_idx=seq_idx)
-    per_token = engine.module.proj.cross_entropy(logits, labels)
-    return per_token.sum() / (labels >= 0).sum().clamp_min(1)
+    return engine.module.loss_from_logits(engine(input_ids, seq_idx=seq_idx), labels)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
