@@ -9,7 +9,8 @@ Layout of one checkpoint::
         zero_pp_rank_0_mp_rank_00_optim_states.pt ...   # DeepSpeed: ZeRO optimizer shards per (DP, TP) rank
 
 A checkpoint is first written to ``checkpoints/.tmp_step_0000100`` and renamed to its final name by rank 0 only
-after every rank has finished writing and ``manifest.json`` (with ``"status": "complete"``) is on disk. Resume looks
+after every rank has finished writing, its files are flushed to disk and ``manifest.json`` (with
+``"status": "complete"``) is on disk. Resume looks
 only at ``step_*`` directories whose manifest says complete, so a torn checkpoint is never loaded.
 
 Resuming on the same TP and DP sizes (and ZeRO format) goes through ``engine.load_checkpoint`` and is bit-exact. On
@@ -144,6 +145,15 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk (whichever process wrote them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     engine: Any,
     out_dir: str | Path,
@@ -171,6 +181,10 @@ def save_checkpoint(
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     torch.save(rank_state, rank_file(tmp, rank))
     data_positions = _gather_objects(rank_state.get("data"))
+    # Every rank has written (the gather is a collective); the ranks share flushing it all to disk, so that a
+    # checkpoint whose manifest survives a machine crash also has its shards.
+    for path in sorted([tmp, *tmp.rglob("*")])[rank :: len(data_positions)]:
+        _fsync(path)
     _barrier()
     if rank == 0:
         body = dict(manifest)
@@ -184,9 +198,11 @@ def save_checkpoint(
             status="complete",
         )
         _fsync_write(tmp / MANIFEST, json.dumps(body, indent=1, default=str))
+        _fsync(tmp)
         if final.exists():  # an older save of the same step (e.g. saved again after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(root)
         _prune(root, keep_last)
     _barrier()
     return final

@@ -189,3 +189,26 @@ def test_throughput_drops_the_first_step_from_the_window():
     tp.update(2.0, 100)
     tp.update(3.0, 100)
     assert tp.seconds_per_step() == pytest.approx(7.0 / 3)  # sliding window of the last 3 steps
+
+
+def test_save_flushes_every_file_before_the_manifest(tmp_path, monkeypatch):
+    """The shards and rank files reach the disk before the manifest marks the checkpoint complete, and the rename
+    after it."""
+    import os
+
+    class Engine:  # writes what DeepSpeed writes for one rank: a model-states and an optimizer shard
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag).mkdir()
+            for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+                (Path(root) / tag / name).write_bytes(b"x")
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    final = ckpt.save_checkpoint(Engine(), tmp_path, 7, {"config": {}}, {"data": None}, rank=0, keep_last=2)
+    root, tmp = str(ckpt.checkpoint_root(tmp_path)), str(ckpt.checkpoint_root(tmp_path) / ".tmp_step_0000007")
+    manifest = synced.index(f"{tmp}/manifest.json")
+    before = set(synced[:manifest])
+    assert {f"{tmp}/{name}" for name in os.listdir(final) if name != "manifest.json"} | {tmp} <= before
+    assert synced[manifest + 1 :] == [tmp, root]  # the manifest's directory entry, then the rename
+    assert ckpt.latest_checkpoint(tmp_path) == final
