@@ -535,7 +535,9 @@ class ShardLoader:
             raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
         mine = self.state_dict()
         for key in ("split", "rank", "world_size", "num_workers", "seq_len", "micro_batch", "shuffle_buffer", "seed"):
-            if state[key] != mine[key]:
+            # num_workers 0 (in this process) and 1 (one worker process) both run one stream per rank.
+            same = max(1, state[key]) == max(1, mine[key]) if key == "num_workers" else state[key] == mine[key]
+            if not same:
                 raise ValueError(
                     f"cannot resume the data position: it was saved with {key}={state[key]!r} but this loader has "
                     f"{key}={mine[key]!r}; resume with the same data settings and world size"

@@ -144,6 +144,20 @@ def test_resume_in_process_without_workers(prepared: Prepared) -> None:
         assert a.equal(b)
 
 
+def test_resume_between_zero_and_one_worker(prepared: Prepared) -> None:
+    cfg = prepared.cfg(num_workers=0, shuffle_buffer=5, seed=4)
+    reference = [b["input_ids"] for _, b in zip(range(120), build_loader(cfg))]
+    one_worker = build_loader(prepared.cfg(num_workers=1, shuffle_buffer=5, seed=4))
+    head = [b["input_ids"] for _, b in zip(range(50), one_worker)]
+    resumed = build_loader(cfg)
+    resumed.load_state_dict(one_worker.state_dict())
+    tail = [b["input_ids"] for _, b in zip(range(70), resumed)]
+    for a, b in zip(head + tail, reference, strict=True):
+        assert a.equal(b)
+    with pytest.raises(ValueError, match="num_workers=0 but this loader has num_workers=2"):
+        build_loader(prepared.cfg(num_workers=2)).load_state_dict(build_loader(cfg).state_dict())
+
+
 def test_state_refuses_other_settings(prepared: Prepared) -> None:
     state = build_loader(prepared.cfg(num_workers=0)).state_dict()
     other = build_loader(prepared.cfg(num_workers=0, micro_batch=3))
