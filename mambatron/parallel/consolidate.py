@@ -148,7 +148,9 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     c = model_cfg
-    with torch.device("cpu"):
+    # Constructing the TP=1 blocks runs torch's default init on the global generator; a TP=1 run (built on the meta
+    # device, initialised from ``gen``) does not touch it, so neither may this.
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         load("embedding.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
         for i in range(c.n_layer):
             block = Block(c, i, LocalProjections())

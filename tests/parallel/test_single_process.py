@@ -97,6 +97,20 @@ def test_shard_consolidate_roundtrip(arch, tp):
             assert torch.equal(to_two[r][name], t), name
 
 
+def test_init_like_tp1_leaves_the_global_generator_alone():
+    from mambatron.models import build_model
+    from mambatron.parallel.consolidate import init_weights_like_tp1
+
+    cfg = tiny_model_config("mamba1")
+    model = build_model(cfg)
+    expected = build_model(cfg)
+    expected.init_weights(seed=3)
+    state = torch.get_rng_state()
+    init_weights_like_tp1(model, cfg, seed=3, tp_size=1, tp_rank=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_unknown_parameter_has_no_layout():
     with pytest.raises(KeyError, match="no tensor-parallel layout"):
         param_layout("layers.0.mixer.mystery", tiny_model_config("mamba1"))
