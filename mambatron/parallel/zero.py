@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mambatron.config import Config, ModelConfig
+from mambatron.config import Config, ConfigError, ModelConfig
 from mambatron.parallel.consolidate import param_layout
 from mambatron.parallel.dist import DistInfo
 
@@ -110,6 +110,13 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
     """The DeepSpeed JSON for this run, generated from the YAML config; ``extra`` (default
     ``parallel.deepspeed_extra``) is deep-merged on top."""
     p, t = config.parallel, config.train
+    if p.zero_stage == 0 and t.precision == "bf16" and dist_info.tp_size > 1:
+        # Without ZeRO, DeepSpeed's bf16 optimizer tests is_model_parallel_parameter on the gradients (which carry
+        # no tensor_model_parallel tag), so TP ranks > 0 leave out their shards: the clipping norm is too small.
+        raise ConfigError(
+            f"parallel.zero_stage=0 with train.precision=bf16 and parallel.tp={dist_info.tp_size} clips by a wrong "
+            "gradient norm in DeepSpeed; set parallel.zero_stage to 1 or more (or train.precision=fp32)"
+        )
     on_gpu = dist_info.device.type == "cuda"
     zero: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage > 0:

@@ -227,6 +227,17 @@ def test_deepspeed_config_from_yaml_config():
     assert "scheduler" not in ds
 
 
+def test_deepspeed_config_refuses_bf16_without_zero_under_tp():
+    from mambatron.parallel.zero import deepspeed_config
+
+    cfg = Config(parallel=ParallelConfig(tp=2, zero_stage=0), train=TrainConfig(precision="bf16"))
+    with pytest.raises(ConfigError, match="set parallel.zero_stage to 1 or more"):
+        deepspeed_config(cfg, DistInfo(0, 4, 0, 2, 0, 2, 0, torch.device("cpu"), "gloo"))
+    assert deepspeed_config(cfg, DistInfo(0, 2, 0, 1, 0, 2, 0, torch.device("cpu"), "gloo"))["bf16"]["enabled"]
+    cfg.train.precision = "fp32"
+    assert deepspeed_config(cfg, DistInfo(0, 4, 0, 2, 0, 2, 0, torch.device("cpu"), "gloo"))["zero_optimization"]
+
+
 def test_weight_decay_only_on_matrices():
     from mambatron.models import build_model
     from mambatron.parallel.zero import param_groups
