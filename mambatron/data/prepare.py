@@ -198,6 +198,9 @@ def prepare_data(
     key_ext = tokens_key(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The shards about to be written replace those of an earlier run: its index must not outlive them if this run
+    # fails half way (it would describe tars whose contents changed).
+    (out / "index.json").unlink(missing_ok=True)
     writers = {s: _SplitWriter(out, s, key_ext, shard_tokens) for s in SPLITS}
     workers = workers or os.cpu_count() or 1
     tasks = ((t, field_name, dtype.str) for t in _iter_tasks(files, field_name, max_docs))
@@ -265,7 +268,9 @@ def prepare_data(
             for s, w in writers.items()
         },
     }
-    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.replace(out / "index.json")
     return index
 
 

@@ -94,6 +94,17 @@ def test_jsonl_null_text_is_an_empty_document(prepared: Prepared, tmp_path: Path
         prepare_data([str(path)], prepared.tokenizer, tmp_path / "k", workers=1, progress=False)
 
 
+def test_failed_run_leaves_no_stale_index(prepared: Prepared, tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(100)))
+    prepare_data([str(path)], prepared.tokenizer, tmp_path / "out", workers=1, progress=False)
+    assert (tmp_path / "out" / "index.json").is_file()
+    path.write_text("".join(json.dumps({"text": f"other {i}"}) + "\n" for i in range(50)) + '{"body": 1}\n')
+    with pytest.raises(KeyError, match="no field 'text'"):
+        prepare_data([str(path)], prepared.tokenizer, tmp_path / "out", workers=1, progress=False)
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
 def test_token_dtype() -> None:
     assert token_dtype(65536) == np.dtype("<u2") and token_dtype(65537) == np.dtype("<u4")
 
