@@ -124,6 +124,7 @@ class Plan:
     grads_bytes: int
     optimizer_bytes: int
     optimizer_cpu_bytes: int
+    buckets_bytes: int
     activations_bytes: int
     activations_bytes_no_ckpt: int
     activations_bytes_ckpt: int
@@ -156,6 +157,17 @@ def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_pa
     outer = 3 * m.d_model
     outer_local = outer // tp if sequence_parallel else outer
     return tokens * bytes_ * (inner // tp + outer_local)
+
+
+def zero_bucket_bytes(zero_stage: int, deepspeed_extra: dict[str, Any], grad_bytes: int) -> int:
+    """DeepSpeed's gradient-reduction buckets under ZeRO with contiguous gradients (mambatron's setting): buffers of
+    ``reduce_bucket_size`` elements (default 5e8) in the gradient dtype, allocated whatever the model's size; ZeRO-1/2
+    keep two with ``overlap_comm`` (on for GPUs). ``deepspeed_extra`` overrides are honoured."""
+    zero = deepspeed_extra.get("zero_optimization", {})
+    if zero_stage == 0 or not zero.get("contiguous_gradients", True):
+        return 0
+    buffers = 2 if zero_stage < 3 and zero.get("overlap_comm", True) else 1
+    return buffers * int(float(zero.get("reduce_bucket_size", 5e8))) * grad_bytes
 
 
 def make_plan(config: Config, world_size: int) -> Plan:
@@ -196,7 +208,8 @@ def make_plan(config: Config, world_size: int) -> Plan:
     # Vocab-parallel logits in the compute dtype plus their fp32 copy in the loss.
     logits = tokens_local * (m.padded_vocab_size // tp) * (act_b + 4)
     acts = (ckpt if train.activation_checkpointing else no_ckpt) + logits
-    total = weights + grads + optim_gpu + acts
+    buckets = zero_bucket_bytes(par.zero_stage, par.deepspeed_extra, grad_b)
+    total = weights + grads + optim_gpu + buckets + acts
     gpu_bytes = int(train.gpu_memory_gb * GIB)
     if total > gpu_bytes:
         hints = []
@@ -231,6 +244,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
         grads_bytes=grads,
         optimizer_bytes=optim_gpu,
         optimizer_cpu_bytes=optim_cpu,
+        buckets_bytes=buckets,
         activations_bytes=acts,
         activations_bytes_no_ckpt=no_ckpt + logits,
         activations_bytes_ckpt=ckpt + logits,
@@ -275,6 +289,7 @@ def format_plan(plan: Plan, config: Config) -> str:
         f"    gradients     {_gib(plan.grads_bytes)}",
         f"    optimizer     {_gib(plan.optimizer_bytes)}"
         + (f"   (+{plan.optimizer_cpu_bytes / GIB:.2f} GiB on CPU)" if plan.optimizer_cpu_bytes else ""),
+        f"    buckets       {_gib(plan.buckets_bytes)}   (ZeRO gradient reduction)",
         f"    activations   {_gib(plan.activations_bytes)}   "
         f"(checkpointing {'on' if plan.activation_checkpointing else 'off'}; "
         f"with: {plan.activations_bytes_ckpt / GIB:.2f} GiB, without: {plan.activations_bytes_no_ckpt / GIB:.2f} GiB; "

@@ -74,6 +74,10 @@ def test_plan_zero_stages_and_fit_warning():
     assert 6.5e9 < p.params_total < 7.5e9 and p.dp == 16
     assert p.tokens_per_step == cfg.data.micro_batch * cfg.data.seq_len * 16
     assert p.activations_bytes_ckpt < p.activations_bytes_no_ckpt
+    # DeepSpeed's reduction buckets: 5e8 bf16 elements, double-buffered under ZeRO-1/2, single under ZeRO-3.
+    assert [plans[s].buckets_bytes for s in range(4)] == [0, 2 * 10**9, 2 * 10**9, 10**9]
+    smaller = ["parallel.zero_stage=1", "parallel.deepspeed_extra.zero_optimization.reduce_bucket_size=100000000"]
+    assert make_plan(load_config("configs/mamba1-7b.yaml", smaller), 8).buckets_bytes == 4 * 10**8
     # Checkpointing keeps every block's inputs: the bf16 output of the block before and the fp32 residual.
     tokens, m = cfg.data.micro_batch * cfg.data.seq_len, cfg.model
     one_block = activation_bytes_per_layer(m, tokens, 1, False, 2)
