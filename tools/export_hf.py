@@ -43,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model = build_model(config.model)
         load_full_state(model, state)
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        print(f"error: --tokenizer {args.tokenizer!r} is not a directory", file=sys.stderr)
+        return 2
     tokenizer = args.tokenizer or config.data.tokenizer or None
-    if tokenizer and not Path(tokenizer).is_dir():
+    if tokenizer and not Path(tokenizer).is_dir():  # the run's own tokenizer may not have travelled with it
         print(f"warning: tokenizer folder {tokenizer!r} not found; exporting the model without it", file=sys.stderr)
         tokenizer = None
     out = to_hf(model, config.model, args.out, tokenizer_dir=tokenizer, dtype=DTYPES[args.dtype])

@@ -216,3 +216,17 @@ def test_save_flushes_every_file_before_the_manifest(tmp_path, monkeypatch):
     assert {f"{tmp}/{name}" for name in os.listdir(final) if name != "manifest.json"} | {tmp} <= before
     assert synced[manifest + 1 :] == [tmp, root]  # the manifest's directory entry, then the rename
     assert ckpt.latest_checkpoint(tmp_path) == final
+
+
+def test_export_refuses_a_missing_tokenizer_it_was_given(tmp_path, capsys):
+    """An explicit --tokenizer that does not exist is an error; only the run config's default may be skipped."""
+    import tools.export_hf as export_hf
+    from mambatron.hf import save_model_dir
+
+    cfg = load_config("configs/tiny.yaml", ["model.d_model=32", "model.n_layer=1", "data.tokenizer=missing/tok"])
+    model_dir = save_model_dir(build_model(cfg.model), cfg, tmp_path / "model")
+    args = ["--checkpoint", str(model_dir), "--out", str(tmp_path / "hf")]
+    assert export_hf.main([*args, "--tokenizer", str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    assert export_hf.main(args) == 0  # the config's tokenizer is missing: warned about, model exported
+    assert "exporting the model without it" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").is_file()
