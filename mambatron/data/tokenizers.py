@@ -288,12 +288,25 @@ class Tokenizer:
         return f"{type(self).__name__}(kind={self.kind!r}, vocab_size={self.vocab_size}, hash={self.hash[:12]})"
 
 
+def _check_ids(folder: Path, meta: dict, model: dict[str, int]) -> None:
+    wrong = [f"{k} ({meta.get(k)} vs {v})" for k, v in model.items() if meta.get(k) != v]
+    if wrong:
+        raise TokenizerError(
+            f"{folder}: {META_FILE} disagrees with the model file on {', '.join(wrong)}; "
+            "the folder was modified after training — retrain it with tools/train_tokenizer.py"
+        )
+
+
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, folder: Path, meta: dict) -> None:
         import sentencepiece as spm
 
         self._sp = spm.SentencePieceProcessor(model_file=str(folder / SPM_FILE))
         self.vocab_size = int(self._sp.get_piece_size())
+        # The hash covers the model file only, so ids read from the metadata must agree with the model's own.
+        sp = self._sp
+        _check_ids(folder, meta, {"vocab_size": self.vocab_size, "pad_id": sp.pad_id(), "bos_id": sp.bos_id(),
+                                  "eos_id": sp.eos_id(), "unk_id": sp.unk_id()})  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -307,6 +320,8 @@ class SentencePieceTokenizer(Tokenizer):
 
 class ByteTokenizer(Tokenizer):
     def __init__(self, folder: Path, meta: dict) -> None:
+        specials = json.loads((folder / BYTES_FILE).read_text())["specials"]
+        _check_ids(folder, meta, {"vocab_size": 260, **{f"{name}_id": i for name, i in specials.items()}})
         self.vocab_size = int(meta["vocab_size"])
 
     def encode(self, text: str) -> list[int]:

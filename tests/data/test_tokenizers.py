@@ -69,6 +69,25 @@ def test_hash_is_of_model_file_and_detects_edits(tmp_path: Path, bpe_tokenizer: 
         load_tokenizer(tmp_path)
 
 
+@pytest.mark.parametrize("kind", ["bpe", "bytes"])
+def test_metadata_ids_must_match_the_model(tmp_path: Path, bpe_tokenizer: Path, kind: str) -> None:
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    if kind == "bytes":
+        train_tokenizer([], 0, copy, kind="bytes")
+    else:
+        shutil.copytree(bpe_tokenizer, copy)
+    meta = json.loads((copy / "mambatron_tokenizer.json").read_text())
+    eos = meta["eos_id"]
+    assert load_tokenizer(copy).eos_id == eos
+    meta["eos_id"] = meta["pad_id"]  # the hash covers the model file only: this edit keeps it
+    (copy / "mambatron_tokenizer.json").write_text(json.dumps(meta))
+    with pytest.raises(TokenizerError, match=f"eos_id \\({meta['pad_id']} vs {eos}\\)"):
+        load_tokenizer(copy)
+
+
 def test_hf_loads_sentencepiece_folder(bpe_tokenizer: Path) -> None:
     from transformers import AutoTokenizer, LlamaTokenizer
 
