@@ -196,6 +196,16 @@ class TrainConfig:
             raise ConfigError("train.save_every and train.eval_every must be >= 0 (0 disables)")
 
 
+def check_sequence_parallel_seq_len(parallel: ParallelConfig, seq_len: int) -> None:
+    """Sequence parallelism gives each TP rank an equal block of the sequence: TP must divide ``seq_len``."""
+    tp = parallel.tp
+    if parallel.sequence_parallel and seq_len % tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks but data.seq_len={seq_len} is not "
+            f"a multiple of {tp}; pick a multiple of {tp} or turn sequence_parallel off"
+        )
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -207,6 +217,7 @@ class Config:
     def validate(self) -> Config:
         for section in (self.model, self.parallel, self.data, self.optim, self.train):
             section.validate()
+        check_sequence_parallel_seq_len(self.parallel, self.data.seq_len)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mambatron.config import ConfigError, ModelConfig, ParallelConfig
+from mambatron.config import ConfigError, ModelConfig, ParallelConfig, check_sequence_parallel_seq_len
 from mambatron.parallel.projections import LocalProjections
 
 if TYPE_CHECKING:
@@ -32,11 +32,8 @@ def validate_parallel(
     """
     parallel_cfg.validate()
     tp = parallel_cfg.tp
-    if seq_len is not None and parallel_cfg.sequence_parallel and seq_len % tp:
-        raise ConfigError(
-            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks but data.seq_len={seq_len} is not "
-            f"a multiple of {tp}; pick a multiple of {tp} or turn sequence_parallel off"
-        )
+    if seq_len is not None:
+        check_sequence_parallel_seq_len(parallel_cfg, seq_len)
     if world_size is not None and (world_size < 1 or world_size % tp):
         raise ConfigError(
             f"WORLD_SIZE={world_size} is not a multiple of parallel.tp={tp}; launch a multiple of {tp} processes "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mambatron.config import Config, ConfigError, ParallelConfig, TrainConfig
+from mambatron.config import Config, ConfigError, ParallelConfig, TrainConfig, config_from_dict
 from mambatron.parallel import LocalProjections, build_projections, validate_parallel
 from mambatron.parallel.consolidate import consolidate, param_layout, reshard, shard
 from mambatron.parallel.dist import DistInfo, expand_hostlist, local_cuda_device, read_launch_env
@@ -34,6 +34,10 @@ def test_sequence_parallel_needs_seq_len_multiple_of_tp():
     with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2"):
         validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2, sequence_parallel=True), 2, seq_len=2049)
     validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2), 2, seq_len=2049)
+    # Also when the whole run config is loaded, before any process group or model exists.
+    with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2"):
+        config_from_dict({"parallel": {"tp": 2, "sequence_parallel": True}, "data": {"seq_len": 2049}})
+    assert config_from_dict({"parallel": {"tp": 2, "sequence_parallel": True}, "data": {"seq_len": 2048}})
 
 
 def test_good_layout_passes():
