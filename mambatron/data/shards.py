@@ -17,7 +17,8 @@ Exact resume
 ------------
 A stream's position is small and positional: epoch, shard position and sample offset of the reader, the shuffle
 RNG state, the shuffle buffer and the packing remainder described by sample references ``(shard, sample)``
-(plus a token offset for the partly packed document). Restoring re-reads just the referenced samples. Every batch a
+(plus a token offset for the partly packed document). Restoring reads the referenced shards from their start up
+to the last sample referenced (a tar is sequential; earlier samples are skipped undecoded). Every batch a
 worker produces carries its stream's position *after* that batch; the loader in the main process keeps the latest
 one per stream and which stream the DataLoader serves next (it serves workers round-robin), so ``state_dict()`` is
 exact even though workers prefetch ahead. On restore, DataLoader workers are rotated so that the stream that was
