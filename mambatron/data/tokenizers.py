@@ -247,16 +247,20 @@ def _write_meta(out: Path, kind: str, vocab_size: int, s: SpecialIds, files: lis
     _write_json(out / META_FILE, meta)
 
 
-def tokenizer_hash(folder: str | Path) -> str:
-    """sha256 of the tokenizer's model file(s), recomputed from disk (not trusted from the metadata)."""
-    folder = Path(folder)
+def _read_meta(folder: Path) -> dict:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise TokenizerError(
             f"{folder} is not a mambatron tokenizer folder ({META_FILE} missing); "
             "create one with tools/train_tokenizer.py"
         )
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def tokenizer_hash(folder: str | Path) -> str:
+    """sha256 of the tokenizer's model file(s), recomputed from disk (not trusted from the metadata)."""
+    folder = Path(folder)
+    meta = _read_meta(folder)
     return _hash_files(folder, meta["files"])
 
 
@@ -338,13 +342,7 @@ class ByteTokenizer(Tokenizer):
 def load_tokenizer(folder: str | Path) -> Tokenizer:
     """Load a tokenizer folder written by :func:`train_tokenizer` (or ``tools/train_tokenizer.py``)."""
     folder = Path(folder)
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise TokenizerError(
-            f"{folder} is not a mambatron tokenizer folder ({META_FILE} missing); "
-            "create one with tools/train_tokenizer.py"
-        )
-    meta = json.loads(meta_path.read_text())
+    meta = _read_meta(folder)
     digest = tokenizer_hash(folder)
     if digest != meta["hash"]:
         raise TokenizerError(

@@ -56,15 +56,7 @@ class Mamba1Mixer(nn.Module):
         """Mamba-paper init: S4D-real A, Δ log-uniform through the inverse softplus, D = 1."""
         cfg = self.cfg
         n, di = cfg.d_state, self.d_inner_local
-        for lin in (self.in_proj, self.x_proj, self.out_proj):
-            _kaiming_uniform(lin.weight, generator)
-            if getattr(lin, "bias", None) is not None:
-                lin.bias.zero_()
-        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
-        _kaiming_uniform(self.conv1d.weight, generator)
-        if self.conv1d.bias is not None:
-            bound = 1 / math.sqrt(cfg.d_conv)
-            self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        init_projections_and_conv(self, (self.in_proj, self.x_proj, self.out_proj), generator)
         std = cfg.dt_rank_value**-0.5
         self.dt_proj.weight.uniform_(-std, std, generator=generator)
         self.dt_proj.bias.copy_(inverse_softplus(sample_dt(di, cfg, generator)))
@@ -132,6 +124,22 @@ class Mamba1Mixer(nn.Module):
             "conv": torch.zeros(batch, di, self.cfg.d_conv, device=device, dtype=dtype),
             "ssm": torch.zeros(batch, di, self.cfg.d_state, device=device, dtype=state_dtype(dtype)),
         }
+
+
+@torch.no_grad()
+def init_projections_and_conv(mixer: nn.Module, linears, generator: torch.Generator | None) -> None:
+    """The init both mixers share: linears kaiming-uniform with zero bias, out_proj scaled by 1/sqrt(n_layer)
+    (the residual stream sums n_layer of them), depthwise conv as nn.Conv1d's default."""
+    cfg = mixer.cfg
+    for lin in linears:
+        _kaiming_uniform(lin.weight, generator)
+        if getattr(lin, "bias", None) is not None:
+            lin.bias.zero_()
+    mixer.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+    _kaiming_uniform(mixer.conv1d.weight, generator)
+    if mixer.conv1d.bias is not None:
+        bound = 1 / math.sqrt(cfg.d_conv)
+        mixer.conv1d.bias.uniform_(-bound, bound, generator=generator)
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,14 +7,12 @@ in_proj output is ``[z_l | x_l | B_l | C_l | dt_l]`` and the gated norm is per g
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
-from mambatron.models.mamba1 import _kaiming_uniform, _last_window, inverse_softplus, sample_dt, state_dtype
+from mambatron.models.mamba1 import _last_window, init_projections_and_conv, inverse_softplus, sample_dt, state_dtype
 from mambatron.models.ops import get_op
 from mambatron.parallel.projections import LocalProjections
 
@@ -50,15 +48,7 @@ class Mamba2Mixer(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Mamba2 init: A uniform in A_init_range (stored as log), Δ bias through the inverse softplus, D = 1."""
         cfg = self.cfg
-        for lin in (self.in_proj, self.out_proj):
-            _kaiming_uniform(lin.weight, generator)
-            if getattr(lin, "bias", None) is not None:
-                lin.bias.zero_()
-        self.out_proj.weight.div_(math.sqrt(cfg.n_layer))
-        _kaiming_uniform(self.conv1d.weight, generator)
-        if self.conv1d.bias is not None:
-            bound = 1 / math.sqrt(cfg.d_conv)
-            self.conv1d.bias.uniform_(-bound, bound, generator=generator)
+        init_projections_and_conv(self, (self.in_proj, self.out_proj), generator)
         self.dt_bias.copy_(inverse_softplus(sample_dt(self.nheads_local, cfg, generator)))
         lo, hi = cfg.A_init_range
         self.A_log.copy_(torch.log(torch.empty(self.nheads_local).uniform_(lo, hi, generator=generator)))
