@@ -12,12 +12,26 @@ from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_r
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _blocks(dim: int, seqlen: int) -> tuple[int, int]:
-    # GPU: 16 channels x 128 positions keep loads 256-byte coalesced along the sequence with 4 warps. The
-    # interpreter pays per program, so it takes the whole tensor in as few programs as it can.
+def _blocks(dim: int, seqlen: int, channel_last: bool) -> tuple[int, int]:
+    # GPU: 16 channels x 128 positions keep loads 256-byte coalesced along the sequence with 4 warps; a channel-last
+    # input is coalesced along the channels instead. The interpreter pays per program, so it takes the whole tensor
+    # in as few programs as it can.
     if os.environ.get("TRITON_INTERPRET") == "1":
         return min(triton.next_power_of_2(dim), 64), min(triton.next_power_of_2(seqlen), 64)
-    return 16, 128
+    return (128, 32) if channel_last else (16, 128)
+
+
+def _channel_last(t: torch.Tensor) -> bool:
+    """Whether a (batch, dim, seqlen) tensor has unit-stride channels (a transposed (batch, seqlen, dim) view)."""
+    return t.stride(1) == 1 and t.stride(2) != 1
+
+
+def _empty_like_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A (batch, dim, seqlen) output channel-last when t is, else contiguous."""
+    batch, dim, seqlen = t.shape
+    if _channel_last(t):
+        return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
+    return new_output((batch, dim, seqlen), dtype, t.device)
 
 
 def _silu(activation) -> bool:
@@ -34,8 +48,8 @@ class _CausalConv1d(torch.autograd.Function):
 
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen)
-        out = new_output(x.shape, x.dtype, x.device)
+        block_d, block_l = _blocks(dim, seqlen, _channel_last(x))
+        out = _empty_like_layout(x, x.dtype)
         grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
         _conv_fwd_kernel[grid](
             x,
@@ -44,6 +58,8 @@ class _CausalConv1d(torch.autograd.Function):
             initial_states,
             seq_idx,
             out,
+            *x.stride(),
+            *out.stride(),
             dim,
             seqlen,
             HAS_BIAS=bias is not None,
@@ -66,12 +82,11 @@ class _CausalConv1d(torch.autograd.Function):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen)
+        block_d, block_l = _blocks(dim, seqlen, _channel_last(x))
         nblocks_l = triton.cdiv(seqlen, block_l)
         grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
         dev, f32 = x.device, torch.float32
-        dout = dout.contiguous()
-        g = new_output(x.shape, f32, dev) if ctx.silu else dout
+        g = _empty_like_layout(x, f32) if ctx.silu else dout
         dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
         dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
         flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
@@ -85,6 +100,9 @@ class _CausalConv1d(torch.autograd.Function):
             g,
             dw_part,
             dbias_part,
+            *x.stride(),
+            *dout.stride(),
+            *g.stride(),
             dim,
             seqlen,
             HAS_BIAS=bias is not None,
@@ -92,7 +110,7 @@ class _CausalConv1d(torch.autograd.Function):
             SILU=ctx.silu,
             **flags,
         )
-        dx = new_output(x.shape, x.dtype, dev)
+        dx = _empty_like_layout(x, x.dtype)
         dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
         _conv_bwd_dx_kernel[grid](
             g,
@@ -100,6 +118,8 @@ class _CausalConv1d(torch.autograd.Function):
             seq_idx,
             dx,
             dinit,
+            *g.stride(),
+            *dx.stride(),
             dim,
             seqlen,
             HAS_INIT=initial_states is not None,
@@ -137,7 +157,8 @@ def causal_conv1d_fn(
     Args:
         x: (batch, dim, seqlen) fp16/bf16/fp32; weight: (dim, width); bias: (dim,); seq_idx: (batch, seqlen) int32
         document ids (no tap crosses a document boundary); initial_states: (batch, dim, width - 1);
-        activation: None or "silu". Non-contiguous inputs are copied.
+        activation: None or "silu". x is read through its strides: a channel-last view (``t.transpose(1, 2)`` of a
+        (batch, seqlen, dim) slice) is not copied, and out and dx are then channel-last too.
     Returns:
         out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1)) when
         return_final_states; differentiable in x, weight, bias and initial_states.
@@ -149,9 +170,7 @@ def causal_conv1d_fn(
     if not use_triton(x):
         return causal_conv1d_fn_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     contig = lambda t: None if t is None else t.contiguous()
-    out = _CausalConv1d.apply(
-        x.contiguous(), weight.contiguous(), contig(bias), contig(seq_idx), contig(initial_states), silu
-    )
+    out = _CausalConv1d.apply(x, weight.contiguous(), contig(bias), contig(seq_idx), contig(initial_states), silu)
     if not return_final_states:
         return out
     # A gather of at most width - 1 inputs per channel: PyTorch ops, differentiable as they are.

@@ -12,19 +12,38 @@ from .reference import _check_args, selective_scan_fn_ref
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch_config(P: int, dstate: int) -> dict:
-    """Tile sizes: the kernels scan (BLOCK_D, CHUNK) fp32 tiles, one state index at a time."""
+def _launch_config(P: int, dstate: int, backward: bool) -> dict:
+    """Tile sizes of the forward or backward kernel: each program scans a (BLOCK_D, BLOCK_N, CHUNK) fp32 block per
+    chunk. The backward's CHUNK is a multiple of the forward's: the forward saves the state at the start of each
+    backward chunk."""
+    block_n = triton.next_power_of_2(dstate)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter pays per program and per scanned element: one program per group, short chunks.
-        return dict(
-            CHUNK=16, BLOCK_D=min(triton.next_power_of_2(P), 64), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
-        )
-    # On an H100 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16, 4 warps), (CHUNK, BLOCK_D) = (64, 8) and
-    # (128, 16) were the fastest fwd+bwd (about 14.5 ms, with per-block dB/dC partials then); 16 channels per
-    # program halve the dB/dC atomics of 8.
-    return dict(
-        CHUNK=128, BLOCK_D=min(triton.next_power_of_2(P), 16), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
-    )
+        # The interpreter pays per program and per scanned element: one program per group, short chunks; the
+        # backward's chunks are twice the forward's so that the saved-state stride is tested too.
+        p = min(triton.next_power_of_2(P), 64)
+        return dict(CHUNK=32 if backward else 16, BLOCK_D=p, BLOCK_N=block_n, NSLOT=2, num_warps=4)
+    cfg = dict(_GPU_BWD if backward else _GPU_FWD)
+    cfg["BLOCK_D"] = min(triton.next_power_of_2(P), max(1, cfg["BLOCK_D"] * 16 // block_n))
+    return dict(cfg, BLOCK_N=block_n)
+
+
+# Measured on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16); see docs/benchmarks.md.
+_GPU_FWD = dict(CHUNK=32, BLOCK_D=4, NSLOT=1, num_warps=4)
+_GPU_BWD = dict(CHUNK=32, BLOCK_D=4, NSLOT=8, num_warps=4)
+
+
+def _bdl_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if t is None else tuple(t.stride())
+
+
+def _empty_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A (batch, dim, seqlen) output laid out like t: channel-last when t's channels are unit-stride (a transposed
+    view of a (batch, seqlen, dim) tensor), else contiguous."""
+    batch, dim, seqlen = t.shape
+    dtype = dtype or t.dtype
+    if t.stride(1) == 1 and t.stride(2) != 1:
+        return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
+    return new_output((batch, dim, seqlen), dtype, t.device)
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -37,40 +56,29 @@ class _SelectiveScan(torch.autograd.Function):
         batch, dim, seqlen = u.shape
         groups, dstate = B.shape[1], A.shape[1]
         P = dim // groups
-        cfg = _launch_config(P, dstate)
+        cfg = _launch_config(P, dstate, backward=False)
+        cfg.pop("NSLOT")  # only the backward has dB, dC copies
+        bwd_chunk = _launch_config(P, dstate, backward=True)["CHUNK"]
+        if bwd_chunk % cfg["CHUNK"]:
+            raise AssertionError(f"backward CHUNK {bwd_chunk} must be a multiple of the forward's {cfg['CHUNK']}")
         nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
-        out = new_output((batch, dim, seqlen), u.dtype, u.device)
+        out = _empty_like_layout(delta, u.dtype)  # in a mixer delta comes channel-last, ready for out_proj
         last_state = new_output((batch, dim, dstate), torch.float32, u.device)
-        chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
-        grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
+        chunk_states = new_output((batch, dim, triton.cdiv(seqlen, bwd_chunk), dstate), torch.float32, u.device)
+        grid = (triton.cdiv(P, cfg["BLOCK_D"]), groups, batch)
         _scan_fwd_kernel[grid](
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            initial_state,
-            seq_idx,
-            out,
-            last_state,
-            chunk_states,
-            dim,
-            P,
-            groups,
-            seqlen,
-            dstate,
-            nchunks,
+            u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states,
+            *u.stride(), *delta.stride(), *_bdl_strides(z), *out.stride(), *B.stride(), *C.stride(),
+            dim, P, seqlen, dstate, nchunks,
             HAS_D=D is not None,
             HAS_Z=z is not None,
             HAS_DELTA_BIAS=delta_bias is not None,
             DELTA_SOFTPLUS=delta_softplus,
             HAS_H0=initial_state is not None,
             HAS_SEQ_IDX=seq_idx is not None,
+            STATE_EVERY=bwd_chunk // cfg["CHUNK"],
             **cfg,
-        )
+        )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
@@ -84,50 +92,30 @@ class _SelectiveScan(torch.autograd.Function):
         batch, dim, seqlen = u.shape
         groups, dstate = B.shape[1], A.shape[1]
         P = dim // groups
-        cfg = _launch_config(P, dstate)
-        nchunks = chunk_states.shape[2]
+        cfg = _launch_config(P, dstate, backward=True)
         nblocks = triton.cdiv(P, cfg["BLOCK_D"])
+        nslot = min(cfg["NSLOT"], nblocks)
+        cfg["NSLOT"] = nslot
+        nchunks = chunk_states.shape[2]
         dev = u.device
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dout = torch.zeros_like(u) if dout is None else dout
         dlast = None if dlast is None else dlast.contiguous()
         f32 = torch.float32
-        du = new_output(u.shape, u.dtype, dev)
-        ddelta = new_output(delta.shape, delta.dtype, dev)
-        dz = new_output(z.shape, z.dtype, dev) if z is not None else None
+        du = _empty_like_layout(u)
+        ddelta = _empty_like_layout(delta)
+        dz = _empty_like_layout(z) if z is not None else None
         dA_part = new_output((batch, dim, dstate), f32, dev)
-        dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
-        dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
+        dB_acc = torch.zeros((nslot, batch, groups, dstate, seqlen), dtype=f32, device=dev)
+        dC_acc = torch.zeros((nslot, batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dD_part = new_output((batch, dim), f32, dev) if D is not None else None
         dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
         dh0 = new_output((batch, dim, dstate), f32, dev)
-        _scan_bwd_kernel[(batch, groups, nblocks)](
-            u,
-            delta,
-            A,
-            B,
-            C,
-            D,
-            z,
-            delta_bias,
-            seq_idx,
-            chunk_states,
-            dout,
-            dlast,
-            du,
-            ddelta,
-            dz,
-            dA_part,
-            dB_acc,
-            dC_acc,
-            dD_part,
-            dbias_part,
-            dh0,
-            dim,
-            P,
-            groups,
-            seqlen,
-            dstate,
-            nchunks,
+        _scan_bwd_kernel[(nblocks, groups, batch)](
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast,
+            du, ddelta, dz, dA_part, dB_acc, dC_acc, dD_part, dbias_part, dh0,
+            *u.stride(), *delta.stride(), *_bdl_strides(z), *dout.stride(), *du.stride(), *ddelta.stride(),
+            *_bdl_strides(dz), *B.stride(), *C.stride(),
+            dim, P, groups, seqlen, dstate, nchunks,
             HAS_D=D is not None,
             HAS_Z=z is not None,
             HAS_DELTA_BIAS=delta_bias is not None,
@@ -135,10 +123,10 @@ class _SelectiveScan(torch.autograd.Function):
             HAS_DLAST=dlast is not None,
             HAS_SEQ_IDX=seq_idx is not None,
             **cfg,
-        )
+        )  # fmt: skip
         dA = dA_part.sum(0).to(A.dtype)
-        dB = dB_acc.to(B.dtype)
-        dC = dC_acc.to(C.dtype)
+        dB = (dB_acc.sum(0) if nslot > 1 else dB_acc[0]).to(B.dtype)
+        dC = (dC_acc.sum(0) if nslot > 1 else dC_acc[0]).to(C.dtype)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         ddelta_bias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinitial = dh0.to(initial_state.dtype) if initial_state is not None else None
@@ -185,7 +173,9 @@ def selective_scan_fn(
         u, delta: (batch, dim, seqlen) fp16/bf16/fp32; A: (dim, dstate) real; B, C: (batch, dstate, seqlen) or
         (batch, groups, dstate, seqlen); D, delta_bias: (dim,); z: (batch, dim, seqlen) gate;
         initial_state: (batch, dim, dstate); seq_idx: (batch, seqlen) int32 document ids (state reset where it
-        changes). Non-contiguous inputs are copied.
+        changes). u, delta, z, B and C are read through their strides (a channel-last view such as
+        ``x.transpose(1, 2)`` of a (batch, seqlen, dim) tensor is not copied); ``out`` and ``ddelta`` take delta's
+        layout, ``du`` u's and ``dz`` z's (channel-last views give channel-last results).
     Returns:
         out (batch, dim, seqlen) in u's dtype, or (out, last_state (batch, dim, dstate) fp32) when return_last_state.
         Differentiable in every tensor argument except seq_idx.
@@ -212,13 +202,13 @@ def selective_scan_fn(
     B4 = B if grouped_bc else B.unsqueeze(1)
     C4 = C if grouped_bc else C.unsqueeze(1)
     out, last_state = _SelectiveScan.apply(
-        contig(u),
-        contig(delta),
+        u,
+        delta,
         contig(A),
-        contig(B4),
-        contig(C4),
+        B4,
+        C4,
         contig(D),
-        contig(z),
+        z,
         contig(delta_bias),
         bool(delta_softplus),
         contig(initial_state),

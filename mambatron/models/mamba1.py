@@ -25,8 +25,9 @@ def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def sample_dt(n: int, cfg: ModelConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Initial Δ values, log-uniform in [dt_min, dt_max], floored at dt_init_floor: shape (n,)."""
-    u = torch.rand(n, generator=generator, dtype=torch.float64)
+    """Initial Δ values, log-uniform in [dt_min, dt_max], floored at dt_init_floor: shape (n,), on the generator's
+    device (a CUDA generator cannot sample into a CPU tensor)."""
+    u = torch.rand(n, generator=generator, dtype=torch.float64, device=_device_of(generator))
     dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
     return dt.clamp_min(cfg.dt_init_floor)
 
@@ -72,23 +73,25 @@ class Mamba1Mixer(nn.Module):
         kernels = cfg.kernels
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)
-        x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen)
-        z = z.transpose(1, 2).contiguous()
+        x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen) for the conv
+        # z, Δ, B and C stay channel-last views of the projections' outputs: the scan reads them through their
+        # strides, and its output comes back channel-last (Δ's layout), which is what out_proj takes without a copy.
+        z = z.transpose(1, 2)
         if cache is not None:
             cache["conv"] = _last_window(x, cfg.d_conv)
         conv = get_op("conv1d", kernels, x)
         x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2).contiguous()  # (batch, d_inner, seqlen)
+        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen) view
         A = -torch.exp(self.A_log.to(sdt))
         scan = get_op("selective_scan", kernels, x)
         out = scan(
             x,
             delta,
             A,
-            B.transpose(1, 2).contiguous(),
-            C.transpose(1, 2).contiguous(),
+            B.transpose(1, 2),
+            C.transpose(1, 2),
             self.D.to(sdt),
             z=z,
             delta_bias=self.dt_proj.bias.to(sdt),
@@ -153,6 +156,10 @@ def _last_window(x: torch.Tensor, width: int) -> torch.Tensor:
     if seqlen >= width:
         return x[..., seqlen - width :].clone()
     return F.pad(x, (width - seqlen, 0))
+
+
+def _device_of(generator: torch.Generator | None) -> torch.device | None:
+    return None if generator is None else generator.device
 
 
 def _kaiming_uniform(w: torch.Tensor, generator: torch.Generator | None) -> None:

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
-from mambatron.models.mamba1 import _last_window, init_projections_and_conv, inverse_softplus, sample_dt, state_dtype
+from mambatron.models.mamba1 import (
+    _device_of,
+    _last_window,
+    init_projections_and_conv,
+    inverse_softplus,
+    sample_dt,
+    state_dtype,
+)
 from mambatron.models.ops import get_op
 from mambatron.parallel.projections import LocalProjections
 
@@ -51,7 +58,8 @@ class Mamba2Mixer(nn.Module):
         init_projections_and_conv(self, (self.in_proj, self.out_proj), generator)
         self.dt_bias.copy_(inverse_softplus(sample_dt(self.nheads_local, cfg, generator)))
         lo, hi = cfg.A_init_range
-        self.A_log.copy_(torch.log(torch.empty(self.nheads_local).uniform_(lo, hi, generator=generator)))
+        A = torch.empty(self.nheads_local, device=_device_of(generator)).uniform_(lo, hi, generator=generator)
+        self.A_log.copy_(torch.log(A))
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
 
@@ -70,7 +78,9 @@ class Mamba2Mixer(nn.Module):
         sdt = state_dtype(hidden.dtype)
         z, xbc, dt = self._split_in(self.in_proj(hidden))
         batch, seqlen, _ = xbc.shape
-        xbc_t = xbc.transpose(1, 2).contiguous()  # (batch, conv_dim, seqlen)
+        # The conv reads the xBC columns of the in_proj output in place, as a channel-last (batch, conv_dim, seqlen)
+        # view, and returns a channel-last result; x, B, C and dt below are views that SSD reads through strides.
+        xbc_t = xbc.transpose(1, 2)
         if cache is not None:
             cache["conv"] = _last_window(xbc_t, cfg.d_conv)
         conv = get_op("conv1d", cfg.kernels, xbc_t)
@@ -80,11 +90,11 @@ class Mamba2Mixer(nn.Module):
         x, B, C = torch.split(xbc, [self.d_inner_local, gn, gn], dim=-1)
         ssd = get_op("ssd", cfg.kernels, x)
         y = ssd(
-            x.reshape(batch, seqlen, self.nheads_local, cfg.headdim).contiguous(),
-            dt.contiguous(),
+            x.reshape(batch, seqlen, self.nheads_local, cfg.headdim),
+            dt,
             -torch.exp(self.A_log.to(sdt)),
-            B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
-            C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state).contiguous(),
+            B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state),
+            C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state),
             cfg.chunk_size,
             D=self.D.to(sdt),
             dt_bias=self.dt_bias.to(sdt),

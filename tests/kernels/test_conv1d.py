@@ -74,6 +74,31 @@ def test_widths_without_documents(width, device):
     check(inputs, torch.float32, activation="silu")
 
 
+@pytest.mark.parametrize("dtype", dtypes())
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_channel_last_view_read_in_place(dtype, activation, device):
+    """x as Mamba2 passes it: the xBC columns of a (batch, seqlen, features) in_proj output, transposed. It is read in
+    place (not copied), out and dx come back channel-last, and everything matches the reference."""
+    batch, dim, seqlen, width = 2, 7, 45, 4
+    g = torch.Generator().manual_seed(2)
+    zxbcdt = torch.randn(batch, seqlen, 3 + dim + 2, generator=g).to(dtype).to(device).requires_grad_()
+    inputs = dict(
+        x=zxbcdt[..., 3 : 3 + dim].transpose(1, 2),
+        weight=torch.randn(dim, width, generator=g).to(device).requires_grad_(),
+        bias=torch.randn(dim, generator=g).to(device).requires_grad_(),
+        initial_states=torch.randn(batch, dim, width - 1, generator=g).to(dtype).to(device).requires_grad_(),
+    )
+    assert inputs["x"].stride(1) == 1 and not inputs["x"].is_contiguous()
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[0, 20:] = 1
+    seq_idx = seq_idx.to(device)
+    out = causal_conv1d_fn(**inputs, seq_idx=seq_idx, activation=activation)
+    assert out.stride(1) == 1, "a channel-last input gives a channel-last output"
+    (dx,) = torch.autograd.grad(out.float().sin().sum(), inputs["x"])
+    assert dx.stride(1) == 1
+    check(inputs, dtype, seq_idx=seq_idx, activation=activation)
+
+
 def test_no_bias_no_initial_states(device):
     inputs = make_inputs(batch=2, dim=70, seqlen=11, width=4, dtype=torch.float32, device=device)  # 2 channel blocks
     del inputs["bias"], inputs["initial_states"]

@@ -104,6 +104,43 @@ def test_several_channel_blocks(device):
     check(inputs, torch.float32, delta_softplus=True)
 
 
+def test_strided_channel_last_views(device):
+    """u, delta, z, B and C as the mixer passes them: transposed slices of (batch, seqlen, features) tensors, read in
+    place; out and ddelta come back channel-last like delta."""
+    batch, dim, seqlen, dstate = 2, 12, 21, 4
+    g = torch.Generator().manual_seed(3)
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device)
+    x_dbl = torch.randn(batch, seqlen, 3 + 2 * dstate, generator=g).to(device)
+    delta = (torch.rand(batch, seqlen, dim, generator=g) * 0.5).to(device)
+    inputs = dict(
+        u=xz[..., :dim].transpose(1, 2),
+        delta=delta.transpose(1, 2),
+        A=(-torch.rand(dim, dstate, generator=g) * 3 - 0.1).to(device),
+        B=x_dbl[..., 3 : 3 + dstate].transpose(1, 2),
+        C=x_dbl[..., 3 + dstate :].transpose(1, 2),
+        D=torch.randn(dim, generator=g).to(device),
+        z=xz[..., dim:].transpose(1, 2),
+        delta_bias=(torch.randn(dim, generator=g) * 0.5).to(device),
+        initial_state=torch.randn(batch, dim, dstate, generator=g).to(device),
+    )
+    assert not inputs["u"].is_contiguous() and not inputs["B"].is_contiguous()
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    out = selective_scan_fn(*(leaves[k] for k in ("u", "delta", "A", "B", "C")), D=leaves["D"], z=leaves["z"],
+                            delta_bias=leaves["delta_bias"], delta_softplus=True,
+                            initial_state=leaves["initial_state"])  # fmt: skip
+    assert out.stride(1) == 1, "out should be channel-last like delta"
+    out.float().pow(2).sum().backward()
+    assert leaves["delta"].grad.stride(1) == 1
+    contiguous = {k: v.detach().contiguous().requires_grad_() for k, v in inputs.items()}
+    ref = selective_scan_fn_ref(*(contiguous[k] for k in ("u", "delta", "A", "B", "C")), D=contiguous["D"],
+                                z=contiguous["z"], delta_bias=contiguous["delta_bias"], delta_softplus=True,
+                                initial_state=contiguous["initial_state"])  # fmt: skip
+    ref.pow(2).sum().backward()
+    assert_close(out, ref, "out")
+    for name in inputs:
+        assert_close(leaves[name].grad, contiguous[name].grad, f"d{name}")
+
+
 def test_output_only(device):
     inputs = make_inputs(batch=1, dim=3, seqlen=9, dstate=2, groups=None, dtype=torch.float32, device=device)
     pos = [inputs.pop(k) for k in ("u", "delta", "A", "B", "C")]

@@ -120,6 +120,26 @@ def test_meta_then_materialise_equals_direct_seeded_init(arch):
         assert torch.equal(a, b), name
 
 
+def _devices():
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def test_seeded_init_on_the_model_device(arch):
+    """init_weights(seed) draws from a generator on the parameters' device: a model built on a GPU initialises there
+    (a CUDA generator cannot sample into CPU tensors), deterministically, with the papers' ranges."""
+    cfg = tiny_model_config(arch)
+    for device in _devices():
+        a = build_model(cfg, device=device)
+        b = build_model(cfg, device=device)
+        a.init_weights(seed=5)
+        b.init_weights(seed=5)
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert x.device.type == device and torch.equal(x, y), name
+        mixer = a.layers[0].mixer
+        dt = F.softplus(mixer.dt_proj.bias if arch == "mamba1" else mixer.dt_bias)
+        assert dt.min() >= cfg.dt_min * 0.999 and dt.max() <= cfg.dt_max * 1.001
+
+
 def test_untied_head_and_vocab_padding(arch):
     model, cfg = _model(arch, torch.float32, tie_embeddings=False, vocab_size=50)
     assert cfg.padded_vocab_size == 56
