@@ -129,4 +129,6 @@ def test_gated_fp32_agrees_with_fp64_to_1e5(hidden, group_size, norm_before_gate
     grads = torch.autograd.grad((out * dout.float().to(device)).sum(), [fp32[k] for k in names])
     torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=1e-5, rtol=1e-5)
     for name, grad, ref_grad in zip(names, grads, ref_grads):
-        torch.testing.assert_close(grad.double().cpu(), ref_grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+        torch.testing.assert_close(
+            grad.double().cpu(), ref_grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}"
+        )
