@@ -180,9 +180,7 @@ def _conv_bwd_act_kernel(
 
 
 @triton.jit
-def _input_grad(
-    g_ptr, w_ptr, seq_ptr, row, d, s, s_l, seqlen, mask_d, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr
-):
+def _input_grad(g_ptr, w_ptr, seq_ptr, row, d, s, s_l, seqlen, mask_d, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
     """d loss / d input at positions s (BLOCK_D, BLOCK_L): input s feeds outputs s + j through tap WIDTH - 1 - j."""
     dx = tl.zeros((row.shape[0], s.shape[0]), dtype=tl.float32)
     for j in tl.static_range(WIDTH):
