@@ -91,7 +91,7 @@ def time_fwd_bwd(fn, inputs: dict) -> tuple[float, float]:
 
 
 def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_fwd_bwd, copy_GBps, theirs=None,
-            flops_fwd=None):  # fmt: skip
+            flops_fwd=None, exps_fwd=None, extra=None):  # fmt: skip
     """Check ours against ref, then time ours (and theirs, if given) at the big shape."""
     ok, errors = check(ours, ref, small_inputs(), dtype)
     worst = max(errors.values())
@@ -104,6 +104,9 @@ def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_f
     row.update(fwd_frac_copy=row["fwd_GBps"] / copy_GBps, fwd_bwd_frac_copy=row["fwd_bwd_GBps"] / copy_GBps)
     if flops_fwd is not None:
         row["fwd_TFLOPs"] = flops_fwd / fwd / 1e9
+    if exps_fwd is not None:  # special-function (exp) work, against the SFU rate (H200: ~4.2 T/s)
+        row["fwd_Texp_per_s"] = exps_fwd / fwd / 1e9
+    row.update(extra or {})
     if theirs is not None:
         try:
             their_fwd, their_fwd_bwd = time_fwd_bwd(theirs, inputs)
@@ -146,16 +149,29 @@ def scan_section(copy_GBps):
             delta_softplus=True,
         )
 
-    B, D, L, N = 8, 4096, 2048, 16
-    io = 2 * B * D * L  # one bf16 (batch, dim, seqlen) tensor
-    bc = 2 * B * N * L
-    bytes_fwd = 4 * io + 2 * bc  # read u, delta, z, B, C; write out
-    bytes_fwd_bwd = bytes_fwd + 7 * io + 4 * bc  # bwd reads u, delta, z, dout, B, C; writes du, ddelta, dz, dB, dC
     theirs = try_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
-    return section(
-        "selective_scan", selective_scan_fn, selective_scan_fn_ref, lambda: make(2, 256, L, N),
-        lambda: make(B, D, L, N), BF16, bytes_fwd, bytes_fwd_bwd, copy_GBps, theirs,
-    )  # fmt: skip
+    rows = []
+    for name, (B, D, L, N) in SCAN_SHAPES.items():
+        io = 2 * B * D * L  # one bf16 (batch, dim, seqlen) tensor
+        bc = 2 * B * N * L
+        bytes_fwd = 4 * io + 2 * bc  # read u, delta, z, B, C; write out
+        bytes_fwd_bwd = bytes_fwd + 7 * io + 4 * bc  # bwd reads u, delta, z, dout, B, C; writes du, ddelta, dz, dB, dC
+        row = section(
+            name, selective_scan_fn, selective_scan_fn_ref, lambda n=N: make(2, 256, 2048, n),
+            lambda s=(B, D, L, N): make(*s), BF16, bytes_fwd, bytes_fwd_bwd, copy_GBps, theirs,
+            exps_fwd=B * D * L * N, extra=dict(shape=dict(batch=B, dim=D, seqlen=L, dstate=N)),
+        )  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+# The selective-scan shapes of the Mamba1 GPU targets: Mamba1-1.4B's d_inner at 8 x 2048, a long sequence, and
+# Mamba1-2.8B's d_inner.
+SCAN_SHAPES = {
+    "selective_scan": (8, 4096, 2048, 16),
+    "selective_scan_L8192": (8, 4096, 8192, 16),
+    "selective_scan_D5120": (8, 5120, 2048, 16),
+}
 
 
 def conv1d_section(copy_GBps):
@@ -296,7 +312,9 @@ def main(argv=None):
             row = runners[name](copy_GBps)
         except Exception as e:  # noqa: BLE001 - report and go on with the other kernels
             row = result(what=name, ok=False, error=repr(e)[:500])
-        if row is not None:
+        if isinstance(row, list):
+            rows.extend(row)
+        elif row is not None:
             rows.append(row)
     print_table(rows[1:])
     if args.json:

@@ -1,12 +1,13 @@
 """Full training-step throughput on one GPU: tokens/s, MFU and peak memory, beside mamba_ssm's MambaLMHeadModel.
 
     python tools/bench_step.py [--presets mamba1-1.4b,mamba2-1.3b] [--batch 8] [--seqlen 2048] [--steps 10]
-                               [--activation-checkpointing] [--json PATH]
+                               [--activation-checkpointing] [--profile] [--json PATH]
 
 One step = forward + backward + AdamW (fused) under bf16 autocast with fp32 weights, the same recipe for both
 implementations. Before timing, our model's loss and gradients with the Triton kernels are compared against the
 reference ops on a short sequence; a preset that fails that check gets no speed printed. MFU counts the matmul FLOPs
 (6 × linear parameters × tokens, the LM head included) against ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
+``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -64,7 +65,27 @@ def check_kernels(cfg, device: str) -> float:
     return worst
 
 
-def time_step(model, ids, steps: int, loss_fn) -> tuple[float, float, float]:
+def profile_step(step, what: str) -> dict:
+    """One step under torch.profiler: total device (CUDA self) time, CPU time, and the top kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    # Kernels are the events that run on the device; the CPU ops that launched them would count their time again.
+    on_device = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    events = on_device or events
+    dev = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    total = sum(dev(e) for e in events)
+    top = sorted(events, key=dev, reverse=True)[:15]
+    kernels = [dict(name=e.key[:90], ms=dev(e) / 1e3, calls=e.count) for e in top if dev(e) > 0]
+    cpu_ms = max((e.cpu_time_total for e in prof.key_averages()), default=0.0) / 1e3
+    return result(what=f"profile_{what}", device_ms=total / 1e3, cpu_ms=cpu_ms, top_kernels=kernels)
+
+
+def time_step(model, ids, steps: int, loss_fn, profile_as: str | None = None) -> tuple[float, float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
@@ -83,7 +104,13 @@ def time_step(model, ids, steps: int, loss_fn) -> tuple[float, float, float]:
     for _ in range(steps):
         loss = step()
     torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / 1e9, float(loss)
+    dt, mem = (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / 1e9
+    if profile_as:
+        try:
+            profile_step(step, profile_as)
+        except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the timing
+            result(what=f"profile_{profile_as}", error=repr(e)[:300])
+    return dt, mem, float(loss)
 
 
 def ours(preset: str, args) -> dict:
@@ -101,7 +128,8 @@ def ours(preset: str, args) -> dict:
     model.activation_checkpointing = args.activation_checkpointing
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
-    dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]))
+    profile_as = f"mambatron_{preset}" if args.profile else None
+    dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]), profile_as)
     return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss)
 
 
@@ -129,7 +157,7 @@ def mamba_ssm_step(preset: str, args) -> dict:
         logits = m(x[:, :-1]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
 
-    dt, mem, loss = time_step(model, ids, args.steps, loss_fn)
+    dt, mem, loss = time_step(model, ids, args.steps, loss_fn, f"mamba_ssm_{preset}" if args.profile else None)
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss)
 
 
@@ -153,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tolerance", type=float, default=2e-2, help="max relative error of loss/grads vs reference")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-mamba-ssm", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one extra step of each implementation")
     ap.add_argument("--json", help="append the RESULT records to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -12,24 +12,20 @@ from .reference import _check_args, selective_scan_fn_ref
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch_config(P: int, dstate: int, backward: bool) -> dict:
-    """Tile sizes of the forward or backward kernel: each program scans a (BLOCK_D, BLOCK_N, CHUNK) fp32 block per
-    chunk. The backward's CHUNK is a multiple of the forward's: the forward saves the state at the start of each
-    backward chunk."""
-    block_n = triton.next_power_of_2(dstate)
+def _launch_config(P: int, dstate: int) -> dict:
+    """Tile sizes: the kernels scan (BLOCK_D, CHUNK) fp32 tiles, one state index at a time."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter pays per program and per scanned element: one program per group, short chunks; the
-        # backward's chunks are twice the forward's so that the saved-state stride is tested too.
-        p = min(triton.next_power_of_2(P), 64)
-        return dict(CHUNK=32 if backward else 16, BLOCK_D=p, BLOCK_N=block_n, NSLOT=2, num_warps=4)
-    cfg = dict(_GPU_BWD if backward else _GPU_FWD)
-    cfg["BLOCK_D"] = min(triton.next_power_of_2(P), max(1, cfg["BLOCK_D"] * 16 // block_n))
-    return dict(cfg, BLOCK_N=block_n)
+        # The interpreter pays per program and per scanned element: one program per group, short chunks.
+        return dict(
+            CHUNK=16, BLOCK_D=min(triton.next_power_of_2(P), 64), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
+        )
+    return dict(_GPU_CONFIG, BLOCK_D=min(triton.next_power_of_2(P), _GPU_CONFIG["BLOCK_D"]),
+                BLOCK_N=triton.next_power_of_2(dstate))  # fmt: skip
 
 
-# Measured on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16); see docs/benchmarks.md.
-_GPU_FWD = dict(CHUNK=32, BLOCK_D=4, NSLOT=1, num_warps=4)
-_GPU_BWD = dict(CHUNK=32, BLOCK_D=4, NSLOT=8, num_warps=4)
+# On an H100 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16, 4 warps), (CHUNK, BLOCK_D) = (64, 8) and (128, 16)
+# were the fastest fwd+bwd; 16 channels per program halve the dB/dC atomics of 8. See docs/benchmarks.md for H200.
+_GPU_CONFIG = dict(CHUNK=128, BLOCK_D=16, num_warps=4)
 
 
 def _bdl_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -56,16 +52,12 @@ class _SelectiveScan(torch.autograd.Function):
         batch, dim, seqlen = u.shape
         groups, dstate = B.shape[1], A.shape[1]
         P = dim // groups
-        cfg = _launch_config(P, dstate, backward=False)
-        cfg.pop("NSLOT")  # only the backward has dB, dC copies
-        bwd_chunk = _launch_config(P, dstate, backward=True)["CHUNK"]
-        if bwd_chunk % cfg["CHUNK"]:
-            raise AssertionError(f"backward CHUNK {bwd_chunk} must be a multiple of the forward's {cfg['CHUNK']}")
+        cfg = _launch_config(P, dstate)
         nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
         out = _empty_like_layout(delta, u.dtype)  # in a mixer delta comes channel-last, ready for out_proj
         last_state = new_output((batch, dim, dstate), torch.float32, u.device)
-        chunk_states = new_output((batch, dim, triton.cdiv(seqlen, bwd_chunk), dstate), torch.float32, u.device)
-        grid = (triton.cdiv(P, cfg["BLOCK_D"]), groups, batch)
+        chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
+        grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
         _scan_fwd_kernel[grid](
             u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states,
             *u.stride(), *delta.stride(), *_bdl_strides(z), *out.stride(), *B.stride(), *C.stride(),
@@ -76,7 +68,6 @@ class _SelectiveScan(torch.autograd.Function):
             DELTA_SOFTPLUS=delta_softplus,
             HAS_H0=initial_state is not None,
             HAS_SEQ_IDX=seq_idx is not None,
-            STATE_EVERY=bwd_chunk // cfg["CHUNK"],
             **cfg,
         )  # fmt: skip
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states)
@@ -92,10 +83,8 @@ class _SelectiveScan(torch.autograd.Function):
         batch, dim, seqlen = u.shape
         groups, dstate = B.shape[1], A.shape[1]
         P = dim // groups
-        cfg = _launch_config(P, dstate, backward=True)
+        cfg = _launch_config(P, dstate)
         nblocks = triton.cdiv(P, cfg["BLOCK_D"])
-        nslot = min(cfg["NSLOT"], nblocks)
-        cfg["NSLOT"] = nslot
         nchunks = chunk_states.shape[2]
         dev = u.device
         dout = torch.zeros_like(u) if dout is None else dout
@@ -105,12 +94,12 @@ class _SelectiveScan(torch.autograd.Function):
         ddelta = _empty_like_layout(delta)
         dz = _empty_like_layout(z) if z is not None else None
         dA_part = new_output((batch, dim, dstate), f32, dev)
-        dB_acc = torch.zeros((nslot, batch, groups, dstate, seqlen), dtype=f32, device=dev)
-        dC_acc = torch.zeros((nslot, batch, groups, dstate, seqlen), dtype=f32, device=dev)
+        dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
+        dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dD_part = new_output((batch, dim), f32, dev) if D is not None else None
         dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
         dh0 = new_output((batch, dim, dstate), f32, dev)
-        _scan_bwd_kernel[(nblocks, groups, batch)](
+        _scan_bwd_kernel[(batch, groups, nblocks)](
             u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast,
             du, ddelta, dz, dA_part, dB_acc, dC_acc, dD_part, dbias_part, dh0,
             *u.stride(), *delta.stride(), *_bdl_strides(z), *dout.stride(), *du.stride(), *ddelta.stride(),
@@ -125,8 +114,8 @@ class _SelectiveScan(torch.autograd.Function):
             **cfg,
         )  # fmt: skip
         dA = dA_part.sum(0).to(A.dtype)
-        dB = (dB_acc.sum(0) if nslot > 1 else dB_acc[0]).to(B.dtype)
-        dC = (dC_acc.sum(0) if nslot > 1 else dC_acc[0]).to(C.dtype)
+        dB = dB_acc.to(B.dtype)
+        dC = dC_acc.to(C.dtype)
         dD = dD_part.sum(0).to(D.dtype) if D is not None else None
         ddelta_bias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
         dinitial = dh0.to(initial_state.dtype) if initial_state is not None else None

@@ -1,19 +1,17 @@
 """Triton kernels of the Mamba1 selective scan, forward and backward.
 
-One program owns (BLOCK_D channels of one group, one batch row) and walks the sequence in chunks of CHUNK steps,
-carrying its (BLOCK_D, dstate) fp32 state from chunk to chunk in registers. Inside a chunk the whole
-(BLOCK_D, dstate, CHUNK) block of the recurrence h_t = a_t * h_{t-1} + b_t is one ``tl.associative_scan`` on pairs
-(a, b) along time: no loop over the state index, no per-step memory round trip, and every reduction over the state
-(y = sum_n C h) or over the channels (dB, dC) is one ``tl.sum`` of the block. The forward stores only the state at
-the start of each of the backward's chunks (a multiple of its own); the backward walks its chunks last to first,
-recomputes each chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse
-scan. dB and dC are summed over channel blocks with fp32 atomics spread over NSLOT copies of the buffer (block k adds
-into copy k % NSLOT), so that no address sees more than P / (BLOCK_D * NSLOT) writers; the caller sums the copies.
+One program owns (one batch row, one group, BLOCK_D channels of that group) and walks the sequence in chunks of
+CHUNK steps, carrying its (BLOCK_D, dstate) fp32 state from chunk to chunk in registers. Inside a chunk it loops over
+the state index n; for each, the recurrence h_t = a_t * h_{t-1} + b_t over a (BLOCK_D, CHUNK) tile is one
+``tl.associative_scan`` on pairs (a, b) along time, so every load and store is a coalesced (rows, CHUNK) tile, no step
+waits on the previous one's memory latency, and registers stay bounded for long chunks. The forward stores only the
+state at each chunk start (1/CHUNK of a state per step); the backward walks the chunks last to first, recomputes each
+chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse scan.
 
 Every (batch, dim, seqlen) tensor (u, delta, z, out, dout, du, ddelta, dz) and B, C (batch, groups, dstate, seqlen)
-is addressed through its own strides, so channel-last views (a slice of an in_proj or x_proj output) are read and
-written in place. Channel d of group g is g * P + p with P = dim // groups. Everything is computed in fp32 and cast on
-store.
+is addressed through its own strides, so channel-last views (slices of an in_proj or x_proj output) are read and
+written in place; A is (dim, dstate) contiguous. Channel d of group g is g * P + p with P = dim // groups. Everything
+is computed in fp32 and cast on store.
 """
 
 import triton
@@ -59,13 +57,6 @@ def _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
-def _decay(dt, A2, starts):
-    """exp(dt * A) as a (BLOCK_D, BLOCK_N, CHUNK) block, zero where a document starts."""
-    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
-    return tl.where(starts[None, None, :], 0.0, a)
-
-
-@triton.jit
 def _scan_fwd_kernel(
     u_ptr,
     delta_ptr,
@@ -100,12 +91,10 @@ def _scan_fwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    STATE_EVERY: tl.constexpr,
 ):  # fmt: skip
-    # Channel blocks vary fastest, so the programs running together share a row's B and C in L2.
-    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_d = tl.program_id(2)
     offs_p = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_p < P
     d = pid_g * P + offs_p
@@ -114,7 +103,6 @@ def _scan_fwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     offs_t = tl.arange(0, CHUNK)
 
-    A2 = tl.load(A_ptr + d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
@@ -128,38 +116,44 @@ def _scan_fwd_kernel(
 
     b64 = pid_b.to(tl.int64)
     d64 = d.to(tl.int64)
-    u_row = b64 * s_u_b + d64 * s_u_d
+    u_row = b64 * s_u_b + d64 * s_u_d  # (BLOCK_D,)
     dt_row = b64 * s_dt_b + d64 * s_dt_d
     z_row = b64 * s_z_b + d64 * s_z_d
     o_row = b64 * s_o_b + d64 * s_o_d
-    B_row = b64 * s_B_b + pid_g * s_B_g + offs_n * s_B_n  # (BLOCK_N,)
-    C_row = b64 * s_C_b + pid_g * s_C_g + offs_n * s_C_n
-    nstates = tl.cdiv(nchunks, STATE_EVERY)
-    chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nstates * dstate + offs_n[None, :]
+    B_base = b64 * s_B_b + pid_g * s_B_g  # B[b, g, 0, 0]
+    C_base = b64 * s_C_b + pid_g * s_C_g
+    chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
     for c in range(nchunks):
-        if c % STATE_EVERY == 0:  # the backward's chunks are STATE_EVERY of these
-            tl.store(chunk_states_ptr + chunk_offs + (c // STATE_EVERY) * dstate, h, mask=mask_dn)
+        tl.store(chunk_states_ptr + chunk_offs + c * dstate, h, mask=mask_dn)
         t = c * CHUNK + offs_t
         mask_t = t < seqlen
-        io_mask = mask_d[:, None] & mask_t[None, :]
-        nt_mask = mask_n[:, None] & mask_t[None, :]
         t64 = t.to(tl.int64)
+        io_mask = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_ptr + u_row[:, None] + t64[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        dt, _ = _load_dt(delta_ptr, dt_row[:, None] + t64[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS,
-                         DELTA_SOFTPLUS)  # fmt: skip
-        Bt = tl.load(B_ptr + B_row[:, None] + t64[None, :] * s_B_l, mask=nt_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + C_row[:, None] + t64[None, :] * s_C_l, mask=nt_mask, other=0.0).to(tl.float32)
-        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)
-        a = _decay(dt, A2, starts)
-        b = (dt * u)[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((a, b), 2, _first_order)
-        hs = a_cum * h[:, :, None] + b_cum  # (BLOCK_D, BLOCK_N, CHUNK)
-        y = tl.sum(hs * Ct[None, :, :], axis=1)
-        # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
-        h = tl.sum(tl.where((offs_t == CHUNK - 1)[None, None, :], hs, 0.0), axis=2)
+        dt_offs = dt_row[:, None] + t64[None, :] * s_dt_l
+        dt, _ = _load_dt(delta_ptr, dt_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        dtu = dt * u
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        h_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks.
+        for n in range(dstate):
+            A2_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
+            B_n = tl.load(B_ptr + B_base + n * s_B_n + t64 * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + C_base + n * s_C_n + t64 * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
+            a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
+            a_cum, b_cum = tl.associative_scan((a, dtu * B_n[None, :]), 1, _first_order)
+            is_n = (offs_n == n)[None, :]
+            h_n = tl.sum(tl.where(is_n, h, 0.0), axis=1)
+            hs = a_cum * h_n[:, None] + b_cum
+            y += hs * C_n[None, :]
+            # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
+            h_last = tl.sum(tl.where((offs_t == CHUNK - 1)[None, :], hs, 0.0), axis=1)
+            h_next = tl.where(is_n, h_last[:, None], h_next)
+        h = h_next
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
@@ -216,16 +210,15 @@ def _scan_bwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NSLOT: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of one (channel block, group, batch row).
+    """Gradients of one (batch row, group, channel block).
 
-    dA, dD, ddelta_bias are per-batch partial sums (batch, dim, ...) that the caller reduces; dB, dC
-    (NSLOT, batch, groups, dstate, seqlen) fp32 must start at zero: channel blocks add their shares atomically.
+    dA, dD, ddelta_bias are per-batch partial sums (batch, dim, ...) that the caller reduces; dB, dC (batch, groups,
+    dstate, seqlen) fp32 must start at zero: every channel block adds its share atomically.
     """
-    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
-    pid_b = tl.program_id(2)
+    pid_d = tl.program_id(2)
     offs_p = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_p < P
     d = pid_g * P + offs_p
@@ -260,11 +253,9 @@ def _scan_bwd_kernel(
     du_row = b64 * s_du_b + d64 * s_du_d
     ddt_row = b64 * s_ddt_b + d64 * s_ddt_d
     dz_row = b64 * s_dz_b + d64 * s_dz_d
-    B_row = b64 * s_B_b + pid_g * s_B_g + offs_n * s_B_n
-    C_row = b64 * s_C_b + pid_g * s_C_g + offs_n * s_C_n
-    # dB, dC: contiguous (NSLOT, batch, groups, dstate, seqlen); this block adds into copy pid_d % NSLOT.
-    bc_row = ((((pid_d % NSLOT) * tl.num_programs(2) + pid_b) * groups + pid_g) * dstate + offs_n).to(tl.int64)
-    bc_row = bc_row * seqlen
+    B_base = b64 * s_B_b + pid_g * s_B_g
+    C_base = b64 * s_C_b + pid_g * s_C_g
+    bc_base = ((pid_b * groups + pid_g) * dstate).to(tl.int64) * seqlen  # dB, dC: contiguous fp32
     chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
@@ -274,19 +265,16 @@ def _scan_bwd_kernel(
         h0 = tl.load(chunk_states_ptr + chunk_offs + c * dstate, mask=mask_dn, other=0.0)
         t = c * CHUNK + offs_t
         mask_t = t < seqlen
-        io_mask = mask_d[:, None] & mask_t[None, :]
-        nt_mask = mask_n[:, None] & mask_t[None, :]
         t64 = t.to(tl.int64)
+        io_mask = mask_d[:, None] & mask_t[None, :]
         u = tl.load(u_ptr + u_row[:, None] + t64[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         dt_offs = dt_row[:, None] + t64[None, :] * s_dt_l
         dt, dt_raw = _load_dt(delta_ptr, dt_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
         next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
         dt_next, _ = _load_dt(delta_ptr, dt_offs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        Bt = tl.load(B_ptr + B_row[:, None] + t64[None, :] * s_B_l, mask=nt_mask, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + C_row[:, None] + t64[None, :] * s_C_l, mask=nt_mask, other=0.0).to(tl.float32)
-        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)
-        starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)
+        starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
         dout = tl.load(dout_ptr + g_row[:, None] + t64[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
         dy = dout
@@ -295,28 +283,42 @@ def _scan_bwd_kernel(
             sig = tl.sigmoid(z)
             dy = dout * z * sig
 
-        # Recompute the chunk's states from the state at its start.
-        b = dtu[:, None, :] * Bt[None, :, :]
-        a_cum, b_cum = tl.associative_scan((_decay(dt, A2, starts), b), 2, _first_order)
-        hs = a_cum * h0[:, :, None] + b_cum  # (BLOCK_D, BLOCK_N, CHUNK)
-        # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
-        a_next = _decay(dt_next, A2, starts_next)
-        a_rev, dy_rev = tl.associative_scan((a_next, dy[:, None, :] * Ct[None, :, :]), 2, _first_order, reverse=True)
-        dhs = dy_rev + a_rev * dh[:, :, None]
-        dh = tl.sum(tl.where((offs_t == 0)[None, None, :], dhs, 0.0), axis=2)
+        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+        dhB = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
+        ddt_decay = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n d loss / d (dt * A_n) * A_n
+        dh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + B_base + n * s_B_n + t64 * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + C_base + n * s_C_n + t64 * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
+            is_n = (offs_n == n)[None, :]
+            # Recompute the chunk's states for this n.
+            a = tl.where(starts, 0.0, tl.exp2(dt * (A_n * LOG2E)[:, None]))
+            b = dtu * B_n[None, :]
+            a_cum, b_cum = tl.associative_scan((a, b), 1, _first_order)
+            hs = a_cum * tl.sum(tl.where(is_n, h0, 0.0), axis=1)[:, None] + b_cum
+            if HAS_Z:
+                y += hs * C_n[None, :]
+            # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
+            a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
+            a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n[None, :]), 1, _first_order, reverse=True)
+            dhs = dy_rev + a_rev * tl.sum(tl.where(is_n, dh, 0.0), axis=1)[:, None]
+            dh_first = tl.sum(tl.where((offs_t == 0)[None, :], dhs, 0.0), axis=1)
+            dh_next = tl.where(is_n, dh_first[:, None], dh_next)
 
-        # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
-        bc_offs = bc_row[:, None] + t64[None, :]
-        tl.atomic_add(dC_ptr + bc_offs, tl.sum(dy[:, None, :] * hs, axis=0), mask=nt_mask, sem="relaxed")
-        tl.atomic_add(dB_ptr + bc_offs, tl.sum(dhs * dtu[:, None, :], axis=0), mask=nt_mask, sem="relaxed")
-        dhB = tl.sum(dhs * Bt[None, :, :], axis=1)  # (BLOCK_D, CHUNK)
-        # d loss / d (dt * A) = dh_t * a_t * h_{t-1} = dh_t * (h_t - b_t): no need for the previous state.
-        dA_term = tl.where(mask_t[None, None, :], dhs * (hs - b), 0.0)
-        ddt_decay = tl.sum(dA_term * A[:, :, None], axis=1)
-        dA_acc += tl.sum(dA_term * dt[:, None, :], axis=2)
+            # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
+            bc_offs = bc_base + n * seqlen + t
+            tl.atomic_add(dC_ptr + bc_offs, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dB_ptr + bc_offs, tl.sum(dhs * dtu, axis=0), mask=mask_t, sem="relaxed")
+            dhB += dhs * B_n[None, :]
+            # d loss / d (dt * A) = dh_t * a_t * h_{t-1} = dh_t * (h_t - b_t): no need for the previous state.
+            dA_term = tl.where(mask_t[None, :], dhs * (hs - b), 0.0)
+            ddt_decay += dA_term * A_n[:, None]
+            dA_n = tl.sum(dA_term * dt, axis=1)
+            dA_acc = tl.where(is_n, dA_acc + dA_n[:, None], dA_acc)
+        dh = dh_next
 
         if HAS_Z:
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
             if HAS_D:
                 y += Dv[:, None] * u
             dz = dout * y * sig * (1.0 + z * (1.0 - sig))
@@ -331,8 +333,8 @@ def _scan_bwd_kernel(
         ddt = tl.where(io_mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_ptr + du_row[:, None] + t64[None, :] * s_du_l, du.to(du_ptr.dtype.element_ty), mask=io_mask)
-        tl.store(ddelta_ptr + ddt_row[:, None] + t64[None, :] * s_ddt_l, ddt.to(ddelta_ptr.dtype.element_ty),
-                 mask=io_mask)  # fmt: skip
+        ddt_ptrs = ddelta_ptr + ddt_row[:, None] + t64[None, :] * s_ddt_l
+        tl.store(ddt_ptrs, ddt.to(ddelta_ptr.dtype.element_ty), mask=io_mask)
 
     # The initial state reaches step 0 through a_0.
     dt0, _ = _load_dt(delta_ptr, dt_row[:, None] + offs_t[None, :].to(tl.int64) * s_dt_l,
