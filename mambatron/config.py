@@ -128,6 +128,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     seed: int = 1234
     skip_bad_shards: bool = False
+    # Allow ``pipe:`` (shell command) names in data.index and in a local index's shard list. Off: data never runs
+    # code unless asked to. A remote (http) index may never name commands.
+    allow_pipe: bool = False
 
     def validate(self) -> None:
         _positive(self, "seq_len", "micro_batch")

@@ -72,8 +72,23 @@ def _is_url(name: str) -> bool:
     return name.startswith("pipe:") or "://" in name
 
 
-def read_index(index: str) -> dict[str, Any]:
-    """Load ``index.json`` from a local path, an ``http(s)://``/``file://`` URL or a ``pipe:`` command."""
+# Where shards may come from. ``pipe:`` runs a shell command, so it is opt-in (``data.allow_pipe``), and never taken
+# from an index that was fetched over the network.
+_SHARD_SCHEMES = ("http://", "https://", "file://")
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def read_index(index: str, allow_pipe: bool = False) -> dict[str, Any]:
+    """Load ``index.json`` from a local path, an ``http(s)://``/``file://`` URL or (with ``allow_pipe``) a ``pipe:``
+    command."""
+    if index.startswith("pipe:") and not allow_pipe:
+        raise DataIndexError(
+            f"data.index {index!r} is a shell command; commands run only with data.allow_pipe=true (set it if you "
+            "trust the command)"
+        )
     try:
         if index.startswith("pipe:"):
             raw = subprocess.run(index[5:], shell=True, check=True, capture_output=True).stdout
@@ -98,13 +113,31 @@ def read_index(index: str) -> dict[str, Any]:
     return data
 
 
-def shard_infos(index_url: str, index: dict[str, Any], split: str) -> list[ShardInfo]:
-    """The split's shards with URLs resolved relative to the index (absolute paths and URLs are kept)."""
+def shard_infos(index_url: str, index: dict[str, Any], split: str, allow_pipe: bool = False) -> list[ShardInfo]:
+    """The split's shards with URLs resolved relative to the index (absolute paths and URLs are kept).
+
+    A ``pipe:`` shard (a shell command) is refused unless ``allow_pipe``, and always when the index itself was read
+    over http(s); so are URL schemes other than http(s) and file."""
     if split not in index["splits"]:
         raise DataIndexError(f"split {split!r} not in {index_url!r}; it has {sorted(index['splits'])}")
     out = []
     for shard in index["splits"][split]["shards"]:
         name = shard["name"]
+        if name.startswith("pipe:"):
+            if _is_remote(index_url):
+                raise DataIndexError(
+                    f"shard {name!r} of the remote index {index_url!r} is a shell command; an index fetched over the "
+                    "network may not run commands on this machine (data.allow_pipe does not change that)"
+                )
+            if not allow_pipe:
+                raise DataIndexError(
+                    f"shard {name!r} of {index_url!r} is a shell command; commands in an index run only with "
+                    "data.allow_pipe=true (set it if you trust the index)"
+                )
+        elif "://" in name and not name.startswith(_SHARD_SCHEMES):
+            raise DataIndexError(
+                f"shard {name!r} of {index_url!r} has an unsupported scheme; use a path, file://, http:// or https://"
+            )
         if _is_url(name) or os.path.isabs(name):
             url = name
         elif index_url.startswith("pipe:"):
@@ -432,7 +465,8 @@ class ShardLoader:
         self.split = split
         self.rank = rank
         self.world_size = world_size
-        self.index = read_index(cfg.index)
+        allow_pipe = bool(getattr(cfg, "allow_pipe", False))
+        self.index = read_index(cfg.index, allow_pipe)
         if cfg.tokenizer:
             have = tokenizer_hash(cfg.tokenizer)
             want = self.index["tokenizer_hash"]
@@ -443,7 +477,7 @@ class ShardLoader:
                     "Set data.tokenizer to the folder given to tools/prepare_data.py, or re-run tools/prepare_data.py "
                     "with this tokenizer."
                 )
-        shards = shard_infos(cfg.index, self.index, split)
+        shards = shard_infos(cfg.index, self.index, split, allow_pipe)
         self.num_workers = int(cfg.num_workers)
         n_local = max(1, self.num_workers)
         n_streams = world_size * n_local

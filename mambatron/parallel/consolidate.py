@@ -23,6 +23,8 @@ from torch import nn
 
 from mambatron.config import ModelConfig
 from mambatron.parallel.projections import LocalProjections
+from mambatron.serialization import load as safe_load
+from mambatron.serialization import safe_torch_load
 
 StateDict = dict[str, torch.Tensor]
 
@@ -203,11 +205,12 @@ def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
             for path in glob.glob(os.path.join(step_dir, f"*{suffix}_*states.pt")):
                 os.symlink(os.path.abspath(path), os.path.join(view, os.path.basename(path)))
             try:
-                return _as_fp32(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step"))
+                with safe_torch_load():  # zero_to_fp32 would unpickle with weights_only=False
+                    return _as_fp32(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step"))
             except ValueError:
                 pass  # not ZeRO-partitioned (e.g. stage 0): the saved module weights are complete
     model_files = sorted(glob.glob(os.path.join(step_dir, f"*{suffix}_model_states.pt")))
-    return _as_fp32(torch.load(model_files[0], map_location="cpu", weights_only=False)["module"])
+    return _as_fp32(safe_load(model_files[0])["module"])
 
 
 def _as_fp32(state: StateDict) -> StateDict:

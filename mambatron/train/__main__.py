@@ -4,7 +4,7 @@ Launched by torchrun or srun (one process per device); a single process works to
 newest complete checkpoint in ``train.out_dir``. ``--dry-run`` prints the memory/throughput plan and exits without
 initialising anything distributed (the world size comes from the launcher's environment or ``--world-size``).
 Exit codes: 0 done, 75 preempted (checkpoint saved; after SIGUSR1 under SLURM the job was requeued), 2 bad
-configuration.
+configuration or a checkpoint that was refused (one line on rank 0 names it).
 """
 
 from __future__ import annotations
@@ -58,9 +58,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from mambatron.serialization import UnsafeCheckpointError
     from mambatron.train.trainer import Trainer
 
-    return Trainer(config).run()
+    try:
+        return Trainer(config).run()
+    except UnsafeCheckpointError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mambatron.serialization import load as safe_load
+from mambatron.serialization import safe_torch_load
+
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -104,9 +107,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def capture_rng() -> dict[str, Any]:
     """Python, NumPy, torch CPU and (when present) CUDA generator states of this process."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # Plain values, not an ndarray: a rank file must load with weights_only=True and no NumPy types.
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -116,7 +121,9 @@ def capture_rng() -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, cached = state["numpy"]
+    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)  # older rank files hold the ndarray
+    np.random.set_state((name, key.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -230,19 +237,20 @@ def same_zero_format(saved_stage: int, stage: int) -> bool:
 
 def load_same_layout(engine: Any, step_dir: Path) -> None:
     """Load module, optimizer and ZeRO shards saved with the current TP and DP sizes and ZeRO format (bit-exact)."""
-    path, _ = engine.load_checkpoint(
-        str(step_dir.parent),
-        tag=step_dir.name,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=False,
-    )
+    with safe_torch_load():  # DeepSpeed's checkpoint engine would unpickle with weights_only=False
+        path, _ = engine.load_checkpoint(
+            str(step_dir.parent),
+            tag=step_dir.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
 
 
 def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any] | None:
     path = rank_file(step_dir, rank)
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    return safe_load(path) if path.is_file() else None
 
 
 def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -254,7 +262,7 @@ def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tenso
     ``engine.module.named_parameters()``.
     """
     model_file = step_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
-    model_states = torch.load(model_file, map_location="cpu", weights_only=False)
+    model_states = safe_load(model_file)
     shard_files = sorted(
         step_dir.glob(f"*zero_pp_rank_*_mp_rank_{mp_rank:02d}_optim_states.pt"),
         key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)),
@@ -267,7 +275,7 @@ def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tenso
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {"fp32": [], **{k: [] for k in MOMENT_KEYS}} for n in shapes}
     steps: dict[str, Any] = {}
     for shard_file in shard_files:
-        osd = torch.load(shard_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        osd = safe_load(shard_file)["optimizer_state_dict"]
         if osd.get("zero_stage") not in (1, 2):
             found = osd.get("zero_stage")
             raise ValueError(f"{shard_file.name}: resharding supports ZeRO stages 1 and 2, found {found}")

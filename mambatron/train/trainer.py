@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from mambatron.config import Config
 from mambatron.plan import count_params, flops_per_token
+from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
 from mambatron.train import signals
 from mambatron.train.metrics import MetricsLogger, Throughput, memory_gib
@@ -165,11 +166,21 @@ class Trainer:
         manifest = ckpt.read_manifest(step_dir)
         same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
+        # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the
+        # engine's load, and rank 0 names it. (Every rank reads the same DeepSpeed files, so they fail together.)
+        rank_state, refused = None, None
+        if same_ranks:
+            try:
+                rank_state = ckpt.load_rank_state(step_dir, self.dist.rank)
+            except UnsafeCheckpointError as e:
+                refused = str(e)
+        refused = next((r for r in self._gather(refused) if r), None)
+        if refused:
+            raise UnsafeCheckpointError(refused)
         if same_ranks and ckpt.same_zero_format(saved_stage, self.config.parallel.zero_stage):
             ckpt.load_same_layout(self.engine, step_dir)
         else:
             self._load_resharded(step_dir, manifest)
-        rank_state = ckpt.load_rank_state(step_dir, self.dist.rank) if same_ranks else None
         if rank_state is not None:
             ckpt.restore_rng(rank_state["rng"])
             if rank_state.get("data") is not None:
@@ -191,6 +202,14 @@ class Trainer:
             warnings.warn(change, stacklevel=1)
         self.metrics.print(f"resumed from {step_dir} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """``obj`` from every rank (a collective)."""
+        if self.dist.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def _load_resharded(self, step_dir: Path, manifest: dict[str, Any]) -> None:
         from mambatron.parallel import consolidate

@@ -190,7 +190,8 @@ def test_http_and_pipe_shards_equal_disk(prepared: Prepared, http_url: str, tmp_
     for shard in index["splits"]["train"]["shards"]:
         shard["name"] = f"pipe:cat {prepared.data / shard['name']}"
     (tmp_path / "index.json").write_text(json.dumps(index))
-    over_pipe = _take(prepared.cfg(num_workers=0, shuffle_buffer=8, index=str(tmp_path / "index.json")), 300)
+    pipe_cfg = prepared.cfg(num_workers=0, shuffle_buffer=8, index=str(tmp_path / "index.json"), allow_pipe=True)
+    over_pipe = _take(pipe_cfg, 300)
     assert len(disk) == 300
     for a, b, c in zip(disk, over_http, over_pipe, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -225,7 +226,7 @@ def test_wrong_tokenizer_is_refused(prepared: Prepared, bpe_tokenizer: Path) -> 
 
 def test_failing_index_command_shows_its_stderr() -> None:
     with pytest.raises(DataIndexError, match="exit status 3: no such bucket"):
-        read_index("pipe:echo no such bucket >&2; exit 3")
+        read_index("pipe:echo no such bucket >&2; exit 3", allow_pipe=True)
 
 
 def test_too_few_shards_for_streams(prepared: Prepared) -> None:
@@ -284,3 +285,47 @@ def test_uint32_shards_stream_the_same(prepared: Prepared, tmp_path: Path, monke
     narrow = _take(prepared.cfg(num_workers=0, shuffle_buffer=8), 100)
     for a, b in zip(wide, narrow, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _index_with_shard_names(prepared: Prepared, folder: Path, name_of) -> Path:
+    index = prepared.index()
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            shard["name"] = name_of(shard["name"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.json").write_text(json.dumps(index))
+    return folder / "index.json"
+
+
+def test_commands_in_an_index_need_allow_pipe(prepared: Prepared, tmp_path: Path) -> None:
+    """A shard named ``pipe:...`` (a shell command) is refused before anything runs unless data.allow_pipe is set;
+    so is a ``pipe:`` data.index."""
+    marker = tmp_path / "MARKER"
+    index = _index_with_shard_names(
+        prepared, tmp_path / "idx", lambda name: f"pipe:touch {marker}; cat {prepared.data / name}"
+    )
+    with pytest.raises(DataIndexError, match=r"is a shell command; .*data\.allow_pipe=true") as err:
+        build_loader(prepared.cfg(num_workers=0, index=str(index)))
+    assert "pipe:touch" in str(err.value)
+    with pytest.raises(DataIndexError, match=r"data\.index .* is a shell command; .*data\.allow_pipe=true"):
+        build_loader(prepared.cfg(num_workers=0, index=f"pipe:touch {marker}; cat {prepared.index_path}"))
+    assert not marker.exists()
+    # Opted in, the same index streams (and its command runs).
+    rows = _take(prepared.cfg(num_workers=0, index=str(index), allow_pipe=True), 3)
+    assert len(rows) == 3 and marker.exists()
+
+
+def test_a_remote_index_never_runs_commands(prepared: Prepared, http_url: str, tmp_path: Path) -> None:
+    """An index fetched over http that names pipe: shards is refused even with data.allow_pipe=true."""
+    marker = tmp_path / "MARKER"
+    _index_with_shard_names(prepared, prepared.data / "evil", lambda name: f"pipe:touch {marker}; cat /dev/null")
+    cfg = prepared.cfg(num_workers=0, index=f"{http_url}/evil/index.json", allow_pipe=True)
+    with pytest.raises(DataIndexError, match="remote index .* may not run commands"):
+        build_loader(cfg)
+    assert not marker.exists()
+
+
+def test_unsupported_shard_scheme_is_refused(prepared: Prepared, tmp_path: Path) -> None:
+    index = _index_with_shard_names(prepared, tmp_path / "idx", lambda name: f"gs://bucket/{name}")
+    with pytest.raises(DataIndexError, match="unsupported scheme"):
+        build_loader(prepared.cfg(num_workers=0, index=str(index)))
