@@ -181,6 +181,8 @@ class TrainConfig:
     grad_accum: int = 1
     save_every: int = 500
     keep_last: int = 3
+    # A step whose loss is non-finite on any rank is skipped (no update); this many in a row stop the run (exit 3).
+    max_bad_steps: int = 5
     eval_every: int = 0
     eval_steps: int = 10
     log_every: int = 1
@@ -194,7 +196,7 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
-        _positive(self, "max_steps", "grad_accum", "keep_last", "log_every")
+        _positive(self, "max_steps", "grad_accum", "keep_last", "log_every", "max_bad_steps")
         if self.save_every < 0 or self.eval_every < 0:
             raise ConfigError("train.save_every and train.eval_every must be >= 0 (0 disables)")
 

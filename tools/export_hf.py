@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         model = build_model(config.model)
         load_full_state(model, state)
+    bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        print(
+            f"error: {src}: {len(bad)} weight tensors are not finite (first: {bad[0]}); refusing to export them. "
+            "Export an earlier checkpoint (a checkpoints/step_* directory of the run)",
+            file=sys.stderr,
+        )
+        return 2
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         print(f"error: --tokenizer {args.tokenizer!r} is not a directory", file=sys.stderr)
         return 2

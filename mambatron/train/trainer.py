@@ -13,7 +13,6 @@ $SLURM_JOB_ID``), which resumes from that checkpoint; SIGTERM (scancel, node shu
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import random
@@ -40,6 +39,8 @@ from mambatron.train.schedule import LRSchedule
 EXIT_OK = 0
 # EX_TEMPFAIL from sysexits.h: "try again later" — the run saved a checkpoint after a preemption signal.
 EXIT_PREEMPTED = 75
+# train.max_bad_steps consecutive steps had a non-finite loss: the run stopped without saving.
+EXIT_DIVERGED = 3
 
 
 @dataclass
@@ -51,6 +52,8 @@ class StepResult:
     lr: float
     grad_norm: float
     seconds: float
+    # A micro-batch had a non-finite loss on some rank: no update was applied (see train_step).
+    skipped: bool = False
 
 
 class Trainer:
@@ -58,6 +61,7 @@ class Trainer:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._last_step_skipped = False
         self.out_dir = Path(config.train.out_dir)
         self.step = 0
         self.tokens_seen = 0
@@ -245,15 +249,29 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         accum = self.config.train.grad_accum
         grad_norm = None
+        skipped = False
         for i in range(accum):
-            loss = self.micro_loss(self.next_batch())
+            batch = self.next_batch()  # consumed either way, so the data order does not depend on skips
+            if skipped:
+                continue
+            loss = self.micro_loss(batch)
+            if not self._finite_everywhere(loss):
+                # Skip the step. No backward of a non-finite loss, no engine step: the weights and the optimizer
+                # state stay as they were. Gradients of earlier micro-batches of this step (grad_accum > 1) are
+                # dropped with the engine's accumulation state (exactly under ZeRO 0, 1 and 3; ZeRO-2 has already
+                # reduced them into its partition buffers, and they reach the next step).
+                skipped = True
+                total += loss.detach().double()
+                if i > 0:
+                    self._drop_accumulated_gradients()
+                continue
             self.engine.backward(loss)
             if i == accum - 1 and self._norm_before_step:
                 grad_norm = self._grad_norm()
             self.engine.step()
             total += loss.detach().double()
-        mean_loss = self._dp_mean(total / accum)
-        if grad_norm is None:
+        mean_loss = float("nan") if skipped else self._dp_mean(total / accum)
+        if grad_norm is None and not skipped:
             grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -263,7 +281,38 @@ class Trainer:
             lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             seconds=time.perf_counter() - started,
+            skipped=skipped,
         )
+
+    def _finite_everywhere(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (one all-reduce; every rank gets the same answer)."""
+        flag = torch.isfinite(value.detach().float()).all().float().reshape(1)
+        if self.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _weights_finite(self) -> bool:
+        """Whether every local parameter (its ZeRO-3 partition too) is finite on every rank."""
+        ok = True
+        for p in self.engine.module.parameters():
+            local = getattr(p, "ds_tensor", None)
+            local = local if local is not None else p.data
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                ok = False
+                break
+        return self._finite_everywhere(torch.tensor(0.0 if ok else float("nan"), device=self.dist.device))
+
+    def _drop_accumulated_gradients(self) -> None:
+        """Forget the gradients accumulated by the earlier micro-batches of a skipped step and restart the engine's
+        micro-step count at an accumulation boundary."""
+        optimizer = self.engine.optimizer
+        optimizer.zero_grad()
+        self.engine.zero_grad()
+        # ZeRO-2 has already reduced them into this rank's flat gradient partition (DeepSpeed 0.16-0.19).
+        partition = getattr(optimizer, "grads_in_partition", None)
+        if torch.is_tensor(partition):
+            partition.zero_()
+        self.engine.micro_steps -= self.engine.micro_steps % self.config.train.grad_accum
 
     @property
     def _norm_before_step(self) -> bool:
@@ -321,9 +370,21 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------------- save
 
-    def save(self) -> Path:
-        """Checkpoint the current step (a collective over all ranks)."""
+    def save(self) -> Path | None:
+        """Checkpoint the current step (a collective over all ranks); None, and nothing written or pruned, when the
+        weights are not finite."""
         cfg = self.config
+        # Weights that just gave a non-finite loss are not healthy either, even when every value is finite.
+        why = "its loss was not finite" if self._last_step_skipped else None
+        if why is None and not self._weights_finite():
+            why = "the weights are not finite"
+        if why:
+            latest = ckpt.latest_checkpoint(self.out_dir)
+            self.metrics.print(
+                f"not saving step {self.step}: {why} (the newest checkpoint, {latest.name if latest else 'none'}, "
+                "is kept)"
+            )
+            return None
         manifest = {
             "config": cfg.to_dict(),
             "tokens": self.tokens_seen,
@@ -390,9 +451,21 @@ class Trainer:
 
     def _loop(self) -> int:
         tcfg = self.config.train
+        bad_steps = 0
         while self.step < tcfg.max_steps:
             result = self.train_step()
             self._log(result)
+            bad_steps = bad_steps + 1 if result.skipped else 0
+            self._last_step_skipped = result.skipped
+            if bad_steps >= tcfg.max_bad_steps:
+                latest = ckpt.latest_checkpoint(self.out_dir)
+                self.metrics.print(
+                    f"error: {bad_steps} consecutive steps with a non-finite loss (steps {self.step - bad_steps + 1}"
+                    f"-{self.step}); stopping without saving. The newest checkpoint "
+                    f"({latest.name if latest else 'none'}) is kept as it is: lower optim.lr (now "
+                    f"{self.config.optim.lr:g}) or check the data, then resume"
+                )
+                return EXIT_DIVERGED
             if tcfg.eval_every and self.step % tcfg.eval_every == 0:
                 val_loss = self.evaluate()
                 if math.isnan(val_loss):
@@ -425,8 +498,9 @@ class Trainer:
             "step_seconds": result.seconds,
             "memory_gib": memory_gib(self.dist.device),
         }
-        if not math.isfinite(result.loss):
-            self.metrics.print(f"non-finite loss at step {result.step}: {json.dumps(record)}")
+        if result.skipped:
+            record["skipped"] = True
+            self.metrics.print(f"non-finite loss at step {result.step}: step skipped, weights not updated")
         print_line = result.step % self.config.train.log_every == 0 or result.step == 1
         self.metrics.log_step(record, print_line, self.throughput.seconds_per_step())
 
