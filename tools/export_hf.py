@@ -18,7 +18,7 @@ import torch
 from mambatron.hf import load_full_state, load_model_dir, to_hf
 from mambatron.models import build_model
 from mambatron.serialization import UnsafeCheckpointError
-from mambatron.train.checkpoint import load_full_model_state
+from mambatron.train.checkpoint import CorruptCheckpointError, load_full_model_state
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             state, config = load_full_model_state(src)
-        except (FileNotFoundError, UnsafeCheckpointError) as e:
+        except (FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         model = build_model(config.model)

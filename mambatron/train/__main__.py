@@ -59,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from mambatron.serialization import UnsafeCheckpointError
+    from mambatron.train.checkpoint import CorruptCheckpointError
     from mambatron.train.trainer import Trainer
 
     try:
         return Trainer(config).run()
-    except UnsafeCheckpointError as e:
+    except (UnsafeCheckpointError, CorruptCheckpointError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -20,11 +20,13 @@ of every TP rank, merged and re-split over the new TP size, and scattered into t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -89,16 +91,75 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a step directory, a ``checkpoints/`` folder or a run directory; return a complete step directory."""
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file does not match the size or sha256 its manifest recorded."""
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def verify_files(step_dir: Path, names: list[str] | None = None) -> str | None:
+    """None when the (given) files of a checkpoint match its manifest's sizes and sha256, else what is wrong.
+
+    A checkpoint written before the manifest recorded files (no ``files`` entry) cannot be verified and passes."""
+    recorded = read_manifest(step_dir).get("files")
+    if recorded is None:
+        return None
+    for name in sorted(recorded) if names is None else names:
+        want = recorded[name]
+        path = step_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} has {size:,} bytes, the manifest recorded {want['bytes']:,} (truncated or replaced?)"
+        if file_digest(path)["sha256"] != want["sha256"]:
+            return f"{path} does not match the sha256 its manifest recorded (corrupted)"
+    if names is None:
+        extra = {p.name for p in step_dir.iterdir() if p.is_file() and p.name != MANIFEST} - set(recorded)
+        if extra:
+            return f"{step_dir} holds files its manifest does not list: {sorted(extra)[:3]}"
+    return None
+
+
+def newest_verified(
+    out_dir: str | Path, verify: Callable[[Path], str | None] = verify_files
+) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint whose files verify, and what was wrong with the newer ones it passed over."""
+    problems = []
+    for step_dir in reversed(list_checkpoints(out_dir)):
+        problem = verify(step_dir)
+        if problem is None:
+            return step_dir, problems
+        problems.append(problem)
+    return None, problems
+
+
+def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """Accept a step directory, a ``checkpoints/`` folder or a run directory; return a complete step directory whose
+    files verify. For a run, the newest such one (``warn`` is told about newer ones passed over); a step directory
+    that does not verify raises :class:`CorruptCheckpointError`."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is an incomplete checkpoint (manifest status is not 'complete')")
+        if (problem := verify_files(path)) is not None:
+            raise CorruptCheckpointError(f"{problem}; use an earlier checkpoint of the run")
         return path
     for run_dir in (path, path.parent):
-        if (found := latest_checkpoint(run_dir)) is not None:
-            return found
+        if list_checkpoints(run_dir):
+            found, problems = newest_verified(run_dir)
+            for problem in problems:
+                (warn or print)(f"skipping a checkpoint that does not verify: {problem}")
+            if found is not None:
+                return found
+            raise CorruptCheckpointError(f"no checkpoint of {run_dir} verifies: {problems[0]}")
     raise FileNotFoundError(f"no complete checkpoint in {path}; pass <out_dir>/checkpoints/step_XXXXXXX")
 
 
@@ -189,10 +250,13 @@ def save_checkpoint(
     torch.save(rank_state, rank_file(tmp, rank))
     data_positions = _gather_objects(rank_state.get("data"))
     # Every rank has written (the gather is a collective); the ranks share flushing it all to disk, so that a
-    # checkpoint whose manifest survives a machine crash also has its shards.
+    # checkpoint whose manifest survives a machine crash also has its shards, and hashing it for the manifest.
+    digests = {}
     for path in sorted([tmp, *tmp.rglob("*")])[rank :: len(data_positions)]:
         _fsync(path)
-    _barrier()
+        if path.is_file():
+            digests[str(path.relative_to(tmp))] = file_digest(path)
+    files = {name: d for part in _gather_objects(digests) for name, d in part.items()}
     if rank == 0:
         body = dict(manifest)
         body.update(
@@ -200,6 +264,7 @@ def save_checkpoint(
             step=step,
             data={str(r): pos for r, pos in enumerate(data_positions)},
             rank_files=[rank_file(tmp, r).name for r in range(len(data_positions))],
+            files=dict(sorted(files.items())),
             saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             save_seconds=round(time.time() - started, 3),
             status="complete",
@@ -400,7 +465,7 @@ def load_full_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], An
     from mambatron.config import config_from_dict
     from mambatron.parallel import consolidate
 
-    step_dir = resolve_checkpoint(path)
+    step_dir = resolve_checkpoint(path, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
     config = config_from_dict(read_manifest(step_dir)["config"])
     state = consolidate.consolidate_zero_checkpoint(str(step_dir.parent), config.model, tag=step_dir.name)
     return state, config

@@ -163,9 +163,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ resume
 
     def resume(self) -> bool:
-        """Continue from the newest complete checkpoint of ``train.out_dir``; False when there is none."""
-        step_dir = ckpt.latest_checkpoint(self.out_dir)
+        """Continue from the newest complete checkpoint of ``train.out_dir`` whose files match its manifest; False
+        when there is none. Newer ones that do not verify are renamed ``step_*.corrupt`` (kept, never loaded)."""
+        step_dir, problems = ckpt.newest_verified(self.out_dir, self._verify_checkpoint)
+        for problem in problems:
+            if self.is_main:
+                warnings.warn(f"checkpoint does not verify, resuming from an earlier one: {problem}", stacklevel=1)
+        if problems and self.is_main:
+            for bad in ckpt.list_checkpoints(self.out_dir):
+                if step_dir is None or int(bad.name.split("_")[1]) > int(step_dir.name.split("_")[1]):
+                    bad.rename(bad.with_name(bad.name + ".corrupt"))
+                    self.metrics.print(f"renamed {bad.name} to {bad.name}.corrupt: its files do not verify")
+        if problems:
+            self._gather(None)  # the renames are done before any rank looks at the directory again
         if step_dir is None:
+            if problems:
+                raise ckpt.CorruptCheckpointError(f"no checkpoint of {self.out_dir} verifies: {problems[0]}")
             return False
         manifest = ckpt.read_manifest(step_dir)
         same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
@@ -206,6 +219,13 @@ class Trainer:
             warnings.warn(change, stacklevel=1)
         self.metrics.print(f"resumed from {step_dir} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
+
+    def _verify_checkpoint(self, step_dir: Path) -> str | None:
+        """Check a checkpoint's files against its manifest, each rank hashing its share (a collective)."""
+        names = sorted(ckpt.read_manifest(step_dir).get("files") or [])
+        mine = names[self.dist.rank :: self.dist.world_size]
+        problem = ckpt.verify_files(step_dir, mine) if mine else None
+        return next((p for p in self._gather(problem) if p), None)
 
     def _gather(self, obj: Any) -> list[Any]:
         """``obj`` from every rank (a collective)."""
