@@ -24,7 +24,7 @@ demo: install
 	$(PY) tools/prepare_data.py --input stdlib --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 	$(PY) -m mambatron.train --config configs/tiny.yaml --set train.out_dir=$(DEMO)/run \
 		data.index=$(DEMO)/data/index.json data.tokenizer=$(DEMO)/tokenizer
-	$(PY) tools/export_hf.py --checkpoint $(DEMO)/run --out $(DEMO)/hf
+	$(PY) tools/export_hf.py --checkpoint $(DEMO)/run --out $(DEMO)/hf --overwrite
 	$(PY) tools/sample.py --hf $(DEMO)/hf --prompt "def main(" --max-new-tokens 64
 
 test: install

@@ -150,8 +150,22 @@ def to_hf(
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    # Weights of an earlier export must not survive: a stale shard index would make from_pretrained load them.
+    for stale in _weight_files(out):
+        stale.unlink()
     _save_sharded(tensors, out)
     return out
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The files transformers reads weights from (safetensors or torch, single or sharded, and their indexes)."""
+    patterns = (
+        "model*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+    )
+    return sorted({p for pattern in patterns for p in folder.glob(pattern) if p.is_file()})
 
 
 def _save_sharded(tensors: dict[str, torch.Tensor], out: Path) -> None:

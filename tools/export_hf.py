@@ -1,6 +1,6 @@
 """Export a mambatron checkpoint to a Hugging Face folder (MambaForCausalLM / Mamba2ForCausalLM) + tokenizer.
 
-    python tools/export_hf.py --checkpoint DIR --out DIR [--tokenizer DIR] [--dtype bf16|fp32]
+    python tools/export_hf.py --checkpoint DIR --out DIR [--tokenizer DIR] [--dtype bf16|fp32] [--overwrite]
 
 DIR is a training checkpoint (a ``checkpoints/step_XXXXXXX`` directory, or a run directory: its newest complete
 checkpoint is used; TP shards and ZeRO partitions are merged) or a model directory (config.yaml +
@@ -29,8 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for the HF model")
     ap.add_argument("--tokenizer", help="tokenizer folder to ship (default: data.tokenizer from the run config)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    ap.add_argument("--overwrite", action="store_true", help="export into a folder that is not empty (its weights go)")
     args = ap.parse_args(argv)
     src = Path(args.checkpoint)
+    out_dir = Path(args.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        print(
+            f"error: --out {str(out_dir)!r} is not empty; pass --overwrite to replace its model files", file=sys.stderr
+        )
+        return 2
     if not src.is_dir():
         print(f"error: checkpoint {str(src)!r} is not a directory", file=sys.stderr)
         return 2

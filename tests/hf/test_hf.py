@@ -112,3 +112,25 @@ def test_export_ships_the_tokenizer_and_its_special_ids(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(out)
     text = "def f(x):\n    return x + 1  # é"
     assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text)
+
+
+def test_export_over_an_earlier_sharded_export_leaves_no_stale_weights(tmp_path, monkeypatch):
+    """A sharded export followed by an unsharded one into the same folder: the old shards and their index are removed,
+    so transformers loads the new weights (a stale index would win otherwise)."""
+    import mambatron.hf as hf_module
+
+    cfg = tiny_model_config("mamba2")
+    old, new = build_model(cfg), build_model(cfg)
+    new.init_weights(seed=7)
+    monkeypatch.setattr(hf_module, "SHARD_BYTES", 4096)
+    to_hf(old, cfg, tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    monkeypatch.setattr(hf_module, "SHARD_BYTES", 4 * 1024**3)
+    to_hf(new, cfg, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = new.eval()(ids)[..., : cfg.vocab_size]
+        got = hf.eval()(ids).logits[..., : cfg.vocab_size]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -230,3 +230,9 @@ def test_export_refuses_a_missing_tokenizer_it_was_given(tmp_path, capsys):
     assert "is not a directory" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     assert export_hf.main(args) == 0  # the config's tokenizer is missing: warned about, model exported
     assert "exporting the model without it" in capsys.readouterr().err and (tmp_path / "hf" / "config.json").is_file()
+    # A second export into the now non-empty folder needs --overwrite; without it nothing there changes.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hf").iterdir()}
+    assert export_hf.main(args) == 2
+    assert "is not empty; pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hf").iterdir()} == before
+    assert export_hf.main([*args, "--overwrite"]) == 0
