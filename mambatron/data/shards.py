@@ -153,11 +153,14 @@ def shard_infos(index_url: str, index: dict[str, Any], split: str, allow_pipe: b
     return out
 
 
-def iter_shard(shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+def iter_shard(
+    shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0, vocab_size: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(sample_index, tokens)`` for samples ``start..`` of one shard, read with webdataset.
 
     Samples before ``start`` are skipped without decoding. Raises :class:`ShardError` naming the shard when it cannot
-    be opened, is corrupt, or ends before the number of samples the index lists (a truncated tar).
+    be opened, is corrupt (also: a token id >= ``vocab_size``, when given), or ends before the number of samples the
+    index lists (a truncated tar).
     """
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -172,7 +175,13 @@ def iter_shard(shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0) 
                 data = sample.get(key_ext)
                 if data is None or len(data) % dtype.itemsize:
                     raise ShardError(f"shard {shard.url}: sample {sample['__key__']!r} has no valid {key_ext} entry")
-                yield count, np.frombuffer(data, dtype=dtype)
+                tokens = np.frombuffer(data, dtype=dtype)
+                if vocab_size and len(tokens) and int(tokens.max()) >= vocab_size:
+                    raise ShardError(
+                        f"shard {shard.url}: sample {sample['__key__']!r} holds token id {int(tokens.max())}, outside "
+                        f"the index's vocabulary of {vocab_size} (corrupted bytes, or shards of another tokenizer)"
+                    )
+                yield count, tokens
             count += 1
         if count != shard.docs:
             raise ShardError(
@@ -211,6 +220,8 @@ class StreamSpec:
     # Deal documents instead of shards to streams (every stream reads every shard and keeps document
     # ``i % n_streams == stream``): used for validation, whose few shards could otherwise leave ranks without data.
     split_documents: bool = False
+    # Token ids must be below this (the index's tokenizer vocabulary); 0 checks nothing.
+    vocab_size: int = 0
 
     def epoch_shards(self, epoch: int, stream: int) -> np.ndarray:
         """Shard ids read by ``stream`` in ``epoch``."""
@@ -324,7 +335,9 @@ class _Stream:
         found: dict[tuple[int, int], np.ndarray] = {}
         for shard, samples in sorted(wanted.items()):
             last = max(samples)
-            for idx, tokens in iter_shard(self.spec.shards[shard], self.spec.key_ext, self.dtype):
+            for idx, tokens in iter_shard(
+                self.spec.shards[shard], self.spec.key_ext, self.dtype, vocab_size=self.spec.vocab_size
+            ):
                 if idx in samples:
                     found[shard, idx] = tokens
                 if idx == last:
@@ -356,7 +369,9 @@ class _Stream:
         while self.shard_pos < len(self.ids):
             shard = int(self.ids[self.shard_pos])
             if self.reader is None:
-                self.reader = iter_shard(spec.shards[shard], spec.key_ext, self.dtype, start=self.sample)
+                self.reader = iter_shard(
+                    spec.shards[shard], spec.key_ext, self.dtype, start=self.sample, vocab_size=spec.vocab_size
+                )
             try:
                 idx, tokens = next(self.reader)
             except StopIteration:
@@ -502,6 +517,7 @@ class ShardLoader:
             rank=rank,
             n_local=n_local,
             n_streams=n_streams,
+            vocab_size=int(self.index.get("vocab_size", 0)),
         )
         self._fingerprint = hashlib.sha256(
             json.dumps([[s.get("name"), s.get("sha256")] for s in self.index["splits"][split]["shards"]]).encode()

@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
         return 2
+    except ConfigError as e:  # a setting that only the data or the layout shows to be wrong
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"config error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mambatron.config import Config
+from mambatron.config import Config, ConfigError
 from mambatron.plan import count_params, flops_per_token
 from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
@@ -90,6 +90,12 @@ class Trainer:
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         self.engine = self.build_engine(self.model)
         self.train_loader = self.build_loader("train")
+        if self.train_loader.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} is smaller than the vocabulary of the data's tokenizer "
+                f"({self.train_loader.vocab_size}, from {cfg.data.index}); set model.vocab_size to at least "
+                f"{self.train_loader.vocab_size}"
+            )
         self._train_iter: Any = None
         self.schedule = LRSchedule.from_config(cfg.optim, cfg.train.max_steps)
         self.tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.dist.dp_size

@@ -329,3 +329,16 @@ def test_unsupported_shard_scheme_is_refused(prepared: Prepared, tmp_path: Path)
     index = _index_with_shard_names(prepared, tmp_path / "idx", lambda name: f"gs://bucket/{name}")
     with pytest.raises(DataIndexError, match="unsupported scheme"):
         build_loader(prepared.cfg(num_workers=0, index=str(index)))
+
+
+def test_token_ids_outside_the_vocabulary_name_the_shard(prepared: Prepared, tmp_path: Path) -> None:
+    """Token ids at or above the index's vocabulary (corrupt bytes, another tokenizer's shards) stop the stream with
+    the shard and sample named, instead of an IndexError deep in the embedding."""
+    index = prepared.index()
+    index["vocab_size"] = 40  # every document of the test corpus has larger ids
+    for split in index["splits"].values():
+        for shard in split["shards"]:
+            shard["name"] = str(prepared.data / shard["name"])
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match=r"shard .*\.tar: sample .* holds token id \d+, outside the index's vocab"):
+        _take(prepared.cfg(num_workers=0, index=str(tmp_path / "index.json")), 5)
