@@ -131,6 +131,8 @@ class DataConfig:
     # Allow ``pipe:`` (shell command) names in data.index and in a local index's shard list. Off: data never runs
     # code unless asked to. A remote (http) index may never name commands.
     allow_pipe: bool = False
+    # Check every shard against the sha256 in the index, hashed as it streams on its first full read in a process.
+    verify_shards: bool = True
 
     def validate(self) -> None:
         _positive(self, "seq_len", "micro_batch")

@@ -66,6 +66,34 @@ class ShardInfo:
     url: str
     docs: int
     tokens: int
+    # The index's sha256 of the shard's bytes ("" when it has none).
+    sha256: str = ""
+
+
+# Shards this process has read in full and found to match their index's sha256 (verified once, on first read).
+_VERIFIED: set[tuple[str, str]] = set()
+
+
+class _HashingReader:
+    """A read-only stream that hashes the bytes as they pass (the tar reader reads it front to back)."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.sha256.update(data)
+        return data
+
+    def hexdigest_of_all(self) -> str:
+        """The digest of the whole stream, reading what the tar reader left (end-of-archive padding)."""
+        while self.read(1 << 20):
+            pass
+        return self.sha256.hexdigest()
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def _is_url(name: str) -> bool:
@@ -149,18 +177,21 @@ def shard_infos(index_url: str, index: dict[str, Any], split: str, allow_pipe: b
             url = urllib.parse.urljoin(index_url, name)
         else:
             url = os.path.join(os.path.dirname(os.path.abspath(index_url)), name)
-        out.append(ShardInfo(url=url, docs=int(shard["docs"]), tokens=int(shard["tokens"])))
+        out.append(
+            ShardInfo(url=url, docs=int(shard["docs"]), tokens=int(shard["tokens"]), sha256=shard.get("sha256", ""))
+        )
     return out
 
 
 def iter_shard(
-    shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0, vocab_size: int = 0
+    shard: ShardInfo, key_ext: str, dtype: np.dtype, start: int = 0, vocab_size: int = 0, verify: bool = False
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(sample_index, tokens)`` for samples ``start..`` of one shard, read with webdataset.
 
     Samples before ``start`` are skipped without decoding. Raises :class:`ShardError` naming the shard when it cannot
     be opened, is corrupt (also: a token id >= ``vocab_size``, when given), or ends before the number of samples the
-    index lists (a truncated tar).
+    index lists (a truncated tar). With ``verify``, the first full read of a shard in this process also hashes its
+    bytes as they stream and raises, after its last sample, if they differ from the index's sha256.
     """
     import webdataset as wds
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -169,6 +200,9 @@ def iter_shard(
     count = 0
     try:
         stream = wds.gopen(shard.url, "rb")
+        hashing = verify and shard.sha256 and (shard.url, shard.sha256) not in _VERIFIED
+        if hashing:
+            stream = _HashingReader(stream)
         files = tar_file_expander([{"url": shard.url, "stream": stream}])
         for sample in group_by_keys(files):
             if count >= start:
@@ -187,6 +221,14 @@ def iter_shard(
             raise ShardError(
                 f"shard {shard.url} ended after {count} of its {shard.docs} samples (truncated or replaced?)"
             )
+        if hashing:
+            got = stream.hexdigest_of_all()
+            if got != shard.sha256:
+                raise ShardError(
+                    f"shard {shard.url}: its sha256 {got[:16]}… differs from the index's {shard.sha256[:16]}… "
+                    "(corrupted or replaced); copy it again, or set data.verify_shards=false to read it unchecked"
+                )
+            _VERIFIED.add((shard.url, shard.sha256))
     except ShardError:
         raise
     except Exception as e:
@@ -222,6 +264,8 @@ class StreamSpec:
     split_documents: bool = False
     # Token ids must be below this (the index's tokenizer vocabulary); 0 checks nothing.
     vocab_size: int = 0
+    # Check each shard's sha256 against the index on its first full read.
+    verify_shards: bool = True
 
     def epoch_shards(self, epoch: int, stream: int) -> np.ndarray:
         """Shard ids read by ``stream`` in ``epoch``."""
@@ -336,7 +380,11 @@ class _Stream:
         for shard, samples in sorted(wanted.items()):
             last = max(samples)
             for idx, tokens in iter_shard(
-                self.spec.shards[shard], self.spec.key_ext, self.dtype, vocab_size=self.spec.vocab_size
+                self.spec.shards[shard],
+                self.spec.key_ext,
+                self.dtype,
+                vocab_size=self.spec.vocab_size,
+                verify=self.spec.verify_shards,
             ):
                 if idx in samples:
                     found[shard, idx] = tokens
@@ -370,7 +418,12 @@ class _Stream:
             shard = int(self.ids[self.shard_pos])
             if self.reader is None:
                 self.reader = iter_shard(
-                    spec.shards[shard], spec.key_ext, self.dtype, start=self.sample, vocab_size=spec.vocab_size
+                    spec.shards[shard],
+                    spec.key_ext,
+                    self.dtype,
+                    start=self.sample,
+                    vocab_size=spec.vocab_size,
+                    verify=spec.verify_shards,
                 )
             try:
                 idx, tokens = next(self.reader)
@@ -518,6 +571,7 @@ class ShardLoader:
             n_local=n_local,
             n_streams=n_streams,
             vocab_size=int(self.index.get("vocab_size", 0)),
+            verify_shards=bool(getattr(cfg, "verify_shards", True)),
         )
         self._fingerprint = hashlib.sha256(
             json.dumps([[s.get("name"), s.get("sha256")] for s in self.index["splits"][split]["shards"]]).encode()
