@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mambatron.serialization import UnsafeCheckpointError
     from mambatron.train.checkpoint import CorruptCheckpointError
+    from mambatron.train.runlock import RunLockedError
     from mambatron.train.trainer import Trainer
 
     try:
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except RunLockedError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except ConfigError as e:  # a setting that only the data or the layout shows to be wrong
         if int(os.environ.get("RANK", "0")) == 0:

@@ -34,6 +34,7 @@ from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
 from mambatron.train import signals
 from mambatron.train.metrics import MetricsLogger, Throughput, memory_gib
+from mambatron.train.runlock import RunLock, RunLockedError
 from mambatron.train.schedule import LRSchedule
 
 EXIT_OK = 0
@@ -62,6 +63,7 @@ class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._last_step_skipped = False
+        self._lock: RunLock | None = None
         self.out_dir = Path(config.train.out_dir)
         self.step = 0
         self.tokens_seen = 0
@@ -80,6 +82,17 @@ class Trainer:
         self.dist = pdist.setup(cfg.parallel)
         validate_parallel(cfg.model, cfg.parallel, self.dist.world_size)
         self.is_main = self.dist.rank == 0
+        # One run per out_dir: rank 0 locks it before anything is read or written there; every rank stops if taken.
+        self._lock = RunLock(self.out_dir) if self.is_main else None
+        taken = None
+        if self._lock is not None:
+            try:
+                self._lock.acquire()
+            except RunLockedError as e:
+                taken = str(e)
+        taken = next((t for t in self._gather(taken) if t), None)
+        if taken:
+            raise RunLockedError(taken)
         self._seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             # cuBLAS is deterministic only with a fixed workspace; must be set before the first matmul.
@@ -474,6 +487,8 @@ class Trainer:
         self._train_iter = None
         self.metrics.close()
         pdist.teardown()
+        if self._lock is not None:
+            self._lock.release()
 
     def _loop(self) -> int:
         tcfg = self.config.train

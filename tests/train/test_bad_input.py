@@ -17,3 +17,46 @@ def test_model_vocab_smaller_than_the_tokenizer_is_refused(tiny_data, tmp_path):
     assert len(errors) == 1 and "model.vocab_size=200" in errors[0] and "at least 260" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_a_dead_ones_lock_is_taken_over(tiny_data, tmp_path):
+    """Run A holds out_dir's lock; run B on the same folder stops at start naming A (host, pid) without touching A's
+    files; once A is killed (-9, like a preempted job) its lock is released and a restart resumes."""
+    import json
+    import time
+
+    from mambatron.train import checkpoint as ckpt
+    from tests.train.conftest import kill_tree
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, *tiny_data, f"train.out_dir={run_dir}", "train.save_every=2", "data.num_workers=0"]
+    a = subprocess.Popen(
+        train_cmd(0, [*overrides, "train.max_steps=100000"]), cwd=REPO, env=train_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while ckpt.latest_checkpoint(run_dir) is None and a.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert ckpt.latest_checkpoint(run_dir) is not None, "run A never saved"
+        holder = json.loads((run_dir / ".lock").read_text())
+        assert holder["pid"] == a.pid
+        metrics_before = (run_dir / "metrics.jsonl").stat().st_size
+        b = subprocess.run(
+            train_cmd(0, [*overrides, "train.max_steps=3"]), cwd=REPO, env=train_env(), capture_output=True,
+            text=True, timeout=240,
+        )  # fmt: skip
+        assert b.returncode == 2, b.stdout[-2000:] + b.stderr[-2000:]
+        errors = [line for line in b.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is in use by another run" in errors[0] and f"pid {a.pid}" in errors[0], b.stderr
+        assert (run_dir / "metrics.jsonl").stat().st_size >= metrics_before  # B wrote nothing over A's metrics
+        assert a.poll() is None, "run A was disturbed"
+    finally:
+        kill_tree(a)
+    step = int(ckpt.latest_checkpoint(run_dir).name.split("_")[1])
+    c = subprocess.run(
+        train_cmd(0, [*overrides, f"train.max_steps={step + 1}"]), cwd=REPO, env=train_env(), capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
+    assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
+    assert "resumed from" in c.stdout
