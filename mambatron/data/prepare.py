@@ -21,8 +21,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -198,9 +200,36 @@ def prepare_data(
     key_ext = tokens_key(dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # The shards about to be written replace those of an earlier run: its index must not outlive them if this run
-    # fails half way (it would describe tars whose contents changed).
+    # Everything is written into a temporary folder first: a run that fails (a bad --field, a malformed record, an
+    # interrupt) leaves an earlier dataset in ``out`` exactly as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out))
+    try:
+        index = _prepare_into(files, tok, dtype, key_ext, staging, shard_tokens, field_name, val_fraction, workers,
+                              max_docs, tokenizer_dir, progress)  # fmt: skip
+        _publish(staging, out, index)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def _publish(staging: Path, out: Path, index: dict[str, Any]) -> None:
+    """Move a finished dataset from ``staging`` into ``out``, replacing an earlier one there. The old index goes
+    first (so no index ever describes tars that changed), the new one last; old shards the new index does not list
+    are removed."""
     (out / "index.json").unlink(missing_ok=True)
+    names = {shard["name"] for split in index["splits"].values() for shard in split["shards"]}
+    for name in sorted(names):
+        os.replace(staging / name, out / name)
+    for old in out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if old.name not in names and old.name.split("-")[0] in SPLITS:
+            old.unlink()
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    tmp.replace(out / "index.json")
+
+
+def _prepare_into(files, tok, dtype, key_ext, out, shard_tokens, field_name, val_fraction, workers, max_docs,
+                  tokenizer_dir, progress) -> dict[str, Any]:  # fmt: skip
     writers = {s: _SplitWriter(out, s, key_ext, shard_tokens) for s in SPLITS}
     workers = workers or os.cpu_count() or 1
     tasks = ((t, field_name, dtype.str) for t in _iter_tasks(files, field_name, max_docs))
@@ -268,9 +297,6 @@ def prepare_data(
             for s, w in writers.items()
         },
     }
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=1) + "\n")
-    tmp.replace(out / "index.json")
     return index
 
 

@@ -94,15 +94,27 @@ def test_jsonl_null_text_is_an_empty_document(prepared: Prepared, tmp_path: Path
         prepare_data([str(path)], prepared.tokenizer, tmp_path / "k", workers=1, progress=False)
 
 
-def test_failed_run_leaves_no_stale_index(prepared: Prepared, tmp_path: Path) -> None:
+def test_failed_run_leaves_the_earlier_dataset_intact(prepared: Prepared, tmp_path: Path) -> None:
+    """A re-run into an existing dataset that fails (a bad --field on the first record, or a bad record half way)
+    leaves the earlier index and shards exactly as they were, and no temporary files."""
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(100)))
-    prepare_data([str(path)], prepared.tokenizer, tmp_path / "out", workers=1, progress=False)
-    assert (tmp_path / "out" / "index.json").is_file()
+    out = tmp_path / "out"
+    prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False, shard_tokens=200)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "index.json" in before and len(before) > 2
+    with pytest.raises(KeyError, match="no field 'body'"):
+        prepare_data([str(path)], prepared.tokenizer, out, field_name="body", workers=1, progress=False)
     path.write_text("".join(json.dumps({"text": f"other {i}"}) + "\n" for i in range(50)) + '{"body": 1}\n')
     with pytest.raises(KeyError, match="no field 'text'"):
-        prepare_data([str(path)], prepared.tokenizer, tmp_path / "out", workers=1, progress=False)
-    assert not (tmp_path / "out" / "index.json").exists()
+        prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert verify_shards(out / "index.json") == []
+    # A successful re-run with fewer shards replaces the dataset and leaves none of the old shards behind.
+    path.write_text("".join(json.dumps({"text": f"short {i}"}) + "\n" for i in range(5)))
+    index = prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False, val_fraction=0)
+    listed = {shard["name"] for split in index["splits"].values() for shard in split["shards"]}
+    assert {p.name for p in out.iterdir()} == listed | {"index.json"}
 
 
 def test_token_dtype() -> None:
