@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import urllib.parse
 import urllib.request
@@ -276,6 +277,14 @@ class StreamSpec:
     def first_documents(self) -> list[int]:
         """Global index of each shard's first document (shards in index order)."""
         return np.concatenate([[0], np.cumsum([s.docs for s in self.shards])]).astype(int).tolist()
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGUSR1. ``scancel`` signals the whole process group; a worker that
+    died of it would take the main process down before it could save. The main process shuts its workers down
+    itself, and they exit on their own if it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def plain(obj: Any) -> Any:
@@ -607,6 +616,7 @@ class ShardLoader:
                 collate_fn=_keep,
                 pin_memory=torch.cuda.is_available(),
                 prefetch_factor=2,
+                worker_init_fn=_leave_signals_to_the_main_process,
             )
         n_local = self.spec.n_local
         for batch in batches:

@@ -60,3 +60,30 @@ def test_a_second_run_on_the_same_out_dir_is_refused_and_a_dead_ones_lock_is_tak
     )  # fmt: skip
     assert c.returncode == 0, c.stdout[-2000:] + c.stderr[-2000:]
     assert "resumed from" in c.stdout
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_saves(tiny_data, tmp_path):
+    """scancel signals the whole process group. DataLoader workers leave SIGTERM to the main process, which finishes
+    the step, saves and exits 75, instead of dying of "DataLoader worker is killed by signal"."""
+    import os
+    import signal
+    import time
+
+    from mambatron.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, *tiny_data, f"train.out_dir={run_dir}", "data.num_workers=1", "train.max_steps=100000",
+                 "train.save_every=0"]  # fmt: skip
+    proc = subprocess.Popen(
+        train_cmd(0, overrides), cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-2000:] + err[-2000:]
+    assert "got SIGTERM: saving step" in out and "killed by signal" not in err, out[-2000:] + err[-2000:]
+    assert ckpt.latest_checkpoint(run_dir) is not None
