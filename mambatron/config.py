@@ -156,8 +156,15 @@ class OptimConfig:
     decay_frac: float = 0.2
 
     def validate(self) -> None:
+        for name in ("lr", "min_lr", "weight_decay", "eps", "grad_clip", "decay_frac"):
+            if not math.isfinite(float(getattr(self, name))):
+                raise ConfigError(f"optim.{name}={getattr(self, name)} must be a finite number")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"optim.lr={self.lr} / optim.min_lr={self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if len(self.betas) != 2 or not all(0 <= float(b) < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"optim.eps={self.eps} must be > 0 and optim.weight_decay={self.weight_decay} >= 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
         if not 0 <= self.decay_frac <= 1:
@@ -199,6 +206,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "max_steps", "grad_accum", "keep_last", "log_every", "max_bad_steps")
+        if not str(self.out_dir).strip():
+            raise ConfigError("train.out_dir is empty; set it to the run's folder, e.g. train.out_dir=runs/my-run")
         if self.save_every < 0 or self.eval_every < 0:
             raise ConfigError("train.save_every and train.eval_every must be >= 0 (0 disables)")
 

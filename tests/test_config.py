@@ -43,3 +43,19 @@ def test_bad_literal_and_type():
 def test_missing_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lr=nan", "optim.lr=nan must be a finite number"),
+        ("optim.lr=inf", "optim.lr=inf must be a finite number"),
+        ("optim.betas=[2, 3]", r"optim.betas=\[2.0, 3.0\] must be two numbers in \[0, 1\)"),
+        ("optim.betas=[0.9]", r"optim.betas=\[0.9\] must be a list of 2 values"),
+        ("optim.eps=0", "optim.eps=0.0 must be > 0"),
+        ("train.out_dir=", "train.out_dir is empty"),
+    ],
+)
+def test_impossible_optimizer_and_run_settings_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/tiny.yaml", [override])
