@@ -106,3 +106,13 @@ def losses(run_dir: Path) -> dict[int, float]:
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def rehash(step_dir: Path) -> None:
+    """Record a checkpoint's current file digests in its manifest, as a checkpoint written that way would have (the
+    trust tests model someone who can write the files, and so the manifest too)."""
+    from mambatron.train import checkpoint as ckpt
+
+    manifest = ckpt.read_manifest(step_dir)
+    manifest["files"] = {name: ckpt.file_digest(step_dir / name) for name in manifest["files"]}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, train_cmd, train_env
+from tests.train.conftest import REPO, TINY, rehash, train_cmd, train_env
 
 
 def _weights_finite(step_dir) -> bool:
@@ -81,6 +81,7 @@ def test_export_refuses_non_finite_weights(ref_run, tmp_path):
         with torch.no_grad():
             state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][3] = float("nan")
         torch.save(state, shard)
+    rehash(step_dir)  # a checkpoint saved with these weights, not a corrupted one
     out = tmp_path / "hf"
     proc = subprocess.run(
         [sys.executable, "tools/export_hf.py", "--checkpoint", str(step_dir), "--out", str(out)],
