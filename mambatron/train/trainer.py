@@ -552,7 +552,13 @@ class Trainer:
             return
         try:
             out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-            status = "requeued" if out.returncode == 0 else f"requeue failed: {out.stderr.strip()}"
+            if out.returncode == 0:
+                status = "requeued"
+            elif out.returncode in (-signal.SIGTERM, -signal.SIGKILL):
+                # scontrol runs inside the job: the requeue it asked for can end it before it exits.
+                status = "requeued (scontrol was ended by the requeue it requested)"
+            else:
+                status = f"requeue failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()}"
         except (OSError, subprocess.SubprocessError) as e:
             status = f"requeue failed: {e}"
         self.metrics.print(f"SLURM job {job} {status}")

@@ -236,3 +236,27 @@ def test_export_refuses_a_missing_tokenizer_it_was_given(tmp_path, capsys):
     assert "is not empty; pass --overwrite" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hf").iterdir()} == before
     assert export_hf.main([*args, "--overwrite"]) == 0
+
+
+def test_requeue_counts_scontrol_ended_by_its_own_requeue(monkeypatch):
+    """scontrol runs inside the job it requeues, so the requeue can kill it before it exits: that is a requeue, not a
+    failure; a real failure names scontrol's exit code and message."""
+    import signal
+    import subprocess
+
+    from mambatron.train.trainer import Trainer
+
+    printed = []
+    trainer = Trainer.__new__(Trainer)
+    trainer.is_main = True
+    trainer.metrics = type("M", (), {"print": staticmethod(printed.append)})()
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    for code, err, want in [
+        (0, "", "SLURM job 42 requeued"),
+        (-signal.SIGTERM, "", "SLURM job 42 requeued (scontrol was ended by the requeue it requested)"),
+        (1, "Invalid job id", "SLURM job 42 requeue failed (exit 1): Invalid job id"),
+    ]:
+        done = subprocess.CompletedProcess(["scontrol"], code, stdout="", stderr=err)
+        monkeypatch.setattr(subprocess, "run", lambda *a, done=done, **k: done)
+        trainer._request_requeue()
+        assert printed[-1] == want
