@@ -59,3 +59,15 @@ def test_missing_file():
 def test_impossible_optimizer_and_run_settings_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("configs/tiny.yaml", [override])
+
+
+def test_tiny_config_reads_the_data_make_demo_writes():
+    """`python -m mambatron.train --config configs/tiny.yaml` needs no --set after `make demo`."""
+    import re
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo = re.search(r"^DEMO := (\S+)$", makefile, re.M).group(1)
+    assert "--out $(DEMO)/tokenizer" in makefile and "--out $(DEMO)/data" in makefile
+    cfg = load_config("configs/tiny.yaml")
+    assert (cfg.data.index, cfg.data.tokenizer) == (f"{demo}/data/index.json", f"{demo}/tokenizer")
