@@ -20,3 +20,17 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if os.environ.get("MAMBATRON_POISON", "0") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def channel_last(t: torch.Tensor) -> bool:
+    """Whether a (batch, dim, seqlen) tensor has unit-stride channels (a transposed (batch, seqlen, dim) view)."""
+    return t.stride(1) == 1 and t.stride(2) != 1
+
+
+def new_output_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A :func:`new_output` of t's (batch, dim, seqlen) shape: channel-last when t is, else contiguous."""
+    batch, dim, seqlen = t.shape
+    dtype = dtype or t.dtype
+    if channel_last(t):
+        return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
+    return new_output((batch, dim, seqlen), dtype, t.device)

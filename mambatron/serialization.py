@@ -13,6 +13,7 @@ call that makes it load in :func:`safe_torch_load`, which routes each ``torch.lo
 from __future__ import annotations
 
 import contextlib
+import functools
 import pickle
 import re
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds Python objects that could run code when unpickled; it was not loaded."""
 
 
-def allowed_globals() -> list[Any]:
+@functools.cache
+def allowed_globals() -> tuple[Any, ...]:
     """The non-tensor types a mambatron or DeepSpeed checkpoint may hold; each is plain data once unpickled."""
     import numpy as np
 
@@ -43,7 +45,7 @@ def allowed_globals() -> list[Any]:
         allowed += [LossScaler, ZeroStageEnum, fragment_address]
     except ImportError:
         pass
-    return allowed
+    return tuple(allowed)
 
 
 _torch_load = torch.load
@@ -54,7 +56,7 @@ def load(path: str | Path | Any, map_location: Any = "cpu", **kwargs: Any) -> An
     kwargs.pop("weights_only", None)
     kwargs.pop("pickle_module", None)
     try:
-        with torch.serialization.safe_globals(allowed_globals()):
+        with torch.serialization.safe_globals(list(allowed_globals())):
             return _torch_load(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL (\S+)", str(e))

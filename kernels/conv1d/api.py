@@ -5,7 +5,7 @@ import os
 import torch
 import triton
 
-from mambatron.kernels._common import new_output, use_triton
+from mambatron.kernels._common import channel_last, new_output, new_output_like_layout, use_triton
 
 from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_ref, final_states_ref
 
@@ -19,19 +19,6 @@ def _blocks(dim: int, seqlen: int, channel_last: bool) -> tuple[int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return min(triton.next_power_of_2(dim), 64), min(triton.next_power_of_2(seqlen), 64)
     return (128, 32) if channel_last else (16, 128)
-
-
-def _channel_last(t: torch.Tensor) -> bool:
-    """Whether a (batch, dim, seqlen) tensor has unit-stride channels (a transposed (batch, seqlen, dim) view)."""
-    return t.stride(1) == 1 and t.stride(2) != 1
-
-
-def _empty_like_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (batch, dim, seqlen) output channel-last when t is, else contiguous."""
-    batch, dim, seqlen = t.shape
-    if _channel_last(t):
-        return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
-    return new_output((batch, dim, seqlen), dtype, t.device)
 
 
 def _silu(activation) -> bool:
@@ -48,8 +35,8 @@ class _CausalConv1d(torch.autograd.Function):
 
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen, _channel_last(x))
-        out = _empty_like_layout(x, x.dtype)
+        block_d, block_l = _blocks(dim, seqlen, channel_last(x))
+        out = new_output_like_layout(x, x.dtype)
         grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
         _conv_fwd_kernel[grid](
             x,
@@ -82,11 +69,11 @@ class _CausalConv1d(torch.autograd.Function):
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
         batch, dim, seqlen = x.shape
         width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen, _channel_last(x))
+        block_d, block_l = _blocks(dim, seqlen, channel_last(x))
         nblocks_l = triton.cdiv(seqlen, block_l)
         grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
         dev, f32 = x.device, torch.float32
-        g = _empty_like_layout(x, f32) if ctx.silu else dout
+        g = new_output_like_layout(x, f32) if ctx.silu else dout
         dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
         dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
         flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
@@ -110,7 +97,7 @@ class _CausalConv1d(torch.autograd.Function):
             SILU=ctx.silu,
             **flags,
         )
-        dx = _empty_like_layout(x, x.dtype)
+        dx = new_output_like_layout(x, x.dtype)
         dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
         _conv_bwd_dx_kernel[grid](
             g,

@@ -5,7 +5,7 @@ import os
 import torch
 import triton
 
-from mambatron.kernels._common import new_output, use_triton
+from mambatron.kernels._common import new_output, new_output_like_layout, use_triton
 
 from .reference import _check_args, selective_scan_fn_ref
 
@@ -33,16 +33,6 @@ def _bdl_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
-def _empty_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A (batch, dim, seqlen) output laid out like t: channel-last when t's channels are unit-stride (a transposed
-    view of a (batch, seqlen, dim) tensor), else contiguous."""
-    batch, dim, seqlen = t.shape
-    dtype = dtype or t.dtype
-    if t.stride(1) == 1 and t.stride(2) != 1:
-        return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
-    return new_output((batch, dim, seqlen), dtype, t.device)
-
-
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
@@ -55,7 +45,7 @@ class _SelectiveScan(torch.autograd.Function):
         P = dim // groups
         cfg = _launch_config(P, dstate)
         nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
-        out = _empty_like_layout(delta, u.dtype)  # in a mixer delta comes channel-last, ready for out_proj
+        out = new_output_like_layout(delta, u.dtype)  # in a mixer delta comes channel-last, ready for out_proj
         last_state = new_output((batch, dim, dstate), torch.float32, u.device)
         chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
         grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
@@ -91,9 +81,9 @@ class _SelectiveScan(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else dout
         dlast = None if dlast is None else dlast.contiguous()
         f32 = torch.float32
-        du = _empty_like_layout(u)
-        ddelta = _empty_like_layout(delta)
-        dz = _empty_like_layout(z) if z is not None else None
+        du = new_output_like_layout(u)
+        ddelta = new_output_like_layout(delta)
+        dz = new_output_like_layout(z) if z is not None else None
         dA_part = new_output((batch, dim, dstate), f32, dev)
         dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)

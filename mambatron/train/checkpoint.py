@@ -130,15 +130,15 @@ def verify_files(step_dir: Path, names: list[str] | None = None) -> str | None:
 
 def newest_verified(
     out_dir: str | Path, verify: Callable[[Path], str | None] = verify_files
-) -> tuple[Path | None, list[str]]:
-    """The newest complete checkpoint whose files verify, and what was wrong with the newer ones it passed over."""
-    problems = []
+) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint whose files verify, and the newer ones it passed over with what is wrong."""
+    bad = []
     for step_dir in reversed(list_checkpoints(out_dir)):
         problem = verify(step_dir)
         if problem is None:
-            return step_dir, problems
-        problems.append(problem)
-    return None, problems
+            return step_dir, bad
+        bad.append((step_dir, problem))
+    return None, bad
 
 
 def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
@@ -154,12 +154,12 @@ def resolve_checkpoint(path: str | Path, warn: Callable[[str], None] | None = No
         return path
     for run_dir in (path, path.parent):
         if list_checkpoints(run_dir):
-            found, problems = newest_verified(run_dir)
-            for problem in problems:
+            found, bad = newest_verified(run_dir)
+            for _, problem in bad:
                 (warn or print)(f"skipping a checkpoint that does not verify: {problem}")
             if found is not None:
                 return found
-            raise CorruptCheckpointError(f"no checkpoint of {run_dir} verifies: {problems[0]}")
+            raise CorruptCheckpointError(f"no checkpoint of {run_dir} verifies: {bad[0][1]}")
     raise FileNotFoundError(f"no complete checkpoint in {path}; pass <out_dir>/checkpoints/step_XXXXXXX")
 
 
@@ -198,7 +198,8 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _gather_objects(obj: Any) -> list[Any]:
+def gather_objects(obj: Any) -> list[Any]:
+    """``obj`` from every rank (a collective; ``[obj]`` without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         out: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(out, obj)
@@ -248,7 +249,7 @@ def save_checkpoint(
     started = time.time()
     engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
     torch.save(rank_state, rank_file(tmp, rank))
-    data_positions = _gather_objects(rank_state.get("data"))
+    data_positions = gather_objects(rank_state.get("data"))
     # Every rank has written (the gather is a collective); the ranks share flushing it all to disk, so that a
     # checkpoint whose manifest survives a machine crash also has its shards, and hashing it for the manifest.
     digests = {}
@@ -256,7 +257,7 @@ def save_checkpoint(
         _fsync(path)
         if path.is_file():
             digests[str(path.relative_to(tmp))] = file_digest(path)
-    files = {name: d for part in _gather_objects(digests) for name, d in part.items()}
+    files = {name: d for part in gather_objects(digests) for name, d in part.items()}
     if rank == 0:
         body = dict(manifest)
         body.update(

@@ -90,9 +90,7 @@ class Trainer:
                 self._lock.acquire()
             except RunLockedError as e:
                 taken = str(e)
-        taken = next((t for t in self._gather(taken) if t), None)
-        if taken:
-            raise RunLockedError(taken)
+        self._raise_everywhere(taken, RunLockedError)
         self._seed_everything(cfg.train.seed)
         if cfg.train.deterministic:
             # cuBLAS is deterministic only with a fixed workspace; must be set before the first matmul.
@@ -184,20 +182,17 @@ class Trainer:
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint of ``train.out_dir`` whose files match its manifest; False
         when there is none. Newer ones that do not verify are renamed ``step_*.corrupt`` (kept, never loaded)."""
-        step_dir, problems = ckpt.newest_verified(self.out_dir, self._verify_checkpoint)
-        for problem in problems:
-            if self.is_main:
+        step_dir, bad = ckpt.newest_verified(self.out_dir, self._verify_checkpoint)
+        if bad and self.is_main:
+            for bad_dir, problem in bad:
                 warnings.warn(f"checkpoint does not verify, resuming from an earlier one: {problem}", stacklevel=1)
-        if problems and self.is_main:
-            for bad in ckpt.list_checkpoints(self.out_dir):
-                if step_dir is None or int(bad.name.split("_")[1]) > int(step_dir.name.split("_")[1]):
-                    bad.rename(bad.with_name(bad.name + ".corrupt"))
-                    self.metrics.print(f"renamed {bad.name} to {bad.name}.corrupt: its files do not verify")
-        if problems:
-            self._gather(None)  # the renames are done before any rank looks at the directory again
+                bad_dir.rename(bad_dir.with_name(bad_dir.name + ".corrupt"))
+                self.metrics.print(f"renamed {bad_dir.name} to {bad_dir.name}.corrupt: its files do not verify")
+        if bad:
+            ckpt.gather_objects(None)  # the renames are done before any rank looks at the directory again
         if step_dir is None:
-            if problems:
-                raise ckpt.CorruptCheckpointError(f"no checkpoint of {self.out_dir} verifies: {problems[0]}")
+            if bad:
+                raise ckpt.CorruptCheckpointError(f"no checkpoint of {self.out_dir} verifies: {bad[0][1]}")
             return False
         manifest = ckpt.read_manifest(step_dir)
         same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
@@ -210,9 +205,7 @@ class Trainer:
                 rank_state = ckpt.load_rank_state(step_dir, self.dist.rank)
             except UnsafeCheckpointError as e:
                 refused = str(e)
-        refused = next((r for r in self._gather(refused) if r), None)
-        if refused:
-            raise UnsafeCheckpointError(refused)
+        self._raise_everywhere(refused, UnsafeCheckpointError)
         if same_ranks and ckpt.same_zero_format(saved_stage, self.config.parallel.zero_stage):
             ckpt.load_same_layout(self.engine, step_dir)
         else:
@@ -244,15 +237,14 @@ class Trainer:
         names = sorted(ckpt.read_manifest(step_dir).get("files") or [])
         mine = names[self.dist.rank :: self.dist.world_size]
         problem = ckpt.verify_files(step_dir, mine) if mine else None
-        return next((p for p in self._gather(problem) if p), None)
+        return next((p for p in ckpt.gather_objects(problem) if p), None)
 
-    def _gather(self, obj: Any) -> list[Any]:
-        """``obj`` from every rank (a collective)."""
-        if self.dist.world_size == 1:
-            return [obj]
-        out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    @staticmethod
+    def _raise_everywhere(error: str | None, kind: type[Exception]) -> None:
+        """Raise ``kind`` on every rank with the first rank's error, if any rank had one (a collective)."""
+        first = next((e for e in ckpt.gather_objects(error) if e), None)
+        if first:
+            raise kind(first)
 
     def _load_resharded(self, step_dir: Path, manifest: dict[str, Any]) -> None:
         from mambatron.parallel import consolidate
@@ -332,13 +324,11 @@ class Trainer:
 
     def _weights_finite(self) -> bool:
         """Whether every local parameter (its ZeRO-3 partition too) is finite on every rank."""
-        ok = True
-        for p in self.engine.module.parameters():
-            local = getattr(p, "ds_tensor", None)
-            local = local if local is not None else p.data
-            if local.numel() and not bool(torch.isfinite(local).all()):
-                ok = False
-                break
+        local = (
+            p.ds_tensor if getattr(p, "ds_tensor", None) is not None else p.data
+            for p in self.engine.module.parameters()
+        )
+        ok = all(bool(torch.isfinite(t).all()) for t in local)
         return self._finite_everywhere(torch.tensor(0.0 if ok else float("nan"), device=self.dist.device))
 
     def _drop_accumulated_gradients(self) -> None:

@@ -116,3 +116,11 @@ def rehash(step_dir: Path) -> None:
     manifest = ckpt.read_manifest(step_dir)
     manifest["files"] = {name: ckpt.file_digest(step_dir / name) for name in manifest["files"]}
     (step_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def run_export(src: Path, out: Path) -> subprocess.CompletedProcess:
+    """``tools/export_hf.py --checkpoint SRC --out OUT`` in a subprocess (the exit code is checked by the caller)."""
+    return subprocess.run(
+        [sys.executable, "tools/export_hf.py", "--checkpoint", str(src), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip

@@ -11,7 +11,7 @@ import torch
 from mambatron.hf import load_full_state
 from mambatron.models import build_model
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, run_train
+from tests.train.conftest import REPO, run_export, run_train
 
 
 def test_export_step_dir_matches_transformers(ref_run, tmp_path):
@@ -20,10 +20,7 @@ def test_export_step_dir_matches_transformers(ref_run, tmp_path):
     ref_dir, overrides = ref_run
     step_dir = ckpt.checkpoint_root(ref_dir) / "step_0000020"
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--checkpoint", str(step_dir), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_export(step_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     state, config = ckpt.load_full_model_state(ref_dir)  # the run directory resolves to its newest checkpoint

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, losses, run_train
+from tests.train.conftest import losses, run_export, run_train
 
 
 def _corrupt(path, how: str) -> None:
@@ -62,19 +60,13 @@ def test_export_verifies_the_checkpoint(ref_run, tmp_path):
     bad = ckpt.checkpoint_root(run_dir) / "step_0000020" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     _corrupt(bad, "flip")
 
-    def export(src, out):
-        return subprocess.run(
-            [sys.executable, "tools/export_hf.py", "--checkpoint", str(src), "--out", str(out)],
-            cwd=REPO, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-
-    proc = export(bad.parent, tmp_path / "hf_bad")
+    proc = run_export(bad.parent, tmp_path / "hf_bad")
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0] and "sha256" in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "hf_bad" / "model.safetensors").exists()
     # Given the run directory, export takes the newest checkpoint that verifies and says which one it skipped.
-    proc = export(run_dir, tmp_path / "hf")
+    proc = run_export(run_dir, tmp_path / "hf")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"skipping a checkpoint that does not verify: {bad}" in proc.stderr
     assert (tmp_path / "hf" / "model.safetensors").exists()

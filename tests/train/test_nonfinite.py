@@ -12,12 +12,25 @@ import pytest
 import torch
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, rehash, train_cmd, train_env
+from tests.train.conftest import REPO, TINY, rehash, run_export, train_cmd, train_env
 
 
 def _weights_finite(step_dir) -> bool:
     state, _ = ckpt.load_full_model_state(step_dir)
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _resume_at_lr(ref_run, tmp_path, lr: str, max_steps: int, max_bad_steps: int):
+    """A copy of the reference run resumed at a learning rate that ruins it, saving every step."""
+    ref_dir, overrides = ref_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref_dir, run_dir)
+    proc = subprocess.run(
+        train_cmd(2, [*overrides, f"train.out_dir={run_dir}", f"train.max_steps={max_steps}", f"optim.lr={lr}",
+                      f"optim.min_lr={lr}", "train.save_every=1", f"train.max_bad_steps={max_bad_steps}"]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    return run_dir, proc
 
 
 def _workers_exited_3(proc: subprocess.CompletedProcess) -> bool:
@@ -26,14 +39,7 @@ def _workers_exited_3(proc: subprocess.CompletedProcess) -> bool:
 
 
 def test_diverging_run_keeps_its_healthy_checkpoints(ref_run, tmp_path):
-    ref_dir, overrides = ref_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(ref_dir, run_dir)
-    proc = subprocess.run(
-        train_cmd(2, [*overrides, f"train.out_dir={run_dir}", "train.max_steps=60", "optim.lr=1e6",
-                      "optim.min_lr=1e6", "train.save_every=1", "train.max_bad_steps=3"]),
-        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run_dir, proc = _resume_at_lr(ref_run, tmp_path, lr="1e6", max_steps=60, max_bad_steps=3)
     out = proc.stdout + proc.stderr
     assert _workers_exited_3(proc), out[-3000:]
     assert "3 consecutive steps with a non-finite loss" in out and "lower optim.lr" in out, out[-3000:]
@@ -51,14 +57,7 @@ def test_diverging_run_keeps_its_healthy_checkpoints(ref_run, tmp_path):
 def test_weights_that_gave_a_non_finite_loss_are_never_saved(ref_run, tmp_path):
     """At lr 1e30 the first step after the resume still has a finite loss (it saw the healthy weights); the update
     ruins the weights, the next steps are non-finite: skipped, not saved, and the run stops after two of them."""
-    ref_dir, overrides = ref_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(ref_dir, run_dir)
-    proc = subprocess.run(
-        train_cmd(2, [*overrides, f"train.out_dir={run_dir}", "train.max_steps=30", "optim.lr=1e30",
-                      "optim.min_lr=1e30", "train.save_every=1", "train.max_bad_steps=2"]),
-        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run_dir, proc = _resume_at_lr(ref_run, tmp_path, lr="1e30", max_steps=30, max_bad_steps=2)
     out = proc.stdout + proc.stderr
     assert _workers_exited_3(proc), out[-3000:]
     assert "non-finite loss at step 22: step skipped, weights not updated" in out, out[-3000:]
@@ -83,10 +82,7 @@ def test_export_refuses_non_finite_weights(ref_run, tmp_path):
         torch.save(state, shard)
     rehash(step_dir)  # a checkpoint saved with these weights, not a corrupted one
     out = tmp_path / "hf"
-    proc = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--checkpoint", str(step_dir), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_export(step_dir, out)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "weight tensors are not finite" in proc.stderr and "refusing to export" in proc.stderr, proc.stderr
     assert not (out / "model.safetensors").exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from mambatron import serialization
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, rehash, train_cmd, train_env
+from tests.train.conftest import REPO, rehash, run_export, train_cmd, train_env
 
 
 class _RunsACommand:
@@ -88,10 +87,7 @@ def test_export_refuses_a_code_running_checkpoint(tampered_copy, victim):
     run_dir, step_dir, _, marker = tampered_copy
     _plant(step_dir / victim, marker)
     out = run_dir.parent / "hf"
-    proc = subprocess.run(
-        [sys.executable, "tools/export_hf.py", "--checkpoint", str(run_dir), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_export(run_dir, out)
     assert not marker.exists(), "unpickling the checkpoint ran a command"
     assert proc.returncode == 2, proc.stderr[-3000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
