@@ -23,10 +23,20 @@ def _launch_config(P: int, dstate: int) -> dict:
                 BLOCK_N=triton.next_power_of_2(dstate))  # fmt: skip
 
 
-# Swept on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16; docs/benchmarks.md): 32 channels x 32 steps
-# with 4 warps was the fastest forward + backward (11.5 ms against 13.7 for 16 x 128). The forward saves one fp32 state
-# per CHUNK steps: 64 chunks here, 4 bytes x dstate x dim x batch each (134 MB per layer at that shape).
-_GPU_CONFIG = dict(CHUNK=32, BLOCK_D=32, num_warps=4)
+# Swept on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16; docs/benchmarks.md): 32 channels x 64 steps
+# with 4 warps is within 1% of the fastest forward + backward (32 x 32) and saves half the memory. The forward saves
+# one fp32 state per CHUNK steps: 32 chunks here, 4 bytes x dstate x dim x batch each (67 MB per layer at that shape).
+_GPU_CONFIG = dict(CHUNK=64, BLOCK_D=32, num_warps=4)
+
+
+def _time_major(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t itself when its time axis (the last) has unit stride, else a time-contiguous copy.
+
+    The kernels load (BLOCK_D, CHUNK) tiles along time. Through a channel-last view each of those loads strides by
+    dim, and a Mamba1-1.4B step on an H200 ran its scan 3x slower that way than after one copy per tensor
+    (docs/benchmarks.md), so strided inputs are staged here and the kernels only ever see time-contiguous rows.
+    """
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
 def _bdl_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -78,7 +88,7 @@ class _SelectiveScan(torch.autograd.Function):
         nblocks = triton.cdiv(P, cfg["BLOCK_D"])
         nchunks = chunk_states.shape[2]
         dev = u.device
-        dout = torch.zeros_like(u) if dout is None else dout
+        dout = torch.zeros_like(u) if dout is None else _time_major(dout)
         dlast = None if dlast is None else dlast.contiguous()
         f32 = torch.float32
         du = new_output_like_layout(u)
@@ -153,9 +163,9 @@ def selective_scan_fn(
         u, delta: (batch, dim, seqlen) fp16/bf16/fp32; A: (dim, dstate) real; B, C: (batch, dstate, seqlen) or
         (batch, groups, dstate, seqlen); D, delta_bias: (dim,); z: (batch, dim, seqlen) gate;
         initial_state: (batch, dim, dstate); seq_idx: (batch, seqlen) int32 document ids (state reset where it
-        changes). u, delta, z, B and C are read through their strides (a channel-last view such as
-        ``x.transpose(1, 2)`` of a (batch, seqlen, dim) tensor is not copied); ``out`` and ``ddelta`` take delta's
-        layout, ``du`` u's and ``dz`` z's (channel-last views give channel-last results).
+        changes). Any strides are accepted: u, delta, z, B and C whose time axis is strided (a channel-last view
+        such as ``x.transpose(1, 2)`` of a (batch, seqlen, dim) tensor) are copied to time-contiguous first, which
+        is faster than scanning them in place. ``out``, ``du``, ``ddelta`` and ``dz`` are time-contiguous.
     Returns:
         out (batch, dim, seqlen) in u's dtype, or (out, last_state (batch, dim, dstate) fp32) when return_last_state.
         Differentiable in every tensor argument except seq_idx.
@@ -179,16 +189,16 @@ def selective_scan_fn(
         )
     grouped_bc = B.dim() == 4
     contig = lambda t: None if t is None else t.contiguous()
-    B4 = B if grouped_bc else B.unsqueeze(1)
-    C4 = C if grouped_bc else C.unsqueeze(1)
+    B4 = _time_major(B if grouped_bc else B.unsqueeze(1))
+    C4 = _time_major(C if grouped_bc else C.unsqueeze(1))
     out, last_state = _SelectiveScan.apply(
-        u,
-        delta,
+        _time_major(u),
+        _time_major(delta),
         contig(A),
         B4,
         C4,
         contig(D),
-        z,
+        _time_major(z),
         contig(delta_bias),
         bool(delta_softplus),
         contig(initial_state),

@@ -74,8 +74,8 @@ class Mamba1Mixer(nn.Module):
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen) for the conv
-        # z, Δ, B and C stay channel-last views of the projections' outputs: the scan reads them through their
-        # strides, and its output comes back channel-last (Δ's layout), which is what out_proj takes without a copy.
+        # The scan reads time-contiguous (batch, d_inner, seqlen) rows: Δ is computed in that layout by the matmul
+        # below; z, B and C are channel-last views of the projections' outputs that the scan stages with one copy.
         z = z.transpose(1, 2)
         if cache is not None:
             cache["conv"] = _last_window(x, cfg.d_conv)
@@ -83,7 +83,7 @@ class Mamba1Mixer(nn.Module):
         x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (batch, d_inner, seqlen) view
+        delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, seqlen), time-contiguous
         A = -torch.exp(self.A_log.to(sdt))
         scan = get_op("selective_scan", kernels, x)
         out = scan(

@@ -105,8 +105,8 @@ def test_several_channel_blocks(device):
 
 
 def test_strided_channel_last_views(device):
-    """u, delta, z, B and C as the mixer passes them: transposed slices of (batch, seqlen, features) tensors, read in
-    place; out and ddelta come back channel-last like delta."""
+    """u, delta, z, B and C as the mixer passes them: transposed slices of (batch, seqlen, features) tensors. They are
+    staged time-contiguous for the kernels, out comes back time-contiguous, and values and gradients match."""
     batch, dim, seqlen, dstate = 2, 12, 21, 4
     g = torch.Generator().manual_seed(3)
     xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(device)
@@ -128,9 +128,8 @@ def test_strided_channel_last_views(device):
     out = selective_scan_fn(*(leaves[k] for k in ("u", "delta", "A", "B", "C")), D=leaves["D"], z=leaves["z"],
                             delta_bias=leaves["delta_bias"], delta_softplus=True,
                             initial_state=leaves["initial_state"])  # fmt: skip
-    assert out.stride(1) == 1, "out should be channel-last like delta"
+    assert out.stride(-1) == 1, "out should be time-contiguous"
     out.float().pow(2).sum().backward()
-    assert leaves["delta"].grad.stride(1) == 1
     contiguous = {k: v.detach().contiguous().requires_grad_() for k, v in inputs.items()}
     ref = selective_scan_fn_ref(*(contiguous[k] for k in ("u", "delta", "A", "B", "C")), D=contiguous["D"],
                                 z=contiguous["z"], delta_bias=contiguous["delta_bias"], delta_softplus=True,
