@@ -22,41 +22,83 @@ def _launch(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int
     return triton.cdiv(rows, per_program), per_program, 8 if hidden >= 4096 else 4
 
 
+def row_stride(t: torch.Tensor) -> int | None:
+    """The row stride of t seen as (rows, hidden) without a copy (unit-stride rows at a uniform stride), or None."""
+    if t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, t.shape[-1]).stride(0)
+    except RuntimeError:
+        return None
+
+
+def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype):
+    """The Triton forward: x, residual, weight, bias contiguous; z with unit-stride rows (see :func:`row_stride`).
+    Returns out, residual_out (or None) and rstd (rows, groups) fp32."""
+    from .kernel import _norm_fwd_kernel
+
+    shape, hidden = x.shape, x.shape[-1]
+    rows = x.numel() // hidden
+    groups = hidden // group_size
+    programs, per_program, warps = _launch(rows, hidden, x.device)
+    out = new_output(shape, x.dtype, x.device)
+    residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
+    rstd = new_output((rows, groups), torch.float32, x.device)
+    _norm_fwd_kernel[(programs,)](
+        x, residual, z, weight, bias, out, residual_out, rstd,
+        rows, groups, group_size, eps, per_program, row_stride(z) if z is not None else 0,
+        HAS_RESIDUAL=residual is not None,
+        STORE_RESIDUAL=prenorm,
+        HAS_Z=z is not None,
+        NORM_BEFORE_GATE=norm_before_gate,
+        HAS_BIAS=bias is not None,
+        BLOCK_G=triton.next_power_of_2(groups),
+        BLOCK_GS=triton.next_power_of_2(group_size),
+        num_warps=warps,
+    )  # fmt: skip
+    return out, residual_out, rstd
+
+
+def norm_backward(x, residual, z, weight, bias, rstd, norm_before_gate, dout, dresidual_out=None, dz=None):
+    """Gradients of :func:`norm_forward`; dz is written into ``dz`` (unit-stride rows, any row stride) when given.
+    Returns dx, dresidual (or None), dz (or None), dweight, dbias (or None) in the inputs' dtypes."""
+    from .kernel import _norm_bwd_kernel
+
+    shape, hidden = x.shape, x.shape[-1]
+    rows, groups = rstd.shape
+    programs, per_program, warps = _launch(rows, hidden, x.device)
+    dev = x.device
+    dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+    dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
+    dx = new_output(shape, x.dtype, dev)
+    dresidual = new_output(shape, residual.dtype, dev) if residual is not None else None
+    if z is not None and dz is None:
+        dz = new_output(shape, z.dtype, dev)
+    dw_part = new_output((programs, hidden), torch.float32, dev)
+    db_part = new_output((programs, hidden), torch.float32, dev) if bias is not None else None
+    _norm_bwd_kernel[(programs,)](
+        x, residual, z, weight, bias, rstd, dout, dresidual_out, dx, dresidual, dz, dw_part, db_part,
+        rows, groups, hidden // groups, per_program,
+        row_stride(z) if z is not None else 0, row_stride(dz) if dz is not None else 0,
+        HAS_RESIDUAL=residual is not None,
+        HAS_DRESIDUAL_OUT=dresidual_out is not None,
+        HAS_Z=z is not None,
+        NORM_BEFORE_GATE=norm_before_gate,
+        HAS_BIAS=bias is not None,
+        BLOCK_G=triton.next_power_of_2(groups),
+        BLOCK_GS=triton.next_power_of_2(hidden // groups),
+        num_warps=warps,
+    )  # fmt: skip
+    dweight = dw_part.sum(0).to(weight.dtype)
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, dresidual, dz, dweight, dbias
+
+
 class _Norm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype):
-        # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
-        from .kernel import _norm_fwd_kernel
-
-        shape, hidden = x.shape, x.shape[-1]
-        rows = x.numel() // hidden
-        groups = hidden // group_size
-        programs, per_program, warps = _launch(rows, hidden, x.device)
-        out = new_output(shape, x.dtype, x.device)
-        residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
-        rstd = new_output((rows, groups), torch.float32, x.device)
-        _norm_fwd_kernel[(programs,)](
-            x,
-            residual,
-            z,
-            weight,
-            bias,
-            out,
-            residual_out,
-            rstd,
-            rows,
-            groups,
-            group_size,
-            eps,
-            per_program,
-            HAS_RESIDUAL=residual is not None,
-            STORE_RESIDUAL=prenorm,
-            HAS_Z=z is not None,
-            NORM_BEFORE_GATE=norm_before_gate,
-            HAS_BIAS=bias is not None,
-            BLOCK_G=triton.next_power_of_2(groups),
-            BLOCK_GS=triton.next_power_of_2(group_size),
-            num_warps=warps,
+        out, residual_out, rstd = norm_forward(
+            x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype
         )
         ctx.save_for_backward(x, residual, z, weight, bias, rstd)
         ctx.norm_before_gate = norm_before_gate
@@ -65,49 +107,10 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dresidual_out=None):
-        from .kernel import _norm_bwd_kernel
-
         x, residual, z, weight, bias, rstd = ctx.saved_tensors
-        shape, hidden = x.shape, x.shape[-1]
-        rows, groups = rstd.shape
-        programs, per_program, warps = _launch(rows, hidden, x.device)
-        dev = x.device
-        dout = torch.zeros_like(x) if dout is None else dout.contiguous()
-        dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
-        dx = new_output(shape, x.dtype, dev)
-        dresidual = new_output(shape, residual.dtype, dev) if residual is not None else None
-        dz = new_output(shape, z.dtype, dev) if z is not None else None
-        dw_part = new_output((programs, hidden), torch.float32, dev)
-        db_part = new_output((programs, hidden), torch.float32, dev) if bias is not None else None
-        _norm_bwd_kernel[(programs,)](
-            x,
-            residual,
-            z,
-            weight,
-            bias,
-            rstd,
-            dout,
-            dresidual_out,
-            dx,
-            dresidual,
-            dz,
-            dw_part,
-            db_part,
-            rows,
-            groups,
-            hidden // groups,
-            per_program,
-            HAS_RESIDUAL=residual is not None,
-            HAS_DRESIDUAL_OUT=dresidual_out is not None,
-            HAS_Z=z is not None,
-            NORM_BEFORE_GATE=ctx.norm_before_gate,
-            HAS_BIAS=bias is not None,
-            BLOCK_G=triton.next_power_of_2(groups),
-            BLOCK_GS=triton.next_power_of_2(hidden // groups),
-            num_warps=warps,
+        dx, dresidual, dz, dweight, dbias = norm_backward(
+            x, residual, z, weight, bias, rstd, ctx.norm_before_gate, dout, dresidual_out
         )
-        dweight = dw_part.sum(0).to(weight.dtype)
-        dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return dx, dresidual, dz, dweight, dbias, None, None, None, None, None
 
 
@@ -157,7 +160,8 @@ def rmsnorm_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_bef
     Args:
         x: (..., hidden) fp16/bf16/fp32; weight, bias: (hidden,); z: (..., hidden) gate or None; group_size divides
         hidden (None: one group); norm_before_gate: norm(x) * silu(z) if True, norm(x * silu(z)) if False (Mamba2).
-        Non-contiguous inputs are copied.
+        Non-contiguous inputs are copied, except a z whose rows are unit-stride at a uniform row stride (such as
+        a column slice of Mamba2's in_proj output), which is read in place.
     Returns:
         out: (..., hidden) in x's dtype; differentiable in x, z, weight and bias.
     Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
@@ -170,7 +174,8 @@ def rmsnorm_fn(x, weight, bias=None, z=None, eps=1e-6, group_size=None, norm_bef
     if not use_triton(x):
         return rmsnorm_fn_ref(x, weight, bias, z, eps, group_size, norm_before_gate)
     contig = lambda t: None if t is None else t.contiguous()
+    if z is not None and row_stride(z) is None:
+        z = z.contiguous()
     return _Norm.apply(
-        x.contiguous(), None, contig(z), weight.contiguous(), contig(bias), eps, group_size, norm_before_gate, False,
-        None,
-    )  # fmt: skip
+        x.contiguous(), None, z, weight.contiguous(), contig(bias), eps, group_size, norm_before_gate, False, None
+    )

@@ -1,8 +1,10 @@
 """Triton kernels of the RMSNorms, forward and backward; one pair serves both ``rms_norm_fn`` and ``rmsnorm_fn``.
 
-Rows are (M, hidden) contiguous; a row is held as a (BLOCK_G, BLOCK_GS) tile of GROUPS groups of GROUP_SIZE
-channels, each group normalised on its own (GROUPS = 1 for the plain norm). A program walks ROWS_PER_PROGRAM rows so
-that the weight/bias gradients accumulate in registers and only (programs, hidden) partial sums reach memory.
+Rows are (M, hidden) contiguous, except z and dz, whose rows may sit at any row stride (columns of a wider tensor,
+such as the z slice of Mamba2's in_proj output). A row is held as a (BLOCK_G, BLOCK_GS) tile of GROUPS groups of
+GROUP_SIZE channels, each group normalised on its own (GROUPS = 1 for the plain norm). A program walks
+ROWS_PER_PROGRAM rows so that the weight/bias gradients accumulate in registers and only (programs, hidden) partial sums
+reach memory.
 
     s     = x (+ residual)                     the residual add, in fp32
     xg    = s * silu(z) if gated before the norm, else s
@@ -38,6 +40,7 @@ def _norm_fwd_kernel(
     GROUP_SIZE,
     eps,
     ROWS_PER_PROGRAM,
+    stride_z_row,
     HAS_RESIDUAL: tl.constexpr,
     STORE_RESIDUAL: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -54,7 +57,8 @@ def _norm_fwd_kernel(
         b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
-        offs = (tl.full((), 0, tl.int64) + row) * hidden + cols  # int64: rows * hidden may pass 2**31
+        row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
+        offs = row64 * hidden + cols
         s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -62,7 +66,7 @@ def _norm_fwd_kernel(
             tl.store(residual_out_ptr + offs, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
         xg = s
         if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row64 * stride_z_row + cols, mask=mask, other=0.0).to(tl.float32)
             gate = z * tl.sigmoid(z)
             if not NORM_BEFORE_GATE:
                 xg = s * gate
@@ -96,6 +100,8 @@ def _norm_bwd_kernel(
     GROUPS,
     GROUP_SIZE,
     ROWS_PER_PROGRAM,
+    stride_z_row,
+    stride_dz_row,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DRESIDUAL_OUT: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -114,7 +120,8 @@ def _norm_bwd_kernel(
     db = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
-        offs = (tl.full((), 0, tl.int64) + row) * hidden + cols  # int64: rows * hidden may pass 2**31
+        row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
+        offs = row64 * hidden + cols
         s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -122,7 +129,7 @@ def _norm_bwd_kernel(
         dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xg = s
         if HAS_Z:
-            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row64 * stride_z_row + cols, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(z)
             gate = z * sig
             dgate = sig * (1.0 + z * (1.0 - sig))
@@ -130,7 +137,7 @@ def _norm_bwd_kernel(
                 y = s * rstd[:, None] * w
                 if HAS_BIAS:
                     y += b
-                tl.store(dz_ptr + offs, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                tl.store(dz_ptr + row64 * stride_dz_row + cols, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
                 dy = dy * gate
             else:
                 xg = s * gate
@@ -142,7 +149,8 @@ def _norm_bwd_kernel(
         ds = dxg
         if HAS_Z:
             if not NORM_BEFORE_GATE:
-                tl.store(dz_ptr + offs, (dxg * s * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                dz = dxg * s * dgate
+                tl.store(dz_ptr + row64 * stride_dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
                 ds = dxg * gate
         if HAS_DRESIDUAL_OUT:
             ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)

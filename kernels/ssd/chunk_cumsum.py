@@ -144,17 +144,18 @@ def chunk_cumsum_fwd(dt, A, chunk_size, dt_bias=None, dt_softplus=False, dt_limi
 
 
 def chunk_cumsum_bwd(ddA_cumsum, ddA_chunk, ddt_out, dt, A, dt_out, dt_bias=None, dt_softplus=False,
-                     dt_limit=(0.0, float("inf"))):  # fmt: skip
+                     dt_limit=(0.0, float("inf")), ddt=None):  # fmt: skip
     """Gradients of chunk_cumsum_fwd.
 
     ddA_cumsum, ddt_out: (batch, nheads, nchunks, chunk_size) fp32, the gradients w.r.t. dA_cumsum and dt_out;
     ddA_chunk: (batch, nheads, nchunks) fp32, an extra gradient w.r.t. each chunk's last dA_cumsum;
     dt: (batch, seqlen, nheads) the raw input; dt_out from the forward.
-    Returns ddt (like dt), dA (nheads,) fp32, ddt_bias (nheads,) fp32 or None.
+    Returns ddt (like dt; written into ``ddt``, any strides, when given), dA (nheads,) fp32, ddt_bias (nheads,) fp32
+    or None.
     """
     chunk_size = dt_out.shape[-1]
     batch, seqlen, nheads, nchunks, block_h, grid = _launch_shape(dt, chunk_size)
-    ddt = new_output(dt.shape, dt.dtype, dt.device)
+    ddt = new_output(dt.shape, dt.dtype, dt.device) if ddt is None else ddt
     dA_part = new_output((batch, nchunks, nheads), torch.float32, dt.device)
     ddt_bias_part = new_output((batch, nchunks, nheads), torch.float32, dt.device) if dt_bias is not None else None
     clamp, dt_min, dt_max = _limits(dt_limit)

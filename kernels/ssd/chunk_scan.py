@@ -222,7 +222,7 @@ def _chunk_scan_bwd_dx_kernel(
     dx_ptr, ddt_ptr, ddA_cumsum_ptr, ddA_chunk_part_ptr, dD_part_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -313,7 +313,10 @@ def _chunk_scan_bwd_dx_kernel(
         dx += D * dy
         part = ((batch * nchunks + chunk) * tl.num_programs(1) + pid_s) * nheads + head
         tl.store(dD_part_ptr + part * headdim + offs_p, tl.sum(dy * x, axis=0), mask=in_p)
-    dx_offs = ((batch * seqlen + chunk_start + offs_s[:, None]) * nheads + head) * headdim + offs_p[None, :]
+    dx_offs = (
+        batch * stride_dx_b + (chunk_start + offs_s[:, None]) * stride_dx_l + head * stride_dx_h
+        + offs_p[None, :] * stride_dx_p
+    )  # fmt: skip
     tl.store(dx_ptr + dx_offs, dx, mask=tile_mask)
     in_chunk = offs_s < chunk_size
     tl.store(ddt_ptr + row + offs_s, ddt, mask=in_chunk)
@@ -414,7 +417,8 @@ def _chunk_scan_bwd_dbdc_kernel(
     dB_ptr, dC_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dB_b, stride_dB_l, stride_dB_g, stride_dB_n,
+    stride_dC_b, stride_dC_l, stride_dC_g, stride_dC_n,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -507,9 +511,11 @@ def _chunk_scan_bwd_dbdc_kernel(
         dstates = tl.load(dstates_ptr + state_offs, mask=state_mask, other=0.0)
         acc_B += tl.dot(x.to(dot_dtype), dstates.to(dot_dtype)) * weight_B[:, None]
 
-    out_offs = ((batch * seqlen + chunk_start + offs_t[:, None]) * ngroups + group) * dstate + offs_n[None, :]
-    tl.store(dC_ptr + out_offs, acc_C, mask=in_t[:, None] & in_n[None, :])
-    tl.store(dB_ptr + out_offs, acc_B, mask=in_t[:, None] & in_n[None, :])
+    t_out = chunk_start + offs_t[:, None]
+    dC_offs = batch * stride_dC_b + t_out * stride_dC_l + group * stride_dC_g + offs_n[None, :] * stride_dC_n
+    tl.store(dC_ptr + dC_offs, acc_C, mask=in_t[:, None] & in_n[None, :])
+    dB_offs = batch * stride_dB_b + t_out * stride_dB_l + group * stride_dB_g + offs_n[None, :] * stride_dB_n
+    tl.store(dB_ptr + dB_offs, acc_B, mask=in_t[:, None] & in_n[None, :])
 
 
 def _tiles(chunk_size):
@@ -584,7 +590,7 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     return dprev_states
 
 
-def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=None, seq_idx=None):
+def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=None, seq_idx=None, dx=None):
     """CB: from bmm_chunk_fwd; x: (batch, seqlen, nheads, headdim); dy: like x, contiguous (the gradient w.r.t. the
     output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); B, C: (batch, seqlen, ngroups,
     dstate); prev_states: from state_passing_fwd; dstates: (batch, nchunks, nheads, headdim, dstate) from
@@ -592,13 +598,14 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=No
 
     Returns dx (like x, in x's dtype); ddt_out, ddA_cumsum: (batch, nheads, nchunks, chunk_size) fp32 (ddA_cumsum
     without the diagonal block's row sums, which chunk_scan_bwd_dcb returns); ddA_chunk: (batch, nheads, nchunks)
-    fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D, fp32) or None.
+    fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D, fp32) or None. ``dx``, if given, is the
+    tensor (any strides) that dx is written into.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
-    dx = new_output(x.shape, x.dtype, x.device)
+    dx = new_output(x.shape, x.dtype, x.device) if dx is None else dx
     ddt_out = new_output(dt.shape, torch.float32, x.device)
     ddA_cumsum = new_output(dt.shape, torch.float32, x.device)
     ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), torch.float32, x.device)
@@ -607,7 +614,7 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=No
         CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D, seq_idx,
         dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
-        *x.stride(), *B.stride(), *C.stride(),
+        *x.stride(), *B.stride(), *C.stride(), *dx.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
     )  # fmt: skip
@@ -642,25 +649,25 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     return dCB, ddA_diag.sum(3)
 
 
-def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None):
+def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None, dB=None, dC=None):
     """dCB: from chunk_scan_bwd_dcb; B, C: (batch, seqlen, ngroups, dstate); dy, x: (batch, seqlen, nheads, headdim),
     dy contiguous; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); prev_states, dstates:
     (batch, nchunks, nheads, headdim, dstate) fp32.
 
-    Returns dB, dC: like B and C, in their dtypes.
+    Returns dB, dC: like B and C, in their dtypes, written into ``dB``/``dC`` (any strides) when given.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
     block_n = dstate_block(dstate)
-    dB = new_output((batch, seqlen, ngroups, dstate), B.dtype, B.device)
-    dC = new_output((batch, seqlen, ngroups, dstate), C.dtype, C.device)
+    dB = new_output((batch, seqlen, ngroups, dstate), B.dtype, B.device) if dB is None else dB
+    dC = new_output((batch, seqlen, ngroups, dstate), C.dtype, C.device) if dC is None else dC
     _chunk_scan_bwd_dbdc_kernel[(batch * nchunks * ngroups, ntiles, triton.cdiv(dstate, block_n))](
         dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
         dB, dC,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
-        *x.stride(), *B.stride(), *C.stride(),
+        *x.stride(), *B.stride(), *C.stride(), *dB.stride(), *dC.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip
     return dB, dC

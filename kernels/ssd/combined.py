@@ -39,55 +39,75 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
+def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+    """The Triton forward (5 launches). Returns out, final_states (fp32) and ``saved``: what :func:`ssd_backward`
+    needs besides the inputs (out_x before the gate or None, dt_out and dA_cumsum, fp32 batch·nheads·seqlen each)."""
+    dA_cumsum, dt_out = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
+    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
+    del states
+    CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
+    out, out_x = chunk_scan_fwd(CB, x, dt_out, dA_cumsum, C, prev_states, D, z, seq_idx)
+    return out, final_states, (out_x, dt_out, dA_cumsum)
+
+
+def ssd_backward(
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, saved, dout,
+    dfinal_states, dx=None, dB=None, dC=None, ddt=None,
+):  # fmt: skip
+    """Gradients of :func:`ssd_forward`; dout or dfinal_states may be None. dx, dB, dC and ddt are written into the
+    given tensors (any strides, e.g. slices of one in_proj gradient) when passed.
+
+    Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states (dA, dD, ddt_bias and dinitial_states fp32).
+    """
+    out_x, dt_out, dA_cumsum = saved
+    # The gradient kernels index dy as a contiguous (batch, seqlen, nheads, headdim) tensor.
+    dout = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
+    if dfinal_states is not None:
+        dfinal_states = dfinal_states.contiguous()
+    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+    prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
+    del states
+    CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
+    dy, dz = gate_bwd(dout, z, out_x, chunk_size) if z is not None else (dout, None)
+    dprev_states = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
+    dstates, dinitial_states, ddA_chunk_passing = state_passing_bwd(
+        prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx, _state_dtype(x)
+    )
+    del dprev_states
+    dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(
+        CB, x, dy, dt_out, dA_cumsum, B, C, prev_states, dstates, D, seq_idx, dx=dx
+    )
+    dCB, ddA_diag = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
+    del CB
+    dB, dC = chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx, dB=dB, dC=dC)
+    ddt, dA, ddt_bias = chunk_cumsum_bwd(
+        ddA_cumsum + ddA_diag, ddA_chunk + ddA_chunk_passing, ddt_out, dt, A, dt_out, dt_bias, dt_softplus, dt_limit,
+        ddt=ddt,
+    )  # fmt: skip
+    return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states
+
+
 class MambaChunkScanCombinedFn(torch.autograd.Function):
     """Returns (out, final_states); arguments as mamba_chunk_scan_combined, seq_idx already renumbered."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
-        dA_cumsum, dt_out = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
-        states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-        prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
-        CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
-        out, out_x = chunk_scan_fwd(CB, x, dt_out, dA_cumsum, C, prev_states, D, z, seq_idx)
-        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out_x, dt_out, dA_cumsum)
+        out, final_states, saved = ssd_forward(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit
+        )
+        ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *saved)
         ctx.chunk_size, ctx.dt_softplus, ctx.dt_limit = chunk_size, dt_softplus, dt_limit
         ctx.set_materialize_grads(False)
         return out, final_states
 
     @staticmethod
     def backward(ctx, dout, dfinal_states):
-        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, out_x, dt_out, dA_cumsum = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
-        # The gradient kernels index dy as a contiguous (batch, seqlen, nheads, headdim) tensor.
-        dout = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
-        if dfinal_states is not None:
-            dfinal_states = dfinal_states.contiguous()
-        states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-        prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
-        del states
-        CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
-        dy, dz = gate_bwd(dout, z, out_x, chunk_size) if z is not None else (dout, None)
-        dprev_states = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)
-        dstates, dinitial_states, ddA_chunk_passing = state_passing_bwd(
-            prev_states, dprev_states, dA_cumsum, dfinal_states, seq_idx, _state_dtype(x)
-        )
-        del dprev_states
-        dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(
-            CB, x, dy, dt_out, dA_cumsum, B, C, prev_states, dstates, D, seq_idx
-        )
-        dCB, ddA_diag = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
-        dB, dC = chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx)
-        ddt, dA, ddt_bias = chunk_cumsum_bwd(
-            ddA_cumsum + ddA_diag,
-            ddA_chunk + ddA_chunk_passing,
-            ddt_out,
-            dt,
-            A,
-            dt_out,
-            dt_bias,
-            ctx.dt_softplus,
-            ctx.dt_limit,
-        )
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *saved = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states = ssd_backward(
+            x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, initial_states, seq_idx, ctx.dt_softplus, ctx.dt_limit,
+            saved, dout, dfinal_states,
+        )  # fmt: skip
         return (
             dx,
             ddt,

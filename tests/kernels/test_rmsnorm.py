@@ -88,6 +88,34 @@ def test_gated_group_norm(dtype, norm_before_gate, group_size, device):
         assert_close(grad, grads_ref[name], f"d{name}", dtype)
 
 
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_gate_read_in_place_from_a_wider_tensor(norm_before_gate, device, monkeypatch):
+    """z as Mamba2 passes it, a column slice of its in_proj output: read in place (never copied), with the same values
+    and gradients as the reference; a z whose rows are not uniformly strided is still accepted (copied)."""
+    from mambatron.kernels.rmsnorm import api
+
+    wide = rand(3, 4, 50, seed=1, dtype=torch.float32, device=device)
+    x, w = (
+        rand(3, 4, 36, seed=0, dtype=torch.float32, device=device),
+        rand(36, seed=2, dtype=torch.float32, device=device),
+    )
+    z = wide[..., 7:43]
+    assert api.row_stride(z) == 50 and api.row_stride(z.transpose(0, 1)) is None
+    seen = []
+    forward = api.norm_forward
+    monkeypatch.setattr(api, "norm_forward", lambda *a: seen.append(a[2]) or forward(*a))
+    kw = dict(eps=1e-5, group_size=12, norm_before_gate=norm_before_gate)
+    for gate in (z, z.transpose(0, 1)):
+        out = rmsnorm_fn(x if gate is z else x.transpose(0, 1), w, z=gate, **kw)
+        ref = rmsnorm_fn_ref(x if gate is z else x.transpose(0, 1), w, z=gate, **kw)
+        assert_close(out, ref, "out")
+        grads, grads_ref = (torch.autograd.grad(o.square().sum(), (x, w, wide)) for o in (out, ref))
+        for name, g, g_ref in zip(("dx", "dweight", "dz"), grads, grads_ref):
+            assert_close(g, g_ref, name)
+    assert seen[0].data_ptr() == z.data_ptr(), "a uniformly strided z must be read in place"
+    assert seen[1].is_contiguous() and seen[1].data_ptr() != z.data_ptr()
+
+
 def test_gated_without_gate_or_bias(device):
     x, w = rand(2, 16, seed=0, dtype=torch.float32, device=device), rand(16, seed=1, dtype=torch.float32, device=device)
     out = rmsnorm_fn(x, w, group_size=4)
