@@ -27,94 +27,107 @@ def _silu(activation) -> bool:
     return activation is not None
 
 
+def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
+    """The Triton forward on x (batch, dim, seqlen) of any strides; out takes x's layout (channel-last or not)."""
+    # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
+    from .kernel import _conv_fwd_kernel
+
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    block_d, block_l = _blocks(dim, seqlen, channel_last(x))
+    out = new_output_like_layout(x, x.dtype)
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
+    _conv_fwd_kernel[grid](
+        x,
+        weight,
+        bias,
+        initial_states,
+        seq_idx,
+        out,
+        *x.stride(),
+        *out.stride(),
+        dim,
+        seqlen,
+        HAS_BIAS=bias is not None,
+        HAS_INIT=initial_states is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
+        SILU=silu,
+        WIDTH=width,
+        BLOCK_D=block_d,
+        BLOCK_L=block_l,
+        num_warps=4,
+    )
+    return out
+
+
+def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None):
+    """Gradients of :func:`conv_forward`; dx is written into ``dx`` (any strides) when given.
+    Returns dx, dweight, dbias (or None), dinitial_states (or None)."""
+    from .kernel import _conv_bwd_act_kernel, _conv_bwd_dx_kernel
+
+    batch, dim, seqlen = x.shape
+    width = weight.shape[1]
+    block_d, block_l = _blocks(dim, seqlen, channel_last(x))
+    nblocks_l = triton.cdiv(seqlen, block_l)
+    grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
+    dev, f32 = x.device, torch.float32
+    g = new_output_like_layout(x, f32) if silu else dout
+    dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
+    dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
+    flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
+    _conv_bwd_act_kernel[grid](
+        x,
+        weight,
+        bias,
+        initial_states,
+        seq_idx,
+        dout,
+        g,
+        dw_part,
+        dbias_part,
+        *x.stride(),
+        *dout.stride(),
+        *g.stride(),
+        dim,
+        seqlen,
+        HAS_BIAS=bias is not None,
+        HAS_INIT=initial_states is not None,
+        SILU=silu,
+        **flags,
+    )
+    dx = new_output_like_layout(x, x.dtype) if dx is None else dx
+    dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
+    _conv_bwd_dx_kernel[grid](
+        g,
+        weight,
+        seq_idx,
+        dx,
+        dinit,
+        *g.stride(),
+        *dx.stride(),
+        dim,
+        seqlen,
+        HAS_INIT=initial_states is not None,
+        BLOCK_W=triton.next_power_of_2(width),
+        **flags,
+    )
+    dweight = dw_part.sum((0, 1)).to(weight.dtype)
+    dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias, dinit
+
+
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seq_idx, initial_states, silu):
-        # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
-        from .kernel import _conv_fwd_kernel
-
-        batch, dim, seqlen = x.shape
-        width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen, channel_last(x))
-        out = new_output_like_layout(x, x.dtype)
-        grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
-        _conv_fwd_kernel[grid](
-            x,
-            weight,
-            bias,
-            initial_states,
-            seq_idx,
-            out,
-            *x.stride(),
-            *out.stride(),
-            dim,
-            seqlen,
-            HAS_BIAS=bias is not None,
-            HAS_INIT=initial_states is not None,
-            HAS_SEQ_IDX=seq_idx is not None,
-            SILU=silu,
-            WIDTH=width,
-            BLOCK_D=block_d,
-            BLOCK_L=block_l,
-            num_warps=4,
-        )
+        out = conv_forward(x, weight, bias, seq_idx, initial_states, silu)
         ctx.save_for_backward(x, weight, bias, seq_idx, initial_states)
         ctx.silu = silu
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from .kernel import _conv_bwd_act_kernel, _conv_bwd_dx_kernel
-
         x, weight, bias, seq_idx, initial_states = ctx.saved_tensors
-        batch, dim, seqlen = x.shape
-        width = weight.shape[1]
-        block_d, block_l = _blocks(dim, seqlen, channel_last(x))
-        nblocks_l = triton.cdiv(seqlen, block_l)
-        grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
-        dev, f32 = x.device, torch.float32
-        g = new_output_like_layout(x, f32) if ctx.silu else dout
-        dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
-        dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
-        flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
-        _conv_bwd_act_kernel[grid](
-            x,
-            weight,
-            bias,
-            initial_states,
-            seq_idx,
-            dout,
-            g,
-            dw_part,
-            dbias_part,
-            *x.stride(),
-            *dout.stride(),
-            *g.stride(),
-            dim,
-            seqlen,
-            HAS_BIAS=bias is not None,
-            HAS_INIT=initial_states is not None,
-            SILU=ctx.silu,
-            **flags,
-        )
-        dx = new_output_like_layout(x, x.dtype)
-        dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-        _conv_bwd_dx_kernel[grid](
-            g,
-            weight,
-            seq_idx,
-            dx,
-            dinit,
-            *g.stride(),
-            *dx.stride(),
-            dim,
-            seqlen,
-            HAS_INIT=initial_states is not None,
-            BLOCK_W=triton.next_power_of_2(width),
-            **flags,
-        )
-        dweight = dw_part.sum((0, 1)).to(weight.dtype)
-        dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None
+        dx, dweight, dbias, dinit = conv_backward(x, weight, bias, seq_idx, initial_states, ctx.silu, dout)
         return dx, dweight, dbias, None, dinit, None
 
 

@@ -76,13 +76,24 @@ class Mamba2Mixer(nn.Module):
         """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model)."""
         cfg = self.cfg
         sdt = state_dtype(hidden.dtype)
-        z, xbc, dt = self._split_in(self.in_proj(hidden))
+        zxbcdt = self.in_proj(hidden)
+        if cache is None:
+            # Training and scoring: conv → SSD → gated norm as one op that saves the in_proj output and recomputes
+            # the conv in backward (kernels/mamba2).
+            fused = get_op("mamba2_split_conv_scan", cfg.kernels, zxbcdt)
+            y = fused(
+                zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.to(sdt),
+                -torch.exp(self.A_log.to(sdt)), self.D.to(sdt), self.norm.weight, d_inner=self.d_inner_local,
+                ngroups=self.ngroups_local, dstate=cfg.d_state, chunk_size=cfg.chunk_size,
+                norm_group_size=self.d_inner_local // self.ngroups_local, eps=cfg.norm_eps, seq_idx=seq_idx,
+            )  # fmt: skip
+            return self.out_proj(y)
+        z, xbc, dt = self._split_in(zxbcdt)
         batch, seqlen, _ = xbc.shape
-        # The conv reads the xBC columns of the in_proj output in place, as a channel-last (batch, conv_dim, seqlen)
-        # view, and returns a channel-last result; x, B, C and dt below are views that SSD reads through strides.
+        # Prefill: the same ops one by one, keeping the final conv window and SSM state. The conv reads the xBC
+        # columns in place as a channel-last view; x, B, C and dt are views that SSD reads through strides.
         xbc_t = xbc.transpose(1, 2)
-        if cache is not None:
-            cache["conv"] = _last_window(xbc_t, cfg.d_conv)
+        cache["conv"] = _last_window(xbc_t, cfg.d_conv)
         conv = get_op("conv1d", cfg.kernels, xbc_t)
         xbc = conv(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
         xbc = xbc.transpose(1, 2)
@@ -100,10 +111,9 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias.to(sdt),
             seq_idx=seq_idx,
             dt_softplus=True,
-            return_final_states=cache is not None,
+            return_final_states=True,
         )
-        if cache is not None:
-            y, cache["ssm"] = y
+        y, cache["ssm"] = y
         y = self._gated_norm(y.reshape(batch, seqlen, self.d_inner_local), z)
         return self.out_proj(y)
 
