@@ -5,8 +5,11 @@ bits): the document's token ids followed by EOS, as raw little-endian integers, 
 ``np.frombuffer``. ``<key>`` is the document's position in the input (10 digits), so samples can be sorted back
 into input order.
 
-Inputs are read in argument order (globs sorted); text files are one document each, ``.jsonl``/``.jsonl.gz`` files
-one document per line (the ``field`` key). Documents are tokenized in worker processes, results are consumed in
+Inputs are read in argument order (globs sorted). Text files are one document each by default (``txt_docs="file"``),
+or one per non-empty line (``"line"``, as Hugging Face's ``load_dataset("text")``) or per blank-line-separated
+paragraph (``"paragraph"``); ``.jsonl``/``.jsonl.gz`` files hold one document per line (the ``field`` key). Bytes that
+are not UTF-8 become U+FFFD and are counted (``replaced_bytes`` in the index). Bad input raises
+:class:`PrepareError`, naming the file and line. Documents are tokenized in worker processes, results are consumed in
 input order, and tars are written with fixed metadata (mtime 0, fixed owner, USTAR), so the same input gives
 byte-identical shards whatever the number of workers.
 
@@ -16,6 +19,7 @@ deterministic ``f`` fraction of the documents.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import math
@@ -25,6 +29,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mambatron.data.tokenizers import Tokenizer, expand_inputs, load_tokenizer, read_text, sha256_file
+from mambatron.data.tokenizers import Tokenizer, expand_inputs, load_tokenizer, sha256_file
 
 INDEX_FORMAT = "mambatron.shards.v1"
 SPLITS = ("train", "val")
@@ -41,6 +46,31 @@ SPLITS = ("train", "val")
 _TASK_DOCS = 32
 
 _worker_tokenizer: Tokenizer | None = None
+TXT_DOCS = ("file", "line", "paragraph")
+
+
+class PrepareError(ValueError):
+    """Bad input to :func:`prepare_data`; the message names the file (and line) and the fix."""
+
+
+_replaced = threading.local()
+
+
+def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced.bytes += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("mambatron-count-replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """``data`` decoded as UTF-8, undecodable bytes replaced by U+FFFD, and how many bytes were replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        _replaced.bytes = 0
+        return data.decode("utf-8", "mambatron-count-replace"), _replaced.bytes
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -57,32 +87,46 @@ def _is_jsonl(path: str) -> bool:
     return path.endswith((".jsonl", ".jsonl.gz", ".ndjson"))
 
 
-def _iter_tasks(files: list[str], field_name: str, max_docs: int) -> Iterator[list[tuple[str, str]]]:
-    """Batches of ``("file", path)`` or ``("text", json_line)`` items in input order."""
-    batch: list[tuple[str, str]] = []
-    count = 0
+def _iter_docs(files: list[str], txt_docs: str) -> Iterator[tuple[str, bytes | str, str]]:
+    """``(kind, payload, where)`` per document in input order: ``("file", path, path)`` for a whole text file (read
+    by the worker), ``("json", line, "path:N")`` or ``("text", bytes, "path:N")``."""
     for path in files:
         if _is_jsonl(path):
             opener = gzip.open if path.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as f:
-                for line in f:
-                    if not line.strip():
-                        continue
-                    batch.append(("json", line))
-                    count += 1
-                    if len(batch) == _TASK_DOCS or count == max_docs:
-                        yield batch
-                        batch = []
-                    if count == max_docs:
-                        return
+            with opener(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        yield "json", line, f"{path}:{lineno}"
+        elif txt_docs == "file":
+            yield "file", path, path
         else:
-            batch.append(("file", path))
-            count += 1
-            if len(batch) == _TASK_DOCS or count == max_docs:
-                yield batch
-                batch = []
-            if count == max_docs:
-                return
+            with open(path, "rb") as f:
+                data = f.read()
+            lineno, start, paragraph = 0, 0, []
+            for lineno, line in enumerate(data.split(b"\n"), 1):
+                if txt_docs == "line":
+                    if line.strip():
+                        yield "text", line.rstrip(b"\r"), f"{path}:{lineno}"
+                elif line.strip():
+                    start = start or lineno
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "text", b"\n".join(paragraph), f"{path}:{start}"
+                    start, paragraph = 0, []
+            if paragraph:
+                yield "text", b"\n".join(paragraph), f"{path}:{start}"
+
+
+def _iter_tasks(files: list[str], max_docs: int, txt_docs: str) -> Iterator[list[tuple[str, bytes | str, str]]]:
+    """Batches of :func:`_iter_docs` items, at most ``max_docs`` items in all (0: no limit)."""
+    batch = []
+    for count, item in enumerate(_iter_docs(files, txt_docs), 1):
+        batch.append(item)
+        if len(batch) == _TASK_DOCS or count == max_docs:
+            yield batch
+            batch = []
+        if count == max_docs:
+            return
     if batch:
         yield batch
 
@@ -92,36 +136,52 @@ def _init_worker(tokenizer_dir: str) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def _tokenize_task(args: tuple[list[tuple[str, str]], str, str]) -> list[tuple[bytes, int, int]]:
-    """Tokenize one batch → ``(raw token bytes incl. EOS, n_tokens, n_chars)`` per document (empty docs: 0 tokens)."""
+def _document_text(kind: str, payload: bytes | str, where: str, field_name: str) -> tuple[str, int]:
+    """The text of one :func:`_iter_docs` item and the number of non-UTF-8 bytes replaced in it."""
+    if kind == "file":
+        with open(payload, "rb") as f:
+            return decode_utf8(f.read())
+    text, replaced = decode_utf8(payload)
+    if kind == "text":
+        return text, replaced
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); fix or remove that line") from None
+    if not isinstance(obj, dict):
+        raise PrepareError(
+            f"{where}: the JSONL record is a {type(obj).__name__}, not an object with a {field_name!r} field"
+        )
+    if field_name not in obj:
+        raise PrepareError(
+            f"{where}: the JSONL record has no field {field_name!r} (keys: {sorted(obj)[:10]}); pass --field KEY"
+        )
+    # null is a missing text (an empty document), not the text "None".
+    return ("" if obj[field_name] is None else str(obj[field_name])), replaced
+
+
+def _tokenize_task(args: tuple[list[tuple[str, bytes | str, str]], str, str]) -> list[tuple[bytes, int, int, int]]:
+    """Tokenize one batch → ``(raw token bytes incl. EOS, n_tokens, n_chars, replaced bytes)`` per document (empty
+    documents: 0 tokens)."""
     task, field_name, dtype_str = args
     tok = _worker_tokenizer
     assert tok is not None
     dtype = np.dtype(dtype_str)
     out = []
-    for kind, payload in task:
-        if kind == "file":
-            text = read_text(payload)
-        else:
-            obj = json.loads(payload)
-            if not isinstance(obj, dict):
-                raise ValueError(f"JSONL record is a {type(obj).__name__}, not an object with a {field_name!r} field")
-            if field_name not in obj:
-                raise KeyError(f"JSONL record has no field {field_name!r} (keys: {sorted(obj)}); pass --field")
-            # null is a missing text (an empty document), not the text "None".
-            text = "" if obj[field_name] is None else str(obj[field_name])
+    for kind, payload, where in task:
+        text, replaced = _document_text(kind, payload, where, field_name)
         if not text:
-            out.append((b"", 0, 0))
+            out.append((b"", 0, 0, replaced))
             continue
         ids = tok.encode_array(text)
         arr = np.empty(len(ids) + 1, dtype=dtype)
         arr[:-1] = ids
         arr[-1] = tok.eos_id
-        out.append((arr.tobytes(), len(arr), len(text)))
+        out.append((arr.tobytes(), len(arr), len(text), replaced))
     return out
 
 
-def _ordered_map(pool: Any, tasks: Iterable[Any], ahead: int) -> Iterator[list[tuple[bytes, int, int]]]:
+def _ordered_map(pool: Any, tasks: Iterable[Any], ahead: int) -> Iterator[list[tuple[bytes, int, int, int]]]:
     """``pool.imap`` in order, but with at most ``ahead`` tasks in flight: ``imap`` would read the whole input into
     its task queue at once, which a large JSONL corpus does not fit."""
     in_flight: deque[Any] = deque()
@@ -182,19 +242,25 @@ def prepare_data(
     workers: int = 0,
     max_docs: int = 0,
     progress: bool = True,
+    txt_docs: str = "file",
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into shards under ``out_dir`` and write ``out_dir/index.json``; return the index.
 
     ``workers``: tokenizer processes (0 = one per CPU core, 1 = in this process). ``max_docs``: stop after this many
-    documents (0 = all).
+    documents (0 = all). ``txt_docs``: what one document of a text file is (:data:`TXT_DOCS`).
     """
+    if txt_docs not in TXT_DOCS:
+        raise PrepareError(f"txt_docs={txt_docs!r} must be one of {', '.join(TXT_DOCS)}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     if shard_tokens <= 0:
         raise ValueError(f"shard_tokens={shard_tokens} must be positive")
-    files = expand_inputs(inputs)
+    try:
+        files = expand_inputs(inputs)
+    except FileNotFoundError as e:
+        raise PrepareError(f"{e}; check --input") from None
     if not files:
-        raise ValueError("no input files")
+        raise PrepareError("no input files: --input matched nothing")
     tok = load_tokenizer(tokenizer_dir)
     dtype = token_dtype(tok.vocab_size)
     key_ext = tokens_key(dtype)
@@ -205,7 +271,7 @@ def prepare_data(
     staging = Path(tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out))
     try:
         index = _prepare_into(files, tok, dtype, key_ext, staging, shard_tokens, field_name, val_fraction, workers,
-                              max_docs, tokenizer_dir, progress)  # fmt: skip
+                              max_docs, tokenizer_dir, progress, txt_docs)  # fmt: skip
         _publish(staging, out, index)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -229,15 +295,17 @@ def _publish(staging: Path, out: Path, index: dict[str, Any]) -> None:
 
 
 def _prepare_into(files, tok, dtype, key_ext, out, shard_tokens, field_name, val_fraction, workers, max_docs,
-                  tokenizer_dir, progress) -> dict[str, Any]:  # fmt: skip
+                  tokenizer_dir, progress, txt_docs) -> dict[str, Any]:  # fmt: skip
     writers = {s: _SplitWriter(out, s, key_ext, shard_tokens) for s in SPLITS}
     workers = workers or os.cpu_count() or 1
-    tasks = ((t, field_name, dtype.str) for t in _iter_tasks(files, field_name, max_docs))
+    tasks = ((t, field_name, dtype.str) for t in _iter_tasks(files, max_docs, txt_docs))
 
     from tqdm import tqdm
 
     bar = tqdm(
-        total=None if any(_is_jsonl(f) for f in files) else (min(len(files), max_docs) if max_docs else len(files)),
+        total=None
+        if txt_docs != "file" or any(_is_jsonl(f) for f in files)
+        else (min(len(files), max_docs) if max_docs else len(files)),
         unit="doc",
         desc="prepare",
         disable=not progress,
@@ -248,18 +316,21 @@ def _prepare_into(files, tok, dtype, key_ext, out, shard_tokens, field_name, val
         pool = mp.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
             workers, initializer=_init_worker, initargs=(str(tokenizer_dir),)
         )
-        results: Iterable[list[tuple[bytes, int, int]]] = _ordered_map(pool, tasks, ahead=4 * workers)
+        results: Iterable[list[tuple[bytes, int, int, int]]] = _ordered_map(pool, tasks, ahead=4 * workers)
     else:
         _init_worker(str(tokenizer_dir))
         results = map(_tokenize_task, tasks)
     doc_index = 0
     empty = 0
     chars = 0
+    replaced_bytes = replaced_docs = 0
     try:
         for batch in results:
-            for data, n_tokens, n_chars in batch:
+            for data, n_tokens, n_chars, replaced in batch:
                 index = doc_index
                 doc_index += 1
+                replaced_bytes += replaced
+                replaced_docs += replaced > 0
                 if n_tokens == 0:
                     empty += 1
                     continue
@@ -275,6 +346,10 @@ def _prepare_into(files, tok, dtype, key_ext, out, shard_tokens, field_name, val
             pool.join()
     for w in writers.values():
         w.close()
+    if not any(w.shards for w in writers.values()):
+        what = f"{doc_index} document(s), all empty" if doc_index else "no documents"
+        hint = " (is --field right?)" if any(_is_jsonl(f) for f in files) else ""
+        raise PrepareError(f"the input holds no text ({what}){hint}; nothing was written")
     index = {
         "format": INDEX_FORMAT,
         "dtype": dtype.name,
@@ -288,6 +363,8 @@ def _prepare_into(files, tok, dtype, key_ext, out, shard_tokens, field_name, val
         "documents": doc_index,
         "empty_documents": empty,
         "characters": chars,
+        "replaced_bytes": replaced_bytes,
+        "replaced_documents": replaced_docs,
         "splits": {
             s: {
                 "tokens": sum(x["tokens"] for x in w.shards),

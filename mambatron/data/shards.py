@@ -137,9 +137,37 @@ def read_index(index: str, allow_pipe: bool = False) -> dict[str, Any]:
             f"cannot read the data index {index!r} ({reason}); set data.index to the index.json written by "
             "tools/prepare_data.py"
         ) from e
-    if data.get("format") != INDEX_FORMAT:
-        raise DataIndexError(f"{index!r} is not a mambatron shard index (format {data.get('format')!r})")
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DataIndexError(f"{index!r} is not a mambatron shard index (format {got!r})")
+    problem = _index_problem(data)
+    if problem:
+        raise DataIndexError(f"{index!r} is malformed: {problem}; re-create it with tools/prepare_data.py")
     return data
+
+
+def _index_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with the structure of a shard index, or None."""
+    splits = data.get("splits")
+    if not isinstance(splits, dict):
+        return f"'splits' must be an object of splits, got {type(splits).__name__}"
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list):
+            return f"splits.{name}.shards must be a list of shard records, got {type(shards).__name__}"
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+                return f"splits.{name}.shards[{i}] must be an object with a 'name' string"
+            for key in ("docs", "tokens"):
+                if not isinstance(shard.get(key), int) or isinstance(shard.get(key), bool) or shard[key] < 0:
+                    return f"splits.{name}.shards[{i}].{key} must be a count, got {shard.get(key)!r}"
+    for key in ("dtype", "tokens_key", "tokenizer_hash"):
+        if not isinstance(data.get(key), str):
+            return f"{key!r} must be a string, got {data.get(key)!r}"
+    for key in ("vocab_size", "eos_id"):
+        if not isinstance(data.get(key), int):
+            return f"{key!r} must be an integer, got {data.get(key)!r}"
+    return None
 
 
 def shard_infos(index_url: str, index: dict[str, Any], split: str, allow_pipe: bool = False) -> list[ShardInfo]:
@@ -555,6 +583,17 @@ class ShardLoader:
                     "with this tokenizer."
                 )
         shards = shard_infos(cfg.index, self.index, split, allow_pipe)
+        missing = [s.url for s in shards if not _is_url(s.url) and not s.url.startswith("pipe:") and not
+                   os.path.isfile(s.url)]  # fmt: skip
+        if missing:
+            listed = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            problem = f"{len(missing)} of the {len(shards)} {split} shards in {cfg.index!r} do not exist: {listed}"
+            if not getattr(cfg, "skip_bad_shards", False):
+                raise DataIndexError(
+                    f"{problem}; copy them next to the index, re-run tools/prepare_data.py, or set "
+                    "data.skip_bad_shards=true to train without them"
+                )
+            log.warning("%s; they will be skipped (data.skip_bad_shards)", problem)
         self.num_workers = int(cfg.num_workers)
         n_local = max(1, self.num_workers)
         n_streams = world_size * n_local

@@ -4,7 +4,7 @@ Launched by torchrun or srun (one process per device); a single process works to
 newest complete checkpoint in ``train.out_dir``. ``--dry-run`` prints the memory/throughput plan and exits without
 initialising anything distributed (the world size comes from the launcher's environment or ``--world-size``).
 Exit codes: 0 done, 75 preempted (checkpoint saved; after SIGUSR1 under SLURM the job was requeued), 2 bad
-configuration or a checkpoint that was refused (one line on rank 0 names it).
+configuration, data (index, tokenizer, shards) or a checkpoint that was refused (one line on rank 0 names it).
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from mambatron.data.shards import DataIndexError, ShardError
+    from mambatron.data.tokenizers import TokenizerError
     from mambatron.serialization import UnsafeCheckpointError
     from mambatron.train.checkpoint import CorruptCheckpointError
     from mambatron.train.runlock import RunLockedError
@@ -77,7 +79,41 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"config error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (DataIndexError, TokenizerError) as e:  # read the same way by every rank at start
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"data error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except ShardError as e:  # a bad shard is met by the rank that reads it: that rank reports it
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"data error{f' (rank {rank})' if rank else ''}: {_last_line(e)}", file=sys.stderr, flush=True)
+        return 2
+
+
+def _last_line(e: BaseException) -> str:
+    """The message of e; for an error re-raised from a DataLoader worker (whose message carries the worker's
+    traceback), the original error's own last line."""
+    text = str(e).strip()
+    if "Original Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
+def report_exit(code: int) -> int:
+    """Rank 0 writes its exit code to ``$MAMBATRON_EXIT_FILE`` when set.
+
+    torchrun exits 1 whenever a worker exits non-zero, so a launcher that wants the run's own code (75 after a
+    preemption save, 2 for a bad input) reads it from there; launch/local.sh does.
+    """
+    path = os.environ.get("MAMBATRON_EXIT_FILE")
+    if path and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError as e:
+            print(f"warning: could not write the exit code to {path}: {e}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report_exit(main()))

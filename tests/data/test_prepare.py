@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mambatron.data.prepare import prepare_data, read_shard_tokens, token_dtype, verify_shards
+from mambatron.data.prepare import PrepareError, prepare_data, read_shard_tokens, token_dtype, verify_shards
 from mambatron.data.tokenizers import load_tokenizer
 
 from .conftest import Prepared, as_sorted_keys
@@ -103,10 +103,10 @@ def test_failed_run_leaves_the_earlier_dataset_intact(prepared: Prepared, tmp_pa
     prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False, shard_tokens=200)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "index.json" in before and len(before) > 2
-    with pytest.raises(KeyError, match="no field 'body'"):
+    with pytest.raises(PrepareError, match="docs.jsonl:1: the JSONL record has no field 'body'"):
         prepare_data([str(path)], prepared.tokenizer, out, field_name="body", workers=1, progress=False)
     path.write_text("".join(json.dumps({"text": f"other {i}"}) + "\n" for i in range(50)) + '{"body": 1}\n')
-    with pytest.raises(KeyError, match="no field 'text'"):
+    with pytest.raises(PrepareError, match="docs.jsonl:51: the JSONL record has no field 'text'"):
         prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert verify_shards(out / "index.json") == []
@@ -146,3 +146,65 @@ def test_verify_finds_corrupt_shards(prepared: Prepared, tmp_path: Path) -> None
         [sys.executable, str(REPO / "tools/prepare_data.py"), "--verify", str(copy / "index.json")], capture_output=True
     )
     assert run.returncode == 1 and b"2 bad shard(s)" in run.stderr
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools/prepare_data.py"), *args, "--workers", "1", "--quiet"],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_bad_input_is_one_line_naming_file_and_line(prepared: Prepared, tmp_path: Path) -> None:
+    """Malformed JSON, a record without the field and an input with no text: exit 2 and one line that names the
+    file and line (no traceback); the earlier dataset in --out stays as it was."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "out"
+    assert run_cli("--input", str(good), "--tokenizer", str(prepared.tokenizer), "--out", str(out)).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    cases = {
+        "broken.jsonl": ('{"text": "ok"}\n\n{"text": "unterminated\n', "broken.jsonl:3: not valid JSON"),
+        "list.jsonl": ('["a", "b"]\n', "list.jsonl:1: the JSONL record is a list"),
+        "empty.jsonl": ('{"text": ""}\n{"text": null}\n', "the input holds no text (2 document(s), all empty)"),
+        "blank.txt": ("", "the input holds no text (1 document(s), all empty)"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+        run = run_cli("--input", str(tmp_path / name), "--tokenizer", str(prepared.tokenizer), "--out", str(out))
+        assert run.returncode == 2, run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], run.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    run = run_cli("--input", str(tmp_path / "nothing*.txt"), "--tokenizer", str(prepared.tokenizer), "--out", str(out))
+    assert run.returncode == 2 and "matched no files; check --input" in run.stderr, run.stderr
+
+
+def test_non_utf8_bytes_are_counted_and_reported(prepared: Prepared, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 au lait \xff\xfe and more text")
+    (tmp_path / "b.txt").write_bytes("clean text, \u00e9t\u00e9".encode())
+    (tmp_path / "c.jsonl").write_bytes(b'{"text": "bad \xc3 byte"}\n{"text": "fine"}\n')
+    out = tmp_path / "out"
+    run = run_cli("--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), str(tmp_path / "c.jsonl"),
+                  "--tokenizer", str(prepared.tokenizer), "--out", str(out), "--val-fraction", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["replaced_bytes"] == 4 and index["replaced_documents"] == 2
+    assert "warning: 2 document(s) held 4 byte(s) that are not UTF-8" in run.stderr
+
+
+@pytest.mark.parametrize(
+    "mode, docs", [("file", ["one\ntwo\n\nthree four\n"]), ("line", ["one", "two", "three four"]),
+                   ("paragraph", ["one\ntwo", "three four"])],
+)  # fmt: skip
+def test_txt_docs(mode: str, docs: list[str], prepared: Prepared, tmp_path: Path) -> None:
+    path = tmp_path / "corpus.txt"
+    path.write_text("one\ntwo\n\nthree four\n")
+    out = tmp_path / mode
+    index = prepare_data([str(path)], prepared.tokenizer, out, workers=1, progress=False, val_fraction=0,
+                         txt_docs=mode)  # fmt: skip
+    assert index["documents"] == len(docs)
+    tok = load_tokenizer(prepared.tokenizer)
+    samples = read_shard_tokens(out / index["splits"]["train"]["shards"][0]["name"], index["tokens_key"])
+    got = [tok.decode([int(t) for t in samples[k][:-1]]) for k in sorted(samples)]
+    assert got == docs
+    with pytest.raises(PrepareError, match="txt_docs='lines' must be one of file, line, paragraph"):
+        prepare_data([str(path)], prepared.tokenizer, out, txt_docs="lines")

@@ -104,7 +104,7 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
-KillWait=5
+KillWait=30
 StateSaveLocation=$BASE/state/ctld
 SlurmdSpoolDir=$BASE/state/slurmd-%n
 SlurmctldPidFile=$RUN/slurmctld.pid

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
+
+import pytest
 
 from mambatron.train import checkpoint as ckpt
 from tests.train.conftest import REPO, TINY, losses, train_env
@@ -22,3 +27,31 @@ def test_local_sh_trains_and_plans(tiny_data, tmp_path):
     assert "TP 1 x DP 2" in run.stdout
     assert sorted(losses(tmp_path)) == [1, 2, 3]
     assert ckpt.read_manifest(ckpt.latest_checkpoint(tmp_path))["world_size"] == 2
+
+
+@pytest.mark.parametrize("target", ["process group", "script"])
+def test_sigterm_under_local_sh_saves_and_exits_75(target, tiny_data, tmp_path):
+    """SIGTERM to the whole process group (what scancel and a cluster's preemption do) or to local.sh alone, with
+    DataLoader workers: the training processes finish the step and save, and local.sh exits 75 as documented, not
+    torchrun's 1."""
+    run_dir = tmp_path / "run"
+    env = {**train_env(), "MAMBATRON_NPROC_PER_NODE": "2"}
+    proc = subprocess.Popen(
+        ["bash", "launch/local.sh", "--config", "configs/tiny.yaml", "--set", *TINY, *tiny_data,
+         f"train.out_dir={run_dir}", "data.num_workers=1", "train.max_steps=100000", "train.save_every=0"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 180
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    if target == "script":
+        os.kill(proc.pid, signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 75, out[-3000:] + err[-3000:]
+    assert "got SIGTERM: saving step" in out, out[-3000:] + err[-3000:]
+    saved = ckpt.latest_checkpoint(run_dir)
+    assert saved is not None and ckpt.read_manifest(saved)["world_size"] == 2

@@ -3,6 +3,8 @@
 - ``sbatch launch/train.sh`` on 2 nodes x 2 processes trains the tiny model to the end and leaves a checkpoint;
 - the same job, made to reach its time-limit signal (--signal=B:USR1@...), saves, requeues itself, resumes and
   ends with the same final loss as the uninterrupted job;
+- ``scancel`` of a training job (SIGTERM to every process of the job, DataLoader workers included) saves a complete
+  checkpoint before the processes are killed;
 - ``sbatch launch/train_7b.sh --dry-run`` prints the 7B plan.
 """
 
@@ -113,3 +115,24 @@ def test_sbatch_train_and_time_limit_requeue(slurm_cluster, tiny_data, tmp_path)
     ref_losses, cut_losses = losses(ref_dir), losses(cut_dir)
     assert cut_losses[steps] == ref_losses[steps]
     assert [cut_losses[s] for s in range(1, steps + 1)] == [ref_losses[s] for s in range(1, steps + 1)]
+
+
+def test_scancel_saves_a_checkpoint(slurm_cluster, tiny_data, tmp_path):
+    """scancel sends SIGTERM to every process of the job (train.sh, srun, torchrun, the training processes and their
+    DataLoader workers) and SIGKILL KillWait seconds later (30 s, SLURM's default). The training processes finish the
+    step and save a complete checkpoint of all 4 ranks in that window."""
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    job = sbatch(["--nodes=2", "--gpus-per-node=0", "--time=10", "launch/train.sh", "--config", "configs/tiny.yaml",
+                  "--set", *TINY, *tiny_data, f"train.out_dir={run_dir}", "data.num_workers=1",
+                  "train.max_steps=100000", "train.save_every=0", "train.log_every=1"], log)  # fmt: skip
+    wait_for(lambda: last_step(run_dir) >= 2, 180, "the job to start training", log)
+    subprocess.run(["scancel", job], check=True)
+    wait_for(lambda: job_info(job).get("JobState") in ("CANCELLED", "COMPLETED", "FAILED"), 120, "the job to end", log)
+    text = log.read_text()
+    saved = re.findall(r"got SIGTERM: saving step (\d+)", text)
+    assert saved, text[-4000:]
+    latest = ckpt.latest_checkpoint(run_dir)
+    assert latest is not None and latest.name == f"step_{int(saved[0]):07d}", text[-4000:]
+    manifest = ckpt.read_manifest(latest)
+    assert manifest["world_size"] == 2 * NPROC_PER_NODE and manifest["status"] == "complete"
+    assert "killed by signal" not in text, text[-4000:]

@@ -87,3 +87,36 @@ def test_sigterm_to_the_process_group_with_loader_workers_saves(tiny_data, tmp_p
     assert proc.returncode == 75, out[-2000:] + err[-2000:]
     assert "got SIGTERM: saving step" in out and "killed by signal" not in err, out[-2000:] + err[-2000:]
     assert ckpt.latest_checkpoint(run_dir) is not None
+
+
+def test_malformed_index_and_missing_shards_are_one_line(tiny_data, tmp_path):
+    """An index whose shard list is not a list, and an index listing shards that are not there (found at start,
+    every one named, not at the step that first reads one): exit 2 with one 'data error:' line, no traceback."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    index_path = Path(next(o for o in tiny_data if o.startswith("data.index=")).split("=", 1)[1])
+    cases = {}
+    bad = json.loads(index_path.read_text())
+    bad["splits"]["train"]["shards"] = "oops"
+    cases["oops"] = (bad, "splits.train.shards must be a list of shard records, got str")
+    copy = tmp_path / "copy"
+    shutil.copytree(index_path.parent, copy)
+    for shard in json.loads(index_path.read_text())["splits"]["train"]["shards"]:
+        (copy / shard["name"]).unlink()
+    cases["missing"] = (None, "train shards in")
+    for name, (index, message) in cases.items():
+        path = copy / "index.json" if index is None else tmp_path / f"{name}.json"
+        if index is not None:
+            path.write_text(json.dumps(index))
+        overrides = [*TINY, *tiny_data, f"data.index={path}", f"train.out_dir={tmp_path / name}", "train.max_steps=2"]
+        proc = subprocess.run(
+            train_cmd(0, overrides), cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("data error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr
+        if name == "missing":
+            assert "train-000000.tar" in errors[0] and "do not exist" in errors[0]
