@@ -199,13 +199,16 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: bool = False
     deterministic: bool = False
-    # Used by the planner (--dry-run) to warn when a run will not fit, and for MFU.
-    gpu_memory_gb: float = 80.0
+    # Used by the planner (--dry-run) to warn when a run will not fit (null: the memory of the GPU of the machine that
+    # plans, or 80 without one), and for MFU.
+    gpu_memory_gb: float | None = None
     gpu_peak_tflops: float = 989.0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         _positive(self, "max_steps", "grad_accum", "keep_last", "log_every", "max_bad_steps")
+        if self.gpu_memory_gb is not None:
+            _positive(self, "gpu_memory_gb")
         if not str(self.out_dir).strip():
             raise ConfigError("train.out_dir is empty; set it to the run's folder, e.g. train.out_dir=runs/my-run")
         if self.save_every < 0 or self.eval_every < 0:

@@ -170,6 +170,25 @@ def zero_bucket_bytes(zero_stage: int, deepspeed_extra: dict[str, Any], grad_byt
     return buffers * int(float(zero.get("reduce_bucket_size", 5e8))) * grad_bytes
 
 
+DEFAULT_GPU_MEMORY_GB = 80.0
+
+
+def gpu_memory_gb(config: Config) -> tuple[float, str]:
+    """The GPU memory to plan for and where it came from: ``train.gpu_memory_gb`` when set, else the memory of this
+    machine's first GPU, else 80 GB."""
+    if config.train.gpu_memory_gb is not None:
+        return float(config.train.gpu_memory_gb), "train.gpu_memory_gb"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(0)
+            return props.total_memory / GIB, f"this machine's {props.name}"
+    except Exception:  # noqa: BLE001 - planning must work without a usable GPU
+        pass
+    return DEFAULT_GPU_MEMORY_GB, "default; set train.gpu_memory_gb or --gpu-memory"
+
+
 def make_plan(config: Config, world_size: int) -> Plan:
     """Estimate per-GPU memory and throughput of ``config`` launched on ``world_size`` processes."""
     m, par, data, train = config.model, config.parallel, config.data, config.train
@@ -210,9 +229,12 @@ def make_plan(config: Config, world_size: int) -> Plan:
     acts = (ckpt if train.activation_checkpointing else no_ckpt) + logits
     buckets = zero_bucket_bytes(par.zero_stage, par.deepspeed_extra, grad_b)
     total = weights + grads + optim_gpu + buckets + acts
-    gpu_bytes = int(train.gpu_memory_gb * GIB)
+    gpu_gb, gpu_source = gpu_memory_gb(config)
+    gpu_bytes = int(gpu_gb * GIB)
     if total > gpu_bytes:
         hints = []
+        if stage >= 1 and dp < 8:
+            hints.append(f"more GPUs (plan for them with --world-size N: ZeRO-{stage} splits the optimizer state)")
         if not train.activation_checkpointing and no_ckpt > ckpt:
             hints.append("train.activation_checkpointing=true")
         if stage < 3:
@@ -221,7 +243,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
             hints.append("parallel.offload_optimizer=true")
         hints.append("a smaller data.micro_batch (raise train.grad_accum) or a larger parallel.tp")
         warnings.append(
-            f"estimated {total / GIB:.1f} GiB per GPU exceeds train.gpu_memory_gb={train.gpu_memory_gb:g}; "
+            f"estimated {total / GIB:.1f} GiB per GPU exceeds the {gpu_gb:.0f} GiB of a GPU ({gpu_source}); "
             f"try {', '.join(hints)}"
         )
     tokens_per_step = tokens_local * train.grad_accum * dp

@@ -33,16 +33,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the memory/throughput plan and exit")
     parser.add_argument("--world-size", type=int, default=None, help="world size to plan for (with --dry-run)")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="with --dry-run: GPU memory to plan for (default: train.gpu_memory_gb, else this "
+                        "machine's GPU, else 80)")  # fmt: skip
     return parser.parse_args(argv)
 
 
 def dry_run(args: argparse.Namespace) -> int:
+    from mambatron.parallel import validate_parallel
     from mambatron.plan import format_plan, make_plan, world_size_from_env
 
-    config = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.gpu_memory is not None:
+        overrides.append(f"train.gpu_memory_gb={args.gpu_memory}")
+    config = load_config(args.config, overrides)
     world = args.world_size or world_size_from_env()
+    if not args.world_size and world == 1:
+        world = config.parallel.tp  # no world size given anywhere: plan the smallest layout that can run
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # one line of output per launch, not one per process
+    # Every layout check the real run makes before it allocates anything.
+    validate_parallel(config.model, config.parallel, world, config.data.seq_len)
     plan = make_plan(config, world)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan, config), flush=True)
     return 0

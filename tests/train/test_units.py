@@ -85,10 +85,28 @@ def test_plan_zero_stages_and_fit_warning():
     offload = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.offload_optimizer=true"]), 16)
     assert offload.optimizer_bytes == 0 and offload.optimizer_cpu_bytes == p.optimizer_bytes
     big = make_plan(load_config("configs/mamba1-7b.yaml", ["parallel.zero_stage=0", "data.micro_batch=16"]), 1)
-    assert not big.fits and any("exceeds train.gpu_memory_gb" in w for w in big.warnings)
+    assert not big.fits and any("exceeds the 80 GiB of a GPU" in w for w in big.warnings)
     assert world_size_from_env({"WORLD_SIZE": "8"}) == 8
     assert world_size_from_env({"SLURM_NNODES": "4", "MAMBATRON_NPROC_PER_NODE": "8"}) == 32
     assert world_size_from_env({}) == 1
+
+
+def test_dry_run_applies_the_layout_checks_and_plans_for_the_gpu(capsys, monkeypatch):
+    """--dry-run refuses a layout the real run would refuse (one line, exit 2), plans for --gpu-memory, and a plan
+    that does not fit on one GPU suggests planning for more with --world-size."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    for args in (["--set", "parallel.tp=3"], ["--set", "parallel.tp=2", "--world-size", "3"]):
+        assert train_main(["--config", "configs/tiny.yaml", *args, "--dry-run"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("config error: "), err
+        assert "does not divide nheads=8" in err[0] or "WORLD_SIZE=3 is not a multiple of parallel.tp=2" in err[0]
+    assert train_main(["--config", "configs/mamba1-7b.yaml", "--dry-run", "--gpu-memory", "141"]) == 0
+    out = capsys.readouterr().out
+    assert "of 141 GiB -> fits" in out, out
+    assert train_main(["--config", "configs/mamba1-7b.yaml", "--dry-run", "--gpu-memory", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "exceeds the 40 GiB of a GPU (train.gpu_memory_gb)" in out and "--world-size N" in out, out
 
 
 def test_dry_run_cli(capsys, monkeypatch):
