@@ -179,6 +179,28 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ resume
 
+    # Model settings that change no parameter and no shape: they may differ between a checkpoint and its resume.
+    _RESUMABLE_MODEL_CHANGES = frozenset({"kernels", "dt_min", "dt_max", "dt_init_floor", "A_init_range", "init_std",
+                                          "chunk_size", "norm_eps"})  # fmt: skip
+
+    def _check_same_model(self, step_dir, manifest: dict) -> None:
+        """Refuse, naming every setting, a resume whose model differs from the checkpoint's in any setting that shapes
+        the parameters or the computation (instead of a raw 'Missing key(s) in state_dict')."""
+        saved = (manifest.get("config") or {}).get("model")
+        if not isinstance(saved, dict):
+            return
+        now = self.config.to_dict()["model"]
+        changed = [
+            f"model.{k}={saved.get(k)!r} in the checkpoint, {now[k]!r} now"
+            for k in now
+            if k not in self._RESUMABLE_MODEL_CHANGES and k in saved and saved[k] != now[k]
+        ]
+        if changed:
+            raise ConfigError(
+                f"{step_dir} was saved by a different model ({'; '.join(changed)}); resume with the checkpoint's model "
+                "settings, or start the new model in another train.out_dir"
+            )
+
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint of ``train.out_dir`` whose files match its manifest; False
         when there is none. Newer ones that do not verify are renamed ``step_*.corrupt`` (kept, never loaded)."""
@@ -195,6 +217,7 @@ class Trainer:
                 raise ckpt.CorruptCheckpointError(f"no checkpoint of {self.out_dir} verifies: {bad[0][1]}")
             return False
         manifest = ckpt.read_manifest(step_dir)
+        self._check_same_model(step_dir, manifest)
         same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
         # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the

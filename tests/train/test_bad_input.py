@@ -120,3 +120,31 @@ def test_malformed_index_and_missing_shards_are_one_line(tiny_data, tmp_path):
         assert "Traceback" not in proc.stderr
         if name == "missing":
             assert "train-000000.tar" in errors[0] and "do not exist" in errors[0]
+
+
+def test_resume_with_another_model_names_the_changed_settings(tiny_data, tmp_path):
+    """A checkpoint of a 2-layer model resumed with 3 layers and another d_state: exit 2 with one line naming both
+    settings and their two values, instead of a raw 'Missing key(s) in state_dict'; the checkpoint is untouched."""
+    from mambatron.train import checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    base = [*TINY, *tiny_data, f"train.out_dir={run_dir}", "train.save_every=2", "data.num_workers=0"]
+    first = subprocess.run(train_cmd(0, [*base, "train.max_steps=2"]), cwd=REPO, env=train_env(),
+                           capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    saved = ckpt.latest_checkpoint(run_dir)
+    files = {p: p.read_bytes() for p in saved.iterdir()}
+    proc = subprocess.run(
+        train_cmd(0, [*base, "model.n_layer=3", "model.d_state=8", "train.max_steps=4"]), cwd=REPO,
+        env=train_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "model.n_layer=2 in the checkpoint, 3 now" in errors[0] and "model.d_state=" in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    assert {p: p.read_bytes() for p in saved.iterdir()} == files
+    # Implementation settings may change: the same model resumes with the reference kernels.
+    ok = subprocess.run(train_cmd(0, [*base, "model.kernels=reference", "train.max_steps=3"]), cwd=REPO,
+                        env=train_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert ok.returncode == 0 and "resumed from" in ok.stdout, ok.stderr[-2000:]
