@@ -5,15 +5,19 @@
     python tools/train_tokenizer.py --kind bytes --out tok-bytes/
 
 The folder loads with ``mambatron.data.load_tokenizer(dir)`` and with ``transformers.AutoTokenizer.from_pretrained``.
+A vocabulary larger than the corpus supports is lowered to the largest it supports, with a warning; one smaller than
+byte fallback and the corpus's characters need, an empty corpus or an input that matches nothing stop with one
+``error:`` line (exit 2) and write nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
-from mambatron.data.tokenizers import load_tokenizer, train_tokenizer
+from mambatron.data.tokenizers import META_FILE, TokenizerError, load_tokenizer, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,8 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind != "bytes" and not args.input:
         p.error("--input is required for --kind bpe/unigram")
     t0 = time.perf_counter()
-    train_tokenizer(args.input, args.vocab_size, args.out, args.kind, args.max_train_bytes, args.seed)
-    tok = load_tokenizer(args.out)
+    try:
+        out = train_tokenizer(args.input, args.vocab_size, args.out, args.kind, args.max_train_bytes, args.seed)
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    requested = json.loads((out / META_FILE).read_text()).get("requested_vocab_size")
+    tok = load_tokenizer(out)
+    if requested:
+        print(f"warning: this corpus supports at most {tok.vocab_size} pieces, not --vocab-size {requested}; trained "
+              f"{tok.vocab_size} (recorded in {META_FILE} as requested_vocab_size)", file=sys.stderr)  # fmt: skip
     print(f"wrote {args.out}: {tok} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
 

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -140,13 +141,16 @@ def train_tokenizer(
     most ``max_train_bytes`` characters of text (whole corpus order, deterministic).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if kind == "bytes":
+        out.mkdir(parents=True, exist_ok=True)
         _write_bytes_tokenizer(out)
     elif kind in ("bpe", "unigram"):
-        files = expand_inputs(inputs)
+        try:
+            files = expand_inputs(inputs)
+        except FileNotFoundError as e:
+            raise TokenizerError(f"{e}; check --input") from None
         if not files:
-            raise ValueError("no input files to train the tokenizer on")
+            raise TokenizerError("no input files to train the tokenizer on; check --input")
         _train_sentencepiece(files, vocab_size, out, kind, max_train_bytes, seed)
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; use bpe, unigram or bytes")
@@ -154,6 +158,44 @@ def train_tokenizer(
 
 
 def _train_sentencepiece(files: list[str], vocab_size: int, out: Path, kind: str, max_bytes: int, seed: int) -> None:
+    if next(_training_lines(files, max_bytes), None) is None:
+        raise TokenizerError(f"the input ({len(files)} file(s)) holds no text to train a tokenizer on; check --input")
+    requested = vocab_size
+    try:
+        model = _sentencepiece_model(files, vocab_size, kind, max_bytes, seed)
+    except RuntimeError as e:
+        # sentencepiece reports these as "INTERNAL" errors; turn them into what the user can do about them.
+        message = str(e)
+        small = re.search(r"smaller than required_chars\. \d+ vs (\d+)", message)
+        large = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+        if small:
+            raise TokenizerError(
+                f"vocab_size={vocab_size} is too small for this corpus: byte fallback (256 byte pieces), the special "
+                f"tokens and the corpus's own characters need at least {small.group(1)}; use {small.group(1)} or more"
+            ) from None
+        if not large:
+            raise TokenizerError(f"sentencepiece could not train on this input: {message.strip()[:300]}") from None
+        # More pieces than the corpus has merges for: train the largest vocabulary it supports, and record both.
+        vocab_size = int(large.group(1))
+        model = _sentencepiece_model(files, vocab_size, kind, max_bytes, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPM_FILE).write_bytes(model)
+    hf_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "legacy": False,
+        "model_max_length": 1_000_000_000,
+        **{f"{name}_token": tok for name, tok in _SPECIAL_TOKENS.items()},
+    }
+    _write_json(out / "tokenizer_config.json", hf_config)
+    _write_json(out / "special_tokens_map.json", {f"{n}_token": t for n, t in _SPECIAL_TOKENS.items()})
+    extra = {"requested_vocab_size": requested} if requested != vocab_size else {}
+    _write_meta(out, "bpe" if kind == "bpe" else "unigram", vocab_size, SPM_SPECIALS, [SPM_FILE], extra)
+
+
+def _sentencepiece_model(files: list[str], vocab_size: int, kind: str, max_bytes: int, seed: int) -> bytes:
     import sentencepiece as spm
 
     spm.set_random_generator_seed(seed)
@@ -181,19 +223,7 @@ def _train_sentencepiece(files: list[str], vocab_size: int, out: Path, kind: str
         num_threads=1,
         minloglevel=2,
     )
-    (out / SPM_FILE).write_bytes(model.getvalue())
-    hf_config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "add_prefix_space": False,
-        "legacy": False,
-        "model_max_length": 1_000_000_000,
-        **{f"{name}_token": tok for name, tok in _SPECIAL_TOKENS.items()},
-    }
-    _write_json(out / "tokenizer_config.json", hf_config)
-    _write_json(out / "special_tokens_map.json", {f"{n}_token": t for n, t in _SPECIAL_TOKENS.items()})
-    _write_meta(out, "bpe" if kind == "bpe" else "unigram", vocab_size, SPM_SPECIALS, [SPM_FILE])
+    return model.getvalue()
 
 
 def _write_bytes_tokenizer(out: Path) -> None:
@@ -233,8 +263,9 @@ def _hash_files(folder: Path, files: list[str]) -> str:
     return h.hexdigest() if len(files) > 1 else sha256_file(folder / files[0])
 
 
-def _write_meta(out: Path, kind: str, vocab_size: int, s: SpecialIds, files: list[str]) -> None:
+def _write_meta(out: Path, kind: str, vocab_size: int, s: SpecialIds, files: list[str], extra=None) -> None:
     meta = {
+        **(extra or {}),
         "kind": kind,
         "vocab_size": vocab_size,
         "pad_id": s.pad,

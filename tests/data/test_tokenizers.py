@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mambatron.data.tokenizers import (
+    META_FILE,
     TokenizerError,
     expand_inputs,
     load_tokenizer,
@@ -131,3 +133,38 @@ def test_cli_trains_on_stdlib(tmp_path: Path) -> None:
     # Same input, same model file.
     subprocess.run([*cmd, "--out", str(tmp_path / "again"), "--max-train-bytes", "300000"], check=True)
     assert tokenizer_hash(tmp_path / "again") == tok.hash
+
+
+def test_cli_vocabulary_errors_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    """Too small a vocabulary (names the minimum), an empty corpus, an input that matches nothing: exit 2, one
+    'error:' line, no output folder. Too large a vocabulary: a warning, the largest the corpus supports, recorded."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(200)))
+    (tmp_path / "empty.txt").write_text("")
+
+    def cli(inputs: str, vocab: int, out: Path) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, str(REPO / "tools/train_tokenizer.py"), "--input", inputs, "--vocab-size", str(vocab)]
+        return subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
+
+    for inputs, vocab, message in [
+        (str(corpus), 40, "vocab_size=40 is too small for this corpus"),
+        (str(tmp_path / "empty.txt"), 300, "holds no text to train a tokenizer on"),
+        (str(tmp_path / "nothing*.txt"), 300, "matched no files; check --input"),
+    ]:
+        out = tmp_path / f"out-{vocab}-{len(inputs)}"
+        run = cli(inputs, vocab, out)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+        assert message in lines[0], lines[0]
+        assert not out.exists()
+    minimum = int(cli(str(corpus), 40, tmp_path / "x").stderr.split("at least ")[1].split(";")[0])
+    assert 260 < minimum < 400  # 256 byte pieces + 4 specials + the corpus's characters
+    assert cli(str(corpus), minimum, tmp_path / "min").returncode == 0
+
+    run = cli(str(corpus), 32000, tmp_path / "big")
+    assert run.returncode == 0, run.stderr
+    tok = load_tokenizer(tmp_path / "big")
+    assert minimum < tok.vocab_size < 32000
+    assert f"supports at most {tok.vocab_size} pieces, not --vocab-size 32000" in run.stderr
+    meta = json.loads((tmp_path / "big" / META_FILE).read_text())
+    assert meta["requested_vocab_size"] == 32000 and meta["vocab_size"] == tok.vocab_size
