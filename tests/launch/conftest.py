@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,14 @@ def slurm_cluster() -> Iterator[None]:
     proc = subprocess.run(["bash", str(HARNESS), "start"], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or shutil.which("sbatch") is None:
         pytest.fail(f"could not start the local SLURM cluster:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    # The cluster has its own slurm.conf: every SLURM command of the tests (and of their jobs) must read it.
+    conf = subprocess.run(["bash", str(HARNESS), "env"], capture_output=True, text=True, check=True).stdout
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf.strip().split("=", 1)[1]
     yield
     if "slurmctld started" in proc.stderr:
         subprocess.run(["bash", str(HARNESS), "stop"], capture_output=True, timeout=120)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old

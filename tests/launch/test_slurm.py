@@ -136,3 +136,27 @@ def test_scancel_saves_a_checkpoint(slurm_cluster, tiny_data, tmp_path):
     manifest = ckpt.read_manifest(latest)
     assert manifest["world_size"] == 2 * NPROC_PER_NODE and manifest["status"] == "complete"
     assert "killed by signal" not in text, text[-4000:]
+
+
+def test_harness_refuses_a_port_held_by_another_process(slurm_cluster, tmp_path):
+    """The harness runs its own cluster (own slurm.conf, ports and state folder): when another process holds the
+    port it would use, start fails and says so, instead of reporting 'slurmctld started' and testing someone else's
+    cluster."""
+    import os
+    import socket
+
+    from tests.launch.conftest import HARNESS
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**os.environ, "SLURM_BASE": str(tmp_path / "other"), "SLURMCTLD_PORT": str(port),
+               "SLURMD_BASE_PORT": str(port + 1)}  # fmt: skip
+        proc = subprocess.run(["bash", str(HARNESS), "start"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"port {port} is held by a process that is not this cluster's slurmctld" in proc.stderr, proc.stderr
+    assert "slurmctld started" not in proc.stderr
+    assert (tmp_path / "other" / "slurm.conf").is_file() and f"SlurmctldPort={port}" in (
+        tmp_path / "other" / "slurm.conf"
+    ).read_text()
