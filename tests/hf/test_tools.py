@@ -46,3 +46,22 @@ def test_sample_prints_the_greedy_continuation(tmp_path, capsys):
     assert _tool("sample").main(args) == 0
     expected = generate(model, torch.tensor([[tok.bos_id, *tok.encode("def ")]]), 6, eos_id=tok.eos_id)
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(expected[0].tolist())
+
+
+def test_sample_takes_a_model_directory(tmp_path, capsys):
+    """A model directory (config.yaml + model.safetensors, from import_hf) samples like the HF folder it came from,
+    with the tokenizer given by --tokenizer; without a tokenizer, or for a path that is no model, one error line."""
+    tok = load_tokenizer(train_tokenizer([], 0, tmp_path / "tok", kind="bytes"))
+    cfg = tiny_model_config("mamba1", vocab_size=tok.vocab_size)
+    to_hf(build_model(cfg), cfg, tmp_path / "hf", tokenizer_dir=tok.path)
+    assert _tool("import_hf").main(["--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "dir")]) == 0
+    capsys.readouterr()
+    common = ["--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0"]
+    assert _tool("sample").main(["--hf", str(tmp_path / "hf"), *common]) == 0
+    from_hf_folder = capsys.readouterr().out
+    assert _tool("sample").main(["--hf", str(tmp_path / "dir"), "--tokenizer", str(tok.path), *common]) == 0
+    assert capsys.readouterr().out == from_hf_folder
+    for path in (tmp_path / "dir", tmp_path / "nothing"):
+        assert _tool("sample").main(["--hf", str(path), *common]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: "), err
