@@ -115,6 +115,13 @@ class Trainer:
         self.metrics = MetricsLogger(self.out_dir, self.is_main, cfg.to_dict(), cfg.train.wandb, cfg.train.max_steps)
         if self.initialised_from:
             self.metrics.print(f"initial weights from {self.initialised_from}")
+        unused = cfg.model.padded_vocab_size - self.train_loader.vocab_size
+        if unused >= cfg.model.pad_vocab_multiple:  # more than the rounding to pad_vocab_multiple
+            self.metrics.print(
+                f"note: model.vocab_size={cfg.model.vocab_size} is larger than the tokenizer's "
+                f"{self.train_loader.vocab_size}: {unused} embedding and output rows will never see a token (set "
+                f"model.vocab_size={self.train_loader.vocab_size} unless the model must match another tokenizer)"
+            )
         self.metrics.print(
             f"world {self.dist.world_size} (TP {self.dist.tp_size} x DP {self.dist.dp_size}) on {self.dist.device}, "
             f"{count_params(cfg.model).total:,} parameters, "

@@ -148,3 +148,19 @@ def test_resume_with_another_model_names_the_changed_settings(tiny_data, tmp_pat
     ok = subprocess.run(train_cmd(0, [*base, "model.kernels=reference", "train.max_steps=3"]), cwd=REPO,
                         env=train_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
     assert ok.returncode == 0 and "resumed from" in ok.stdout, ok.stderr[-2000:]
+
+
+def test_model_vocab_larger_than_the_tokenizer_is_noted(tiny_data, tmp_path):
+    """A model vocabulary larger than the tokenizer's trains, with one note saying how many rows stay unused; equal
+    vocabularies (up to the pad_vocab_multiple rounding) print no note."""
+    outs = {}
+    for vocab in (260, 512):
+        overrides = [*TINY, *tiny_data, f"model.vocab_size={vocab}", f"train.out_dir={tmp_path / str(vocab)}",
+                     "train.max_steps=1", "data.num_workers=0"]  # fmt: skip
+        proc = subprocess.run(
+            train_cmd(0, overrides), cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs[vocab] = proc.stdout
+    assert "note: model.vocab_size" not in outs[260]
+    assert "note: model.vocab_size=512 is larger than the tokenizer's 260: 252 embedding" in outs[512], outs[512]
