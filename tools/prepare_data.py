@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", help="tokenizer folder from tools/train_tokenizer.py")
     p.add_argument("--out", help="output folder for the shards and index.json")
     p.add_argument("--verify", metavar="INDEX", help="only check the shards of INDEX against their checksums")
-    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="start a new shard after this many tokens")
+    p.add_argument(
+        "--shard-tokens",
+        type=int,
+        default=50_000_000,
+        help="start a new shard after this many tokens (50M: ~100 MB with 16-bit ids)",
+    )
     p.add_argument("--field", default="text", help="JSONL key holding the document text")
     p.add_argument(
         "--txt-docs",

@@ -236,7 +236,7 @@ def prepare_data(
     inputs: Iterable[str],
     tokenizer_dir: str | Path,
     out_dir: str | Path,
-    shard_tokens: int = 100_000_000,
+    shard_tokens: int = 50_000_000,
     field_name: str = "text",
     val_fraction: float = 0.001,
     workers: int = 0,

@@ -597,12 +597,16 @@ class ShardLoader:
         self.num_workers = int(cfg.num_workers)
         n_local = max(1, self.num_workers)
         n_streams = world_size * n_local
-        if split == "train" and len(shards) < n_streams:
-            raise DataIndexError(
-                f"{cfg.index!r} has {len(shards)} train shards but world_size×max(1, data.num_workers) = "
-                f"{world_size}×{n_local} = {n_streams} streams need one each; lower data.num_workers or re-run "
-                "tools/prepare_data.py with a smaller --shard-tokens"
-            )
+        # Shards are dealt to streams; with fewer shards than streams, documents are dealt instead (every stream
+        # reads every shard and keeps one document in n_streams), as the validation split always does.
+        split_documents = split != "train" or len(shards) < n_streams
+        if split == "train" and split_documents and rank == 0:
+            log.warning(
+                "%r has %d train shards for world_size×max(1, data.num_workers) = %d×%d = %d streams: every stream "
+                "reads every shard and keeps 1 document in %d, so each shard is read %d times per epoch; at scale, "
+                "re-run tools/prepare_data.py with a smaller --shard-tokens (or lower data.num_workers)",
+                cfg.index, len(shards), world_size, n_local, n_streams, n_streams, n_streams,
+            )  # fmt: skip
         self.spec = StreamSpec(
             shards=tuple(shards),
             key_ext=self.index["tokens_key"],
@@ -613,7 +617,7 @@ class ShardLoader:
             shuffle_buffer=int(cfg.shuffle_buffer) if split == "train" else 0,
             seed=int(cfg.seed),
             infinite=split == "train",
-            split_documents=split != "train",
+            split_documents=split_documents,
             skip_bad_shards=bool(cfg.skip_bad_shards),
             rank=rank,
             n_local=n_local,

@@ -229,9 +229,27 @@ def test_failing_index_command_shows_its_stderr() -> None:
         read_index("pipe:echo no such bucket >&2; exit 3", allow_pipe=True)
 
 
-def test_too_few_shards_for_streams(prepared: Prepared) -> None:
-    with pytest.raises(DataIndexError, match="--shard-tokens"):
-        build_loader(prepared.cfg(num_workers=8), world_size=4)
+def test_fewer_shards_than_streams_deals_documents(prepared: Prepared, caplog: pytest.LogCaptureFixture) -> None:
+    """16 ranks and ~12 train shards: instead of refusing, every stream reads every shard and keeps one document in
+    16 (with a warning about the extra reads); the streams are disjoint and together cover the epoch once."""
+    n = 16
+    total = prepared.index()["splits"]["train"]["docs"]
+    assert len(prepared.index()["splits"]["train"]["shards"]) < n
+    cfg = prepared.cfg(num_workers=0, shuffle_buffer=4, seed=2, micro_batch=1, seq_len=16)
+    all_docs = []
+    with caplog.at_level(logging.WARNING, logger="mambatron.data"):
+        for rank in range(n):
+            loader = build_loader(cfg, "train", rank=rank, world_size=n)
+            assert loader.spec.split_documents
+            need = len(range(rank, total, n))
+            batches = []
+            for batch in loader:
+                batches.append(batch)
+                if len(_stream_docs(batches)) >= need:
+                    break
+            all_docs.extend(_stream_docs(batches)[:need])
+    assert as_sorted_keys(all_docs) == as_sorted_keys(prepared.split_docs("train"))
+    assert caplog.text.count("every stream reads every shard") == 1  # rank 0 warns once
 
 
 @pytest.fixture
