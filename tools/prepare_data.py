@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         help="one document per text file (default), per non-empty line, or per blank-line paragraph",
     )
     p.add_argument("--val-fraction", type=float, default=0.001, help="fraction of documents held out for validation")
+    p.add_argument(
+        "--min-val-docs",
+        type=int,
+        default=50,
+        help="hold out at least this many documents (at most a tenth of the corpus) when --val-fraction > 0",
+    )
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0 = one per CPU core)")
     p.add_argument("--max-docs", type=int, default=0, help="stop after this many documents (0 = all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             max_docs=args.max_docs,
             progress=not args.quiet,
             txt_docs=args.txt_docs,
+            min_val_docs=args.min_val_docs,
         )
     except (PrepareError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -243,11 +243,15 @@ def prepare_data(
     max_docs: int = 0,
     progress: bool = True,
     txt_docs: str = "file",
+    min_val_docs: int = 50,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into shards under ``out_dir`` and write ``out_dir/index.json``; return the index.
 
     ``workers``: tokenizer processes (0 = one per CPU core, 1 = in this process). ``max_docs``: stop after this many
-    documents (0 = all). ``txt_docs``: what one document of a text file is (:data:`TXT_DOCS`).
+    documents (0 = all). ``txt_docs``: what one document of a text file is (:data:`TXT_DOCS`). With
+    ``val_fraction > 0`` the validation split holds at least ``min_val_docs`` documents (at most a tenth of the
+    corpus): the fraction is raised for small corpora, so that validation loss averages over more than a handful of
+    documents; ``index["val_fraction"]`` records the fraction used.
     """
     if txt_docs not in TXT_DOCS:
         raise PrepareError(f"txt_docs={txt_docs!r} must be one of {', '.join(TXT_DOCS)}")
@@ -270,8 +274,13 @@ def prepare_data(
     # interrupt) leaves an earlier dataset in ``out`` exactly as it was.
     staging = Path(tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out))
     try:
+        if val_fraction > 0 and min_val_docs > 0:
+            # One cheap pass to count the documents (reading is far faster than tokenizing).
+            n_docs = sum(1 for _ in zip(range(max_docs or 2**62), _iter_docs(files, txt_docs)))
+            val_fraction = min(max(val_fraction, min_val_docs / max(n_docs, 1)), max(val_fraction, 0.1))
         index = _prepare_into(files, tok, dtype, key_ext, staging, shard_tokens, field_name, val_fraction, workers,
                               max_docs, tokenizer_dir, progress, txt_docs)  # fmt: skip
+        index["val_fraction"] = val_fraction
         _publish(staging, out, index)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

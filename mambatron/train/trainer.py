@@ -413,6 +413,18 @@ class Trainer:
         n = torch.tensor(len(batches), dtype=torch.int64, device=self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
+        if not getattr(self, "_eval_reported", False):
+            self._eval_reported = True
+            cfg = self.config
+            sequences = int(n) * cfg.data.micro_batch * self.dist.dp_size
+            line = (f"validation: {sequences} sequences of {cfg.data.seq_len} tokens per evaluation ({int(n)} of "
+                    f"train.eval_steps={cfg.train.eval_steps} micro-batches per rank)")  # fmt: skip
+            if int(n) < cfg.train.eval_steps:
+                line += (
+                    "; the validation split is smaller than that: re-run tools/prepare_data.py with a larger "
+                    "--val-fraction or --min-val-docs for a steadier validation loss"
+                )
+            self.metrics.print(line)
         total = torch.zeros((), dtype=torch.float64, device=self.dist.device)
         for batch in batches[: int(n)]:
             batch = {k: v.to(self.dist.device) for k, v in batch.items()}

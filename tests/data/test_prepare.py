@@ -208,3 +208,18 @@ def test_txt_docs(mode: str, docs: list[str], prepared: Prepared, tmp_path: Path
     assert got == docs
     with pytest.raises(PrepareError, match="txt_docs='lines' must be one of file, line, paragraph"):
         prepare_data([str(path)], prepared.tokenizer, out, txt_docs="lines")
+
+
+VAL_CASES = [(1000, 0.001, 50, 50), (400, 0.001, 50, 40), (40, 0.001, 50, 4), (400, 0.5, 50, 200), (400, 0.0, 50, 0)]
+
+
+@pytest.mark.parametrize("docs, fraction, minimum, expected", VAL_CASES)
+def test_validation_split_has_a_minimum(docs, fraction, minimum, expected, prepared: Prepared, tmp_path: Path) -> None:
+    """A small fraction of a small corpus would leave one validation document or none: the split holds at least
+    --min-val-docs (at most a tenth of the corpus), unless --val-fraction is 0; the index records the fraction used."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(docs)))
+    index = prepare_data([str(path)], prepared.tokenizer, tmp_path / "out", workers=1, progress=False,
+                         val_fraction=fraction, min_val_docs=minimum)  # fmt: skip
+    assert index["splits"]["val"]["docs"] == expected
+    assert index["documents"] == docs and index["val_fraction"] >= fraction
