@@ -44,6 +44,8 @@ class Throughput:
         self._times: list[float] = []
         self._tokens: list[int] = []
         self._updates = 0
+        self._total_seconds = 0.0  # every step after the first, for the ETA
+        self._total_steps = 0
 
     def update(self, step_seconds: float, tokens: int) -> tuple[float, float]:
         """Record one step; return ``(tokens_per_s, mfu)`` over the window."""
@@ -51,6 +53,9 @@ class Throughput:
         if self._updates == 2:
             self._times.clear()
             self._tokens.clear()
+        if self._updates >= 2:
+            self._total_seconds += step_seconds
+            self._total_steps += 1
         self._times.append(step_seconds)
         self._tokens.append(tokens)
         if len(self._times) > self.window:
@@ -64,6 +69,13 @@ class Throughput:
     def seconds_per_step(self) -> float:
         return sum(self._times) / len(self._times) if self._times else float("nan")
 
+    def eta_seconds_per_step(self) -> float:
+        """Mean step time since the first step of the process (which compiles and warms up): steadier than the
+        window for an ETA, which the occasional slow step (an evaluation, a save) would otherwise make jump."""
+        if self._total_steps:
+            return self._total_seconds / self._total_steps
+        return self.seconds_per_step()
+
 
 class MetricsLogger:
     """Writes ``metrics.jsonl``, prints progress lines and forwards to wandb; a no-op on ranks other than 0."""
@@ -76,8 +88,10 @@ class MetricsLogger:
         wandb_cfg: Any,
         max_steps: int,
         stream: TextIO | None = None,
+        accelerator: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.accelerator = accelerator  # MFU and memory are printed only for GPUs
         self.max_steps = max_steps
         self.stream = stream or sys.stdout
         self._file = None
@@ -99,10 +113,10 @@ class MetricsLogger:
             self._wandb.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
         if print_line:
             eta = (self.max_steps - record["step"]) * seconds_per_step
+            gpu = f"mfu {100 * record['mfu']:.1f}% | mem {record['memory_gib']:.1f} GiB | " if self.accelerator else ""
             self.print(
                 f"step {record['step']:>7}/{self.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-                f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                f"mfu {100 * record['mfu']:.1f}% | mem {record['memory_gib']:.1f} GiB | "
+                f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | {gpu}"
                 f"eta {format_duration(eta)}"
             )
 

@@ -112,7 +112,8 @@ class Trainer:
         self.tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.dist.dp_size
         peak = cfg.train.gpu_peak_tflops * 1e12 * self.dist.world_size
         self.throughput = Throughput(flops_per_token(cfg.model, cfg.data.seq_len), peak)
-        self.metrics = MetricsLogger(self.out_dir, self.is_main, cfg.to_dict(), cfg.train.wandb, cfg.train.max_steps)
+        self.metrics = MetricsLogger(self.out_dir, self.is_main, cfg.to_dict(), cfg.train.wandb, cfg.train.max_steps,
+                                     accelerator=self.dist.device.type == "cuda")  # fmt: skip
         if self.initialised_from:
             self.metrics.print(f"initial weights from {self.initialised_from}")
         unused = cfg.model.padded_vocab_size - self.train_loader.vocab_size
@@ -575,7 +576,7 @@ class Trainer:
             record["skipped"] = True
             self.metrics.print(f"non-finite loss at step {result.step}: step skipped, weights not updated")
         print_line = result.step % self.config.train.log_every == 0 or result.step == 1
-        self.metrics.log_step(record, print_line, self.throughput.seconds_per_step())
+        self.metrics.log_step(record, print_line, self.throughput.eta_seconds_per_step())
 
     def _request_requeue(self) -> None:
         """Under SLURM, rank 0 requeues the job so that it restarts from the checkpoint just written."""

@@ -211,6 +211,24 @@ def test_throughput_drops_the_first_step_from_the_window():
     tp.update(2.0, 100)
     tp.update(3.0, 100)
     assert tp.seconds_per_step() == pytest.approx(7.0 / 3)  # sliding window of the last 3 steps
+    assert tp.eta_seconds_per_step() == pytest.approx(8.0 / 4)  # every step but the first, for a steady ETA
+
+
+def test_progress_line_leaves_out_gpu_figures_on_cpu(tmp_path):
+    import io
+
+    cfg = load_config("configs/tiny.yaml")
+    rec = dict(step=3, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=64, tokens_per_s=1000.0, mfu=0.25, step_seconds=0.1,
+               memory_gib=12.5)  # fmt: skip
+    lines = {}
+    for accelerator in (True, False):
+        stream = io.StringIO()
+        logger = MetricsLogger(tmp_path / str(accelerator), True, cfg.to_dict(), WandbConfig(mode="disabled"), 10,
+                               stream=stream, accelerator=accelerator)  # fmt: skip
+        logger.log_step(rec, print_line=True, seconds_per_step=2.0)
+        lines[accelerator] = stream.getvalue()
+    assert "mfu 25.0% | mem 12.5 GiB" in lines[True] and "eta 0m14s" in lines[True]
+    assert "mfu" not in lines[False] and "GiB" not in lines[False] and "eta 0m14s" in lines[False]
 
 
 def test_save_flushes_every_file_before_the_manifest(tmp_path, monkeypatch):
