@@ -179,6 +179,8 @@ class WandbConfig:
     project: str = "mambatron"
     name: str = ""
     entity: str = ""
+    # wandb's own console output (banner, run history and summary); the run directory is printed either way.
+    verbose: bool = False
 
 
 @dataclass

@@ -59,8 +59,22 @@ def dry_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def quiet_library_notices() -> None:
+    """Keep notices that need no action out of the console (MAMBATRON_VERBOSE=1 shows them): megatron-core's
+    'Transformer Engine and Apex are not installed' (it falls back to plain torch, which is what runs) and DeepSpeed's
+    info-level start-up logging."""
+    if os.environ.get("MAMBATRON_VERBOSE") == "1":
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     signals.install()
+    quiet_library_notices()
     args = parse_args(argv)
     try:
         if args.dry_run:

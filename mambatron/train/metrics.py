@@ -103,6 +103,9 @@ class MetricsLogger:
         self._file = open(out / "metrics.jsonl", "a", buffering=1)
         if wandb_cfg.mode != "disabled":
             self._wandb = _init_wandb(out, config, wandb_cfg)
+            where = f"wandb sync {self._wandb.dir.removesuffix('/files')} uploads it" if wandb_cfg.mode == "offline" \
+                else self._wandb.url  # fmt: skip
+            self.print(f"wandb {wandb_cfg.mode} run {self._wandb.id} ({where})")
 
     def log_step(self, record: dict[str, Any], print_line: bool, seconds_per_step: float) -> None:
         """Append one optimizer step's record; print a progress line when ``print_line``."""
@@ -150,6 +153,7 @@ def _init_wandb(out_dir: Path, config: dict[str, Any], wandb_cfg: Any) -> Any:
     run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
+        settings=wandb.Settings(silent=not getattr(wandb_cfg, "verbose", False)),
         mode=wandb_cfg.mode,
         project=wandb_cfg.project,
         name=wandb_cfg.name or out_dir.name,
