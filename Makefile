@@ -13,15 +13,22 @@ DEMO := runs/demo
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml tools/constraints.txt
+	@echo "installing $(TORCH) and mambatron's dependencies into $(VENV) (a few minutes; pip is quiet meanwhile)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test,hf]" -c tools/constraints.txt
 	touch $@
 
-demo: install
+# The tokenizer and the shards are built once and reused by later runs (`make clean-demo` starts over); the
+# training run resumes from its newest checkpoint, so a finished demo only re-exports and samples.
+$(DEMO)/tokenizer/mambatron_tokenizer.json: | $(VENV)/.installed
 	$(PY) tools/train_tokenizer.py --input stdlib --vocab-size 4096 --out $(DEMO)/tokenizer
+
+$(DEMO)/data/index.json: $(DEMO)/tokenizer/mambatron_tokenizer.json
 	$(PY) tools/prepare_data.py --input stdlib --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
+
+demo: install $(DEMO)/data/index.json
 	$(PY) -m mambatron.train --config configs/tiny.yaml --set train.out_dir=$(DEMO)/run \
 		data.index=$(DEMO)/data/index.json data.tokenizer=$(DEMO)/tokenizer
 	$(PY) tools/export_hf.py --checkpoint $(DEMO)/run --out $(DEMO)/hf --overwrite
