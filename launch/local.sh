@@ -35,7 +35,10 @@ while :; do
   wait "$TORCHRUN"; rc=$?
   kill -0 "$TORCHRUN" 2>/dev/null || break
 done
-code=$(cat "$MAMBATRON_EXIT_FILE" 2>/dev/null)
+code=$(head -n 1 "$MAMBATRON_EXIT_FILE" 2>/dev/null)
+# Repeat rank 0's one-line error last, below torchrun's own failure report.
+message=$(sed -n 2p "$MAMBATRON_EXIT_FILE" 2>/dev/null)
+[ -n "$message" ] && echo "$message" >&2
 case "$code" in
   0) exit "$rc" ;;  # rank 0 finished, but another process may not have
   [1-9]|[1-9][0-9]|[1-9][0-9][0-9]) exit "$code" ;;

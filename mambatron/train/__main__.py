@@ -81,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             return dry_run(args)
         config = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return bad_input("config error", e)
     from mambatron.data.shards import DataIndexError, ShardError
     from mambatron.data.tokenizers import TokenizerError
     from mambatron.serialization import UnsafeCheckpointError
@@ -93,25 +92,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return Trainer(config).run()
     except (UnsafeCheckpointError, CorruptCheckpointError) as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"checkpoint error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input("checkpoint error", e)
     except RunLockedError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input("error", e)
     except ConfigError as e:  # a setting that only the data or the layout shows to be wrong
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input("config error", e)
     except (DataIndexError, TokenizerError) as e:  # read the same way by every rank at start
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"data error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input("data error", e)
     except ShardError as e:  # a bad shard is met by the rank that reads it: that rank reports it
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"data error{f' (rank {rank})' if rank else ''}: {_last_line(e)}", file=sys.stderr, flush=True)
-        return 2
+        return bad_input("data error", e, every_rank=True)
+
+
+_reported: list[str] = []  # the one-line error of this process, for the launcher (see report_exit)
+
+
+def bad_input(kind: str, e: BaseException, every_rank: bool = False) -> int:
+    """Print ``kind: message`` on one line (rank 0 only, unless the error is this rank's own) and return exit code 2.
+
+    Real bugs are not caught on their way here, and keep their tracebacks."""
+    rank = int(os.environ.get("RANK", "0"))
+    line = f"{kind}{f' (rank {rank})' if rank and every_rank else ''}: {_last_line(e)}"
+    if rank == 0 or every_rank:
+        print(line, file=sys.stderr, flush=True)
+        _reported.append(line)
+    return 2
 
 
 def _last_line(e: BaseException) -> str:
@@ -125,7 +129,7 @@ def _last_line(e: BaseException) -> str:
 
 
 def report_exit(code: int) -> int:
-    """Rank 0 writes its exit code to ``$MAMBATRON_EXIT_FILE`` when set.
+    """Rank 0 writes its exit code (and its one-line error, if any) to ``$MAMBATRON_EXIT_FILE`` when set.
 
     torchrun exits 1 whenever a worker exits non-zero, so a launcher that wants the run's own code (75 after a
     preemption save, 2 for a bad input) reads it from there; launch/local.sh does.
@@ -134,7 +138,8 @@ def report_exit(code: int) -> int:
     if path and int(os.environ.get("RANK", "0")) == 0:
         try:
             with open(path, "w") as f:
-                f.write(f"{code}\n")
+                # The code, then the one-line error, which the launcher repeats after torchrun's own report.
+                f.write(f"{code}\n" + "".join(f"{line}\n" for line in _reported[-1:]))
         except OSError as e:
             print(f"warning: could not write the exit code to {path}: {e}", file=sys.stderr)
     return code

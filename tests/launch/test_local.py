@@ -55,3 +55,19 @@ def test_sigterm_under_local_sh_saves_and_exits_75(target, tiny_data, tmp_path):
     assert "got SIGTERM: saving step" in out, out[-3000:] + err[-3000:]
     saved = ckpt.latest_checkpoint(run_dir)
     assert saved is not None and ckpt.read_manifest(saved)["world_size"] == 2
+
+
+def test_bad_input_under_local_sh_exits_2_with_the_error_last(tiny_data, tmp_path):
+    """A layout error under torchrun: local.sh exits 2 (not torchrun's 1) and its last line is rank 0's one-line
+    error, below torchrun's own failure report; no rank prints a traceback of it."""
+    env = {**train_env(), "MAMBATRON_NPROC_PER_NODE": "2"}
+    run = subprocess.run(
+        ["bash", "launch/local.sh", "--config", "configs/tiny.yaml", "--set", *TINY, *tiny_data, "parallel.tp=3",
+         f"train.out_dir={tmp_path}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: ") and "parallel.tp=3" in last, run.stderr[-3000:]
+    assert run.stderr.count("config error: ") == 2  # rank 0's line, and its repetition at the end
+    assert "Traceback (most recent call last)" not in run.stderr.split("config error: ")[0]
