@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    arch: Literal["mamba1", "mamba2"] = "mamba1"
+    # The layer kind of every block (mambatron/models/layers.py): "mamba1" or "mamba2".
+    arch: str = "mamba1"
     d_model: int = 768
     n_layer: int = 24
     vocab_size: int = 50277
@@ -75,21 +76,11 @@ class ModelConfig:
             raise ConfigError(f"model.dt_rank={self.dt_rank} must be a positive integer or 'auto'")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"model.dt_min={self.dt_min} / model.dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
-        if self.arch == "mamba2":
-            _positive(self, "headdim", "ngroups", "chunk_size")
-            if self.d_inner % self.headdim:
-                raise ConfigError(
-                    f"model.headdim={self.headdim} does not divide d_inner={self.d_inner} (expand*d_model); "
-                    f"pick a headdim that divides {self.d_inner}"
-                )
-            if self.nheads % self.ngroups:
-                raise ConfigError(
-                    f"model.ngroups={self.ngroups} does not divide nheads={self.nheads}; "
-                    f"pick a divisor of {self.nheads}"
-                )
-            lo, hi = self.A_init_range
-            if not 0 < lo <= hi:
-                raise ConfigError(f"model.A_init_range={self.A_init_range}: need 0 < low <= high")
+        from mambatron.models.layers import layer_kind  # the kinds import this module
+
+        problem = layer_kind(self.arch).config_problem(self)
+        if problem:
+            raise ConfigError(problem)
 
 
 @dataclass

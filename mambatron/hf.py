@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mambatron.config import Config, ModelConfig, config_from_dict
 from mambatron.models import MambaLM, build_model
+from mambatron.models.layers import kind_for_hf, layer_kind
 
 SHARD_BYTES = 4 * 1024**3
 
@@ -63,23 +64,10 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
-    if cfg.arch == "mamba1":
-        return {
-            "model_type": "mamba",
-            "architectures": ["MambaForCausalLM"],
-            "intermediate_size": cfg.d_inner,
-            **common,
-        }
-    return {
-        "model_type": "mamba2",
-        "architectures": ["Mamba2ForCausalLM"],
-        "num_heads": cfg.nheads,
-        "head_dim": cfg.headdim,
-        "n_groups": cfg.ngroups,
-        "chunk_size": cfg.chunk_size,
-        "time_step_limit": [0.0, float("inf")],
-        **common,
-    }
+    hf = layer_kind(cfg.arch).hf
+    if hf is None:
+        raise ValueError(f"layer kind {cfg.arch!r} has no Hugging Face mapping yet")
+    return {"model_type": hf.model_type, "architectures": [hf.architecture], **hf.config(cfg), **common}
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -87,11 +75,10 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if "mambatron" in hf:
         return config_from_dict({"model": hf["mambatron"]}).model
     model_type = hf.get("model_type")
-    if model_type not in ("mamba", "mamba2"):
-        raise ValueError(f"config.json has model_type={model_type!r}; only 'mamba' and 'mamba2' can be imported")
+    kind = kind_for_hf(model_type)
     vocab = int(hf["vocab_size"])
     fields: dict[str, Any] = {
-        "arch": "mamba1" if model_type == "mamba" else "mamba2",
+        "arch": kind.name,
         "d_model": hf["hidden_size"],
         "n_layer": hf["num_hidden_layers"],
         "vocab_size": vocab,
@@ -104,27 +91,13 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         "bias": hf.get("use_bias", False),
         "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
         "residual_in_fp32": hf.get("residual_in_fp32", True),
-        "tie_embeddings": hf.get("tie_word_embeddings", model_type == "mamba"),
         "dt_min": hf.get("time_step_min", 0.001),
         "dt_max": hf.get("time_step_max", 0.1),
         "dt_init_floor": hf.get("time_step_floor", 1e-4),
     }
-    if model_type == "mamba":
-        fields["dt_rank"] = hf.get("time_step_rank", "auto")
-    else:
-        fields.update(headdim=hf["head_dim"], ngroups=hf.get("n_groups", 1), chunk_size=hf.get("chunk_size", 256))
-        limit = hf.get("time_step_limit", [0.0, float("inf")])
-        if tuple(_json_float(v) for v in limit) != (0.0, float("inf")):
-            raise ValueError(f"time_step_limit={limit} is not supported yet; only (0.0, inf) imports exactly")
+    fields.update(kind.hf.fields(hf))
     cfg = config_from_dict({"model": fields}).model
-    if cfg.arch == "mamba2" and cfg.nheads != hf["num_heads"]:
-        raise ValueError(f"HF config: hidden_size*expand must equal num_heads*head_dim ({hf['num_heads']} heads)")
     return cfg
-
-
-def _json_float(value: Any) -> float:
-    """transformers writes non-finite floats as ``{"__float__": "Infinity"}``."""
-    return float(value["__float__"]) if isinstance(value, dict) else float(value)
 
 
 def to_hf(

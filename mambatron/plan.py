@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mambatron.config import Config, ModelConfig
+from mambatron.models.layers import layer_kind
 
 GIB = 1024**3
 
@@ -45,39 +46,8 @@ class ParamCount:
 
 
 def count_params(m: ModelConfig) -> ParamCount:
-    d, di, n, k = m.d_model, m.d_inner, m.d_state, m.d_conv
-    bias = int(m.bias)
-    if m.arch == "mamba1":
-        r = m.dt_rank_value
-        layer = (
-            d * 2 * di
-            + bias * 2 * di  # in_proj [x | z]
-            + di * k
-            + int(m.conv_bias) * di  # depthwise conv1d
-            + di * (r + 2 * n)  # x_proj -> [dt | B | C]
-            + r * di
-            + di  # dt_proj (+ bias)
-            + di * n
-            + di  # A_log, D
-            + di * d
-            + bias * d  # out_proj
-            + d  # pre-norm
-        )
-    else:
-        g, h = m.ngroups, m.nheads
-        conv_dim = di + 2 * g * n
-        in_out = 2 * di + 2 * g * n + h
-        layer = (
-            d * in_out
-            + bias * in_out  # in_proj [z | x | B | C | dt]
-            + conv_dim * k
-            + int(m.conv_bias) * conv_dim  # conv1d over xBC
-            + 3 * h  # dt_bias, A_log, D
-            + di  # gated RMSNorm
-            + di * d
-            + bias * d  # out_proj
-            + d  # pre-norm
-        )
+    d = m.d_model
+    layer = layer_kind(m.arch).params(m) + d  # the layer and its block's pre-norm
     vocab = m.padded_vocab_size
     return ParamCount(
         embedding=vocab * d,
@@ -95,11 +65,7 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
     SSD adds its intra-chunk quadratic term of 2 * chunk * d_inner per token per layer on top of the state work.
     """
     pc = count_params(m)
-    if m.arch == "mamba1":
-        scan = 9 * m.d_inner * m.d_state
-    else:
-        chunk = min(m.chunk_size, seq_len)
-        scan = 2 * chunk * m.d_inner + 6 * m.d_inner * m.d_state
+    scan = layer_kind(m.arch).mixing_flops(m, seq_len)
     return 3.0 * (2.0 * pc.matmul + m.n_layer * scan)
 
 
@@ -151,9 +117,7 @@ def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_pa
     sequence parallelism; the inner tensors (in_proj output x and z, conv output, delta, scan output, gate; ~7
     d_inner-wide units, Mamba2 adds B, C and dt) are always split over TP.
     """
-    inner = 7 * m.d_inner
-    if m.arch == "mamba2":
-        inner += 2 * m.ngroups * m.d_state * 2 + m.nheads
+    inner = layer_kind(m.arch).activation_width(m)
     outer = 3 * m.d_model
     outer_local = outer // tp if sequence_parallel else outer
     return tokens * bytes_ * (inner // tp + outer_local)

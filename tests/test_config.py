@@ -34,7 +34,10 @@ def test_non_divisible_shape_names_field():
 
 
 def test_bad_literal_and_type():
-    with pytest.raises(ConfigError, match="model.arch='mamba3' is not one of"):
+    with pytest.raises(ConfigError, match="model.kernels='fast' is not one of"):
+        load_config(None, ["model.kernels=fast"])
+    # model.arch names a registered layer kind (mambatron/models/layers.py).
+    with pytest.raises(ConfigError, match=r"unknown layer kind 'mamba3' \(model.arch\); known kinds: mamba1, mamba2"):
         load_config(None, ["model.arch=mamba3"])
     with pytest.raises(ConfigError, match="train.max_steps='abc' must be an integer"):
         load_config(None, ["train.max_steps=abc"])

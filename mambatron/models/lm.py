@@ -11,8 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mambatron.config import ModelConfig
-from mambatron.models.mamba1 import Mamba1Mixer
-from mambatron.models.mamba2 import Mamba2Mixer
+from mambatron.models.layers import layer_kind
 from mambatron.models.ops import get_op
 from mambatron.parallel.projections import LocalProjections
 
@@ -32,8 +31,7 @@ class Block(nn.Module):
         self.cfg = cfg
         self.norm = RMSNorm(cfg.d_model)
         proj.mark_sequence_parallel(self.norm.weight)
-        mixer_cls = Mamba1Mixer if cfg.arch == "mamba1" else Mamba2Mixer
-        self.mixer = mixer_cls(cfg, layer_idx, proj)
+        self.mixer = layer_kind(cfg.arch).build(cfg, layer_idx, proj)
 
     def _norm(self, hidden: torch.Tensor, residual: torch.Tensor | None):
         rms_norm = get_op("rms_norm", self.cfg.kernels, hidden)

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
+from mambatron.models.layers import HFMapping, LayerKind, register
 from mambatron.models.ops import get_op
+from mambatron.parallel.layout import REPLICATED, Layout
 from mambatron.parallel.projections import LocalProjections
 
 
@@ -167,3 +169,67 @@ def _kaiming_uniform(w: torch.Tensor, generator: torch.Generator | None) -> None
     fan_in = w[0].numel() if w.dim() > 1 else w.numel()
     bound = 1 / math.sqrt(fan_in)
     w.uniform_(-bound, bound, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------ the layer kind "mamba1"
+
+
+def _mamba1_layouts(c: ModelConfig) -> dict[str, Layout]:
+    di = c.d_inner
+    return {
+        "in_proj.weight": Layout(0, (di, di)),  # [x | z]
+        "in_proj.bias": Layout(0, (di, di)),
+        "conv1d.weight": Layout(0, (di,)),
+        "conv1d.bias": Layout(0, (di,)),
+        "x_proj.weight": Layout(1, (di,)),  # row-parallel: its [dt | B | C] output is all-reduced
+        "x_proj.bias": REPLICATED,
+        "dt_proj.weight": Layout(0, (di,)),
+        "dt_proj.bias": Layout(0, (di,)),
+        "A_log": Layout(0, (di,)),
+        "D": Layout(0, (di,)),
+        "out_proj.weight": Layout(1, (di,)),
+        "out_proj.bias": REPLICATED,
+    }
+
+
+def _mamba1_params(c: ModelConfig) -> int:
+    d, di, r = c.d_model, c.d_inner, c.dt_rank_value
+    bias = int(c.bias)
+    return (
+        d * 2 * di + di * (r + 2 * c.d_state) + r * di + di * d  # in_proj, x_proj, dt_proj, out_proj
+        + bias * (2 * di + d)  # in_proj, out_proj biases
+        + di * c.d_conv + int(c.conv_bias) * di  # depthwise conv1d
+        + di  # dt_proj bias
+        + di * c.d_state + di  # A_log, D
+    )  # fmt: skip
+
+
+def _mamba1_tp_problem(c: ModelConfig, tp: int) -> str | None:
+    if c.d_inner % tp:
+        return f"parallel.tp={tp} does not divide d_inner={c.d_inner} (model.expand*model.d_model); pick a tp that " \
+            f"divides {c.d_inner}"  # fmt: skip
+    return None
+
+
+def _mamba1_hf_config(c: ModelConfig) -> dict:
+    return {"intermediate_size": c.d_inner}
+
+
+def _mamba1_hf_fields(hf: dict) -> dict:
+    return {"dt_rank": hf.get("time_step_rank", "auto"), "tie_embeddings": hf.get("tie_word_embeddings", True)}
+
+
+MAMBA1 = register(
+    LayerKind(
+        name="mamba1",
+        build=Mamba1Mixer,
+        tp_layouts=_mamba1_layouts,
+        params=_mamba1_params,
+        # The selective scan: about 9 · d_inner · d_state per token (discretise, update, read out).
+        mixing_flops=lambda c, seq_len: 9.0 * c.d_inner * c.d_state,
+        # x and z (in_proj), the conv output, Δ, the scan output and the gate: ~7 d_inner-wide tensors per token.
+        activation_width=lambda c: 7 * c.d_inner,
+        tp_problem=_mamba1_tp_problem,
+        hf=HFMapping("mamba", "MambaForCausalLM", _mamba1_hf_config, _mamba1_hf_fields),
+    )
+)

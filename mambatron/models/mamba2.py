@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
+from mambatron.models.layers import HFMapping, LayerKind, register
 from mambatron.models.mamba1 import (
     _device_of,
     _last_window,
@@ -21,6 +22,7 @@ from mambatron.models.mamba1 import (
     state_dtype,
 )
 from mambatron.models.ops import get_op
+from mambatron.parallel.layout import REPLICATED, Layout
 from mambatron.parallel.projections import LocalProjections
 
 
@@ -146,3 +148,107 @@ class Mamba2Mixer(nn.Module):
                 batch, self.nheads_local, cfg.headdim, cfg.d_state, device=device, dtype=state_dtype(dtype)
             ),
         }
+
+
+# ------------------------------------------------------------------------------------------ the layer kind "mamba2"
+
+
+def _mamba2_layouts(c: ModelConfig) -> dict[str, Layout]:
+    di, gn, h = c.d_inner, c.ngroups * c.d_state, c.nheads
+    return {
+        "in_proj.weight": Layout(0, (di, di, gn, gn, h)),  # [z | x | B | C | dt]
+        "in_proj.bias": Layout(0, (di, di, gn, gn, h)),
+        "conv1d.weight": Layout(0, (di, gn, gn)),  # over [x | B | C]
+        "conv1d.bias": Layout(0, (di, gn, gn)),
+        "dt_bias": Layout(0, (h,)),
+        "A_log": Layout(0, (h,)),
+        "D": Layout(0, (h,)),
+        "norm.weight": Layout(0, (di,)),  # the gated norm is per group, so it stays local
+        "out_proj.weight": Layout(1, (di,)),
+        "out_proj.bias": REPLICATED,
+    }
+
+
+def _mamba2_params(c: ModelConfig) -> int:
+    d, di, n, g, h = c.d_model, c.d_inner, c.d_state, c.ngroups, c.nheads
+    conv_dim = di + 2 * g * n
+    in_out = 2 * di + 2 * g * n + h
+    return (
+        d * in_out + int(c.bias) * in_out  # in_proj [z | x | B | C | dt]
+        + conv_dim * c.d_conv + int(c.conv_bias) * conv_dim  # conv1d over xBC
+        + 3 * h  # dt_bias, A_log, D
+        + di  # gated RMSNorm
+        + di * d + int(c.bias) * d  # out_proj
+    )  # fmt: skip
+
+
+def _mamba2_flops(c: ModelConfig, seq_len: int) -> float:
+    # SSD: the intra-chunk quadratic term 2 · chunk · d_inner plus the state work, per token.
+    return 2.0 * min(c.chunk_size, seq_len) * c.d_inner + 6.0 * c.d_inner * c.d_state
+
+
+def _mamba2_tp_problem(c: ModelConfig, tp: int) -> str | None:
+    if c.nheads % tp:
+        return f"parallel.tp={tp} does not divide nheads={c.nheads} (d_inner / model.headdim); pick a tp that " \
+            f"divides {c.nheads}"  # fmt: skip
+    if c.ngroups % tp:
+        return f"parallel.tp={tp} does not divide model.ngroups={c.ngroups}; set model.ngroups to a multiple of " \
+            f"{tp} or pick a tp that divides {c.ngroups}"  # fmt: skip
+    return None
+
+
+def _mamba2_config_problem(c: ModelConfig) -> str | None:
+    for name in ("headdim", "ngroups", "chunk_size"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value <= 0:
+            return f"model.{name}={value!r} must be a positive number"
+    if c.d_inner % c.headdim:
+        return f"model.headdim={c.headdim} does not divide d_inner={c.d_inner} (expand*d_model); pick a headdim " \
+            f"that divides {c.d_inner}"  # fmt: skip
+    if c.nheads % c.ngroups:
+        return f"model.ngroups={c.ngroups} does not divide nheads={c.nheads}; pick a divisor of {c.nheads}"
+    lo, hi = c.A_init_range
+    if not 0 < lo <= hi:
+        return f"model.A_init_range={c.A_init_range}: need 0 < low <= high"
+    return None
+
+
+def _mamba2_hf_config(c: ModelConfig) -> dict:
+    return {
+        "num_heads": c.nheads,
+        "head_dim": c.headdim,
+        "n_groups": c.ngroups,
+        "chunk_size": c.chunk_size,
+        "time_step_limit": [0.0, float("inf")],
+    }
+
+
+def _mamba2_hf_fields(hf: dict) -> dict:
+    limit = hf.get("time_step_limit", [0.0, float("inf")])
+    as_float = lambda v: float(v["__float__"]) if isinstance(v, dict) else float(v)  # transformers' JSON for inf
+    if tuple(as_float(v) for v in limit) != (0.0, float("inf")):
+        raise ValueError(f"time_step_limit={limit} is not supported yet; only (0.0, inf) imports exactly")
+    if hf["hidden_size"] * hf.get("expand", 2) != hf["num_heads"] * hf["head_dim"]:
+        raise ValueError(f"HF config: hidden_size*expand must equal num_heads*head_dim ({hf['num_heads']} heads)")
+    return {
+        "headdim": hf["head_dim"],
+        "ngroups": hf.get("n_groups", 1),
+        "chunk_size": hf.get("chunk_size", 256),
+        "tie_embeddings": hf.get("tie_word_embeddings", False),
+    }
+
+
+MAMBA2 = register(
+    LayerKind(
+        name="mamba2",
+        build=Mamba2Mixer,
+        tp_layouts=_mamba2_layouts,
+        params=_mamba2_params,
+        mixing_flops=_mamba2_flops,
+        # Mamba1's ~7 d_inner-wide tensors, plus B and C (twice: in_proj output and conv output) and dt.
+        activation_width=lambda c: 7 * c.d_inner + 2 * c.ngroups * c.d_state * 2 + c.nheads,
+        tp_problem=_mamba2_tp_problem,
+        config_problem=_mamba2_config_problem,
+        hf=HFMapping("mamba2", "Mamba2ForCausalLM", _mamba2_hf_config, _mamba2_hf_fields),
+    )
+)

@@ -41,22 +41,11 @@ def validate_parallel(
         )
     if tp == 1:
         return
-    if model_cfg.arch == "mamba1" and model_cfg.d_inner % tp:
-        raise ConfigError(
-            f"parallel.tp={tp} does not divide d_inner={model_cfg.d_inner} (model.expand*model.d_model); "
-            f"pick a tp that divides {model_cfg.d_inner}"
-        )
-    if model_cfg.arch == "mamba2":
-        if model_cfg.nheads % tp:
-            raise ConfigError(
-                f"parallel.tp={tp} does not divide nheads={model_cfg.nheads} (d_inner / model.headdim); "
-                f"pick a tp that divides {model_cfg.nheads}"
-            )
-        if model_cfg.ngroups % tp:
-            raise ConfigError(
-                f"parallel.tp={tp} does not divide model.ngroups={model_cfg.ngroups}; "
-                f"set model.ngroups to a multiple of {tp} or pick a tp that divides {model_cfg.ngroups}"
-            )
+    from mambatron.models.layers import layer_kind
+
+    problem = layer_kind(model_cfg.arch).tp_problem(model_cfg, tp)
+    if problem:
+        raise ConfigError(problem)
     if model_cfg.padded_vocab_size % tp:
         raise ConfigError(
             f"parallel.tp={tp} does not divide the padded vocab {model_cfg.padded_vocab_size}; "

@@ -16,12 +16,12 @@ import glob
 import os
 import re
 import tempfile
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mambatron.config import ModelConfig
+from mambatron.parallel.layout import REPLICATED, Layout
 from mambatron.parallel.projections import LocalProjections
 from mambatron.serialization import load as safe_load
 from mambatron.serialization import safe_torch_load
@@ -29,19 +29,6 @@ from mambatron.serialization import safe_torch_load
 StateDict = dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How one full parameter maps to TP shards: ``dim`` is None when replicated; ``components`` are full sizes."""
-
-    dim: int | None
-    components: tuple[int, ...] = ()
-
-    @property
-    def replicated(self) -> bool:
-        return self.dim is None
-
-
-REPLICATED = Layout(None)
 _EXTRA_STATE = "_extra_state"
 
 
@@ -56,35 +43,9 @@ def param_layout(name: str, model_cfg: ModelConfig) -> Layout:
     if m is None:
         raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
     leaf = m.group(1)
-    di = c.d_inner
-    if leaf in ("out_proj.bias", "x_proj.bias"):
-        return REPLICATED
-    if leaf == "out_proj.weight":
-        return Layout(1, (di,))
-    if c.arch == "mamba1":
-        table = {
-            "in_proj.weight": Layout(0, (di, di)),
-            "in_proj.bias": Layout(0, (di, di)),
-            "conv1d.weight": Layout(0, (di,)),
-            "conv1d.bias": Layout(0, (di,)),
-            "x_proj.weight": Layout(1, (di,)),
-            "dt_proj.weight": Layout(0, (di,)),
-            "dt_proj.bias": Layout(0, (di,)),
-            "A_log": Layout(0, (di,)),
-            "D": Layout(0, (di,)),
-        }
-    else:
-        gn, h = c.ngroups * c.d_state, c.nheads
-        table = {
-            "in_proj.weight": Layout(0, (di, di, gn, gn, h)),
-            "in_proj.bias": Layout(0, (di, di, gn, gn, h)),
-            "conv1d.weight": Layout(0, (di, gn, gn)),
-            "conv1d.bias": Layout(0, (di, gn, gn)),
-            "dt_bias": Layout(0, (h,)),
-            "A_log": Layout(0, (h,)),
-            "D": Layout(0, (h,)),
-            "norm.weight": Layout(0, (di,)),
-        }
+    from mambatron.models.layers import layer_kind
+
+    table = layer_kind(c.arch).tp_layouts(c)
     if leaf not in table:
         raise KeyError(f"no tensor-parallel layout for parameter {name!r} ({c.arch})")
     return table[leaf]
