@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import pickle
 import re
 from collections.abc import Iterator
@@ -29,6 +30,13 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file holds Python objects that could run code when unpickled; it was not loaded."""
 
 
+def before_deepspeed_import() -> None:
+    """On a machine without CUDA, name the CPU accelerator DeepSpeed would pick itself, so that importing it does not
+    print a warning about the choice (the trainer's CPU shims do the same)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 @functools.cache
 def allowed_globals() -> tuple[Any, ...]:
     """The non-tensor types a mambatron or DeepSpeed checkpoint may hold; each is plain data once unpickled."""
@@ -37,6 +45,7 @@ def allowed_globals() -> tuple[Any, ...]:
     # Older rank files hold NumPy's RNG key as a uint32 array.
     multiarray = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
     allowed: list[Any] = [np.ndarray, np.dtype, multiarray._reconstruct, np.dtypes.UInt32DType]
+    before_deepspeed_import()
     try:  # DeepSpeed's optimizer files: the loss-scaler settings, the ZeRO stage and flat-buffer fragment offsets
         from deepspeed.runtime.fp16.loss_scaler import LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -154,6 +154,9 @@ def consolidate_zero_checkpoint(checkpoint_dir: str, model_cfg: ModelConfig, tag
 
 
 def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
+    from mambatron.serialization import before_deepspeed_import
+
+    before_deepspeed_import()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     suffix = f"mp_rank_{mp_rank:02d}"
