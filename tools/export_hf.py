@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from mambatron.hf import load_full_state, load_model_dir, to_hf
-from mambatron.models import build_model
+from mambatron.hf import to_hf
 from mambatron.serialization import UnsafeCheckpointError
-from mambatron.train.checkpoint import CorruptCheckpointError, load_full_model_state
+from mambatron.train.checkpoint import CorruptCheckpointError, load_trained_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,16 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_dir():
         print(f"error: checkpoint {str(src)!r} is not a directory", file=sys.stderr)
         return 2
-    if (src / "model.safetensors").is_file():
-        model, config = load_model_dir(src)
-    else:
-        try:
-            state, config = load_full_model_state(src)
-        except (FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        model = build_model(config.model)
-        load_full_state(model, state)
+    try:
+        model, config = load_trained_model(src)
+    except (FileNotFoundError, UnsafeCheckpointError, CorruptCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bad = [name for name, p in model.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
         print(

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from mambatron.data.tokenizers import TokenizerError, load_tokenizer
-from mambatron.hf import from_hf, load_full_state, load_model_dir
-from mambatron.models import build_model, generate
+from mambatron.hf import from_hf
+from mambatron.models import generate
 from mambatron.serialization import UnsafeCheckpointError
-from mambatron.train.checkpoint import CorruptCheckpointError, load_full_model_state
+from mambatron.train.checkpoint import CorruptCheckpointError, load_trained_model
 
 
 def load_model(path: Path):
@@ -28,12 +28,7 @@ def load_model(path: Path):
     if (path / "config.json").is_file():
         model, _ = from_hf(path)
         return model, path
-    if (path / "model.safetensors").is_file():
-        model, config = load_model_dir(path)
-    else:
-        state, config = load_full_model_state(path)
-        model = build_model(config.model)
-        load_full_state(model, state)
+    model, config = load_trained_model(path)
     return model, (Path(config.data.tokenizer) if config.data.tokenizer else None)
 
 

@@ -5,7 +5,7 @@ import os
 import torch
 import triton
 
-from mambatron.kernels._common import new_output, new_output_like_layout, use_triton
+from mambatron.kernels._common import new_output, use_triton
 
 from .reference import _check_args, selective_scan_fn_ref
 
@@ -55,7 +55,7 @@ class _SelectiveScan(torch.autograd.Function):
         P = dim // groups
         cfg = _launch_config(P, dstate)
         nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
-        out = new_output_like_layout(delta, u.dtype)  # in a mixer delta comes channel-last, ready for out_proj
+        out = new_output((batch, dim, seqlen), u.dtype, u.device)  # inputs arrive time-contiguous (_time_major)
         last_state = new_output((batch, dim, dstate), torch.float32, u.device)
         chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
         grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
@@ -91,9 +91,9 @@ class _SelectiveScan(torch.autograd.Function):
         dout = torch.zeros_like(u) if dout is None else _time_major(dout)
         dlast = None if dlast is None else dlast.contiguous()
         f32 = torch.float32
-        du = new_output_like_layout(u)
-        ddelta = new_output_like_layout(delta)
-        dz = new_output_like_layout(z) if z is not None else None
+        du = new_output(u.shape, u.dtype, dev)
+        ddelta = new_output(delta.shape, delta.dtype, dev)
+        dz = new_output(z.shape, z.dtype, dev) if z is not None else None
         dA_part = new_output((batch, dim, dstate), f32, dev)
         dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
         dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)

@@ -9,8 +9,8 @@ state at each chunk start (1/CHUNK of a state per step); the backward walks the 
 chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse scan.
 
 Every (batch, dim, seqlen) tensor (u, delta, z, out, dout, du, ddelta, dz) and B, C (batch, groups, dstate, seqlen)
-is addressed through its own strides, so channel-last views (slices of an in_proj or x_proj output) are read and
-written in place; A is (dim, dstate) contiguous. Channel d of group g is g * P + p with P = dim // groups. Everything
+is addressed through its own strides (``api.py`` hands them over time-contiguous: strided time axes were measured 3x
+slower); A is (dim, dstate) contiguous. Channel d of group g is g * P + p with P = dim // groups. Everything
 is computed in fp32 and cast on store.
 """
 

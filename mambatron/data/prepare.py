@@ -275,8 +275,10 @@ def prepare_data(
     staging = Path(tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out))
     try:
         if val_fraction > 0 and min_val_docs > 0:
-            # One cheap pass to count the documents (reading is far faster than tokenizing).
-            n_docs = sum(1 for _ in zip(range(max_docs or 2**62), _iter_docs(files, txt_docs)))
+            # Count the documents (reading is far faster than tokenizing), but only as far as it matters: from
+            # min_val_docs / val_fraction documents on, the fraction alone holds out enough.
+            enough = math.ceil(min_val_docs / val_fraction)
+            n_docs = sum(1 for _ in zip(range(min(max_docs or enough, enough)), _iter_docs(files, txt_docs)))
             val_fraction = min(max(val_fraction, min_val_docs / max(n_docs, 1)), max(val_fraction, 0.1))
         index = _prepare_into(files, tok, dtype, key_ext, staging, shard_tokens, field_name, val_fraction, workers,
                               max_docs, tokenizer_dir, progress, txt_docs)  # fmt: skip

@@ -583,8 +583,7 @@ class ShardLoader:
                     "with this tokenizer."
                 )
         shards = shard_infos(cfg.index, self.index, split, allow_pipe)
-        missing = [s.url for s in shards if not _is_url(s.url) and not s.url.startswith("pipe:") and not
-                   os.path.isfile(s.url)]  # fmt: skip
+        missing = [s.url for s in shards if not _is_url(s.url) and not os.path.isfile(s.url)]  # pipe: is a URL here
         if missing:
             listed = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             problem = f"{len(missing)} of the {len(shards)} {split} shards in {cfg.index!r} do not exist: {listed}"

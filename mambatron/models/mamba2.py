@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambatron.config import ModelConfig
+from mambatron.config import ModelConfig, _positive
 from mambatron.models.layers import HFMapping, LayerKind, register
 from mambatron.models.mamba1 import (
     _device_of,
@@ -198,10 +198,7 @@ def _mamba2_tp_problem(c: ModelConfig, tp: int) -> str | None:
 
 
 def _mamba2_config_problem(c: ModelConfig) -> str | None:
-    for name in ("headdim", "ngroups", "chunk_size"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or value <= 0:
-            return f"model.{name}={value!r} must be a positive number"
+    _positive(c, "headdim", "ngroups", "chunk_size")  # raises the config's own error for a non-positive size
     if c.d_inner % c.headdim:
         return f"model.headdim={c.headdim} does not divide d_inner={c.d_inner} (expand*d_model); pick a headdim " \
             f"that divides {c.d_inner}"  # fmt: skip

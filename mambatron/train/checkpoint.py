@@ -457,6 +457,20 @@ def _scatter_into_engine(
         zero_opt._hp_optimizer_states_linked = False
 
 
+def load_trained_model(path: str | Path) -> tuple[Any, Any]:
+    """``(model, Config)`` from a model directory (config.yaml + model.safetensors, as tools/import_hf.py writes) or
+    a training checkpoint (anything :func:`load_full_model_state` takes)."""
+    from mambatron.hf import load_full_state, load_model_dir
+    from mambatron.models import build_model
+
+    if (Path(path) / "model.safetensors").is_file():
+        return load_model_dir(path)
+    state, config = load_full_model_state(path)
+    model = build_model(config.model)
+    load_full_state(model, state)
+    return model, config
+
+
 def load_full_model_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Any]:
     """Full (TP=1) fp32 model weights and the run :class:`~mambatron.config.Config` of a training checkpoint.
 

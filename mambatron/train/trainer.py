@@ -108,6 +108,7 @@ class Trainer:
                 f"{self.train_loader.vocab_size}"
             )
         self._train_iter: Any = None
+        self._eval_reported = False  # the first evaluation says how many sequences it averages over
         self.schedule = LRSchedule.from_config(cfg.optim, cfg.train.max_steps)
         self.tokens_per_step = cfg.data.micro_batch * cfg.data.seq_len * cfg.train.grad_accum * self.dist.dp_size
         peak = cfg.train.gpu_peak_tflops * 1e12 * self.dist.world_size
@@ -414,7 +415,7 @@ class Trainer:
         n = torch.tensor(len(batches), dtype=torch.int64, device=self.dist.device)
         if self.dist.world_size > 1:
             dist.all_reduce(n, op=dist.ReduceOp.MIN)
-        if not getattr(self, "_eval_reported", False):
+        if not self._eval_reported:
             self._eval_reported = True
             cfg = self.config
             sequences = int(n) * cfg.data.micro_batch * self.dist.dp_size
