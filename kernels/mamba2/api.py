@@ -14,7 +14,7 @@ import torch
 
 from mambatron.kernels._common import use_triton
 from mambatron.kernels.conv1d.api import conv_backward, conv_forward
-from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward
+from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward, row_stride
 from mambatron.kernels.ssd.combined import ssd_backward, ssd_forward
 from mambatron.kernels.ssd.reference import NO_DT_LIMIT, document_index
 
@@ -105,9 +105,10 @@ def mamba2_split_conv_scan_fn(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
     norm_group_size, eps, seq_idx=None,
 ):  # fmt: skip
-    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec). zxbcdt must have unit-stride
-    features (an in_proj output). Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1 (fp16/bf16/fp32),
-    the reference otherwise."""
+    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec). zxbcdt is read in place when it is
+    uniformly strided over (batch, seqlen) rows of unit-stride features (an in_proj output), else copied first (a
+    tensor-parallel layer's sequence-major output). Runs the Triton kernels on CUDA tensors or under
+    TRITON_INTERPRET=1 (fp16/bf16/fp32), the reference otherwise."""
     if not use_triton(zxbcdt) or zxbcdt.dtype == torch.float64:
         return mamba2_split_conv_scan_fn_ref(
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, d_inner=d_inner, ngroups=ngroups,
@@ -116,7 +117,7 @@ def mamba2_split_conv_scan_fn(
     split_sizes(zxbcdt, d_inner, ngroups, dstate)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         raise TypeError(f"seq_idx must be int32, got {seq_idx.dtype}")
-    if zxbcdt.stride(-1) != 1:
+    if row_stride(zxbcdt) is None:  # the norm reads z as (rows, d_inner) rows; megatron's output is seq-major
         zxbcdt = zxbcdt.contiguous()
     contig = lambda t: None if t is None else t.contiguous()
     dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps)

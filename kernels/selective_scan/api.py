@@ -43,34 +43,89 @@ def _bdl_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (0, 0, 0) if t is None else tuple(t.stride())
 
 
+def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+    """The Triton forward on time-contiguous u, delta, z (batch, dim, seqlen) and B, C (batch, groups, dstate,
+    seqlen). Returns out (time-contiguous, u's dtype), last_state (batch, dim, dstate) fp32 and the fp32 state at
+    every chunk start, which is all :func:`scan_backward` needs besides the inputs."""
+    # Triton is imported on first use, not with the package: the interpreter only works if TRITON_INTERPRET is
+    # set before triton itself is imported, and CPU-only users of the reference should not pay for the import.
+    from .kernel import _scan_fwd_kernel
+
+    batch, dim, seqlen = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    P = dim // groups
+    cfg = _launch_config(P, dstate)
+    nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
+    out = new_output((batch, dim, seqlen), u.dtype, u.device)
+    last_state = new_output((batch, dim, dstate), torch.float32, u.device)
+    chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
+    grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states,
+        *u.stride(), *delta.stride(), *_bdl_strides(z), *out.stride(), *B.stride(), *C.stride(),
+        dim, P, seqlen, dstate, nchunks,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_DELTA_BIAS=delta_bias is not None,
+        DELTA_SOFTPLUS=delta_softplus,
+        HAS_H0=initial_state is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
+        **cfg,
+    )  # fmt: skip
+    return out, last_state, chunk_states
+
+
+def scan_backward(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, seq_idx, chunk_states, dout, dlast, dz=None
+):  # fmt: skip
+    """Gradients of :func:`scan_forward` for a time-contiguous dout (dlast may be None). dz is written into ``dz``
+    (any strides) when given. Returns du, ddelta (time-contiguous), dA, dB, dC, dD, dz, ddelta_bias, dinitial_state,
+    with dA, dD, ddelta_bias, dinitial_state in fp32 and dB, dC fp32 (batch, groups, dstate, seqlen)."""
+    from .kernel import _scan_bwd_kernel
+
+    batch, dim, seqlen = u.shape
+    groups, dstate = B.shape[1], A.shape[1]
+    P = dim // groups
+    cfg = _launch_config(P, dstate)
+    nblocks = triton.cdiv(P, cfg["BLOCK_D"])
+    nchunks = chunk_states.shape[2]
+    dev, f32 = u.device, torch.float32
+    dlast = None if dlast is None else dlast.contiguous()
+    du = new_output(u.shape, u.dtype, dev)
+    ddelta = new_output(delta.shape, delta.dtype, dev)
+    if z is not None and dz is None:
+        dz = new_output(z.shape, z.dtype, dev)
+    dA_part = new_output((batch, dim, dstate), f32, dev)
+    dB = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
+    dC = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
+    dD_part = new_output((batch, dim), f32, dev) if D is not None else None
+    dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
+    dh0 = new_output((batch, dim, dstate), f32, dev)
+    _scan_bwd_kernel[(batch, groups, nblocks)](
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast,
+        du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
+        *u.stride(), *delta.stride(), *_bdl_strides(z), *dout.stride(), *du.stride(), *ddelta.stride(),
+        *_bdl_strides(dz), *B.stride(), *C.stride(),
+        dim, P, groups, seqlen, dstate, nchunks,
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+        HAS_DELTA_BIAS=delta_bias is not None,
+        DELTA_SOFTPLUS=delta_softplus,
+        HAS_DLAST=dlast is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
+        **cfg,
+    )  # fmt: skip
+    dD = dD_part.sum(0) if D is not None else None
+    ddelta_bias = dbias_part.sum(0) if delta_bias is not None else None
+    return du, ddelta, dA_part.sum(0), dB, dC, dD, dz, ddelta_bias, dh0
+
+
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
-        # Triton is imported on first use, not with the package: the interpreter only works if TRITON_INTERPRET is
-        # set before triton itself is imported, and CPU-only users of the reference should not pay for the import.
-        from .kernel import _scan_fwd_kernel
-
-        batch, dim, seqlen = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        P = dim // groups
-        cfg = _launch_config(P, dstate)
-        nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
-        out = new_output((batch, dim, seqlen), u.dtype, u.device)  # inputs arrive time-contiguous (_time_major)
-        last_state = new_output((batch, dim, dstate), torch.float32, u.device)
-        chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
-        grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
-        _scan_fwd_kernel[grid](
-            u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states,
-            *u.stride(), *delta.stride(), *_bdl_strides(z), *out.stride(), *B.stride(), *C.stride(),
-            dim, P, seqlen, dstate, nchunks,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=delta_softplus,
-            HAS_H0=initial_state is not None,
-            HAS_SEQ_IDX=seq_idx is not None,
-            **cfg,
-        )  # fmt: skip
+        out, last_state, chunk_states = scan_forward(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx
+        )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states)
         ctx.delta_softplus = delta_softplus
         ctx.set_materialize_grads(False)
@@ -78,49 +133,14 @@ class _SelectiveScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlast):
-        from .kernel import _scan_bwd_kernel
-
         u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, chunk_states = ctx.saved_tensors
-        batch, dim, seqlen = u.shape
-        groups, dstate = B.shape[1], A.shape[1]
-        P = dim // groups
-        cfg = _launch_config(P, dstate)
-        nblocks = triton.cdiv(P, cfg["BLOCK_D"])
-        nchunks = chunk_states.shape[2]
-        dev = u.device
         dout = torch.zeros_like(u) if dout is None else _time_major(dout)
-        dlast = None if dlast is None else dlast.contiguous()
-        f32 = torch.float32
-        du = new_output(u.shape, u.dtype, dev)
-        ddelta = new_output(delta.shape, delta.dtype, dev)
-        dz = new_output(z.shape, z.dtype, dev) if z is not None else None
-        dA_part = new_output((batch, dim, dstate), f32, dev)
-        dB_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
-        dC_acc = torch.zeros((batch, groups, dstate, seqlen), dtype=f32, device=dev)
-        dD_part = new_output((batch, dim), f32, dev) if D is not None else None
-        dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
-        dh0 = new_output((batch, dim, dstate), f32, dev)
-        _scan_bwd_kernel[(batch, groups, nblocks)](
-            u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast,
-            du, ddelta, dz, dA_part, dB_acc, dC_acc, dD_part, dbias_part, dh0,
-            *u.stride(), *delta.stride(), *_bdl_strides(z), *dout.stride(), *du.stride(), *ddelta.stride(),
-            *_bdl_strides(dz), *B.stride(), *C.stride(),
-            dim, P, groups, seqlen, dstate, nchunks,
-            HAS_D=D is not None,
-            HAS_Z=z is not None,
-            HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=ctx.delta_softplus,
-            HAS_DLAST=dlast is not None,
-            HAS_SEQ_IDX=seq_idx is not None,
-            **cfg,
-        )  # fmt: skip
-        dA = dA_part.sum(0).to(A.dtype)
-        dB = dB_acc.to(B.dtype)
-        dC = dC_acc.to(C.dtype)
-        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-        ddelta_bias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
-        dinitial = dh0.to(initial_state.dtype) if initial_state is not None else None
-        return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, None, dinitial, None
+        du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0 = scan_backward(
+            u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, seq_idx, chunk_states, dout, dlast
+        )
+        cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
+        return (du, ddelta, cast(dA, A), cast(dB, B), cast(dC, C), cast(dD, D), dz, cast(ddelta_bias, delta_bias),
+                None, cast(dh0, initial_state), None)  # fmt: skip
 
 
 def _validate(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx):

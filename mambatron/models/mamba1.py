@@ -18,7 +18,7 @@ from mambatron.config import ModelConfig
 from mambatron.models.layers import HFMapping, LayerKind, register
 from mambatron.models.ops import get_op
 from mambatron.parallel.layout import REPLICATED, Layout
-from mambatron.parallel.projections import LocalProjections
+from mambatron.parallel.projections import LocalProjections, feature_major
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,9 @@ def sample_dt(n: int, cfg: ModelConfig, generator: torch.Generator | None = None
 
 
 class Mamba1Mixer(nn.Module):
+    # Its forward reads its sub-layers' weights directly (the fused op): ZeRO-3 must gather them around this module.
+    reads_submodule_params = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections | None = None):
         super().__init__()
         proj = proj or LocalProjections()
@@ -51,6 +54,8 @@ class Mamba1Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(di, n))
         self.D = nn.Parameter(torch.empty(di))
         self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        # x_proj's output is summed over this group inside the fused op (None on one rank).
+        self.tp_group = getattr(proj, "tp_group", None) if proj.tp_size > 1 else None
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True
 
@@ -73,20 +78,30 @@ class Mamba1Mixer(nn.Module):
         cfg = self.cfg
         sdt = state_dtype(hidden.dtype)
         kernels = cfg.kernels
+        A = -torch.exp(self.A_log.to(sdt))
+        if cache is None:
+            # Training and scoring: conv → x_proj → dt_proj → scan → gate as one op on the in_proj output, computed
+            # feature-major (W·xᵀ) so that every sequence the kernels read is contiguous without a copy.
+            xz = feature_major(self.in_proj, hidden)
+            fused = get_op("mamba1_conv_scan", kernels, xz)
+            y = fused(
+                xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self.dt_proj.bias.to(sdt), A, self.D.to(sdt), seq_idx=seq_idx, tp_group=self.tp_group,
+            )  # fmt: skip
+            return self.out_proj(y)
+        # Prefill for generation: op by op, keeping the conv window and the final SSM state.
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen) for the conv
         # The scan reads time-contiguous (batch, d_inner, seqlen) rows: Δ is computed in that layout by the matmul
         # below; z, B and C are channel-last views of the projections' outputs that the scan stages with one copy.
         z = z.transpose(1, 2)
-        if cache is not None:
-            cache["conv"] = _last_window(x, cfg.d_conv)
+        cache["conv"] = _last_window(x, cfg.d_conv)
         conv = get_op("conv1d", kernels, x)
         x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
         x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, seqlen), time-contiguous
-        A = -torch.exp(self.A_log.to(sdt))
         scan = get_op("selective_scan", kernels, x)
         out = scan(
             x,
@@ -98,11 +113,10 @@ class Mamba1Mixer(nn.Module):
             z=z,
             delta_bias=self.dt_proj.bias.to(sdt),
             delta_softplus=True,
-            return_last_state=cache is not None,
+            return_last_state=True,
             seq_idx=seq_idx,
         )
-        if cache is not None:
-            out, cache["ssm"] = out
+        out, cache["ssm"] = out
         return self.out_proj(out.transpose(1, 2))
 
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:

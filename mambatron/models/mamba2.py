@@ -27,6 +27,9 @@ from mambatron.parallel.projections import LocalProjections
 
 
 class Mamba2Mixer(nn.Module):
+    # Its forward reads its sub-layers' weights directly (conv1d, the norm): ZeRO-3 must gather them around it.
+    reads_submodule_params = True
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections | None = None):
         super().__init__()
         proj = proj or LocalProjections()

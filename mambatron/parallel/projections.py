@@ -28,6 +28,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def feature_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x)`` for x (batch, seqlen, in_f), as a (batch, seqlen, out_f) tensor laid out feature-major in
+    memory, (out_f, batch, seqlen): each feature's sequence is contiguous, which is what the sequence kernels read.
+
+    A plain ``nn.Linear`` computes it as W·xᵀ, one GEMM with no copy (its backward needs none either); other modules
+    (the tensor-parallel ones) return their usual channel-last output, which consumers must also accept.
+    """
+    if type(linear) is not nn.Linear or x.dim() != 3:
+        return linear(x)
+    batch, seqlen, _ = x.shape
+    out = torch.matmul(linear.weight, x.reshape(batch * seqlen, -1).t())  # (out_f, batch * seqlen)
+    if linear.bias is not None:
+        out = out + linear.bias[:, None]
+    return out.view(-1, batch, seqlen).permute(1, 2, 0)
+
+
 class LocalProjections:
     tp_size = 1
     tp_rank = 0

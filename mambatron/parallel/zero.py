@@ -167,6 +167,8 @@ def build_engine(
         mark_tensor_parallel_params(model, config.model)
         install_sequence_parallel_grad_hooks(model)
     ds_config = deepspeed_config(config, dist_info, extra)
+    if config.parallel.zero_stage == 3:
+        register_direct_reads(model)
     optimizer = optimizer or build_optimizer(model, config)
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -176,6 +178,22 @@ def build_engine(
         dist_init_required=False,
     )
     return engine
+
+
+def register_direct_reads(model: nn.Module) -> int:
+    """ZeRO-3 gathers a module's own parameters around its forward only. A module whose forward reads its
+    sub-layers' weights directly (``reads_submodule_params = True``: the mixers' fused ops) gets them registered as
+    its external parameters, so they are gathered around its forward and backward too. Returns how many."""
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "reads_submodule_params", False):
+            for child in module.children():
+                for param in child.parameters():
+                    register_external_parameter(module, param)
+                    count += 1
+    return count
 
 
 def forward_loss(

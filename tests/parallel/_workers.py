@@ -210,6 +210,9 @@ def zero_config(arch: str, stage: int, variant: str = "fp32", tp: int = 2) -> Co
         zero_stage=stage,
         offload_optimizer=bf16 or offload_all,
         offload_params=offload_all,
+        # ZeRO-3 partitions every parameter, however small (by default it keeps those under 100k elements whole), as
+        # it does a large model's: the weights the fused mixer ops read outside their own modules must be gathered.
+        deepspeed_extra={"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {},
     )
     return Config(
         model=tiny_model_config(arch),

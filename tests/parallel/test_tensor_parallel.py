@@ -17,6 +17,9 @@ CASES = [
     ("mamba1", True, {}),
     ("mamba2", False, {"bias": True, "tie_embeddings": False}),
     ("mamba2", True, {"bias": True, "tie_embeddings": False}),
+    # The fused Triton mixer ops (in the interpreter on CPU): Mamba1's sums x_proj's output over TP inside.
+    ("mamba1", True, {"kernels": "triton"}),
+    ("mamba2", True, {"kernels": "triton"}),
 ]
 ROUNDTRIPS = [("mamba1", True), ("mamba2", False)]
 # Built on the meta device and materialised, as the trainer does: the sequence-parallel gradient hooks and the
