@@ -6,11 +6,14 @@ it changes is what is kept and where gradients land:
 - saved for backward: the in_proj output itself (z, xBC and dt are column views of it), the SSD output before the
   norm, the norm's rstd and SSD's per-chunk dt/cumsum (batch·nheads·seqlen fp32 each). The conv output (x, B, C) is
   recomputed in backward, one conv launch, instead of kept; z is read in place, never copied;
+- given out_proj's weight (a single-device linear), the projection runs inside too, and the norm's output, which
+  out_proj would otherwise keep for its weight gradient, is recomputed in backward instead (d_inner per token less);
 - backward writes dz, the conv input's gradient and ddt straight into one preallocated (batch, seqlen, features)
   buffer, and SSD's dx, dB, dC into one conv-output-gradient buffer, so there is no split-backward concatenation.
 """
 
 import torch
+import torch.nn.functional as F
 
 from mambatron.kernels._common import use_triton
 from mambatron.kernels.conv1d.api import conv_backward, conv_forward
@@ -41,7 +44,7 @@ def _xbc_heads(xbc: torch.Tensor, d_inner: int, ngroups: int, dstate: int, nhead
 
 class _Mamba2SplitConvScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, dims):
+    def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, dims, out_w, out_b):
         d_inner, ngroups, dstate, chunk_size, group_size, eps = dims
         di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
         v = _Views(zxbcdt, di, conv_dim)
@@ -57,19 +60,26 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         y = y.view(batch, seqlen, di)
         out, _, rstd = norm_forward(y, None, v.z, norm_weight, None, eps, group_size, False, False, None)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out,
-                              dA_cumsum)  # fmt: skip
+                              dA_cumsum, out_w, out_b)  # fmt: skip
         ctx.dims = dims
-        return out
+        return out if out_w is None else F.linear(out, out_w, out_b)
 
     @staticmethod
     def backward(ctx, dout):
-        zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out, dA_cumsum = (
-            ctx.saved_tensors
-        )
+        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out, dA_cumsum, out_w,
+         out_b) = ctx.saved_tensors  # fmt: skip
         d_inner, ngroups, dstate, chunk_size, group_size, eps = ctx.dims
         di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
         batch, seqlen, _ = zxbcdt.shape
         v = _Views(zxbcdt, di, conv_dim)
+        dout_w = dout_b = None
+        if out_w is not None:  # recompute the norm's output for out_proj's weight gradient
+            out, _, _ = norm_forward(y, None, v.z, norm_weight, None, eps, group_size, False, False, None)
+            dres = dout.reshape(-1, dout.shape[-1])
+            dout_w = torch.matmul(dres.t(), out.view(-1, di))
+            dout_b = dres.sum(0, dtype=torch.float32).to(out_b.dtype) if out_b is not None else None
+            del out
+            dout = torch.matmul(dout, out_w)
         dzxbcdt = torch.empty_like(zxbcdt)
         dv = _Views(dzxbcdt, di, conv_dim)
         dy, _, _, dnorm_weight, _ = norm_backward(y, None, v.z, norm_weight, None, rstd, False, dout, dz=dv.z)
@@ -98,12 +108,14 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
             dnorm_weight,
             None,
             None,
+            dout_w,
+            dout_b,
         )
 
 
 def mamba2_split_conv_scan_fn(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
-    norm_group_size, eps, seq_idx=None,
+    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None,
 ):  # fmt: skip
     """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec). zxbcdt is read in place when it is
     uniformly strided over (batch, seqlen) rows of unit-stride features (an in_proj output), else copied first (a
@@ -113,6 +125,7 @@ def mamba2_split_conv_scan_fn(
         return mamba2_split_conv_scan_fn_ref(
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, d_inner=d_inner, ngroups=ngroups,
             dstate=dstate, chunk_size=chunk_size, norm_group_size=norm_group_size, eps=eps, seq_idx=seq_idx,
+            out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
         )  # fmt: skip
     split_sizes(zxbcdt, d_inner, ngroups, dstate)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
@@ -123,5 +136,5 @@ def mamba2_split_conv_scan_fn(
     dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps)
     return _Mamba2SplitConvScan.apply(
         zxbcdt, conv_weight.contiguous(), contig(conv_bias), dt_bias.contiguous(), A.contiguous(), D.contiguous(),
-        norm_weight.contiguous(), contig(seq_idx), dims,
+        norm_weight.contiguous(), contig(seq_idx), dims, contig(out_proj_weight), contig(out_proj_bias),
     )  # fmt: skip

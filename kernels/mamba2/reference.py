@@ -1,6 +1,7 @@
 """The spec of the fused Mamba2 op: the reference conv1d, SSD and gated RMSNorm composed, as the mixer defines them."""
 
 import torch
+import torch.nn.functional as F
 
 from mambatron.kernels.conv1d.reference import causal_conv1d_fn_ref
 from mambatron.kernels.rmsnorm.reference import rmsnorm_fn_ref
@@ -21,14 +22,16 @@ def split_sizes(zxbcdt: torch.Tensor, d_inner: int, ngroups: int, dstate: int) -
 
 def mamba2_split_conv_scan_fn_ref(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
-    norm_group_size, eps, seq_idx=None,
+    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None,
 ):  # fmt: skip
     """zxbcdt: (batch, seqlen, 2·d_inner + 2·ngroups·dstate + nheads), the in_proj output [z | x | B | C | dt];
     conv_weight: (conv_dim, width), conv_bias: (conv_dim,) or None; dt_bias, A, D: (nheads,); norm_weight: (d_inner,);
     seq_idx: (batch, seqlen) int32 document ids or None.
 
     xBC = silu(causal_conv1d(xBC)); y = SSD(x, softplus(dt + dt_bias), A, B, C, D); out = RMSNorm(y · silu(z)) per
-    group of norm_group_size channels. Returns out: (batch, seqlen, d_inner) in zxbcdt's dtype.
+    group of norm_group_size channels. Returns out: (batch, seqlen, d_inner) in zxbcdt's dtype, or, given
+    out_proj_weight (d_model, d_inner) and optional out_proj_bias (d_model,), the projection F.linear(out, W, b):
+    (batch, seqlen, d_model).
     """
     di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
     batch, seqlen, _ = zxbcdt.shape
@@ -40,7 +43,8 @@ def mamba2_split_conv_scan_fn_ref(
         B.reshape(batch, seqlen, ngroups, dstate), C.reshape(batch, seqlen, ngroups, dstate), chunk_size,
         D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
     )  # fmt: skip
-    return rmsnorm_fn_ref(
+    out = rmsnorm_fn_ref(
         y.reshape(batch, seqlen, di), norm_weight, None, z=z, eps=eps, group_size=norm_group_size,
         norm_before_gate=False,
     )  # fmt: skip
+    return out if out_proj_weight is None else F.linear(out, out_proj_weight, out_proj_bias)

@@ -23,7 +23,7 @@ from mambatron.models.mamba1 import (
 )
 from mambatron.models.ops import get_op
 from mambatron.parallel.layout import REPLICATED, Layout
-from mambatron.parallel.projections import LocalProjections
+from mambatron.parallel.projections import LocalProjections, foldable
 
 
 class Mamba2Mixer(nn.Module):
@@ -84,15 +84,19 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(hidden)
         if cache is None:
             # Training and scoring: conv → SSD → gated norm as one op that saves the in_proj output and recomputes
-            # the conv in backward (kernels/mamba2).
+            # the conv in backward (kernels/mamba2); a single-device out_proj runs inside it too, so that the norm's
+            # output is recomputed rather than kept for out_proj's backward.
+            fold = foldable(self.out_proj)
+            out_w, out_b = (self.out_proj.weight, self.out_proj.bias) if fold else (None, None)
             fused = get_op("mamba2_split_conv_scan", cfg.kernels, zxbcdt)
             y = fused(
                 zxbcdt, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.dt_bias.to(sdt),
                 -torch.exp(self.A_log.to(sdt)), self.D.to(sdt), self.norm.weight, d_inner=self.d_inner_local,
                 ngroups=self.ngroups_local, dstate=cfg.d_state, chunk_size=cfg.chunk_size,
                 norm_group_size=self.d_inner_local // self.ngroups_local, eps=cfg.norm_eps, seq_idx=seq_idx,
+                out_proj_weight=out_w, out_proj_bias=out_b,
             )  # fmt: skip
-            return self.out_proj(y)
+            return y if fold else self.out_proj(y)
         z, xbc, dt = self._split_in(zxbcdt)
         batch, seqlen, _ = xbc.shape
         # Prefill: the same ops one by one, keeping the final conv window and SSM state. The conv reads the xBC

@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def foldable(linear: nn.Module) -> bool:
+    """Whether ``linear`` is a plain single-device ``nn.Linear``, whose weight a fused op may apply itself. The
+    tensor-parallel layers communicate around their GEMM, so they must run as modules."""
+    return type(linear) is nn.Linear
+
+
 def feature_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` for x (batch, seqlen, in_f), as a (batch, seqlen, out_f) tensor laid out feature-major in
     memory, (out_f, batch, seqlen): each feature's sequence is contiguous, which is what the sequence kernels read.
@@ -35,7 +41,7 @@ def feature_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     A plain ``nn.Linear`` computes it as W·xᵀ, one GEMM with no copy (its backward needs none either); other modules
     (the tensor-parallel ones) return their usual channel-last output, which consumers must also accept.
     """
-    if type(linear) is not nn.Linear or x.dim() != 3:
+    if not foldable(linear) or x.dim() != 3:
         return linear(x)
     batch, seqlen, _ = x.shape
     out = torch.matmul(linear.weight, x.reshape(batch * seqlen, -1).t())  # (out_f, batch * seqlen)

@@ -21,10 +21,13 @@ FEATURES = 2 * 8 + 2 * 2 * 4 + NHEADS
 CONV_DIM = 8 + 2 * 2 * 4
 
 
-def make_inputs(batch, seqlen, device, seed=0):
+D_MODEL = 6
+
+
+def make_inputs(batch, seqlen, device, seed=0, out_proj=False):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device).requires_grad_()
-    return dict(
+    inputs = dict(
         zxbcdt=r(batch, seqlen, FEATURES),
         conv_weight=r(CONV_DIM, WIDTH, scale=0.5),
         conv_bias=r(CONV_DIM, scale=0.1),
@@ -33,28 +36,40 @@ def make_inputs(batch, seqlen, device, seed=0):
         D=r(NHEADS),
         norm_weight=r(8, scale=0.2),
     )
+    if out_proj:
+        inputs.update(out_proj_weight=r(D_MODEL, 8, scale=0.4), out_proj_bias=r(D_MODEL, scale=0.1))
+    return inputs
+
+
+def call(fn, inputs, **kwargs):
+    """The op on inputs (positional up to norm_weight, out_proj's weight and bias by keyword)."""
+    positional = [v for k, v in inputs.items() if not k.startswith("out_proj")]
+    folded = {k: v for k, v in inputs.items() if k.startswith("out_proj")}
+    return fn(*positional, **DIMS, **folded, **kwargs)
 
 
 def run(fn, inputs, seq_idx):
-    out = fn(*inputs.values(), **DIMS, seq_idx=seq_idx)
+    out = call(fn, inputs, seq_idx=seq_idx)
     g = torch.Generator().manual_seed(7)
     loss = (out * torch.randn(out.shape, generator=g).to(out.device)).sum()
     return out, dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()))))
 
 
+@pytest.mark.parametrize("out_proj", [False, True], ids=["norm-out", "out_proj-folded"])
 @pytest.mark.parametrize("with_docs", [False, True])
-def test_fused_equals_reference(with_docs, device):
-    """Output and every gradient (in_proj output, conv weight and bias, dt_bias, A, D, norm weight), over several
-    chunks, 2 groups, and documents packed into one row (the conv and the state both reset where one starts)."""
+def test_fused_equals_reference(with_docs, out_proj, device):
+    """Output and every gradient (in_proj output, conv weight and bias, dt_bias, A, D, norm weight, and out_proj's
+    weight and bias when it is folded in), over several chunks, 2 groups, and documents packed into one row (the conv
+    and the state both reset where one starts)."""
     batch, seqlen = 2, 21
-    inputs = make_inputs(batch, seqlen, device)
+    inputs = make_inputs(batch, seqlen, device, out_proj=out_proj)
     seq_idx = None
     if with_docs:
         seq_idx = torch.tensor([[0] * 9 + [1] * 12, [0] * 3 + [1] * 10 + [2] * 8], dtype=torch.int32, device=device)
     out, grads = run(mamba2_split_conv_scan_fn, inputs, seq_idx)
     ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
     out_ref, grads_ref = run(mamba2_split_conv_scan_fn_ref, ref_inputs, seq_idx)
-    assert out.shape == (batch, seqlen, 8) and out.dtype == torch.float32
+    assert out.shape == (batch, seqlen, D_MODEL if out_proj else 8) and out.dtype == torch.float32
     assert_close(out, out_ref, "out", TOLERANCE_DTYPE)
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, f"d{name} is all zero"
@@ -63,13 +78,15 @@ def test_fused_equals_reference(with_docs, device):
 
 def test_saves_only_the_in_proj_output_and_the_scan_output(device):
     """Per token the fused op keeps the in_proj output and the SSD output (d_inner) plus per-head fp32 scalars: the
-    conv output is recomputed in backward and z is never copied. The op-by-op composition keeps the conv output too."""
+    conv output is recomputed in backward and z is never copied; with out_proj folded in, the norm's output is
+    recomputed too. The op-by-op composition keeps the conv output as well."""
     batch, seqlen = 2, 16
-    inputs = make_inputs(batch, seqlen, device)
-
+    inputs = make_inputs(batch, seqlen, device, out_proj=True)
     params = {v.untyped_storage().data_ptr() for k, v in inputs.items() if k != "zxbcdt"}
+    plain = {k: v for k, v in inputs.items() if not k.startswith("out_proj")}
+    weight, bias = inputs["out_proj_weight"], inputs["out_proj_bias"]
 
-    def saved_per_token(fn):
+    def saved_per_token(fn, fold):
         saved = {}
 
         def pack(t):
@@ -79,13 +96,18 @@ def test_saves_only_the_in_proj_output_and_the_scan_output(device):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(*inputs.values(), **DIMS)
+            if fold:
+                call(fn, inputs)
+            else:
+                torch.nn.functional.linear(call(fn, plain), weight, bias)
         return sum(saved.values()) / (batch * seqlen * 4)
 
-    fused = saved_per_token(mamba2_split_conv_scan_fn)
+    fused = saved_per_token(mamba2_split_conv_scan_fn, fold=True)
     # in_proj output + SSD output + rstd (2 groups) + dt_out/dA_cumsum (nheads each).
     assert fused == FEATURES + 8 + 2 + 2 * NHEADS, fused
-    assert saved_per_token(mamba2_split_conv_scan_fn_ref) > fused + CONV_DIM
+    # out_proj applied outside keeps the norm's output (d_inner) as its input.
+    assert saved_per_token(mamba2_split_conv_scan_fn, fold=False) == fused + 8
+    assert saved_per_token(mamba2_split_conv_scan_fn_ref, fold=True) > fused + CONV_DIM
 
 
 def test_bad_widths_are_named(device):
