@@ -112,6 +112,8 @@ def mamba1_conv_scan_fn(
     if seq_idx is not None and seq_idx.dtype != torch.int32:
         raise TypeError(f"seq_idx must be int32, got {seq_idx.dtype}")
     contig = lambda t: None if t is None else t.contiguous()
+    # The GEMM weights in the activations' dtype, as autocast would give F.linear (backward runs outside autocast).
+    x_proj_weight, dt_proj_weight = x_proj_weight.to(xz.dtype), dt_proj_weight.to(xz.dtype)
     return _Mamba1ConvScan.apply(
         xz, conv_weight.contiguous(), contig(conv_bias), x_proj_weight.contiguous(), dt_proj_weight.contiguous(),
         contig(dt_proj_bias), A.contiguous(), contig(D), contig(seq_idx), tp_group,

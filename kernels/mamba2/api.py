@@ -134,6 +134,9 @@ def mamba2_split_conv_scan_fn(
         zxbcdt = zxbcdt.contiguous()
     contig = lambda t: None if t is None else t.contiguous()
     dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps)
+    if out_proj_weight is not None:  # in the activations' dtype, as autocast would give F.linear
+        out_proj_weight = out_proj_weight.to(zxbcdt.dtype)
+        out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(zxbcdt.dtype)
     return _Mamba2SplitConvScan.apply(
         zxbcdt, conv_weight.contiguous(), contig(conv_bias), dt_bias.contiguous(), A.contiguous(), D.contiguous(),
         norm_weight.contiguous(), contig(seq_idx), dims, contig(out_proj_weight), contig(out_proj_bias),
