@@ -10,6 +10,8 @@ kernel of its own. What it changes is what is kept and where gradients land:
   (:func:`mambatron.parallel.projections.feature_major` computes it that way, as W·xᵀ), so nothing is transposed
   or copied on the way in; a channel-last in_proj output (tensor-parallel layers) works too, through one copy of z
   and of the conv output;
+- given out_proj's weight (a single-device linear), the projection runs inside as a batched GEMM on the
+  time-contiguous scan output, so neither it nor its gradient is transposed;
 - backward writes dz (the scan) and dx (the conv) straight into one gradient buffer laid out like the in_proj
   output, so there is no split-backward concatenation, and Δ's gradient flows to dt_proj and x_proj by GEMMs.
 """
@@ -44,9 +46,13 @@ def _batch_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _Mamba1ConvScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, tp_group):
+    def forward(
+        ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, tp_group, out_w,
+        out_b,
+    ):  # fmt: skip
         d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
         _, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
+        batch = xz.shape[0]
         x_dbl = torch.matmul(x_proj_weight, xc)  # (batch, dt_rank + 2·dstate, seqlen), contiguous
         if tp_group is not None:
             dist.all_reduce(x_dbl, group=tp_group)
@@ -56,17 +62,29 @@ class _Mamba1ConvScan(torch.autograd.Function):
         y, _, chunk_states = scan_forward(_time_major(xc), delta, A, B, C, D, z, dt_proj_bias, True, None, seq_idx)
         del xc, delta, z
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
-                              x_dbl, chunk_states)  # fmt: skip
+                              x_dbl, chunk_states, out_w, out_b, y if out_w is not None else None)  # fmt: skip
         ctx.tp_group = tp_group
-        return y.transpose(1, 2)
+        if out_w is None:
+            return y.transpose(1, 2)
+        # (batch, seqlen, d_model) = yᵀ·Wᵀ per batch row: cuBLAS reads the time-contiguous y as a transposed operand.
+        out = torch.bmm(y.transpose(1, 2), out_w.t().expand(batch, -1, -1))
+        return out if out_b is None else out.add_(out_b)
 
     @staticmethod
     def backward(ctx, dy):
-        xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl, chunk_states = (
-            ctx.saved_tensors
-        )
+        (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl, chunk_states,
+         out_w, out_b, y) = ctx.saved_tensors  # fmt: skip
         d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
         batch = xz.shape[0]
+        dout_w = dout_b = None
+        if out_w is None:
+            dy = _time_major(dy.transpose(1, 2))
+        else:  # dy arrives as out_proj's output gradient (batch, seqlen, d_model)
+            dres = dy
+            dout_w = _batch_sum(torch.bmm(dres.transpose(1, 2), y.transpose(1, 2)), out_w.dtype)
+            dout_b = _batch_sum(dres.sum(1, dtype=torch.float32), out_b.dtype) if out_b is not None else None
+            dy = torch.bmm(out_w.t().expand(batch, -1, -1), dres.transpose(1, 2))  # (batch, d_inner, seqlen)
+            del y
         x, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
         dt, B, C = _split(x_dbl, dt_rank, dstate)
         delta = torch.matmul(dt_proj_weight, dt)
@@ -74,8 +92,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
         dz = dxz[..., d_inner:].transpose(1, 2)
         z = _time_major(xz[..., d_inner:].transpose(1, 2))
         du, ddelta, dA, dB, dC, dD, _, ddt_bias, _ = scan_backward(
-            _time_major(xc), delta, A, B, C, D, z, dt_proj_bias, True, seq_idx, chunk_states,
-            _time_major(dy.transpose(1, 2)), None, dz=dz,
+            _time_major(xc), delta, A, B, C, D, z, dt_proj_bias, True, seq_idx, chunk_states, dy, None, dz=dz,
         )  # fmt: skip
         del delta, z
         ddt = torch.matmul(dt_proj_weight.t(), ddelta)  # (batch, dt_rank, seqlen)
@@ -94,19 +111,20 @@ class _Mamba1ConvScan(torch.autograd.Function):
         )
         cast = lambda g, like: None if like is None else g.to(like.dtype)
         return (dxz, dconv_weight, dconv_bias, dx_proj_weight, ddt_proj_weight, cast(ddt_bias, dt_proj_bias),
-                cast(dA, A), cast(dD, D), None, None)  # fmt: skip
+                cast(dA, A), cast(dD, D), None, None, dout_w, dout_b)  # fmt: skip
 
 
 def mamba1_conv_scan_fn(
-    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None
+    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None,
+    out_proj_weight=None, out_proj_bias=None,
 ):  # fmt: skip
-    """Arguments and result as :func:`mamba1_conv_scan_fn_ref` (the spec). The result is a (batch, seqlen, d_inner)
-    view of a time-contiguous tensor. Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1
-    (fp16/bf16/fp32), the reference otherwise."""
+    """Arguments and result as :func:`mamba1_conv_scan_fn_ref` (the spec). Without out_proj the result is a
+    (batch, seqlen, d_inner) view of a time-contiguous tensor. Runs the Triton kernels on CUDA tensors or under
+    TRITON_INTERPRET=1 (fp16/bf16/fp32), the reference otherwise."""
     if not use_triton(xz) or xz.dtype == torch.float64:
         return mamba1_conv_scan_fn_ref(
             xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx=seq_idx,
-            tp_group=tp_group,
+            tp_group=tp_group, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
         )  # fmt: skip
     check_widths(xz, x_proj_weight, dt_proj_weight)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
@@ -114,7 +132,9 @@ def mamba1_conv_scan_fn(
     contig = lambda t: None if t is None else t.contiguous()
     # The GEMM weights in the activations' dtype, as autocast would give F.linear (backward runs outside autocast).
     x_proj_weight, dt_proj_weight = x_proj_weight.to(xz.dtype), dt_proj_weight.to(xz.dtype)
+    out_proj_weight = None if out_proj_weight is None else out_proj_weight.to(xz.dtype).contiguous()
+    out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(xz.dtype)
     return _Mamba1ConvScan.apply(
         xz, conv_weight.contiguous(), contig(conv_bias), x_proj_weight.contiguous(), dt_proj_weight.contiguous(),
-        contig(dt_proj_bias), A.contiguous(), contig(D), contig(seq_idx), tp_group,
+        contig(dt_proj_bias), A.contiguous(), contig(D), contig(seq_idx), tp_group, out_proj_weight, out_proj_bias,
     )  # fmt: skip

@@ -3,6 +3,7 @@ defines them."""
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from mambatron.kernels.conv1d.reference import causal_conv1d_fn_ref
 from mambatron.kernels.selective_scan.reference import selective_scan_fn_ref
@@ -40,7 +41,8 @@ class _AllReduceBothWays(torch.autograd.Function):
 
 
 def mamba1_conv_scan_fn_ref(
-    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None
+    xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None,
+    out_proj_weight=None, out_proj_bias=None,
 ):  # fmt: skip
     """xz: (batch, seqlen, 2·d_inner) in_proj output [x | z], any strides; conv_weight: (d_inner, width), conv_bias:
     (d_inner,) or None; x_proj_weight: (dt_rank + 2·dstate, d_inner); dt_proj_weight: (d_inner, dt_rank),
@@ -49,7 +51,9 @@ def mamba1_conv_scan_fn_ref(
     is then summed over it), else None.
 
     x = silu(causal_conv1d(x)); [dt | B | C] = x_proj(x); Δ = dt_proj(dt) (its bias added inside the scan, then
-    softplus); y = selective_scan(x, Δ, A, B, C, D) · silu(z). Returns y: (batch, seqlen, d_inner) in xz's dtype.
+    softplus); y = selective_scan(x, Δ, A, B, C, D) · silu(z). Returns y: (batch, seqlen, d_inner) in xz's dtype,
+    or, given out_proj_weight (d_model, d_inner) and optional out_proj_bias (d_model,), the projection
+    F.linear(y, W, b): (batch, seqlen, d_model).
     """
     d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
     x, z = xz[..., :d_inner].transpose(1, 2), xz[..., d_inner:].transpose(1, 2)  # (batch, d_inner, seqlen)
@@ -62,4 +66,5 @@ def mamba1_conv_scan_fn_ref(
     y = selective_scan_fn_ref(
         x, delta, A, B, C, D, z=z, delta_bias=dt_proj_bias, delta_softplus=True, seq_idx=seq_idx
     )  # fmt: skip
-    return y.transpose(1, 2)
+    y = y.transpose(1, 2)
+    return y if out_proj_weight is None else F.linear(y, out_proj_weight, out_proj_bias)

@@ -18,7 +18,7 @@ from mambatron.config import ModelConfig
 from mambatron.models.layers import HFMapping, LayerKind, register
 from mambatron.models.ops import get_op
 from mambatron.parallel.layout import REPLICATED, Layout
-from mambatron.parallel.projections import LocalProjections, feature_major
+from mambatron.parallel.projections import LocalProjections, feature_major, foldable
 
 
 def inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -82,13 +82,17 @@ class Mamba1Mixer(nn.Module):
         if cache is None:
             # Training and scoring: conv → x_proj → dt_proj → scan → gate as one op on the in_proj output, computed
             # feature-major (W·xᵀ) so that every sequence the kernels read is contiguous without a copy.
+            # A single-device out_proj runs inside the op too, on the time-contiguous scan output.
             xz = feature_major(self.in_proj, hidden)
+            fold = foldable(self.out_proj)
+            out_w, out_b = (self.out_proj.weight, self.out_proj.bias) if fold else (None, None)
             fused = get_op("mamba1_conv_scan", kernels, xz)
             y = fused(
                 xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias.to(sdt), A, self.D.to(sdt), seq_idx=seq_idx, tp_group=self.tp_group,
+                out_proj_weight=out_w, out_proj_bias=out_b,
             )  # fmt: skip
-            return self.out_proj(y)
+            return y if fold else self.out_proj(y)
         # Prefill for generation: op by op, keeping the conv window and the final SSM state.
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)

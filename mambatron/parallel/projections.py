@@ -34,19 +34,45 @@ def foldable(linear: nn.Module) -> bool:
     return type(linear) is nn.Linear
 
 
+class _FeatureMajorLinear(torch.autograd.Function):
+    """W·xᵀ (+ b) for x (rows, in_f): (out_f, rows). Backward gives dx as dyᵀ·W, already (rows, in_f) row-major, so
+    the layer below receives a contiguous gradient instead of a transposed one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        out = torch.matmul(weight, x.t())
+        return out if bias is None else out.add_(bias[:, None])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight = ctx.saved_tensors
+        dx = torch.matmul(dout.t(), weight)
+        dweight = torch.matmul(dout, x)
+        dbias = (
+            dout.sum(1, dtype=torch.promote_types(dout.dtype, torch.float32)).to(dout.dtype) if ctx.has_bias else None
+        )
+        return dx, dweight, dbias
+
+
 def feature_major(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``linear(x)`` for x (batch, seqlen, in_f), as a (batch, seqlen, out_f) tensor laid out feature-major in
     memory, (out_f, batch, seqlen): each feature's sequence is contiguous, which is what the sequence kernels read.
 
-    A plain ``nn.Linear`` computes it as W·xᵀ, one GEMM with no copy (its backward needs none either); other modules
-    (the tensor-parallel ones) return their usual channel-last output, which consumers must also accept.
+    A plain ``nn.Linear`` computes it as W·xᵀ, one GEMM with no copy either way (under autocast in its dtype, as
+    F.linear would be); other modules (the tensor-parallel ones) return their usual channel-last output, which
+    consumers must also accept.
     """
     if not foldable(linear) or x.dim() != 3:
         return linear(x)
     batch, seqlen, _ = x.shape
-    out = torch.matmul(linear.weight, x.reshape(batch * seqlen, -1).t())  # (out_f, batch * seqlen)
-    if linear.bias is not None:
-        out = out + linear.bias[:, None]
+    weight, bias = linear.weight, linear.bias
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    out = _FeatureMajorLinear.apply(x.reshape(batch * seqlen, -1), weight, bias)  # (out_f, batch * seqlen)
     return out.view(-1, batch, seqlen).permute(1, 2, 0)
 
 

@@ -16,10 +16,10 @@ pytestmark = pytest.mark.usefixtures("triton_interpreter")
 # On the GPU the small GEMMs run in tf32 for fp32 operands, so the bf16 tolerance applies there; the interpreter
 # computes in exact fp32.
 TOLERANCE_DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-D_INNER, DT_RANK, DSTATE, WIDTH = 8, 3, 4, 4
+D_INNER, DT_RANK, DSTATE, WIDTH, D_MODEL = 8, 3, 4, 4, 6
 
 
-def make_inputs(batch, seqlen, device, feature_major, seed=0):
+def make_inputs(batch, seqlen, device, feature_major, seed=0, out_proj=False):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device)
     if feature_major:  # as feature_major(in_proj, hidden) lays it out: (features, batch, seqlen) in memory
@@ -36,31 +36,45 @@ def make_inputs(batch, seqlen, device, feature_major, seed=0):
         A=-(torch.rand(D_INNER, DSTATE, generator=g) * 2 + 0.2).to(device),
         D=r(D_INNER),
     )
+    if out_proj:
+        inputs.update(out_proj_weight=r(D_MODEL, D_INNER, scale=0.4), out_proj_bias=r(D_MODEL, scale=0.1))
     return {k: v.requires_grad_() for k, v in inputs.items()}
 
 
+def call(fn, inputs, **kwargs):
+    """The op on inputs (positional up to D, out_proj's weight and bias by keyword)."""
+    positional = [v for k, v in inputs.items() if not k.startswith("out_proj")]
+    folded = {k: v for k, v in inputs.items() if k.startswith("out_proj")}
+    return fn(*positional, **folded, **kwargs)
+
+
 def run(fn, inputs, seq_idx):
-    out = fn(*inputs.values(), seq_idx=seq_idx)
+    out = call(fn, inputs, seq_idx=seq_idx)
     g = torch.Generator().manual_seed(7)
     loss = (out * torch.randn(out.shape, generator=g).to(out.device)).sum()
     return out, dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()))))
 
 
-@pytest.mark.parametrize("feature_major", [True, False], ids=["feature-major", "channel-last"])
+@pytest.mark.parametrize(
+    "feature_major,out_proj",
+    [(True, False), (False, False), (True, True)],
+    ids=["feature-major", "channel-last", "feature-major-out_proj-folded"],
+)
 @pytest.mark.parametrize("with_docs", [False, True])
-def test_fused_equals_reference(with_docs, feature_major, device):
-    """Output and every gradient (in_proj output, conv weight and bias, x_proj and dt_proj weights, dt bias, A, D)
-    over several scan chunks, with documents packed into one row (conv and state both reset where one starts). The
-    in_proj-output gradient keeps the in_proj output's layout."""
+def test_fused_equals_reference(with_docs, feature_major, out_proj, device):
+    """Output and every gradient (in_proj output, conv weight and bias, x_proj and dt_proj weights, dt bias, A, D,
+    and out_proj's weight and bias when it is folded in) over several scan chunks, with documents packed into one
+    row (conv and state both reset where one starts). The in_proj-output gradient keeps the in_proj output's
+    layout."""
     batch, seqlen = 2, 37
-    inputs = make_inputs(batch, seqlen, device, feature_major)
+    inputs = make_inputs(batch, seqlen, device, feature_major, out_proj=out_proj)
     seq_idx = None
     if with_docs:
         seq_idx = torch.tensor([[0] * 16 + [1] * 21, [0] * 3 + [1] * 20 + [2] * 14], dtype=torch.int32, device=device)
     out, grads = run(mamba1_conv_scan_fn, inputs, seq_idx)
     ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
     out_ref, grads_ref = run(mamba1_conv_scan_fn_ref, ref_inputs, seq_idx)
-    assert out.shape == (batch, seqlen, D_INNER) and out.dtype == torch.float32
+    assert out.shape == (batch, seqlen, D_MODEL if out_proj else D_INNER) and out.dtype == torch.float32
     assert_close(out, out_ref, "out", TOLERANCE_DTYPE)
     assert grads["xz"].stride() == inputs["xz"].stride()
     for name, grad in grads.items():
@@ -71,12 +85,14 @@ def test_fused_equals_reference(with_docs, feature_major, device):
 def test_saves_the_in_proj_output_and_x_proj_output_only(device):
     """Per token the fused op keeps the in_proj output (2·d_inner) and x_proj's output (dt_rank + 2·dstate), plus one
     fp32 state per scan chunk; the conv output and Δ are recomputed in backward. The op-by-op composition keeps the
-    conv output and Δ as well."""
+    conv output and Δ as well. Folding out_proj in keeps the scan output (d_inner) for its weight gradient, which
+    out_proj applied outside keeps as its input anyway."""
     batch, seqlen = 2, 64
-    inputs = make_inputs(batch, seqlen, device, feature_major=True)
+    inputs = make_inputs(batch, seqlen, device, feature_major=True, out_proj=True)
     params = {v.untyped_storage().data_ptr() for k, v in inputs.items() if k != "xz"}
+    plain = {k: v for k, v in inputs.items() if not k.startswith("out_proj")}
 
-    def saved_per_token(fn):
+    def saved_per_token(fn, fold=False):
         saved = {}
 
         def pack(t):
@@ -86,7 +102,10 @@ def test_saves_the_in_proj_output_and_x_proj_output_only(device):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(*inputs.values())
+            if fold:
+                call(fn, inputs)
+            else:
+                fn(*plain.values())
         return sum(saved.values()) / (batch * seqlen * 4)
 
     fused = saved_per_token(mamba1_conv_scan_fn)
@@ -94,6 +113,7 @@ def test_saves_the_in_proj_output_and_x_proj_output_only(device):
     # interpreter and 64 on a GPU.
     chunk = 64 if torch.cuda.is_available() else 16
     assert fused == 2 * D_INNER + DT_RANK + 2 * DSTATE + D_INNER * DSTATE / chunk, fused
+    assert saved_per_token(mamba1_conv_scan_fn, fold=True) == fused + D_INNER
     assert saved_per_token(mamba1_conv_scan_fn_ref) > fused + 2 * D_INNER
 
 
@@ -101,4 +121,4 @@ def test_bad_widths_are_named(device):
     inputs = make_inputs(1, 4, device, feature_major=False)
     inputs["x_proj_weight"] = inputs["x_proj_weight"][:, :5]
     with pytest.raises(ValueError, match="needs 2·d_inner features"):
-        mamba1_conv_scan_fn(*inputs.values())
+        call(mamba1_conv_scan_fn, inputs)

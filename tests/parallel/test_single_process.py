@@ -256,3 +256,24 @@ def test_weight_decay_only_on_matrices():
     for name in ("layers.0.norm.weight", "layers.0.mixer.A_log", "layers.0.mixer.D", "layers.0.mixer.dt_bias"):
         assert name in skipped
     assert no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_feature_major_linear_equals_the_linear(bias):
+    """feature_major(linear, x) is linear(x) laid out (out_f, batch, seqlen) in memory; its gradients equal the
+    linear's, and x's gradient comes back contiguous (no transposed copy for the layer below)."""
+    from mambatron.parallel.projections import feature_major
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 10, bias=bias).double()
+    x = torch.randn(2, 5, 6, dtype=torch.double, requires_grad=True)
+    out = feature_major(lin, x)
+    assert out.shape == (2, 5, 10) and out.stride() == (5, 1, 10)
+    expected = lin(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(out, [x, *lin.parameters()], g)
+    expected_grads = torch.autograd.grad(expected, [x, *lin.parameters()], g)
+    assert grads[0].is_contiguous()
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
