@@ -23,10 +23,56 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the field and how to fix it."""
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    """The attention layers of a hybrid model (``*`` in model.hybrid_pattern): causal, grouped-query."""
+
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    # Per-head width; null = d_model // num_heads.
+    head_dim: int | None = None
+    # RoPE base; null = no positional encoding (Nemotron-H and Jamba use none: the Mamba layers carry position).
+    rope_theta: float | None = None
+    bias: bool = False
+
+    def validate(self) -> None:
+        _positive(self, "num_heads", "num_kv_heads")
+        if self.head_dim is not None:
+            _positive(self, "head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.attention.num_kv_heads={self.num_kv_heads} must divide model.attention.num_heads="
+                f"{self.num_heads} (grouped-query attention shares each KV head among a whole group of query heads)"
+            )
+        if self.rope_theta is not None:
+            _positive(self, "rope_theta")
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """The MLP layers of a hybrid model (``-`` in model.hybrid_pattern)."""
+
+    # Hidden width; null = 4 * d_model.
+    hidden: int | None = None
+    # relu2: down(relu(up(x))²) (Nemotron-H); swiglu: down(silu(gate(x)) · up(x)).
+    activation: Literal["relu2", "swiglu"] = "relu2"
+    bias: bool = False
+
+    def validate(self) -> None:
+        if self.hidden is not None:
+            _positive(self, "hidden")
+
+
 @dataclass
 class ModelConfig:
-    # The layer kind of every block (mambatron/models/layers.py): "mamba1" or "mamba2".
+    # The Mamba mixer (mambatron/models/layers.py): "mamba1" or "mamba2". Every block is one when hybrid_pattern is
+    # empty; otherwise it is the kind of the pattern's "M" layers.
     arch: str = "mamba1"
+    # One symbol per layer, each its own pre-norm residual block: "M" the Mamba mixer (arch), "*" attention, "-" MLP.
+    # Empty = n_layer Mamba layers; when set, n_layer must equal its length.
+    hybrid_pattern: str = ""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
     d_model: int = 768
     n_layer: int = 24
     vocab_size: int = 50277
@@ -66,6 +112,14 @@ class ModelConfig:
         return self.d_inner // self.headdim
 
     @property
+    def head_dim_value(self) -> int:
+        return self.attention.head_dim or self.d_model // self.attention.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.mlp.hidden or 4 * self.d_model
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return ((self.vocab_size + m - 1) // m) * m
@@ -76,11 +130,25 @@ class ModelConfig:
             raise ConfigError(f"model.dt_rank={self.dt_rank} must be a positive integer or 'auto'")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"model.dt_min={self.dt_min} / model.dt_max={self.dt_max}: need 0 < dt_min <= dt_max")
-        from mambatron.models.layers import layer_kind  # the kinds import this module
+        from mambatron.models.layers import kinds, layer_kinds  # the kinds import this module
 
-        problem = layer_kind(self.arch).config_problem(self)
-        if problem:
-            raise ConfigError(problem)
+        mixers = sorted(name for name, kind in kinds().items() if kind.symbol == "M")
+        if self.arch not in kinds():
+            raise ConfigError(f"unknown layer kind {self.arch!r} (model.arch); known kinds: {', '.join(mixers)}")
+        if self.arch not in mixers:
+            raise ConfigError(f"model.arch={self.arch!r} is not a Mamba mixer; use one of {', '.join(mixers)} "
+                              "(attention and MLP layers go in model.hybrid_pattern)")  # fmt: skip
+        if self.hybrid_pattern and self.n_layer != len(self.hybrid_pattern):
+            raise ConfigError(
+                f"model.n_layer={self.n_layer} but model.hybrid_pattern has {len(self.hybrid_pattern)} symbols; set "
+                f"model.n_layer={len(self.hybrid_pattern)}"
+            )
+        self.attention.validate()
+        self.mlp.validate()
+        for kind in {k.name: k for k in layer_kinds(self)}.values():
+            problem = kind.config_problem(self)
+            if problem:
+                raise ConfigError(problem)
 
 
 @dataclass
@@ -255,6 +323,8 @@ def _positive(obj: Any, *names: str) -> None:
 
 _SECTION_NAMES = {
     ModelConfig: "model",
+    AttentionConfig: "model.attention",
+    MLPConfig: "model.mlp",
     ParallelConfig: "parallel",
     DataConfig: "data",
     OptimConfig: "optim",

@@ -64,6 +64,11 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
+    if cfg.hybrid_pattern:
+        raise ValueError(
+            f"model.hybrid_pattern={cfg.hybrid_pattern!r}: Hugging Face export of hybrid models (NemotronH, Jamba) is "
+            "not supported yet; only pure Mamba1/Mamba2 stacks export"
+        )
     hf = layer_kind(cfg.arch).hf
     if hf is None:
         raise ValueError(f"layer kind {cfg.arch!r} has no Hugging Face mapping yet")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mambatron.config import Config, ModelConfig
-from mambatron.models.layers import layer_kind
+from mambatron.models.layers import LayerKind, layer_kinds
 
 GIB = 1024**3
 
@@ -26,14 +26,10 @@ class ParamCount:
     """Parameters of the full (unsharded) model."""
 
     embedding: int
-    per_layer: int
+    blocks: int  # every layer with its block's pre-norm
     n_layer: int
     final_norm: int
     lm_head: int  # 0 when tied to the embedding
-
-    @property
-    def blocks(self) -> int:
-        return self.per_layer * self.n_layer
 
     @property
     def total(self) -> int:
@@ -47,11 +43,11 @@ class ParamCount:
 
 def count_params(m: ModelConfig) -> ParamCount:
     d = m.d_model
-    layer = layer_kind(m.arch).params(m) + d  # the layer and its block's pre-norm
+    blocks = sum(kind.params(m) + d for kind in layer_kinds(m))  # each layer and its block's pre-norm
     vocab = m.padded_vocab_size
     return ParamCount(
         embedding=vocab * d,
-        per_layer=layer,
+        blocks=blocks,
         n_layer=m.n_layer,
         final_norm=d,
         lm_head=0 if m.tie_embeddings else vocab * d,
@@ -59,14 +55,15 @@ def count_params(m: ModelConfig) -> ParamCount:
 
 
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 3 x forward (forward + backward), forward = 2 x matmul params + the scan.
+    """Training FLOPs per token: 3 x forward (forward + backward), forward = 2 x matmul params + each layer's mixing.
 
     The selective scan costs about 9 * d_inner * d_state per token per layer (Mamba1: discretise, update, read out);
-    SSD adds its intra-chunk quadratic term of 2 * chunk * d_inner per token per layer on top of the state work.
+    SSD adds its intra-chunk quadratic term of 2 * chunk * d_inner per token per layer on top of the state work;
+    attention 2 * heads * head_dim * seq_len (causal q·kᵀ and p·v); an MLP nothing beyond its weights.
     """
     pc = count_params(m)
-    scan = layer_kind(m.arch).mixing_flops(m, seq_len)
-    return 3.0 * (2.0 * pc.matmul + m.n_layer * scan)
+    mixing = sum(kind.mixing_flops(m, seq_len) for kind in layer_kinds(m))
+    return 3.0 * (2.0 * pc.matmul + mixing)
 
 
 @dataclass
@@ -110,17 +107,28 @@ class Plan:
         return {**asdict(self), "fits": self.fits}
 
 
-def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, bytes_: int) -> int:
-    """Tensors one block keeps for backward, for ``tokens`` = micro_batch x seq_len local tokens.
-
-    Residual-stream tensors (fp32 residual, normed input; ~3 d_model-wide units) are split over TP only with
-    sequence parallelism; the inner tensors (in_proj output x and z, conv output, delta, scan output, gate; ~7
-    d_inner-wide units, Mamba2 adds B, C and dt) are always split over TP.
-    """
-    inner = layer_kind(m.arch).activation_width(m)
+def _block_activation_bytes(
+    m: ModelConfig, kind: LayerKind, tokens: int, tp: int, sequence_parallel: bool, bytes_: int
+) -> int:
+    inner = kind.activation_width(m)
     outer = 3 * m.d_model
     outer_local = outer // tp if sequence_parallel else outer
     return tokens * bytes_ * (inner // tp + outer_local)
+
+
+def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, bytes_: int) -> int:
+    """Tensors the largest block keeps for backward, for ``tokens`` = micro_batch x seq_len local tokens.
+
+    Residual-stream tensors (fp32 residual, normed input; ~3 d_model-wide units) are split over TP only with
+    sequence parallelism; the inner tensors (each kind's activation width: for Mamba1 the in_proj output x and z,
+    conv output, delta, scan output, gate, ~7 d_inner-wide units; Mamba2 adds B, C and dt) are always split over TP.
+    """
+    return max(_block_activation_bytes(m, k, tokens, tp, sequence_parallel, bytes_) for k in layer_kinds(m))
+
+
+def activation_bytes_all_layers(m: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, bytes_: int) -> int:
+    """What every block keeps for backward together (see :func:`activation_bytes_per_layer`)."""
+    return sum(_block_activation_bytes(m, k, tokens, tp, sequence_parallel, bytes_) for k in layer_kinds(m))
 
 
 def zero_bucket_bytes(zero_stage: int, deepspeed_extra: dict[str, Any], grad_bytes: int) -> int:
@@ -182,7 +190,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
     tokens_local = data.micro_batch * data.seq_len
     act_b = 2 if bf16 else 4
     per_layer = activation_bytes_per_layer(m, tokens_local, tp, par.sequence_parallel, act_b)
-    no_ckpt = m.n_layer * per_layer
+    no_ckpt = activation_bytes_all_layers(m, tokens_local, tp, par.sequence_parallel, act_b)
     # Checkpointing keeps each block's inputs, the previous block's output (compute dtype) and the residual stream
     # (fp32 with model.residual_in_fp32), and recomputes one block at a time.
     residual_local = m.d_model // tp if par.sequence_parallel else m.d_model
@@ -263,7 +271,8 @@ def format_plan(plan: Plan, config: Config) -> str:
     """Human-readable table of a :class:`Plan`."""
     m = config.model
     lines = [
-        f"mambatron plan: {m.arch} d_model={m.d_model} n_layer={m.n_layer} vocab={m.padded_vocab_size}",
+        f"mambatron plan: {m.arch}{f' hybrid {m.hybrid_pattern}' if m.hybrid_pattern else ''} d_model={m.d_model} "
+        f"n_layer={m.n_layer} vocab={m.padded_vocab_size}",
         f"  world size      {plan.world_size}  (TP {plan.tp} x DP {plan.dp}), ZeRO stage {plan.zero_stage}"
         f"{', optimizer offload' if plan.offload_optimizer else ''}{', param offload' if plan.offload_params else ''}",
         f"  precision       {plan.precision}, micro-batch {plan.micro_batch} x seq_len {plan.seq_len}, "

@@ -46,6 +46,8 @@ class LayerKind:
     # A problem with the model config for this kind, or None.
     config_problem: Callable[[ModelConfig], str | None] = field(default=lambda cfg: None)
     hf: HFMapping | None = None
+    # Its symbol in model.hybrid_pattern; "M" for the Mamba mixers (model.arch says which).
+    symbol: str | None = None
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -60,8 +62,10 @@ def register(kind: LayerKind) -> LayerKind:
 
 def _load_builtin_kinds() -> None:
     # Each kind registers itself when its module is imported.
+    import mambatron.models.attention  # noqa: F401
     import mambatron.models.mamba1  # noqa: F401
     import mambatron.models.mamba2  # noqa: F401
+    import mambatron.models.mlp  # noqa: F401
 
 
 def kinds() -> dict[str, LayerKind]:
@@ -75,6 +79,24 @@ def layer_kind(name: str) -> LayerKind:
     if name not in _KINDS:
         raise ConfigError(f"unknown layer kind {name!r} (model.arch); known kinds: {', '.join(sorted(_KINDS))}")
     return _KINDS[name]
+
+
+def layer_kinds(cfg: ModelConfig) -> list[LayerKind]:
+    """The kind of every layer: model.hybrid_pattern's symbols, or n_layer times model.arch when it is empty. A
+    :class:`ConfigError` names a symbol no kind has, with its position."""
+    mixer = layer_kind(cfg.arch)
+    if not cfg.hybrid_pattern:
+        return [mixer] * cfg.n_layer
+    by_symbol = {k.symbol: k for k in kinds().values() if k.symbol not in (None, "M")}
+    by_symbol["M"] = mixer
+    out = []
+    for i, symbol in enumerate(cfg.hybrid_pattern):
+        if symbol not in by_symbol:
+            names = {s: "Mamba (model.arch)" if s == "M" else k.name for s, k in by_symbol.items()}
+            known = ", ".join(f"{s!r} {name}" for s, name in sorted(names.items()))
+            raise ConfigError(f"model.hybrid_pattern[{i}]={symbol!r} is not a layer symbol; known: {known}")
+        out.append(by_symbol[symbol])
+    return out
 
 
 def kind_for_hf(model_type: str) -> LayerKind:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mambatron.config import ModelConfig
-from mambatron.models.layers import layer_kind
+from mambatron.models.layers import LayerKind, layer_kinds
 from mambatron.models.ops import get_op
 from mambatron.parallel.projections import LocalProjections
 
@@ -26,12 +26,15 @@ class RMSNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections):
+    """Pre-norm residual block around one layer of any kind (its module is ``mixer``, whatever the kind)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, proj: LocalProjections, kind: LayerKind):
         super().__init__()
         self.cfg = cfg
+        self.kind = kind.name
         self.norm = RMSNorm(cfg.d_model)
         proj.mark_sequence_parallel(self.norm.weight)
-        self.mixer = layer_kind(cfg.arch).build(cfg, layer_idx, proj)
+        self.mixer = kind.build(cfg, layer_idx, proj)
 
     def _norm(self, hidden: torch.Tensor, residual: torch.Tensor | None):
         rms_norm = get_op("rms_norm", self.cfg.kernels, hidden)
@@ -67,7 +70,7 @@ class MambaLM(nn.Module):
         self.proj = proj
         self.activation_checkpointing = False
         self.embedding = proj.embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i, proj) for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, i, proj, kind) for i, kind in enumerate(layer_kinds(cfg)))
         self.norm_f = RMSNorm(cfg.d_model)
         proj.mark_sequence_parallel(self.norm_f.weight)
         if not cfg.tie_embeddings:

@@ -248,6 +248,7 @@ MAMBA1 = register(
         # x and z (in_proj), the conv output, Δ, the scan output and the gate: ~7 d_inner-wide tensors per token.
         activation_width=lambda c: 7 * c.d_inner,
         tp_problem=_mamba1_tp_problem,
+        symbol="M",
         hf=HFMapping("mamba", "MambaForCausalLM", _mamba1_hf_config, _mamba1_hf_fields),
     )
 )

@@ -252,6 +252,7 @@ MAMBA2 = register(
         # Mamba1's ~7 d_inner-wide tensors, plus B and C (twice: in_proj output and conv output) and dt.
         activation_width=lambda c: 7 * c.d_inner + 2 * c.ngroups * c.d_state * 2 + c.nheads,
         tp_problem=_mamba2_tp_problem,
+        symbol="M",
         config_problem=_mamba2_config_problem,
         hf=HFMapping("mamba2", "Mamba2ForCausalLM", _mamba2_hf_config, _mamba2_hf_fields),
     )

@@ -19,6 +19,7 @@ _OPS = {
     "conv1d_update": ("mambatron.kernels.conv1d", "causal_conv1d_update"),
     "rms_norm": ("mambatron.kernels.rmsnorm", "rms_norm_fn"),
     "gated_rms_norm": ("mambatron.kernels.rmsnorm", "rmsnorm_fn"),
+    "attention": ("mambatron.kernels.attention", "attention_fn"),
     "mamba1_conv_scan": ("mambatron.kernels.mamba1", "mamba1_conv_scan_fn"),
     "mamba2_split_conv_scan": ("mambatron.kernels.mamba2", "mamba2_split_conv_scan_fn"),
 }

@@ -41,11 +41,12 @@ def validate_parallel(
         )
     if tp == 1:
         return
-    from mambatron.models.layers import layer_kind
+    from mambatron.models.layers import layer_kinds
 
-    problem = layer_kind(model_cfg.arch).tp_problem(model_cfg, tp)
-    if problem:
-        raise ConfigError(problem)
+    for kind in {k.name: k for k in layer_kinds(model_cfg)}.values():
+        problem = kind.tp_problem(model_cfg, tp)
+        if problem:
+            raise ConfigError(problem)
     if model_cfg.padded_vocab_size % tp:
         raise ConfigError(
             f"parallel.tp={tp} does not divide the padded vocab {model_cfg.padded_vocab_size}; "

@@ -39,15 +39,18 @@ def param_layout(name: str, model_cfg: ModelConfig) -> Layout:
         return Layout(0, (c.padded_vocab_size,))
     if name == "norm_f.weight" or re.fullmatch(r"layers\.\d+\.norm\.weight", name):
         return REPLICATED
-    m = re.fullmatch(r"layers\.\d+\.mixer\.(.+)", name)
+    m = re.fullmatch(r"layers\.(\d+)\.mixer\.(.+)", name)
     if m is None:
         raise KeyError(f"no tensor-parallel layout for parameter {name!r}")
-    leaf = m.group(1)
-    from mambatron.models.layers import layer_kind
+    index, leaf = int(m.group(1)), m.group(2)
+    from mambatron.models.layers import layer_kinds
 
-    table = layer_kind(c.arch).tp_layouts(c)
+    kinds = layer_kinds(c)
+    if index >= len(kinds):
+        raise KeyError(f"parameter {name!r} is past the model's {len(kinds)} layers")
+    table = kinds[index].tp_layouts(c)
     if leaf not in table:
-        raise KeyError(f"no tensor-parallel layout for parameter {name!r} ({c.arch})")
+        raise KeyError(f"no tensor-parallel layout for parameter {name!r} ({kinds[index].name})")
     return table[leaf]
 
 

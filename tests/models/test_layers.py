@@ -13,7 +13,7 @@ from mambatron.models import layers as registry
 from mambatron.models.layers import LayerKind, kinds, layer_kind
 from mambatron.parallel import validate_parallel
 from mambatron.parallel.consolidate import param_layout
-from mambatron.parallel.layout import REPLICATED, Layout
+from mambatron.parallel.layout import Layout
 from mambatron.plan import count_params, flops_per_token, make_plan
 from tests.models.conftest import tiny_model_config
 
@@ -66,6 +66,7 @@ def toy_kind():
             mixing_flops=lambda c, seq_len: 0.0,
             activation_width=lambda c: c.d_model,
             tp_problem=lambda c, tp: None if c.d_model % tp == 0 else f"tp={tp} does not divide d_model",
+            symbol="T",
         )
     )
     yield kind
@@ -73,17 +74,24 @@ def toy_kind():
 
 
 def test_a_new_kind_needs_only_its_registration(toy_kind):
-    cfg = tiny_model_config("toy")
+    """A kind registered with a pattern symbol is built, counted, sharded and planned in a hybrid pattern."""
+    cfg = tiny_model_config("mamba2", hybrid_pattern="TMT", n_layer=3)
     model = build_model(cfg)
     model.init_weights(seed=0)
+    assert [block.kind for block in model.layers] == ["toy", "mamba2", "toy"]
     logits = model(torch.randint(0, cfg.vocab_size, (2, 5)))
     assert logits.shape == (2, 5, cfg.padded_vocab_size) and torch.isfinite(logits).all()
     assert count_params(cfg).total == sum(p.numel() for p in model.parameters())
     for name in model.state_dict():
-        assert param_layout(name, cfg) in (REPLICATED, Layout(1, (cfg.d_model,)), Layout(0, (cfg.padded_vocab_size,)))
-    full = load_config("configs/tiny.yaml", ["model.arch=toy", "model.d_model=32", "parallel.tp=2"])
+        layout = param_layout(name, cfg)
+        if name.startswith(("layers.0.mixer", "layers.2.mixer")):
+            assert layout == Layout(1, (cfg.d_model,))
+    overrides = ["model.hybrid_pattern=TT", "model.n_layer=2", "model.d_model=32", "parallel.tp=2"]
+    full = load_config("configs/tiny.yaml", overrides)
     assert make_plan(full, 2).params_total == count_params(full.model).total
     with pytest.raises(ConfigError, match="tp=3 does not divide d_model"):
         validate_parallel(cfg, load_config("configs/tiny.yaml", ["parallel.tp=3"]).parallel)
+    with pytest.raises(ConfigError, match="model.arch='toy' is not a Mamba mixer"):
+        tiny_model_config("toy")
     with pytest.raises(ValueError, match="twice"):
         registry.register(LayerKind(**{**toy_kind.__dict__, "params": lambda c: 0}))

@@ -6,7 +6,7 @@ import pytest
 from mambatron.config import load_config
 from mambatron.models import build_model, count_parameters
 
-PRESETS = sorted(Path("configs").glob("mamba*.yaml"))
+PRESETS = sorted([*Path("configs").glob("mamba*.yaml"), *Path("configs").glob("hybrid*.yaml")])
 
 
 def test_every_size_has_a_preset():
@@ -25,4 +25,8 @@ def test_preset_parameter_count_matches_name(path):
     value, unit = re.search(r"-([\d.]+)([mb])$", path.stem).groups()
     expected = float(value) * (1e6 if unit == "m" else 1e9)
     assert abs(n - expected) / expected <= 0.05, f"{path.stem}: {n / 1e6:.1f}M parameters"
-    assert cfg.model.arch == path.stem.split("-")[0]
+    if path.stem.startswith("hybrid"):
+        kinds = {block.kind for block in model.layers}
+        assert cfg.model.hybrid_pattern and kinds == {cfg.model.arch, "attention", "mlp"}
+    else:
+        assert cfg.model.arch == path.stem.split("-")[0]

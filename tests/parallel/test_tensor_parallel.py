@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mambatron.config import AttentionConfig, MLPConfig
 from tests.parallel import _workers as w
 from tests.parallel._launch import run_distributed
 
@@ -20,6 +21,29 @@ CASES = [
     # The fused Triton mixer ops (in the interpreter on CPU): Mamba1's sums x_proj's output over TP inside.
     ("mamba1", True, {"kernels": "triton"}),
     ("mamba2", True, {"kernels": "triton"}),
+    # Hybrids: attention split by heads (GQA, RoPE, biases) and MLPs split by their hidden width, beside Mamba layers.
+    (
+        "mamba2",
+        True,
+        {
+            "hybrid_pattern": "M*-M",
+            "n_layer": 4,
+            "bias": True,
+            "tie_embeddings": False,
+            "attention": AttentionConfig(num_heads=4, num_kv_heads=2, rope_theta=10000.0, bias=True),
+            "mlp": MLPConfig(hidden=32, activation="swiglu", bias=True),
+        },
+    ),
+    (
+        "mamba1",
+        False,
+        {
+            "hybrid_pattern": "*M-",
+            "n_layer": 3,
+            "attention": AttentionConfig(num_heads=4, num_kv_heads=2),
+            "mlp": MLPConfig(hidden=32),
+        },
+    ),
 ]
 ROUNDTRIPS = [("mamba1", True), ("mamba2", False)]
 # Built on the meta device and materialised, as the trainer does: the sequence-parallel gradient hooks and the
