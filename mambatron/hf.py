@@ -1,7 +1,9 @@
-"""Export to / import from Hugging Face ``MambaForCausalLM`` (Mamba1) and ``Mamba2ForCausalLM`` (Mamba2).
+"""Export to / import from Hugging Face ``MambaForCausalLM`` (Mamba1), ``Mamba2ForCausalLM`` (Mamba2) and
+``NemotronHForCausalLM`` (Mamba2 + attention + MLP hybrids).
 
-Our full (TP=1) state-dict keys are HF's without the ``backbone.`` prefix, except the embedding
-(``embedding.weight`` ↔ ``backbone.embeddings.weight``). A tied LM head is left out of the file, as HF does.
+Our full (TP=1) state-dict keys are HF's without the ``backbone.`` prefix (files may also use ``model.`` for
+NemotronH), except the embedding (``embedding.weight`` ↔ ``backbone.embeddings.weight``). A tied LM head is left out
+of the file, as HF does, except for NemotronH, whose loader does not tie it.
 The exported ``config.json`` also carries our own model config under ``"mambatron"`` so a round trip is exact.
 
 A *model directory* (what ``tools/import_hf.py`` writes and ``tools/export_hf.py`` reads) holds
@@ -27,6 +29,10 @@ from mambatron.models.layers import kind_for_hf, layer_kind
 SHARD_BYTES = 4 * 1024**3
 
 
+# NemotronH's hybrid_override_pattern uses our symbols; its newer layers_block_type names map to them too.
+_NEMOTRON_H_BLOCKS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-"}
+
+
 def to_hf_key(key: str) -> str:
     if key == "embedding.weight":
         return "backbone.embeddings.weight"
@@ -36,9 +42,101 @@ def to_hf_key(key: str) -> str:
 
 
 def from_hf_key(key: str) -> str:
-    if key == "backbone.embeddings.weight":
-        return "embedding.weight"
-    return key.removeprefix("backbone.")
+    """Our key for an HF one: ``backbone.`` is what the Mamba models and NVIDIA's NemotronH checkpoints use (and what
+    transformers writes for NemotronH); ``model.`` is transformers' in-memory NemotronH naming."""
+    for prefix in ("backbone.", "model."):
+        if key == prefix + "embeddings.weight":
+            return "embedding.weight"
+        if key.startswith(prefix):
+            return key.removeprefix(prefix)
+    return key
+
+
+def _nemotron_h_config(cfg: ModelConfig) -> dict[str, Any]:
+    """NemotronHForCausalLM's own config.json fields for a hybrid; a ValueError names what it cannot express."""
+    a, m = cfg.attention, cfg.mlp
+    problems = [
+        (
+            cfg.arch != "mamba2",
+            f"model.arch={cfg.arch!r} (NemotronH's Mamba layers are Mamba2; a Mamba1 hybrid would "
+            "be JambaForCausalLM, not supported yet)",
+        ),  # fmt: skip
+        (a.rope_theta is not None, f"model.attention.rope_theta={a.rope_theta} (NemotronH attention has no RoPE)"),
+        (a.bias, "model.attention.bias=true (NemotronH's q/k/v/o projections have no bias)"),
+        (m.activation != "relu2", f"model.mlp.activation={m.activation!r} (NemotronH's MLP is relu2)"),
+    ]
+    bad = [why for cond, why in problems if cond]
+    if bad:
+        raise ValueError("cannot export this hybrid to NemotronHForCausalLM: " + "; ".join(bad))
+    return {
+        "hybrid_override_pattern": cfg.hybrid_pattern,
+        "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_kv_heads,
+        "head_dim": cfg.head_dim_value,
+        "attention_bias": False,
+        "intermediate_size": cfg.mlp_hidden,
+        "mlp_hidden_act": "relu2",
+        "mlp_bias": m.bias,
+        "ssm_state_size": cfg.d_state,
+        "mamba_num_heads": cfg.nheads,
+        "mamba_head_dim": cfg.headdim,
+        "mamba_hidden_act": "silu",
+        "n_groups": cfg.ngroups,
+        "chunk_size": cfg.chunk_size,
+        "time_step_limit": [0.0, float("inf")],
+        "rescale_prenorm_residual": False,
+    }
+
+
+def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our ModelConfig fields from a NemotronH config.json (NVIDIA's or transformers' spelling of the layers)."""
+    if hf.get("hybrid_override_pattern"):
+        pattern = hf["hybrid_override_pattern"]
+    else:
+        blocks = hf.get("layers_block_type") or hf.get("layer_types") or []
+        unknown = sorted({b for b in blocks if b not in _NEMOTRON_H_BLOCKS})
+        if unknown:
+            raise ValueError(f"NemotronH layer types {unknown} are not supported yet (MoE layers come later)")
+        pattern = "".join(_NEMOTRON_H_BLOCKS[b] for b in blocks)
+    if set(pattern) - set("M*-"):
+        raise ValueError(f"NemotronH pattern {pattern!r}: only M, * and - layers import (no MoE yet)")
+    if hf.get("mlp_hidden_act", "relu2") != "relu2":
+        raise ValueError(f"NemotronH mlp_hidden_act={hf['mlp_hidden_act']!r}: only relu2 imports")
+    mamba_heads, mamba_head_dim = hf.get("mamba_num_heads", 128), hf.get("mamba_head_dim", 64)
+    expand = mamba_heads * mamba_head_dim // hf["hidden_size"]
+    if expand * hf["hidden_size"] != mamba_heads * mamba_head_dim:
+        raise ValueError("NemotronH config: mamba_num_heads * mamba_head_dim must be a multiple of hidden_size")
+    vocab = int(hf["vocab_size"])
+    return {
+        "arch": "mamba2",
+        "hybrid_pattern": pattern,
+        "d_model": hf["hidden_size"],
+        "n_layer": len(pattern),
+        "vocab_size": vocab,
+        "pad_vocab_multiple": next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0),
+        "d_state": hf.get("ssm_state_size", 128),
+        "d_conv": hf.get("conv_kernel", 4),
+        "expand": expand,
+        "headdim": mamba_head_dim,
+        "ngroups": hf.get("n_groups", 8),
+        "chunk_size": hf.get("chunk_size", 128),
+        "conv_bias": hf.get("use_conv_bias", True),
+        "bias": hf.get("use_bias", False),
+        "norm_eps": hf.get("layer_norm_epsilon", 1e-5),
+        "residual_in_fp32": hf.get("residual_in_fp32", False),
+        "tie_embeddings": hf.get("tie_word_embeddings", False),
+        "dt_min": hf.get("time_step_min", 0.001),
+        "dt_max": hf.get("time_step_max", 0.1),
+        "dt_init_floor": hf.get("time_step_floor", 1e-4),
+        "attention": {
+            "num_heads": hf.get("num_attention_heads", 32),
+            "num_kv_heads": hf.get("num_key_value_heads") or hf.get("num_attention_heads", 32),
+            "head_dim": hf.get("head_dim", 128),
+            "rope_theta": None,
+            "bias": False,
+        },
+        "mlp": {"hidden": hf.get("intermediate_size", 21504), "activation": "relu2", "bias": hf.get("mlp_bias", False)},
+    }
 
 
 def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
@@ -65,10 +163,8 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
     if cfg.hybrid_pattern:
-        raise ValueError(
-            f"model.hybrid_pattern={cfg.hybrid_pattern!r}: Hugging Face export of hybrid models (NemotronH, Jamba) is "
-            "not supported yet; only pure Mamba1/Mamba2 stacks export"
-        )
+        own = _nemotron_h_config(cfg)
+        return {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], **common, **own}
     hf = layer_kind(cfg.arch).hf
     if hf is None:
         raise ValueError(f"layer kind {cfg.arch!r} has no Hugging Face mapping yet")
@@ -80,6 +176,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if "mambatron" in hf:
         return config_from_dict({"model": hf["mambatron"]}).model
     model_type = hf.get("model_type")
+    if model_type == "nemotron_h":
+        return config_from_dict({"model": _nemotron_h_fields(hf)}).model
     kind = kind_for_hf(model_type)
     vocab = int(hf["vocab_size"])
     fields: dict[str, Any] = {
@@ -117,14 +215,17 @@ def to_hf(
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    token_ids = _copy_tokenizer(tokenizer_dir, out) if tokenizer_dir else None
+    hf_cfg = hf_config_dict(model_config, token_ids)
     tensors = {}
     for key, value in state.items():
         if model_config.tie_embeddings and key == "lm_head.weight":
             continue
         value = value.detach().to("cpu")
         tensors[to_hf_key(key)] = (value.to(dtype) if dtype is not None else value).contiguous()
-    token_ids = _copy_tokenizer(tokenizer_dir, out) if tokenizer_dir else None
-    hf_cfg = hf_config_dict(model_config, token_ids)
+    if hf_cfg["model_type"] == "nemotron_h" and model_config.tie_embeddings:
+        # transformers' NemotronH does not tie its head to the embedding when loading, so the head is written out.
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
     if dtype is not None:
         hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")

@@ -134,3 +134,77 @@ def test_export_over_an_earlier_sharded_export_leaves_no_stale_weights(tmp_path,
         want = new.eval()(ids)[..., : cfg.vocab_size]
         got = hf.eval()(ids).logits[..., : cfg.vocab_size]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _hybrid(**overrides):
+    fields = dict(
+        hybrid_pattern="M*M-M-", n_layer=6, vocab_size=64, ngroups=2, attention=dict(num_heads=4, num_kv_heads=2),
+        mlp=dict(hidden=48, activation="relu2"),
+    )  # fmt: skip
+    fields.update(overrides)
+    return tiny_model_config("mamba2", **fields)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_hybrid_export_loads_as_nemotron_h_with_equal_logits_and_generation(tie, tmp_path):
+    """A Mamba2 + attention + MLP hybrid exports to NemotronHForCausalLM: no missing or unexpected keys, fp32 logits
+    within 1e-4, the same greedy tokens (through its KV cache and Mamba states and ours); and it imports back."""
+    cfg = _hybrid(tie_embeddings=tie)
+    ours = _perturbed(build_model(cfg))
+    to_hf(ours, cfg, tmp_path)
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(hf).__name__ == "NemotronHForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= TOL, diff
+    prompt = ids[:, :5]
+    with torch.no_grad():
+        theirs = _hf_greedy(hf, prompt)
+    assert torch.equal(theirs, generate(ours, prompt, max_new_tokens=16))
+    back, back_cfg = from_hf(tmp_path)
+    assert back_cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids), ours(ids))
+
+
+def test_import_from_random_nemotron_h_model(tmp_path):
+    """A NemotronH model that we did not write (no "mambatron" key in its config) imports with equal logits."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    hf_cfg = NemotronHConfig(
+        vocab_size=64, hidden_size=32, hybrid_override_pattern="M-*M", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=40, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
+        chunk_size=8, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = NemotronHForCausalLM(hf_cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+    ours, cfg = from_hf(tmp_path)
+    assert cfg.hybrid_pattern == "M-*M" and cfg.attention.num_kv_heads == 2 and cfg.mlp_hidden == 40
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours.eval()(ids)).abs().max().item()
+    assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(arch="mamba1", headdim=16), "model.arch='mamba1'.*JambaForCausalLM, not supported yet"),
+        (dict(attention=dict(num_heads=4, num_kv_heads=2, rope_theta=10000.0)), "NemotronH attention has no RoPE"),
+        (dict(mlp=dict(hidden=48, activation="swiglu")), "NemotronH's MLP is relu2"),
+    ],
+)
+def test_hybrid_export_names_what_nemotron_h_cannot_express(overrides, message, tmp_path):
+    overrides = dict(overrides)
+    cfg = _hybrid(**overrides) if "arch" not in overrides else tiny_model_config(
+        overrides.pop("arch"), hybrid_pattern="M*M-M-", n_layer=6, attention=dict(num_heads=4, num_kv_heads=2)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        to_hf(build_model(cfg), cfg, tmp_path)

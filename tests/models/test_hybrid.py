@@ -128,6 +128,7 @@ def test_hybrid_training_step_reaches_every_parameter(arch):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_hybrid_export_is_refused_clearly():
-    with pytest.raises(ValueError, match="export of hybrid models .* not supported yet"):
+def test_hybrid_export_that_nemotron_h_cannot_express_is_refused_clearly():
+    # hybrid_config has RoPE and a SwiGLU MLP; tests/hf covers the exports that work.
+    with pytest.raises(ValueError, match="NemotronH attention has no RoPE.*NemotronH's MLP is relu2"):
         hf_config_dict(hybrid_config("mamba2"))
