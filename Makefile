@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO := runs/demo
+# The model `make demo` trains: configs/tiny.yaml (Mamba2), or e.g. `make demo CONFIG=configs/hybrid-tiny.yaml`.
+CONFIG ?= configs/tiny.yaml
+RUN := $(DEMO)/run-$(basename $(notdir $(CONFIG)))
 
 .PHONY: install demo test lint clean-demo
 
@@ -29,10 +32,10 @@ $(DEMO)/data/index.json: $(DEMO)/tokenizer/mambatron_tokenizer.json
 	$(PY) tools/prepare_data.py --input stdlib --tokenizer $(DEMO)/tokenizer --out $(DEMO)/data
 
 demo: install $(DEMO)/data/index.json
-	$(PY) -m mambatron.train --config configs/tiny.yaml --set train.out_dir=$(DEMO)/run \
+	$(PY) -m mambatron.train --config $(CONFIG) --set train.out_dir=$(RUN) \
 		data.index=$(DEMO)/data/index.json data.tokenizer=$(DEMO)/tokenizer
-	$(PY) tools/export_hf.py --checkpoint $(DEMO)/run --out $(DEMO)/hf --overwrite
-	$(PY) tools/sample.py --hf $(DEMO)/hf --prompt "def main(" --max-new-tokens 64
+	$(PY) tools/export_hf.py --checkpoint $(RUN) --out $(RUN)-hf --overwrite
+	$(PY) tools/sample.py --hf $(RUN)-hf --prompt "def main(" --max-new-tokens 64
 
 test: install
 	$(PY) -m ruff check .

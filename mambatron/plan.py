@@ -92,6 +92,9 @@ class Plan:
     activations_bytes_no_ckpt: int
     activations_bytes_ckpt: int
     logits_bytes: int
+    # Generation: the attention layers' KV cache per token of context per sequence (0 for pure Mamba stacks, whose
+    # state does not grow), per GPU in the compute dtype.
+    kv_cache_bytes_per_token: int
     total_bytes: int
     gpu_memory_bytes: int
     tokens_per_step: int
@@ -129,6 +132,12 @@ def activation_bytes_per_layer(m: ModelConfig, tokens: int, tp: int, sequence_pa
 def activation_bytes_all_layers(m: ModelConfig, tokens: int, tp: int, sequence_parallel: bool, bytes_: int) -> int:
     """What every block keeps for backward together (see :func:`activation_bytes_per_layer`)."""
     return sum(_block_activation_bytes(m, k, tokens, tp, sequence_parallel, bytes_) for k in layer_kinds(m))
+
+
+def kv_cache_bytes_per_token(m: ModelConfig, tp: int, bytes_: int) -> int:
+    """Keys and values of every attention layer for one token of one sequence, split over TP by KV heads."""
+    attention_layers = sum(kind.name == "attention" for kind in layer_kinds(m))
+    return attention_layers * 2 * (m.attention.num_kv_heads // tp) * m.head_dim_value * bytes_
 
 
 def zero_bucket_bytes(zero_stage: int, deepspeed_extra: dict[str, Any], grad_bytes: int) -> int:
@@ -243,6 +252,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
         activations_bytes_no_ckpt=no_ckpt + logits,
         activations_bytes_ckpt=ckpt + logits,
         logits_bytes=logits,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(m, tp, act_b),
         total_bytes=total,
         gpu_memory_bytes=gpu_bytes,
         tokens_per_step=tokens_per_step,
@@ -294,5 +304,9 @@ def format_plan(plan: Plan, config: Config) -> str:
         f"  tokens per step {plan.tokens_per_step:,}",
         f"  FLOPs per token {plan.flops_per_token:.3e}  ({plan.flops_per_step:.3e} per step)",
     ]
+    if plan.kv_cache_bytes_per_token:
+        kv = plan.kv_cache_bytes_per_token
+        lines.append(f"  KV cache        {kv / 1024:.1f} KiB per token per sequence for generation "
+                     f"({kv * plan.seq_len / GIB:.2f} GiB at seq_len {plan.seq_len})")  # fmt: skip
     lines += [f"  WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -34,3 +34,13 @@ def test_demo_reuses_its_tokenizer_and_shards(tmp_path):
     os.utime(tok, (now + 10, now + 10))  # a retrained tokenizer makes the shards stale
     third = planned(tmp_path)
     assert "tools/prepare_data.py" in third and "tools/train_tokenizer.py" not in third
+
+
+def test_demo_trains_the_config_it_is_given(tmp_path):
+    (tmp_path / "venv").mkdir()
+    (tmp_path / "venv" / ".installed").touch()
+    hybrid = subprocess.run(["make", "-n", "demo", f"DEMO={tmp_path / 'demo'}", f"VENV={tmp_path / 'venv'}",
+                             "CONFIG=configs/hybrid-tiny.yaml"], cwd=REPO, capture_output=True, text=True,
+                            check=True).stdout  # fmt: skip
+    assert "--config configs/hybrid-tiny.yaml" in hybrid and f"{tmp_path}/demo/run-hybrid-tiny" in hybrid
+    assert "--config configs/tiny.yaml" in planned(tmp_path) and "run-tiny" in planned(tmp_path)

@@ -132,3 +132,18 @@ def test_hybrid_export_that_nemotron_h_cannot_express_is_refused_clearly():
     # hybrid_config has RoPE and a SwiGLU MLP; tests/hf covers the exports that work.
     with pytest.raises(ValueError, match="NemotronH attention has no RoPE.*NemotronH's MLP is relu2"):
         hf_config_dict(hybrid_config("mamba2"))
+
+
+def test_planner_counts_the_kv_cache_and_each_layers_activations():
+    from mambatron.config import load_config
+    from mambatron.plan import activation_bytes_all_layers, make_plan
+
+    hybrid = load_config("configs/hybrid-8b.yaml")
+    plan = make_plan(hybrid, 8)
+    assert plan.kv_cache_bytes_per_token == 4 * 2 * 8 * 128 * 2  # 4 attention layers, K and V, 8 KV heads, bf16
+    assert plan.params_total == count_params(hybrid.model).total
+    assert make_plan(load_config("configs/mamba2-8b.yaml"), 8).kv_cache_bytes_per_token == 0
+    # Every layer's own activation width counts: the hybrid keeps less per MLP or attention block than per Mamba one.
+    m = hybrid.model
+    all_mamba = load_config("configs/hybrid-8b.yaml", ["model.hybrid_pattern=", "model.n_layer=56"]).model
+    assert activation_bytes_all_layers(m, 4096, 1, False, 2) < activation_bytes_all_layers(all_mamba, 4096, 1, False, 2)

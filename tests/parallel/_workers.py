@@ -7,7 +7,16 @@ import os
 import torch
 import torch.distributed as dist
 
-from mambatron.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from mambatron.config import (
+    AttentionConfig,
+    Config,
+    DataConfig,
+    MLPConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
 from mambatron.models import build_model
 from mambatron.parallel.consolidate import consolidate, consolidate_zero_checkpoint, shard
 from mambatron.parallel.dist import DistInfo
@@ -17,13 +26,22 @@ SEQLEN = 12
 
 
 def tiny_model_config(arch: str, **overrides) -> ModelConfig:
-    """Mamba1: d_inner 32, dt_rank 4. Mamba2: 4 heads of 8, 2 groups. Vocab 60 padded to 64."""
+    """Mamba1: d_inner 32, dt_rank 4. Mamba2: 4 heads of 8, 2 groups. Vocab 60 padded to 64. "hybrid": Mamba2,
+    attention (4 heads on 2 KV heads, RoPE, biases) and a SwiGLU MLP, pattern M*-M."""
+    hybrid = arch == "hybrid"
+    arch = "mamba2" if hybrid else arch
     fields = dict(
         arch=arch, d_model=16, n_layer=2, vocab_size=60, pad_vocab_multiple=16, d_state=4, d_conv=4, expand=2,
         dt_rank=4, kernels="reference",
     )  # fmt: skip
     if arch == "mamba2":
         fields.update(headdim=8, ngroups=2, chunk_size=8)
+    if hybrid:
+        fields.update(
+            hybrid_pattern="M*-M", n_layer=4,
+            attention=AttentionConfig(num_heads=4, num_kv_heads=2, rope_theta=10000.0, bias=True),
+            mlp=MLPConfig(hidden=32, activation="swiglu", bias=True),
+        )  # fmt: skip
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -98,8 +116,8 @@ def tp_suite(
         "equivalence": tp_equivalence(info, cases),
         "meta_equivalence": tp_equivalence(info, meta_cases, meta=True),
         "roundtrip": {case: reshard_roundtrip(info, *case) for case in roundtrips},
-        "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2")},
-        "steps": {arch: recurrent_steps(info, arch) for arch in ("mamba1", "mamba2")},
+        "meta_init": {arch: meta_init(info, arch) for arch in ("mamba1", "mamba2", "hybrid")},
+        "steps": {arch: recurrent_steps(info, arch) for arch in ("mamba1", "mamba2", "hybrid")},
     }
 
 
