@@ -82,6 +82,10 @@ class ModelConfig:
     expand: int = 2
     # Mamba1: rank of the Δ projection; "auto" = ceil(d_model / 16).
     dt_rank: int | Literal["auto"] = "auto"
+    # Mamba1: RMS-normalise Δ's low-rank input, B and C (no weights) before the scan, as FalconMamba does (it then
+    # exports to and imports from FalconMambaForCausalLM), with this epsilon.
+    mamba1_inner_norms: bool = False
+    mamba1_inner_norm_eps: float = 1e-6
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
@@ -138,6 +142,9 @@ class ModelConfig:
         if self.arch not in mixers:
             raise ConfigError(f"model.arch={self.arch!r} is not a Mamba mixer; use one of {', '.join(mixers)} "
                               "(attention and MLP layers go in model.hybrid_pattern)")  # fmt: skip
+        if self.mamba1_inner_norms and self.arch != "mamba1":
+            raise ConfigError(f"model.mamba1_inner_norms=true needs model.arch=mamba1, got {self.arch!r}")
+        _positive(self, "mamba1_inner_norm_eps")
         if self.hybrid_pattern and self.n_layer != len(self.hybrid_pattern):
             raise ConfigError(
                 f"model.n_layer={self.n_layer} but model.hybrid_pattern has {len(self.hybrid_pattern)} symbols; set "

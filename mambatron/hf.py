@@ -1,5 +1,6 @@
-"""Export to / import from Hugging Face ``MambaForCausalLM`` (Mamba1), ``Mamba2ForCausalLM`` (Mamba2) and
-``NemotronHForCausalLM`` (Mamba2 + attention + MLP hybrids).
+"""Export to / import from Hugging Face ``MambaForCausalLM`` (Mamba1), ``FalconMambaForCausalLM`` (Mamba1 with
+``model.mamba1_inner_norms``), ``Mamba2ForCausalLM`` (Mamba2) and ``NemotronHForCausalLM`` (Mamba2 + attention + MLP
+hybrids).
 
 Our full (TP=1) state-dict keys are HF's without the ``backbone.`` prefix (files may also use ``model.`` for
 NemotronH), except the embedding (``embedding.weight`` ↔ ``backbone.embeddings.weight``). A tied LM head is left out
@@ -168,7 +169,11 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     hf = layer_kind(cfg.arch).hf
     if hf is None:
         raise ValueError(f"layer kind {cfg.arch!r} has no Hugging Face mapping yet")
-    return {"model_type": hf.model_type, "architectures": [hf.architecture], **hf.config(cfg), **common}
+    out = {"model_type": hf.model_type, "architectures": [hf.architecture], **hf.config(cfg), **common}
+    if cfg.mamba1_inner_norms:  # FalconMamba is Mamba1 with weightless RMSNorms of dt, B and C
+        out.update(model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"],
+                   mixer_rms_eps=cfg.mamba1_inner_norm_eps)  # fmt: skip
+    return out
 
 
 def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -178,7 +183,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == "nemotron_h":
         return config_from_dict({"model": _nemotron_h_fields(hf)}).model
-    kind = kind_for_hf(model_type)
+    falcon = model_type == "falcon_mamba"
+    kind = kind_for_hf("mamba" if falcon else model_type)
     vocab = int(hf["vocab_size"])
     fields: dict[str, Any] = {
         "arch": kind.name,
@@ -199,6 +205,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         "dt_init_floor": hf.get("time_step_floor", 1e-4),
     }
     fields.update(kind.hf.fields(hf))
+    if falcon:
+        fields.update(mamba1_inner_norms=True, mamba1_inner_norm_eps=hf.get("mixer_rms_eps", 1e-6))
     cfg = config_from_dict({"model": fields}).model
     return cfg
 

@@ -90,7 +90,7 @@ class Mamba1Mixer(nn.Module):
             y = fused(
                 xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias.to(sdt), A, self.D.to(sdt), seq_idx=seq_idx, tp_group=self.tp_group,
-                out_proj_weight=out_w, out_proj_bias=out_b,
+                out_proj_weight=out_w, out_proj_bias=out_b, inner_norm_eps=self._inner_eps,
             )  # fmt: skip
             return y if fold else self.out_proj(y)
         # Prefill for generation: op by op, keeping the conv window and the final SSM state.
@@ -103,7 +103,7 @@ class Mamba1Mixer(nn.Module):
         cache["conv"] = _last_window(x, cfg.d_conv)
         conv = get_op("conv1d", kernels, x)
         x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
-        x_dbl = self.x_proj(x.transpose(1, 2))  # (batch, seqlen, dt_rank + 2 * d_state)
+        x_dbl = self._normed(self.x_proj(x.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)  # (batch, seqlen, k)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, seqlen), time-contiguous
         scan = get_op("selective_scan", kernels, x)
@@ -123,6 +123,19 @@ class Mamba1Mixer(nn.Module):
         out, cache["ssm"] = out
         return self.out_proj(out.transpose(1, 2))
 
+    @property
+    def _inner_eps(self) -> float | None:
+        return self.cfg.mamba1_inner_norm_eps if self.cfg.mamba1_inner_norms else None
+
+    def _normed(self, x_dbl: torch.Tensor) -> torch.Tensor:
+        """x_proj's output (batch, dt_rank + 2 * d_state, ...) with FalconMamba's norms of dt, B, C when enabled."""
+        if self._inner_eps is None:
+            return x_dbl
+        # Imported here: the kernels package imports triton, which models leave to the first kernel call.
+        from mambatron.kernels.mamba1.reference import inner_norms
+
+        return inner_norms(x_dbl, self.cfg.dt_rank_value, self.cfg.d_state, self._inner_eps)
+
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache`` (conv window, SSM)."""
         cfg = self.cfg
@@ -130,7 +143,8 @@ class Mamba1Mixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (batch, d_inner) each
         update = get_op("conv1d_update", cfg.kernels, x)
         x = update(x, cache["conv"], self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
-        dt, B, C = torch.split(self.x_proj(x), [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
+        x_dbl = self._normed(self.x_proj(x)[..., None])[..., 0]
+        dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt).to(sdt))  # (batch, d_inner)
         A = -torch.exp(self.A_log.to(sdt))
         state = cache["ssm"]  # (batch, d_inner, d_state), fp32

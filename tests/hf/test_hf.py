@@ -208,3 +208,34 @@ def test_hybrid_export_names_what_nemotron_h_cannot_express(overrides, message, 
     )  # fmt: skip
     with pytest.raises(ValueError, match=message):
         to_hf(build_model(cfg), cfg, tmp_path)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_falcon_mamba_export_and_import(tie, tmp_path):
+    """Mamba1 with FalconMamba's dt/B/C norms exports as FalconMambaForCausalLM (logits within 1e-4, the same greedy
+    tokens, no missing or unexpected keys), and a transformers-initialised FalconMamba imports with equal logits."""
+    cfg = tiny_model_config("mamba1", vocab_size=64, tie_embeddings=tie, mamba1_inner_norms=True)
+    ours = _perturbed(build_model(cfg))
+    to_hf(ours, cfg, tmp_path / "ours")
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert type(hf).__name__ == "FalconMambaForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        diff = (hf.eval()(ids).logits - ours(ids)).abs().max().item()
+        plain = build_model(tiny_model_config("mamba1", vocab_size=64, tie_embeddings=tie))
+        plain.load_state_dict(ours.state_dict())
+        assert (plain.eval()(ids) - ours(ids)).abs().max() > 1e-3  # the norms matter
+    assert diff <= TOL, diff
+    with torch.no_grad():
+        assert torch.equal(_hf_greedy(hf, ids[:, :5]), generate(ours, ids[:, :5], max_new_tokens=16))
+
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    theirs = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2))
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    back, back_cfg = from_hf(tmp_path / "theirs")
+    assert back_cfg.mamba1_inner_norms and back_cfg.arch == "mamba1"
+    with torch.no_grad():
+        diff = (theirs(ids).logits - back.eval()(ids)).abs().max().item()
+    assert diff <= TOL, diff

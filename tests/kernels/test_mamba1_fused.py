@@ -122,3 +122,26 @@ def test_bad_widths_are_named(device):
     inputs["x_proj_weight"] = inputs["x_proj_weight"][:, :5]
     with pytest.raises(ValueError, match="needs 2·d_inner features"):
         call(mamba1_conv_scan_fn, inputs)
+
+
+def test_falcon_mamba_inner_norms_equal_reference(device):
+    """With FalconMamba's weightless RMSNorms of dt, B and C: output and every gradient against the reference, and
+    the norms change the result (they are applied)."""
+    batch, seqlen = 2, 37
+    inputs = make_inputs(batch, seqlen, device, feature_major=True, out_proj=True)
+    seq_idx = torch.tensor([[0] * 16 + [1] * 21, [0] * 37], dtype=torch.int32, device=device)
+
+    def run_normed(fn, ins):
+        out = call(fn, ins, seq_idx=seq_idx, inner_norm_eps=1e-6)
+        g = torch.Generator().manual_seed(7)
+        loss = (out * torch.randn(out.shape, generator=g).to(out.device)).sum()
+        return out, dict(zip(ins, torch.autograd.grad(loss, list(ins.values()))))
+
+    out, grads = run_normed(mamba1_conv_scan_fn, inputs)
+    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out_ref, grads_ref = run_normed(mamba1_conv_scan_fn_ref, ref_inputs)
+    assert_close(out, out_ref, "out", TOLERANCE_DTYPE)
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], f"d{name}", TOLERANCE_DTYPE)
+    plain = call(mamba1_conv_scan_fn_ref, ref_inputs, seq_idx=seq_idx)
+    assert (plain - out_ref).abs().max() > 1e-2
