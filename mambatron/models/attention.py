@@ -63,11 +63,12 @@ class Attention(nn.Module):
         self.o_proj.weight.div_(math.sqrt(self.cfg.n_layer))
 
     def _qkv(self, hidden: torch.Tensor, start: int):
-        """q (batch, heads, seqlen, head_dim), k, v (batch, kv_heads, seqlen, head_dim) for positions from start."""
-        batch, seqlen = hidden.shape[:2]
-        q = self.q_proj(hidden).view(batch, seqlen, self.heads_local, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden).view(batch, seqlen, self.kv_heads_local, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(batch, seqlen, self.kv_heads_local, self.head_dim).transpose(1, 2)
+        """q (batch, heads, seqlen, head_dim), k, v (batch, kv_heads, seqlen, head_dim) for positions from start. The
+        sequence is the projections' (gathered under sequence parallelism), not necessarily hidden's."""
+        q = self.q_proj(hidden).unflatten(-1, (self.heads_local, self.head_dim)).transpose(1, 2)
+        k = self.k_proj(hidden).unflatten(-1, (self.kv_heads_local, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(hidden).unflatten(-1, (self.kv_heads_local, self.head_dim)).transpose(1, 2)
+        seqlen = q.shape[2]
         theta = self.cfg.attention.rope_theta
         if theta is not None:
             positions = torch.arange(start, start + seqlen, device=hidden.device)

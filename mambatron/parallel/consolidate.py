@@ -106,6 +106,7 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
     The full weights are drawn one block at a time in the TP=1 model's order (embedding, then every block, then
     the untied head); no full model is ever held.
     """
+    from mambatron.models.layers import layer_kinds
     from mambatron.models.lm import Block
 
     def load(name: str, full: torch.Tensor) -> None:
@@ -118,8 +119,8 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
     # device, initialised from ``gen``) does not touch it, so neither may this.
     with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         load("embedding.weight", torch.empty(c.padded_vocab_size, c.d_model).normal_(0.0, c.init_std, generator=gen))
-        for i in range(c.n_layer):
-            block = Block(c, i, LocalProjections())
+        for i, kind in enumerate(layer_kinds(c)):
+            block = Block(c, i, LocalProjections(), kind)
             block.norm.weight.fill_(1.0)
             block.mixer.init_weights(gen)
             for name, full in block.state_dict().items():
