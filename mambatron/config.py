@@ -82,10 +82,11 @@ class ModelConfig:
     expand: int = 2
     # Mamba1: rank of the Δ projection; "auto" = ceil(d_model / 16).
     dt_rank: int | Literal["auto"] = "auto"
-    # Mamba1: RMS-normalise Δ's low-rank input, B and C (no weights) before the scan, as FalconMamba does (it then
-    # exports to and imports from FalconMambaForCausalLM), with this epsilon.
+    # Mamba1: RMS-normalise Δ's low-rank input, B and C before the scan, with this epsilon: weightless as FalconMamba
+    # does (FalconMambaForCausalLM), or with learnable weights as Jamba's Mamba layers do (mamba1_inner_norm_weights).
     mamba1_inner_norms: bool = False
     mamba1_inner_norm_eps: float = 1e-6
+    mamba1_inner_norm_weights: bool = False
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
@@ -144,6 +145,8 @@ class ModelConfig:
                               "(attention and MLP layers go in model.hybrid_pattern)")  # fmt: skip
         if self.mamba1_inner_norms and self.arch != "mamba1":
             raise ConfigError(f"model.mamba1_inner_norms=true needs model.arch=mamba1, got {self.arch!r}")
+        if self.mamba1_inner_norm_weights and not self.mamba1_inner_norms:
+            raise ConfigError("model.mamba1_inner_norm_weights=true needs model.mamba1_inner_norms=true")
         _positive(self, "mamba1_inner_norm_eps")
         if self.hybrid_pattern and self.n_layer != len(self.hybrid_pattern):
             raise ConfigError(

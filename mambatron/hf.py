@@ -89,6 +89,133 @@ def _nemotron_h_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _jamba_config(cfg: ModelConfig) -> dict[str, Any]:
+    """JambaForCausalLM's own config.json fields for a Mamba1 hybrid; a ValueError names what it cannot express.
+
+    A Jamba layer is a mixer (Mamba or attention) then an MLP, each pre-normed, which is our pattern's symbol pairs
+    ``M-`` / ``*-``; attention sits at every layer i with i % attn_layer_period == attn_layer_offset."""
+    a, m, p = cfg.attention, cfg.mlp, cfg.hybrid_pattern
+    mixers, ffns = p[0::2], p[1::2]
+    problems = [
+        (len(p) % 2 or set(ffns) != {"-"} or set(mixers) - set("M*"),
+         f"model.hybrid_pattern={p!r} (Jamba layers pair a mixer with an MLP: M- or *- repeated)"),
+        (not cfg.mamba1_inner_norm_weights, "model.mamba1_inner_norm_weights=false (Jamba normalises dt, B and C with "
+                                            "weights; set mamba1_inner_norms and mamba1_inner_norm_weights)"),
+        (cfg.mamba1_inner_norm_eps != cfg.norm_eps, "model.mamba1_inner_norm_eps differs from model.norm_eps (Jamba "
+                                                    "has one rms_norm_eps)"),
+        (a.rope_theta is not None, f"model.attention.rope_theta={a.rope_theta} (Jamba attention has no RoPE)"),
+        (a.bias, "model.attention.bias=true (Jamba's attention projections have no bias)"),
+        (cfg.head_dim_value * a.num_heads != cfg.d_model, "model.attention.head_dim (Jamba's is d_model / num_heads)"),
+        (m.activation != "swiglu" or m.bias, "model.mlp (Jamba's MLP is SwiGLU without bias)"),
+    ]  # fmt: skip
+    bad = [why for cond, why in problems if cond]
+    attention = [i for i, s in enumerate(mixers) if s == "*"]
+    n = len(mixers)
+    placement = _attention_period(attention, n)
+    if not bad and placement is None:
+        bad.append(f"attention at layers {attention} (Jamba places it at a fixed period and offset)")
+    if bad:
+        raise ValueError("cannot export this hybrid to JambaForCausalLM: " + "; ".join(bad))
+    period, offset = placement
+    return {
+        "num_hidden_layers": n,
+        "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_kv_heads,
+        "intermediate_size": cfg.mlp_hidden,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps,
+        "attn_layer_period": period,
+        "attn_layer_offset": offset,
+        "num_experts": 1,
+        "expert_layer_period": 1,
+        "expert_layer_offset": 0,
+        "mamba_d_state": cfg.d_state,
+        "mamba_d_conv": cfg.d_conv,
+        "mamba_expand": cfg.expand,
+        "mamba_dt_rank": cfg.dt_rank_value,
+        "mamba_conv_bias": cfg.conv_bias,
+        "mamba_proj_bias": cfg.bias,
+        "use_mamba_kernels": False,
+    }
+
+
+def _attention_period(attention: list[int], n: int) -> tuple[int, int] | None:
+    """(period, offset) such that layer i < n is attention exactly when i % period == offset, or None."""
+    if not attention:
+        return n + 1, n  # never
+    offset = attention[0]
+    for period in range(offset + 1, n + 1):
+        if attention == [i for i in range(n) if i % period == offset]:
+            return period, offset
+    return None
+
+
+def _jamba_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Our ModelConfig fields from a Jamba config.json without MoE layers."""
+    n = hf["num_hidden_layers"]
+    period, offset = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
+    experts = hf.get("num_experts", 16)
+    if experts > 1 and any(i % hf.get("expert_layer_period", 2) == hf.get("expert_layer_offset", 1) for i in range(n)):
+        raise ValueError(f"Jamba with num_experts={experts}: MoE layers are not supported yet")
+    vocab = int(hf["vocab_size"])
+    eps = hf.get("rms_norm_eps", 1e-6)
+    return {
+        "arch": "mamba1",
+        "hybrid_pattern": "".join(("*" if i % period == offset else "M") + "-" for i in range(n)),
+        "n_layer": 2 * n,
+        "d_model": hf["hidden_size"],
+        "vocab_size": vocab,
+        "pad_vocab_multiple": next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0),
+        "d_state": hf.get("mamba_d_state", 16),
+        "d_conv": hf.get("mamba_d_conv", 4),
+        "expand": hf.get("mamba_expand", 2),
+        "dt_rank": hf.get("mamba_dt_rank", "auto"),
+        "conv_bias": hf.get("mamba_conv_bias", True),
+        "bias": hf.get("mamba_proj_bias", False),
+        "norm_eps": eps,
+        "mamba1_inner_norms": True,
+        "mamba1_inner_norm_weights": True,
+        "mamba1_inner_norm_eps": eps,
+        "residual_in_fp32": False,
+        "tie_embeddings": hf.get("tie_word_embeddings", False),
+        "attention": {
+            "num_heads": hf.get("num_attention_heads", 32),
+            "num_kv_heads": hf.get("num_key_value_heads", 8),
+            "head_dim": None,
+            "rope_theta": None,
+            "bias": False,
+        },  # fmt: skip
+        "mlp": {"hidden": hf.get("intermediate_size", 14336), "activation": "swiglu", "bias": False},
+    }
+
+
+def _to_jamba_key(key: str, cfg: ModelConfig) -> str:
+    """Our key → Jamba's: blocks 2i (mixer) and 2i+1 (MLP) are Jamba layer i."""
+    fixed = {"embedding.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight"}
+    if key in fixed:
+        return fixed[key]
+    if not key.startswith("layers."):
+        return key
+    _, index, rest = key.split(".", 2)
+    i, ffn = divmod(int(index), 2)
+    if rest == "norm.weight":
+        return f"model.layers.{i}.{'pre_ff_layernorm' if ffn else 'input_layernorm'}.weight"
+    leaf = rest.removeprefix("mixer.")
+    part = "feed_forward" if ffn else ("self_attn" if cfg.hybrid_pattern[2 * i] == "*" else "mamba")
+    return f"model.layers.{i}.{part}.{leaf}"
+
+
+def _from_jamba_key(key: str) -> str:
+    fixed = {"model.embed_tokens.weight": "embedding.weight", "model.final_layernorm.weight": "norm_f.weight"}
+    if key in fixed or not key.startswith("model.layers."):
+        return fixed.get(key, key)
+    _, _, index, part, rest = key.split(".", 4)
+    i = int(index)
+    if part in ("input_layernorm", "pre_ff_layernorm"):
+        return f"layers.{2 * i + (part == 'pre_ff_layernorm')}.norm.{rest}"
+    return f"layers.{2 * i + (part == 'feed_forward')}.mixer.{rest}"
+
+
 def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """Our ModelConfig fields from a NemotronH config.json (NVIDIA's or transformers' spelling of the layers)."""
     if hf.get("hybrid_override_pattern"):
@@ -163,6 +290,9 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
+    if cfg.hybrid_pattern and cfg.arch == "mamba1":
+        own = _jamba_config(cfg)
+        return {"model_type": "jamba", "architectures": ["JambaForCausalLM"], **common, **own}
     if cfg.hybrid_pattern:
         own = _nemotron_h_config(cfg)
         return {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], **common, **own}
@@ -170,6 +300,9 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     if hf is None:
         raise ValueError(f"layer kind {cfg.arch!r} has no Hugging Face mapping yet")
     out = {"model_type": hf.model_type, "architectures": [hf.architecture], **hf.config(cfg), **common}
+    if cfg.mamba1_inner_norm_weights:
+        raise ValueError("model.mamba1_inner_norm_weights=true (Jamba's weighted dt/B/C norms) exports only as a "
+                         "JambaForCausalLM hybrid; FalconMambaForCausalLM's norms have no weights")  # fmt: skip
     if cfg.mamba1_inner_norms:  # FalconMamba is Mamba1 with weightless RMSNorms of dt, B and C
         out.update(model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"],
                    mixer_rms_eps=cfg.mamba1_inner_norm_eps)  # fmt: skip
@@ -183,6 +316,8 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type == "nemotron_h":
         return config_from_dict({"model": _nemotron_h_fields(hf)}).model
+    if model_type == "jamba":
+        return config_from_dict({"model": _jamba_fields(hf)}).model
     falcon = model_type == "falcon_mamba"
     kind = kind_for_hf("mamba" if falcon else model_type)
     vocab = int(hf["vocab_size"])
@@ -230,7 +365,8 @@ def to_hf(
         if model_config.tie_embeddings and key == "lm_head.weight":
             continue
         value = value.detach().to("cpu")
-        tensors[to_hf_key(key)] = (value.to(dtype) if dtype is not None else value).contiguous()
+        hf_key = _to_jamba_key(key, model_config) if hf_cfg["model_type"] == "jamba" else to_hf_key(key)
+        tensors[hf_key] = (value.to(dtype) if dtype is not None else value).contiguous()
     if hf_cfg["model_type"] == "nemotron_h" and model_config.tie_embeddings:
         # transformers' NemotronH does not tie its head to the embedding when loading, so the head is written out.
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
@@ -294,6 +430,9 @@ def _copy_tokenizer(tokenizer_dir: str | Path, out: Path) -> dict[str, int | Non
 def load_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF folder (single or sharded safetensors), with our key names."""
     d = Path(hf_dir)
+    config = d / "config.json"
+    jamba = config.is_file() and json.loads(config.read_text()).get("model_type") == "jamba"
+    key = _from_jamba_key if jamba else from_hf_key
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -303,7 +442,7 @@ def load_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{str(d)!r} has no model.safetensors(.index.json); is it an HF model folder?")
     state = {}
     for name in files:
-        state.update({from_hf_key(k): v for k, v in load_file(str(d / name)).items()})
+        state.update({key(k): v for k, v in load_file(str(d / name)).items()})
     return state
 
 

@@ -48,7 +48,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, tp_group, out_w,
-        out_b, inner_eps,
+        out_b, inner_eps, dt_norm_w, b_norm_w, c_norm_w,
     ):  # fmt: skip
         d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
         _, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
@@ -57,7 +57,8 @@ class _Mamba1ConvScan(torch.autograd.Function):
         if tp_group is not None:
             dist.all_reduce(x_dbl, group=tp_group)
         # x_proj's output is kept as is; with FalconMamba's norms the normalised copy is recomputed in backward.
-        x_used = x_dbl if inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, inner_eps)
+        norm_ws = None if dt_norm_w is None else (dt_norm_w, b_norm_w, c_norm_w)
+        x_used = x_dbl if inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, inner_eps, norm_ws)
         dt, B, C = _split(x_used, dt_rank, dstate)
         delta = torch.matmul(dt_proj_weight, dt)  # (batch, d_inner, seqlen), time-contiguous
         z = _time_major(xz[..., d_inner:].transpose(1, 2))
@@ -65,7 +66,8 @@ class _Mamba1ConvScan(torch.autograd.Function):
         del xc, delta, z, x_used
         ctx.inner_eps = inner_eps
         ctx.save_for_backward(xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx,
-                              x_dbl, chunk_states, out_w, out_b, y if out_w is not None else None)  # fmt: skip
+                              x_dbl, chunk_states, out_w, out_b, y if out_w is not None else None, dt_norm_w,
+                              b_norm_w, c_norm_w)  # fmt: skip
         ctx.tp_group = tp_group
         if out_w is None:
             return y.transpose(1, 2)
@@ -76,7 +78,8 @@ class _Mamba1ConvScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         (xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx, x_dbl, chunk_states,
-         out_w, out_b, y) = ctx.saved_tensors  # fmt: skip
+         out_w, out_b, y, dt_norm_w, b_norm_w, c_norm_w) = ctx.saved_tensors  # fmt: skip
+        norm_ws = None if dt_norm_w is None else (dt_norm_w, b_norm_w, c_norm_w)
         d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
         batch = xz.shape[0]
         dout_w = dout_b = None
@@ -89,7 +92,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
             dy = torch.bmm(out_w.t().expand(batch, -1, -1), dres.transpose(1, 2))  # (batch, d_inner, seqlen)
             del y
         x, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
-        x_used = x_dbl if ctx.inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, ctx.inner_eps)
+        x_used = x_dbl if ctx.inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, ctx.inner_eps, norm_ws)
         dt, B, C = _split(x_used, dt_rank, dstate)
         delta = torch.matmul(dt_proj_weight, dt)
         dxz = torch.empty_like(xz)  # the in_proj output's strides (empty_like keeps a dense layout)
@@ -104,10 +107,16 @@ class _Mamba1ConvScan(torch.autograd.Function):
         del ddelta
         dx_dbl = torch.cat([ddt, dB.squeeze(1).to(ddt.dtype), dC.squeeze(1).to(ddt.dtype)], dim=1)
         del x_used
+        dnorm_ws = (None, None, None)
         if ctx.inner_eps is not None:  # back through the norms: a small (batch, dt_rank + 2·dstate, seqlen) graph
             with torch.enable_grad():
-                leaf = x_dbl.detach().requires_grad_()
-                (dx_dbl,) = torch.autograd.grad(inner_norms(leaf, dt_rank, dstate, ctx.inner_eps), leaf, dx_dbl)
+                leaves = [x_dbl.detach().requires_grad_()]
+                if norm_ws is not None:
+                    leaves += [w.detach().requires_grad_() for w in norm_ws]
+                normed = inner_norms(leaves[0], dt_rank, dstate, ctx.inner_eps, leaves[1:] or None)
+                dx_dbl, *rest = torch.autograd.grad(normed, leaves, dx_dbl)
+            if rest:
+                dnorm_ws = tuple(rest)
         if ctx.tp_group is not None:
             dist.all_reduce(dx_dbl, group=ctx.tp_group)
         dx_proj_weight = _batch_sum(torch.bmm(dx_dbl, xc.transpose(1, 2)), x_proj_weight.dtype)
@@ -120,12 +129,12 @@ class _Mamba1ConvScan(torch.autograd.Function):
         )
         cast = lambda g, like: None if like is None else g.to(like.dtype)
         return (dxz, dconv_weight, dconv_bias, dx_proj_weight, ddt_proj_weight, cast(ddt_bias, dt_proj_bias),
-                cast(dA, A), cast(dD, D), None, None, dout_w, dout_b, None)  # fmt: skip
+                cast(dA, A), cast(dD, D), None, None, dout_w, dout_b, None, *dnorm_ws)  # fmt: skip
 
 
 def mamba1_conv_scan_fn(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None,
-    out_proj_weight=None, out_proj_bias=None, inner_norm_eps=None,
+    out_proj_weight=None, out_proj_bias=None, inner_norm_eps=None, inner_norm_weights=None,
 ):  # fmt: skip
     """Arguments and result as :func:`mamba1_conv_scan_fn_ref` (the spec). Without out_proj the result is a
     (batch, seqlen, d_inner) view of a time-contiguous tensor. Runs the Triton kernels on CUDA tensors or under
@@ -134,7 +143,7 @@ def mamba1_conv_scan_fn(
         return mamba1_conv_scan_fn_ref(
             xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, seq_idx=seq_idx,
             tp_group=tp_group, out_proj_weight=out_proj_weight, out_proj_bias=out_proj_bias,
-            inner_norm_eps=inner_norm_eps,
+            inner_norm_eps=inner_norm_eps, inner_norm_weights=inner_norm_weights,
         )  # fmt: skip
     check_widths(xz, x_proj_weight, dt_proj_weight)
     if seq_idx is not None and seq_idx.dtype != torch.int32:
@@ -147,5 +156,5 @@ def mamba1_conv_scan_fn(
     return _Mamba1ConvScan.apply(
         xz, conv_weight.contiguous(), contig(conv_bias), x_proj_weight.contiguous(), dt_proj_weight.contiguous(),
         contig(dt_proj_bias), A.contiguous(), contig(D), contig(seq_idx), tp_group, out_proj_weight, out_proj_bias,
-        inner_norm_eps,
+        inner_norm_eps, *(inner_norm_weights or (None, None, None)),
     )  # fmt: skip

@@ -9,13 +9,15 @@ from mambatron.kernels.conv1d.reference import causal_conv1d_fn_ref
 from mambatron.kernels.selective_scan.reference import selective_scan_fn_ref
 
 
-def inner_norms(x_dbl: torch.Tensor, dt_rank: int, dstate: int, eps: float) -> torch.Tensor:
-    """FalconMamba's weightless RMSNorm of each of dt, B and C: x_dbl (batch, dt_rank + 2·dstate, seqlen), normalised
-    over each segment of dim 1 per token, computed in fp32 (fp64 for fp64) and returned in x_dbl's dtype."""
-    compute = torch.promote_types(x_dbl.dtype, torch.float32)
-    parts = torch.split(x_dbl.to(compute), [dt_rank, dstate, dstate], dim=1)
-    normed = [p * torch.rsqrt(p.pow(2).mean(1, keepdim=True) + eps) for p in parts]
-    return torch.cat(normed, dim=1).to(x_dbl.dtype)
+def inner_norms(x_dbl: torch.Tensor, dt_rank: int, dstate: int, eps: float, weights=None) -> torch.Tensor:
+    """RMSNorm of each of dt, B and C: x_dbl (batch, dt_rank + 2·dstate, seqlen) normalised over each segment of dim
+    1 per token, in fp32 (fp64 for fp64), returned in x_dbl's dtype. ``weights``: None (FalconMamba: weightless) or
+    (dt (dt_rank,), B (dstate,), C (dstate,)) per-channel weights applied after the cast, as Jamba does."""
+    parts = torch.split(x_dbl.to(torch.promote_types(x_dbl.dtype, torch.float32)), [dt_rank, dstate, dstate], dim=1)
+    normed = [(p * torch.rsqrt(p.pow(2).mean(1, keepdim=True) + eps)).to(x_dbl.dtype) for p in parts]
+    if weights is not None:
+        normed = [n * w[:, None].to(x_dbl.dtype) for n, w in zip(normed, weights)]
+    return torch.cat(normed, dim=1)
 
 
 def check_widths(xz: torch.Tensor, x_proj_weight: torch.Tensor, dt_proj_weight: torch.Tensor) -> tuple[int, int, int]:
@@ -51,14 +53,14 @@ class _AllReduceBothWays(torch.autograd.Function):
 
 def mamba1_conv_scan_fn_ref(
     xz, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, dt_proj_bias, A, D, *, seq_idx=None, tp_group=None,
-    out_proj_weight=None, out_proj_bias=None, inner_norm_eps=None,
+    out_proj_weight=None, out_proj_bias=None, inner_norm_eps=None, inner_norm_weights=None,
 ):  # fmt: skip
     """xz: (batch, seqlen, 2·d_inner) in_proj output [x | z], any strides; conv_weight: (d_inner, width), conv_bias:
     (d_inner,) or None; x_proj_weight: (dt_rank + 2·dstate, d_inner); dt_proj_weight: (d_inner, dt_rank),
     dt_proj_bias: (d_inner,); A: (d_inner, dstate) (negative: -exp(A_log)); D: (d_inner,); seq_idx: (batch, seqlen)
     int32 document ids or None; tp_group: the tensor-parallel group when d_inner is this rank's slice (x_proj's output
-    is then summed over it), else None; inner_norm_eps: when given, dt, B and C are RMS-normalised (no weights,
-    :func:`inner_norms`) after x_proj, as in FalconMamba.
+    is then summed over it), else None; inner_norm_eps: when given, dt, B and C are RMS-normalised after x_proj
+    (:func:`inner_norms`), weightless as in FalconMamba or with inner_norm_weights (dt, B, C) as in Jamba.
 
     x = silu(causal_conv1d(x)); [dt | B | C] = x_proj(x); Δ = dt_proj(dt) (its bias added inside the scan, then
     softplus); y = selective_scan(x, Δ, A, B, C, D) · silu(z). Returns y: (batch, seqlen, d_inner) in xz's dtype,
@@ -72,7 +74,7 @@ def mamba1_conv_scan_fn_ref(
     if tp_group is not None:
         x_dbl = _AllReduceBothWays.apply(x_dbl, tp_group)
     if inner_norm_eps is not None:
-        x_dbl = inner_norms(x_dbl, dt_rank, dstate, inner_norm_eps)
+        x_dbl = inner_norms(x_dbl, dt_rank, dstate, inner_norm_eps, inner_norm_weights)
     dt, B, C = torch.split(x_dbl, [dt_rank, dstate, dstate], dim=1)
     delta = torch.matmul(dt_proj_weight, dt)
     y = selective_scan_fn_ref(

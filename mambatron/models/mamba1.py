@@ -54,6 +54,8 @@ class Mamba1Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(di, n))
         self.D = nn.Parameter(torch.empty(di))
         self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        if cfg.mamba1_inner_norm_weights:  # Jamba's weighted RMSNorms of dt, B and C (names as Jamba's)
+            self.dt_layernorm, self.b_layernorm, self.c_layernorm = _NormWeight(r), _NormWeight(n), _NormWeight(n)
         # x_proj's output is summed over this group inside the fused op (None on one rank).
         self.tp_group = getattr(proj, "tp_group", None) if proj.tp_size > 1 else None
         for p in (self.A_log, self.D, self.dt_proj.bias):
@@ -68,6 +70,8 @@ class Mamba1Mixer(nn.Module):
         std = cfg.dt_rank_value**-0.5
         self.dt_proj.weight.uniform_(-std, std, generator=generator)
         self.dt_proj.bias.copy_(inverse_softplus(sample_dt(di, cfg, generator)))
+        for norm in self._norm_weights() or ():
+            norm.fill_(1.0)
         a = torch.arange(1, n + 1, dtype=torch.float32).repeat(di, 1)
         self.A_log.copy_(torch.log(a))
         self.D.fill_(1.0)
@@ -91,6 +95,7 @@ class Mamba1Mixer(nn.Module):
                 xz, self.conv1d.weight.squeeze(1), self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.dt_proj.bias.to(sdt), A, self.D.to(sdt), seq_idx=seq_idx, tp_group=self.tp_group,
                 out_proj_weight=out_w, out_proj_bias=out_b, inner_norm_eps=self._inner_eps,
+                inner_norm_weights=self._norm_weights(),
             )  # fmt: skip
             return y if fold else self.out_proj(y)
         # Prefill for generation: op by op, keeping the conv window and the final SSM state.
@@ -127,6 +132,11 @@ class Mamba1Mixer(nn.Module):
     def _inner_eps(self) -> float | None:
         return self.cfg.mamba1_inner_norm_eps if self.cfg.mamba1_inner_norms else None
 
+    def _norm_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.cfg.mamba1_inner_norm_weights:
+            return None
+        return self.dt_layernorm.weight, self.b_layernorm.weight, self.c_layernorm.weight
+
     def _normed(self, x_dbl: torch.Tensor) -> torch.Tensor:
         """x_proj's output (batch, dt_rank + 2 * d_state, ...) with FalconMamba's norms of dt, B, C when enabled."""
         if self._inner_eps is None:
@@ -134,7 +144,7 @@ class Mamba1Mixer(nn.Module):
         # Imported here: the kernels package imports triton, which models leave to the first kernel call.
         from mambatron.kernels.mamba1.reference import inner_norms
 
-        return inner_norms(x_dbl, self.cfg.dt_rank_value, self.cfg.d_state, self._inner_eps)
+        return inner_norms(x_dbl, self.cfg.dt_rank_value, self.cfg.d_state, self._inner_eps, self._norm_weights())
 
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         """One token: hidden (batch, d_model) → (batch, d_model); O(1) state in ``cache`` (conv window, SSM)."""
@@ -161,6 +171,15 @@ class Mamba1Mixer(nn.Module):
             "conv": torch.zeros(batch, di, self.cfg.d_conv, device=device, dtype=dtype),
             "ssm": torch.zeros(batch, di, self.cfg.d_state, device=device, dtype=state_dtype(dtype)),
         }
+
+
+class _NormWeight(nn.Module):
+    """The per-channel weight of one of Jamba's dt/B/C RMSNorms (the norm itself runs inside the mixer's op)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.weight._no_weight_decay = True
 
 
 @torch.no_grad()
@@ -221,6 +240,9 @@ def _mamba1_layouts(c: ModelConfig) -> dict[str, Layout]:
         "D": Layout(0, (di,)),
         "out_proj.weight": Layout(1, (di,)),
         "out_proj.bias": REPLICATED,
+        "dt_layernorm.weight": REPLICATED,
+        "b_layernorm.weight": REPLICATED,
+        "c_layernorm.weight": REPLICATED,
     }
 
 
@@ -233,10 +255,14 @@ def _mamba1_params(c: ModelConfig) -> int:
         + di * c.d_conv + int(c.conv_bias) * di  # depthwise conv1d
         + di  # dt_proj bias
         + di * c.d_state + di  # A_log, D
+        + int(c.mamba1_inner_norm_weights) * (r + 2 * c.d_state)  # Jamba's dt/B/C norm weights
     )  # fmt: skip
 
 
 def _mamba1_tp_problem(c: ModelConfig, tp: int) -> str | None:
+    if c.mamba1_inner_norm_weights and tp > 1:
+        # Each rank's channels see only part of the weights' gradient; nothing sums it over TP yet.
+        return f"parallel.tp={tp} with model.mamba1_inner_norm_weights=true is not supported yet; use tp=1 (ZeRO)"
     if c.d_inner % tp:
         return f"parallel.tp={tp} does not divide d_inner={c.d_inner} (model.expand*model.d_model); pick a tp that " \
             f"divides {c.d_inner}"  # fmt: skip

@@ -196,7 +196,7 @@ def test_import_from_random_nemotron_h_model(tmp_path):
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (dict(arch="mamba1", headdim=16), "model.arch='mamba1'.*JambaForCausalLM, not supported yet"),
+        (dict(arch="mamba1", headdim=16), "cannot export this hybrid to JambaForCausalLM: model.hybrid_pattern="),
         (dict(attention=dict(num_heads=4, num_kv_heads=2, rope_theta=10000.0)), "NemotronH attention has no RoPE"),
         (dict(mlp=dict(hidden=48, activation="swiglu")), "NemotronH's MLP is relu2"),
     ],
@@ -239,3 +239,79 @@ def test_falcon_mamba_export_and_import(tie, tmp_path):
     with torch.no_grad():
         diff = (theirs(ids).logits - back.eval()(ids)).abs().max().item()
     assert diff <= TOL, diff
+
+
+def _jamba_like(**overrides):
+    fields = dict(
+        hybrid_pattern="M-M-*-M-", n_layer=8, vocab_size=64, mamba1_inner_norms=True, mamba1_inner_norm_weights=True,
+        mamba1_inner_norm_eps=1e-5, attention=dict(num_heads=4, num_kv_heads=2), tie_embeddings=False,
+        mlp=dict(hidden=48, activation="swiglu"),
+    )  # fmt: skip
+    fields.update(overrides)
+    return tiny_model_config("mamba1", **fields)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_mamba1_hybrid_export_loads_as_jamba_with_equal_logits_and_generation(tie, tmp_path):
+    """A Mamba1 hybrid of Jamba's layout (mixer + SwiGLU MLP pairs, weighted dt/B/C norms, attention at a fixed
+    period) exports to JambaForCausalLM with no missing or unexpected keys, fp32 logits within 1e-4 and the same
+    greedy tokens, and imports back exactly."""
+    cfg = _jamba_like(tie_embeddings=tie)
+    ours = build_model(cfg)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("layernorm.weight", "norm.weight", ".D")):
+                p.add_(0.3 * torch.randn_like(p))
+    ours.eval()
+    to_hf(ours, cfg, tmp_path)
+    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(hf).__name__ == "JambaForCausalLM"
+    assert hf.config.layers_block_type == ["mamba", "mamba", "attention", "mamba"]
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(0, 64, (2, 23))
+    with torch.no_grad():
+        diff = (hf.eval()(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= TOL, diff
+    with torch.no_grad():
+        assert torch.equal(_hf_greedy(hf, ids[:, :5]), generate(ours, ids[:, :5], max_new_tokens=16))
+    back, back_cfg = from_hf(tmp_path)
+    assert back_cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids), ours(ids))
+
+
+def test_import_from_random_jamba_model(tmp_path):
+    from transformers import JambaConfig, JambaForCausalLM
+
+    hf_cfg = JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8,
+        mamba_dt_rank=4, use_mamba_kernels=False,
+    )  # fmt: skip
+    hf = JambaForCausalLM(hf_cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("layernorm.weight", ".D", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+    ours, cfg = from_hf(tmp_path)
+    assert cfg.hybrid_pattern == "M-*-M-*-" and cfg.mamba1_inner_norm_weights
+    ids = torch.randint(0, 64, (2, 19))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours.eval()(ids)).abs().max().item()
+    assert diff <= TOL, diff
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(hybrid_pattern="M*M-", n_layer=4), "Jamba layers pair a mixer with an MLP"),
+        (dict(mamba1_inner_norm_weights=False), "Jamba normalises dt, B and C with weights"),
+        (dict(hybrid_pattern="*-M-*-*-", n_layer=8), r"attention at layers \[0, 2, 3\]"),
+        (dict(mlp=dict(hidden=48, activation="relu2")), "Jamba's MLP is SwiGLU"),
+    ],
+)
+def test_jamba_export_names_what_it_cannot_express(overrides, message, tmp_path):
+    cfg = _jamba_like(**overrides)
+    with pytest.raises(ValueError, match=message):
+        to_hf(build_model(cfg), cfg, tmp_path)

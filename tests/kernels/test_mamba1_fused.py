@@ -124,24 +124,35 @@ def test_bad_widths_are_named(device):
         call(mamba1_conv_scan_fn, inputs)
 
 
-def test_falcon_mamba_inner_norms_equal_reference(device):
-    """With FalconMamba's weightless RMSNorms of dt, B and C: output and every gradient against the reference, and
-    the norms change the result (they are applied)."""
+@pytest.mark.parametrize("weights", [False, True], ids=["weightless (FalconMamba)", "weighted (Jamba)"])
+def test_inner_norms_equal_reference(weights, device):
+    """With RMSNorms of dt, B and C (FalconMamba's weightless or Jamba's weighted): output and every gradient,
+    the norm weights' included, against the reference; and the norms change the result (they are applied)."""
     batch, seqlen = 2, 37
     inputs = make_inputs(batch, seqlen, device, feature_major=True, out_proj=True)
+    norm_weights = {}
+    if weights:
+        g = torch.Generator().manual_seed(3)
+        for name, width in (("dt_norm", DT_RANK), ("b_norm", DSTATE), ("c_norm", DSTATE)):
+            norm_weights[name] = (1 + 0.3 * torch.randn(width, generator=g)).to(device).requires_grad_()
     seq_idx = torch.tensor([[0] * 16 + [1] * 21, [0] * 37], dtype=torch.int32, device=device)
 
-    def run_normed(fn, ins):
-        out = call(fn, ins, seq_idx=seq_idx, inner_norm_eps=1e-6)
+    def run_normed(fn, ins, norms):
+        ws = tuple(norms.values()) or None
+        out = call(fn, ins, seq_idx=seq_idx, inner_norm_eps=1e-6, inner_norm_weights=ws)
         g = torch.Generator().manual_seed(7)
         loss = (out * torch.randn(out.shape, generator=g).to(out.device)).sum()
-        return out, dict(zip(ins, torch.autograd.grad(loss, list(ins.values()))))
+        every = {**ins, **norms}
+        return out, dict(zip(every, torch.autograd.grad(loss, list(every.values()))))
 
-    out, grads = run_normed(mamba1_conv_scan_fn, inputs)
-    ref_inputs = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    out_ref, grads_ref = run_normed(mamba1_conv_scan_fn_ref, ref_inputs)
+    out, grads = run_normed(mamba1_conv_scan_fn, inputs, norm_weights)
+    double = lambda d: {k: v.detach().double().requires_grad_() for k, v in d.items()}
+    ref_inputs, ref_norms = double(inputs), double(norm_weights)
+    out_ref, grads_ref = run_normed(mamba1_conv_scan_fn_ref, ref_inputs, ref_norms)
     assert_close(out, out_ref, "out", TOLERANCE_DTYPE)
+    assert grads.keys() == {*inputs, *norm_weights}
     for name, grad in grads.items():
+        assert grad.abs().sum() > 0, f"d{name} is all zero"
         assert_close(grad, grads_ref[name], f"d{name}", TOLERANCE_DTYPE)
     plain = call(mamba1_conv_scan_fn_ref, ref_inputs, seq_idx=seq_idx)
     assert (plain - out_ref).abs().max() > 1e-2

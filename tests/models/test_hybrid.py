@@ -147,3 +147,21 @@ def test_planner_counts_the_kv_cache_and_each_layers_activations():
     m = hybrid.model
     all_mamba = load_config("configs/hybrid-8b.yaml", ["model.hybrid_pattern=", "model.n_layer=56"]).model
     assert activation_bytes_all_layers(m, 4096, 1, False, 2) < activation_bytes_all_layers(all_mamba, 4096, 1, False, 2)
+
+
+def test_mamba1_inner_norms_settings():
+    """Jamba's weighted dt/B/C norms add three per-channel weights per Mamba1 layer (counted by the planner) and are
+    refused under TP; the settings that make no sense are named."""
+    from mambatron.config import ParallelConfig
+    from mambatron.parallel import validate_parallel
+
+    cfg = tiny_model_config("mamba1", mamba1_inner_norms=True, mamba1_inner_norm_weights=True)
+    model = build_model(cfg)
+    assert model.layers[0].mixer.dt_layernorm.weight.shape == (cfg.dt_rank_value,)
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
+    with pytest.raises(ConfigError, match="mamba1_inner_norm_weights=true is not supported yet"):
+        validate_parallel(cfg, ParallelConfig(tp=2))
+    with pytest.raises(ConfigError, match="needs model.mamba1_inner_norms=true"):
+        tiny_model_config("mamba1", mamba1_inner_norm_weights=True)
+    with pytest.raises(ConfigError, match="needs model.arch=mamba1"):
+        tiny_model_config("mamba2", mamba1_inner_norms=True)
