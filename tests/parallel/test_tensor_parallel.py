@@ -8,7 +8,7 @@ from mambatron.config import AttentionConfig, MLPConfig
 from tests.parallel import _workers as w
 from tests.parallel._launch import run_distributed
 
-TOL = 1e-5  # fp32, absolute, on logits and gradients
+TOL = 1e-6  # fp32, absolute, on logits and gradients
 # Relative to each gradient's largest entry: catches a wrong reduction on parameters whose gradients are tiny.
 REL_TOL = 1e-3
 

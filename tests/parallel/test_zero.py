@@ -18,7 +18,9 @@ RUNS = [
     ("mamba2", 2, "fp32"),
     ("mamba1", 3, "fp32"),
     ("mamba2", 3, "fp32-offload-all"),
-    ("hybrid", 3, "fp32"),  # Mamba2 + attention + MLP layers, every parameter partitioned
+    ("hybrid", 1, "fp32"),  # Mamba2 + attention + MLP layers
+    ("hybrid", 2, "fp32"),
+    ("hybrid", 3, "fp32"),  # every parameter partitioned
 ]
 BF16_RUN = ("mamba2", 2, "bf16-offload")
 BF16_LOSS_TOL = 3e-2
