@@ -34,6 +34,11 @@ SHARD_BYTES = 4 * 1024**3
 _NEMOTRON_H_BLOCKS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-"}
 
 
+def _pad_multiple(vocab: int) -> int:
+    """Keep an imported vocab exactly: pad to the largest power of two (≤ 16) that already divides it."""
+    return next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0)
+
+
 def to_hf_key(key: str) -> str:
     if key == "embedding.weight":
         return "backbone.embeddings.weight"
@@ -54,14 +59,9 @@ def from_hf_key(key: str) -> str:
 
 
 def _nemotron_h_config(cfg: ModelConfig) -> dict[str, Any]:
-    """NemotronHForCausalLM's own config.json fields for a hybrid; a ValueError names what it cannot express."""
+    """NemotronHForCausalLM's own config.json fields for a Mamba2 hybrid; a ValueError names what it cannot express."""
     a, m = cfg.attention, cfg.mlp
     problems = [
-        (
-            cfg.arch != "mamba2",
-            f"model.arch={cfg.arch!r} (NemotronH's Mamba layers are Mamba2; a Mamba1 hybrid would "
-            "be JambaForCausalLM, not supported yet)",
-        ),  # fmt: skip
         (a.rope_theta is not None, f"model.attention.rope_theta={a.rope_theta} (NemotronH attention has no RoPE)"),
         (a.bias, "model.attention.bias=true (NemotronH's q/k/v/o projections have no bias)"),
         (m.activation != "relu2", f"model.mlp.activation={m.activation!r} (NemotronH's MLP is relu2)"),
@@ -165,7 +165,7 @@ def _jamba_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "n_layer": 2 * n,
         "d_model": hf["hidden_size"],
         "vocab_size": vocab,
-        "pad_vocab_multiple": next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0),
+        "pad_vocab_multiple": _pad_multiple(vocab),
         "d_state": hf.get("mamba_d_state", 16),
         "d_conv": hf.get("mamba_d_conv", 4),
         "expand": hf.get("mamba_expand", 2),
@@ -241,7 +241,7 @@ def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
         "d_model": hf["hidden_size"],
         "n_layer": len(pattern),
         "vocab_size": vocab,
-        "pad_vocab_multiple": next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0),
+        "pad_vocab_multiple": _pad_multiple(vocab),
         "d_state": hf.get("ssm_state_size", 128),
         "d_conv": hf.get("conv_kernel", 4),
         "expand": expand,
@@ -326,8 +326,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         "d_model": hf["hidden_size"],
         "n_layer": hf["num_hidden_layers"],
         "vocab_size": vocab,
-        # Keep HF's vocab exactly: pad to the largest power of two (≤ 16) that already divides it.
-        "pad_vocab_multiple": next(m for m in (16, 8, 4, 2, 1) if vocab % m == 0),
+        "pad_vocab_multiple": _pad_multiple(vocab),
         "d_state": hf.get("state_size", 16),
         "d_conv": hf.get("conv_kernel", 4),
         "expand": hf.get("expand", 2),
