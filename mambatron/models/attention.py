@@ -9,14 +9,12 @@ across a ``seq_idx`` document boundary. Generation keeps a KV cache beside the M
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from mambatron.config import ModelConfig
 from mambatron.models.layers import LayerKind, register
-from mambatron.models.mamba1 import _kaiming_uniform
+from mambatron.models.mamba1 import init_linears
 from mambatron.models.ops import get_op
 from mambatron.parallel.layout import REPLICATED, Layout
 from mambatron.parallel.projections import LocalProjections
@@ -56,11 +54,7 @@ class Attention(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Linears kaiming-uniform with zero biases; o_proj scaled by 1/sqrt(n_layer), like the mixers' out_proj."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            _kaiming_uniform(lin.weight, generator)
-            if getattr(lin, "bias", None) is not None:
-                lin.bias.zero_()
-        self.o_proj.weight.div_(math.sqrt(self.cfg.n_layer))
+        init_linears((self.q_proj, self.k_proj, self.v_proj, self.o_proj), self.o_proj, self.cfg.n_layer, generator)
 
     def _qkv(self, hidden: torch.Tensor, start: int):
         """q (batch, heads, seqlen, head_dim), k, v (batch, kv_heads, seqlen, head_dim) for positions from start. The

@@ -183,15 +183,23 @@ class _NormWeight(nn.Module):
 
 
 @torch.no_grad()
-def init_projections_and_conv(mixer: nn.Module, linears, generator: torch.Generator | None) -> None:
-    """The init both mixers share: linears kaiming-uniform with zero bias, out_proj scaled by 1/sqrt(n_layer)
-    (the residual stream sums n_layer of them), depthwise conv as nn.Conv1d's default."""
-    cfg = mixer.cfg
+def init_linears(linears, residual_out: nn.Module, n_layer: int, generator: torch.Generator | None) -> None:
+    """The init every layer kind shares: linears kaiming-uniform with zero bias, and the one writing into the
+    residual stream (``residual_out``, among ``linears``) scaled by 1/sqrt(n_layer), since the stream sums n_layer of
+    them."""
     for lin in linears:
         _kaiming_uniform(lin.weight, generator)
         if getattr(lin, "bias", None) is not None:
             lin.bias.zero_()
-    mixer.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+    residual_out.weight.div_(math.sqrt(n_layer))
+
+
+@torch.no_grad()
+def init_projections_and_conv(mixer: nn.Module, linears, generator: torch.Generator | None) -> None:
+    """The init both mixers share: linears kaiming-uniform with zero bias, out_proj scaled by 1/sqrt(n_layer)
+    (the residual stream sums n_layer of them), depthwise conv as nn.Conv1d's default."""
+    cfg = mixer.cfg
+    init_linears(linears, mixer.out_proj, cfg.n_layer, generator)
     _kaiming_uniform(mixer.conv1d.weight, generator)
     if mixer.conv1d.bias is not None:
         bound = 1 / math.sqrt(cfg.d_conv)

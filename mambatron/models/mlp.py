@@ -7,15 +7,13 @@ generation passes through it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mambatron.config import ModelConfig
 from mambatron.models.layers import LayerKind, register
-from mambatron.models.mamba1 import _kaiming_uniform
+from mambatron.models.mamba1 import init_linears
 from mambatron.parallel.layout import REPLICATED, Layout
 from mambatron.parallel.projections import LocalProjections
 
@@ -38,13 +36,8 @@ class MLP(nn.Module):
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Linears kaiming-uniform with zero biases; down_proj scaled by 1/sqrt(n_layer)."""
-        for lin in (self.up_proj, getattr(self, "gate_proj", None), self.down_proj):
-            if lin is None:
-                continue
-            _kaiming_uniform(lin.weight, generator)
-            if getattr(lin, "bias", None) is not None:
-                lin.bias.zero_()
-        self.down_proj.weight.div_(math.sqrt(self.cfg.n_layer))
+        linears = [self.up_proj, getattr(self, "gate_proj", None), self.down_proj]
+        init_linears([lin for lin in linears if lin is not None], self.down_proj, self.cfg.n_layer, generator)
 
     def _act(self, hidden: torch.Tensor) -> torch.Tensor:
         up = self.up_proj(hidden)

@@ -40,12 +40,15 @@ def test_export_mamba2_with_groups(tmp_path):
     _check_export(tiny_model_config("mamba2", vocab_size=64, ngroups=2), tmp_path)
 
 
-def _check_export(cfg, tmp_path):
-    arch = cfg.arch
+def _check_export(cfg, tmp_path, expected=None):
+    """Export a perturbed model of ``cfg``: transformers loads it as ``expected`` (default: the pure Mamba class)
+    with no missing or unexpected keys, fp32 logits within TOL and the same 16 greedy tokens.
+    Returns (hf, ours, ids)."""
+    expected = expected or ("MambaForCausalLM" if cfg.arch == "mamba1" else "Mamba2ForCausalLM")
     ours = _perturbed(build_model(cfg))
     to_hf(ours, cfg, tmp_path)
     hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(hf).__name__ == ("MambaForCausalLM" if arch == "mamba1" else "Mamba2ForCausalLM")
+    assert type(hf).__name__ == expected
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     hf.eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 23))
@@ -56,6 +59,31 @@ def _check_export(cfg, tmp_path):
     with torch.no_grad():
         theirs = _hf_greedy(hf, prompt)
     assert torch.equal(theirs, generate(ours, prompt, max_new_tokens=16))
+    return hf, ours, ids
+
+
+def _check_import(hf, tmp_path, seqlen=19):
+    """Save a transformers model (norms, D and conv biases moved off their init) and import it: equal logits.
+    Returns (ours, cfg, ids)."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+    ours, cfg = from_hf(tmp_path)
+    ours.eval()
+    ids = torch.randint(0, 64, (2, seqlen))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= TOL, diff
+    return ours, cfg, ids
+
+
+def _check_reimport(ours, cfg, tmp_path, ids):
+    back, back_cfg = from_hf(tmp_path)
+    assert back_cfg == cfg
+    with torch.no_grad():
+        assert torch.equal(back.eval()(ids), ours(ids))
 
 
 def test_import_from_random_hf_model(arch, tmp_path):
@@ -67,19 +95,10 @@ def test_import_from_random_hf_model(arch, tmp_path):
             chunk_size=8,
         )  # fmt: skip
         hf = Mamba2ForCausalLM(hf_cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
-                p.add_(0.3 * torch.randn_like(p))
-    hf.eval().save_pretrained(tmp_path)
-    ours, cfg = from_hf(tmp_path)
-    ours.eval()
+    ours, cfg, ids = _check_import(hf, tmp_path)
     assert cfg.arch == arch and cfg.padded_vocab_size == 64
-    ids = torch.randint(0, 64, (2, 19))
     with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids)).abs().max().item()
         theirs = _hf_greedy(hf, ids[:, :4])
-    assert diff <= TOL, diff
     assert torch.equal(theirs, generate(ours, ids[:, :4], max_new_tokens=16))
 
 
@@ -150,24 +169,8 @@ def test_hybrid_export_loads_as_nemotron_h_with_equal_logits_and_generation(tie,
     """A Mamba2 + attention + MLP hybrid exports to NemotronHForCausalLM: no missing or unexpected keys, fp32 logits
     within 1e-4, the same greedy tokens (through its KV cache and Mamba states and ours); and it imports back."""
     cfg = _hybrid(tie_embeddings=tie)
-    ours = _perturbed(build_model(cfg))
-    to_hf(ours, cfg, tmp_path)
-    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(hf).__name__ == "NemotronHForCausalLM"
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    hf.eval()
-    ids = torch.randint(0, 64, (2, 23))
-    with torch.no_grad():
-        diff = (hf(ids).logits - ours(ids)).abs().max().item()
-    assert diff <= TOL, diff
-    prompt = ids[:, :5]
-    with torch.no_grad():
-        theirs = _hf_greedy(hf, prompt)
-    assert torch.equal(theirs, generate(ours, prompt, max_new_tokens=16))
-    back, back_cfg = from_hf(tmp_path)
-    assert back_cfg == cfg
-    with torch.no_grad():
-        assert torch.equal(back.eval()(ids), ours(ids))
+    _, ours, ids = _check_export(cfg, tmp_path, "NemotronHForCausalLM")
+    _check_reimport(ours, cfg, tmp_path, ids)
 
 
 def test_import_from_random_nemotron_h_model(tmp_path):
@@ -179,18 +182,8 @@ def test_import_from_random_nemotron_h_model(tmp_path):
         head_dim=8, intermediate_size=40, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
         chunk_size=8, tie_word_embeddings=False,
     )  # fmt: skip
-    hf = NemotronHForCausalLM(hf_cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(("norm.weight", "norm_f.weight", ".D", "conv1d.bias")):
-                p.add_(0.3 * torch.randn_like(p))
-    hf.eval().save_pretrained(tmp_path)
-    ours, cfg = from_hf(tmp_path)
+    _, cfg, _ = _check_import(NemotronHForCausalLM(hf_cfg), tmp_path)
     assert cfg.hybrid_pattern == "M-*M" and cfg.attention.num_kv_heads == 2 and cfg.mlp_hidden == 40
-    ids = torch.randint(0, 64, (2, 19))
-    with torch.no_grad():
-        diff = (hf(ids).logits - ours.eval()(ids)).abs().max().item()
-    assert diff <= TOL, diff
 
 
 @pytest.mark.parametrize(
@@ -215,30 +208,17 @@ def test_falcon_mamba_export_and_import(tie, tmp_path):
     """Mamba1 with FalconMamba's dt/B/C norms exports as FalconMambaForCausalLM (logits within 1e-4, the same greedy
     tokens, no missing or unexpected keys), and a transformers-initialised FalconMamba imports with equal logits."""
     cfg = tiny_model_config("mamba1", vocab_size=64, tie_embeddings=tie, mamba1_inner_norms=True)
-    ours = _perturbed(build_model(cfg))
-    to_hf(ours, cfg, tmp_path / "ours")
-    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
-    assert type(hf).__name__ == "FalconMambaForCausalLM"
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids = torch.randint(0, 64, (2, 23))
+    _, ours, ids = _check_export(cfg, tmp_path / "ours", "FalconMambaForCausalLM")
     with torch.no_grad():
-        diff = (hf.eval()(ids).logits - ours(ids)).abs().max().item()
         plain = build_model(tiny_model_config("mamba1", vocab_size=64, tie_embeddings=tie))
         plain.load_state_dict(ours.state_dict())
         assert (plain.eval()(ids) - ours(ids)).abs().max() > 1e-3  # the norms matter
-    assert diff <= TOL, diff
-    with torch.no_grad():
-        assert torch.equal(_hf_greedy(hf, ids[:, :5]), generate(ours, ids[:, :5], max_new_tokens=16))
 
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
     theirs = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2))
-    theirs.eval().save_pretrained(tmp_path / "theirs")
-    back, back_cfg = from_hf(tmp_path / "theirs")
+    _, back_cfg, _ = _check_import(theirs, tmp_path / "theirs", seqlen=23)
     assert back_cfg.mamba1_inner_norms and back_cfg.arch == "mamba1"
-    with torch.no_grad():
-        diff = (theirs(ids).logits - back.eval()(ids)).abs().max().item()
-    assert diff <= TOL, diff
 
 
 def _jamba_like(**overrides):
@@ -257,27 +237,9 @@ def test_mamba1_hybrid_export_loads_as_jamba_with_equal_logits_and_generation(ti
     period) exports to JambaForCausalLM with no missing or unexpected keys, fp32 logits within 1e-4 and the same
     greedy tokens, and imports back exactly."""
     cfg = _jamba_like(tie_embeddings=tie)
-    ours = build_model(cfg)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith(("layernorm.weight", "norm.weight", ".D")):
-                p.add_(0.3 * torch.randn_like(p))
-    ours.eval()
-    to_hf(ours, cfg, tmp_path)
-    hf, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert type(hf).__name__ == "JambaForCausalLM"
+    hf, ours, ids = _check_export(cfg, tmp_path, "JambaForCausalLM")
     assert hf.config.layers_block_type == ["mamba", "mamba", "attention", "mamba"]
-    assert not info["missing_keys"] and not info["unexpected_keys"], info
-    ids = torch.randint(0, 64, (2, 23))
-    with torch.no_grad():
-        diff = (hf.eval()(ids).logits - ours(ids)).abs().max().item()
-    assert diff <= TOL, diff
-    with torch.no_grad():
-        assert torch.equal(_hf_greedy(hf, ids[:, :5]), generate(ours, ids[:, :5], max_new_tokens=16))
-    back, back_cfg = from_hf(tmp_path)
-    assert back_cfg == cfg
-    with torch.no_grad():
-        assert torch.equal(back.eval()(ids), ours(ids))
+    _check_reimport(ours, cfg, tmp_path, ids)
 
 
 def test_import_from_random_jamba_model(tmp_path):
@@ -288,18 +250,8 @@ def test_import_from_random_jamba_model(tmp_path):
         num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, num_experts=1, mamba_d_state=8,
         mamba_dt_rank=4, use_mamba_kernels=False,
     )  # fmt: skip
-    hf = JambaForCausalLM(hf_cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(("layernorm.weight", ".D", "conv1d.bias")):
-                p.add_(0.3 * torch.randn_like(p))
-    hf.eval().save_pretrained(tmp_path)
-    ours, cfg = from_hf(tmp_path)
+    _, cfg, _ = _check_import(JambaForCausalLM(hf_cfg), tmp_path)
     assert cfg.hybrid_pattern == "M-*-M-*-" and cfg.mamba1_inner_norm_weights
-    ids = torch.randint(0, 64, (2, 19))
-    with torch.no_grad():
-        diff = (hf(ids).logits - ours.eval()(ids)).abs().max().item()
-    assert diff <= TOL, diff
 
 
 @pytest.mark.parametrize(

@@ -33,6 +33,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", d
     torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
+def saved_words_per_token(run, exclude, tokens: int) -> float:
+    """What ``run()`` keeps for backward, in 4-byte words per token: every storage autograd saves, counted once,
+    except those of the tensors in ``exclude`` (the parameters)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(saved.values()) / (tokens * 4)
+
+
 @pytest.fixture
 def triton_interpreter():
     """Use in tests that run Triton kernels on CPU."""
