@@ -40,6 +40,13 @@ def _split(x_dbl, dt_rank, dstate):
     return dt, B, C
 
 
+def _wx(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """weight · x[b] for every batch row of x (batch, in, seqlen), as one strided-batched GEMM whose weight operand
+    has batch stride 0. (``torch.matmul(weight, x)`` folds the batch into the rows instead, which copies x
+    transposed and then the result back: two (batch, d_inner, seqlen) copies per call.)"""
+    return torch.bmm(weight.expand(x.shape[0], -1, -1), x)
+
+
 def _batch_sum(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.sum(0, dtype=torch.float32).to(dtype)
 
@@ -53,14 +60,14 @@ class _Mamba1ConvScan(torch.autograd.Function):
         d_inner, dt_rank, dstate = check_widths(xz, x_proj_weight, dt_proj_weight)
         _, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
         batch = xz.shape[0]
-        x_dbl = torch.matmul(x_proj_weight, xc)  # (batch, dt_rank + 2·dstate, seqlen), contiguous
+        x_dbl = _wx(x_proj_weight, xc)  # (batch, dt_rank + 2·dstate, seqlen), contiguous
         if tp_group is not None:
             dist.all_reduce(x_dbl, group=tp_group)
         # x_proj's output is kept as is; with FalconMamba's norms the normalised copy is recomputed in backward.
         norm_ws = None if dt_norm_w is None else (dt_norm_w, b_norm_w, c_norm_w)
         x_used = x_dbl if inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, inner_eps, norm_ws)
         dt, B, C = _split(x_used, dt_rank, dstate)
-        delta = torch.matmul(dt_proj_weight, dt)  # (batch, d_inner, seqlen), time-contiguous
+        delta = _wx(dt_proj_weight, dt)  # (batch, d_inner, seqlen), time-contiguous
         z = _time_major(xz[..., d_inner:].transpose(1, 2))
         y, _, chunk_states = scan_forward(_time_major(xc), delta, A, B, C, D, z, dt_proj_bias, True, None, seq_idx)
         del xc, delta, z, x_used
@@ -94,7 +101,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
         x, xc = _conv(xz, conv_weight, conv_bias, seq_idx, d_inner)
         x_used = x_dbl if ctx.inner_eps is None else inner_norms(x_dbl, dt_rank, dstate, ctx.inner_eps, norm_ws)
         dt, B, C = _split(x_used, dt_rank, dstate)
-        delta = torch.matmul(dt_proj_weight, dt)
+        delta = _wx(dt_proj_weight, dt)
         dxz = torch.empty_like(xz)  # the in_proj output's strides (empty_like keeps a dense layout)
         dz = dxz[..., d_inner:].transpose(1, 2)
         z = _time_major(xz[..., d_inner:].transpose(1, 2))
@@ -102,7 +109,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
             _time_major(xc), delta, A, B, C, D, z, dt_proj_bias, True, seq_idx, chunk_states, dy, None, dz=dz,
         )  # fmt: skip
         del delta, z
-        ddt = torch.matmul(dt_proj_weight.t(), ddelta)  # (batch, dt_rank, seqlen)
+        ddt = _wx(dt_proj_weight.t(), ddelta)  # (batch, dt_rank, seqlen)
         ddt_proj_weight = _batch_sum(torch.bmm(ddelta, dt.transpose(1, 2)), dt_proj_weight.dtype)
         del ddelta
         dx_dbl = torch.cat([ddt, dB.squeeze(1).to(ddt.dtype), dC.squeeze(1).to(ddt.dtype)], dim=1)
@@ -122,7 +129,7 @@ class _Mamba1ConvScan(torch.autograd.Function):
         dx_proj_weight = _batch_sum(torch.bmm(dx_dbl, xc.transpose(1, 2)), x_proj_weight.dtype)
         del xc
         # dxc = du + x_projᵀ · d[dt | B | C], one batched GEMM accumulating into du.
-        dxc = torch.baddbmm(du, x_proj_weight.t().unsqueeze(0).expand(batch, -1, -1), dx_dbl)
+        dxc = du.baddbmm_(x_proj_weight.t().expand(batch, -1, -1), dx_dbl)
         del du
         _, dconv_weight, dconv_bias, _ = conv_backward(
             x, conv_weight, conv_bias, seq_idx, None, True, dxc, dx=dxz[..., :d_inner].transpose(1, 2)
