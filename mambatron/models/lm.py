@@ -110,17 +110,32 @@ class MambaLM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.cfg.tie_embeddings else self.lm_head.weight
 
-    def _final(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         rms_norm = get_op("rms_norm", self.cfg.kernels, hidden)
-        hidden = rms_norm(
+        return rms_norm(
             hidden, self.norm_f.weight, None, residual=residual, eps=self.cfg.norm_eps, prenorm=False,
             residual_in_fp32=self.cfg.residual_in_fp32,
         )  # fmt: skip
-        return self.proj.lm_head(hidden, self.head_weight)
 
-    def forward(self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches: list | None = None):
+    def _final(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.proj.lm_head(self._final_norm(hidden, residual), self.head_weight)
+
+    def _head_loss(self, hidden: torch.Tensor, residual: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labels >= 0 of the head's logits. On one device the head and the loss run as one
+        op (chunked on GPU: the logits are never held whole); vocab-parallel heads go through their own loss."""
+        hidden = self._final_norm(hidden, residual)
+        if isinstance(self.proj, LocalProjections):
+            head_loss = get_op("linear_cross_entropy", self.cfg.kernels, hidden)
+            return head_loss(hidden, self.head_weight, labels)
+        return self.loss_from_logits(self.proj.lm_head(hidden, self.head_weight), labels)
+
+    def forward(
+        self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches: list | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """input_ids: (batch, seqlen) → logits (batch, seqlen, padded_vocab // tp). ``caches`` (one dict per
-        layer) is filled with each layer's final conv window and SSM state, for generation."""
+        layer) is filled with each layer's final conv window and SSM state, for generation. Given ``labels``
+        (batch, seqlen), returns the mean next-token loss over labels >= 0 instead of the logits."""
         hidden = self.embedding(input_ids)
         residual = None
         for i, block in enumerate(self.layers):
@@ -129,11 +144,13 @@ class MambaLM(nn.Module):
                 hidden, residual = checkpoint(block, hidden, residual, seq_idx, use_reentrant=False)
             else:
                 hidden, residual = block(hidden, residual, seq_idx=seq_idx, cache=cache)
+        if labels is not None:
+            return self._head_loss(hidden, residual, labels)
         return self._final(hidden, residual)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over labels >= 0. input_ids, labels: (batch, seqlen)."""
-        return self.loss_from_logits(self(input_ids, seq_idx=seq_idx), labels)
+        return self(input_ids, seq_idx=seq_idx, labels=labels)
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of (vocab-local) logits (batch, seqlen, vocab // tp) over labels >= 0."""

@@ -20,6 +20,7 @@ _OPS = {
     "rms_norm": ("mambatron.kernels.rmsnorm", "rms_norm_fn"),
     "gated_rms_norm": ("mambatron.kernels.rmsnorm", "rmsnorm_fn"),
     "attention": ("mambatron.kernels.attention", "attention_fn"),
+    "linear_cross_entropy": ("mambatron.kernels.cross_entropy", "linear_cross_entropy_fn"),
     "mamba1_conv_scan": ("mambatron.kernels.mamba1", "mamba1_conv_scan_fn"),
     "mamba2_split_conv_scan": ("mambatron.kernels.mamba2", "mamba2_split_conv_scan_fn"),
 }

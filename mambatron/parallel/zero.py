@@ -202,10 +202,10 @@ def forward_loss(
     """Mean next-token loss over ``labels >= 0`` of one micro-batch, through ``engine``'s forward.
 
     input_ids, labels: (batch, seqlen). Going through ``engine(...)`` (not ``engine.module.loss``) lets DeepSpeed
-    hook the output for its backward bookkeeping; the vocab-parallel cross-entropy is then applied to the logits.
+    hook the output for its backward bookkeeping; the model's forward computes the loss itself when given labels.
     Follow with ``engine.backward(loss)`` and ``engine.step()``.
     """
-    return engine.module.loss_from_logits(engine(input_ids, seq_idx=seq_idx), labels)
+    return engine(input_ids, seq_idx=seq_idx, labels=labels)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -299,9 +299,8 @@ class Trainer:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss of one micro-batch over labels >= 0 (the engine's forward returns logits)."""
-        logits = self.engine(batch["input_ids"], seq_idx=batch.get("seq_idx"))
-        return self.engine.module.loss_from_logits(logits, batch["labels"])
+        """Mean next-token loss of one micro-batch over labels >= 0 (given labels, the engine's forward returns it)."""
+        return self.engine(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"])
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches forward/backward, clip, AdamW update at the scheduled LR."""
