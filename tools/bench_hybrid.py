@@ -45,7 +45,8 @@ def result(**kw) -> None:
 def _grads(cfg, kernels: str, bf16: bool) -> dict[str, torch.Tensor]:
     cfg.kernels = kernels
     torch.manual_seed(0)
-    model = build_model(cfg).cuda()
+    with torch.device("cuda"):
+        model = build_model(cfg)
     gen = torch.Generator("cuda").manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (2, 513), device="cuda", generator=gen)
     seq_idx = torch.zeros(2, 512, dtype=torch.int32, device="cuda")
@@ -89,7 +90,8 @@ def main() -> None:
         cfg = load_config(args.time_config).model
     cfg.kernels = "triton"
     torch.manual_seed(0)
-    model = build_model(cfg).cuda()
+    with torch.device("cuda"):  # initialised on the GPU: an 8B model's CPU initialisation takes minutes
+        model = build_model(cfg)
     if args.param_dtype == "bf16":
         model = model.to(torch.bfloat16)
     model.activation_checkpointing = args.activation_checkpointing
