@@ -24,13 +24,12 @@ def _launch_config(P: int, dstate: int) -> dict:
 
 
 # Swept on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16; docs/benchmarks.md): one warp per program
-# over 4 channels is the fastest forward + backward measured (8.77-8.82 ms over 64- and 128-step chunks, against
+# over 4 channels × 64 steps, its registers capped at 128, is the fastest forward + backward measured (8.77 ms against
 # 11.52 ms for 32 channels × 64 steps on 4 warps). With one warp, every reduction across channels or time stays
-# inside the warp (shuffles, no shared-memory round trip or block barrier), and with registers capped at 128 four
-# times as many programs are resident per SM; the few spills that costs less than the idle SM did. 128-step chunks
-# halve the fp32 states the forward saves for the backward: 16 per sequence here, 4 bytes × dstate × dim × batch
-# each (34 MB per layer at that shape).
-_GPU_CONFIG = dict(CHUNK=128, BLOCK_D=4, num_warps=1, maxnreg=128)
+# inside the warp (shuffles, no shared-memory round trip or block barrier), and with 128 registers four times as many
+# programs are resident per SM; the few spills that cap costs less than the idle SM did. The forward saves one fp32
+# state per CHUNK steps: 32 chunks here, 4 bytes × dstate × dim × batch each (67 MB per layer at that shape).
+_GPU_CONFIG = dict(CHUNK=64, BLOCK_D=4, num_warps=1, maxnreg=128)
 
 
 def _time_major(t: torch.Tensor | None) -> torch.Tensor | None:
