@@ -164,6 +164,9 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     tp: int = 1
+    # Context parallel: each sequence split into cp contiguous slices, one per rank of a CP group
+    # (world = DP × TP × CP; the CP ranks of one data-parallel rank read the same batches).
+    cp: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 1
     offload_optimizer: bool = False
@@ -174,6 +177,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _positive(self, "tp")
+        _positive(self, "cp")
         if not isinstance(self.deepspeed_extra, dict):
             raise ConfigError(f"parallel.deepspeed_extra={self.deepspeed_extra!r} must be a mapping of DeepSpeed keys")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -50,19 +50,23 @@ class Attention(nn.Module):
         self.k_proj = proj.column(d, a.num_kv_heads * hd, bias=a.bias)
         self.v_proj = proj.column(d, a.num_kv_heads * hd, bias=a.bias)
         self.o_proj = proj.row(a.num_heads * hd, d, bias=a.bias)
+        self.cp = getattr(proj, "cp", None)  # context parallel (mambatron.parallel.context), None without
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Linears kaiming-uniform with zero biases; o_proj scaled by 1/sqrt(n_layer), like the mixers' out_proj."""
         init_linears((self.q_proj, self.k_proj, self.v_proj, self.o_proj), self.o_proj, self.cfg.n_layer, generator)
 
-    def _qkv(self, hidden: torch.Tensor, start: int):
-        """q (batch, heads, seqlen, head_dim), k, v (batch, kv_heads, seqlen, head_dim) for positions from start. The
-        sequence is the projections' (gathered under sequence parallelism), not necessarily hidden's."""
+    def _qkv(self, hidden: torch.Tensor, start: int | None):
+        """q (batch, heads, seqlen, head_dim), k, v (batch, kv_heads, seqlen, head_dim) for positions from start
+        (None: this context-parallel slice's first position). The sequence is the projections' (gathered under
+        sequence parallelism), not necessarily hidden's."""
         q = self.q_proj(hidden).unflatten(-1, (self.heads_local, self.head_dim)).transpose(1, 2)
         k = self.k_proj(hidden).unflatten(-1, (self.kv_heads_local, self.head_dim)).transpose(1, 2)
         v = self.v_proj(hidden).unflatten(-1, (self.kv_heads_local, self.head_dim)).transpose(1, 2)
         seqlen = q.shape[2]
+        if start is None:
+            start = self.cp.start(seqlen)
         theta = self.cfg.attention.rope_theta
         if theta is not None:
             positions = torch.arange(start, start + seqlen, device=hidden.device)
@@ -72,7 +76,13 @@ class Attention(nn.Module):
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         """hidden: (batch, seqlen_local, d_model) → (batch, seqlen_local, d_model). ``cache`` (generation) is filled
         with the keys and values."""
-        q, k, v = self._qkv(hidden, 0)
+        cp = self.cp
+        if cp is None:
+            q, k, v = self._qkv(hidden, 0)
+        else:  # this slice's queries against the keys and values of every slice up to it
+            q, k, v = self._qkv(hidden, None)
+            k, v = cp.prefix(k, dim=2), cp.prefix(v, dim=2)
+            seq_idx = cp.prefix(seq_idx, dim=1) if seq_idx is not None else None
         if cache is not None:
             cache["k"], cache["v"] = k, v
         attend = get_op("attention", self.cfg.kernels, q)

@@ -126,8 +126,16 @@ class MambaLM(nn.Module):
         hidden = self._final_norm(hidden, residual)
         if isinstance(self.proj, LocalProjections):
             head_loss = get_op("linear_cross_entropy", self.cfg.kernels, hidden)
-            return head_loss(hidden, self.head_weight, labels)
-        return self.loss_from_logits(self.proj.lm_head(hidden, self.head_weight), labels)
+            loss = head_loss(hidden, self.head_weight, labels)
+        else:
+            loss = self.loss_from_logits(self.proj.lm_head(hidden, self.head_weight), labels)
+        cp = getattr(self.proj, "cp", None)
+        if cp is None:
+            return loss
+        # Context parallel: this rank holds one slice of each sequence. Scaled so that the mean over the CP group
+        # (which the data-parallel gradient average takes) is the mean over every token of the whole sequences.
+        count = (labels >= 0).sum().to(loss.dtype)
+        return loss * (count * cp.size / cp.sum(count).clamp_min(1))
 
     def forward(
         self, input_ids: torch.Tensor, seq_idx: torch.Tensor | None = None, caches: list | None = None,

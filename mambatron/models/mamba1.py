@@ -56,8 +56,12 @@ class Mamba1Mixer(nn.Module):
         self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
         if cfg.mamba1_inner_norm_weights:  # Jamba's weighted RMSNorms of dt, B and C (names as Jamba's)
             self.dt_layernorm, self.b_layernorm, self.c_layernorm = _NormWeight(r), _NormWeight(n), _NormWeight(n)
+            # They act on x_proj's all-reduced output, but each TP rank's gradient comes through its own channels.
+            for norm in (self.dt_layernorm, self.b_layernorm, self.c_layernorm):
+                proj.sum_grad_over_tp(norm.weight)
         # x_proj's output is summed over this group inside the fused op (None on one rank).
         self.tp_group = getattr(proj, "tp_group", None) if proj.tp_size > 1 else None
+        self.cp = getattr(proj, "cp", None)  # context parallel (mambatron.parallel.context), None without
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True
 
@@ -83,7 +87,7 @@ class Mamba1Mixer(nn.Module):
         sdt = state_dtype(hidden.dtype)
         kernels = cfg.kernels
         A = -torch.exp(self.A_log.to(sdt))
-        if cache is None:
+        if cache is None and self.cp is None:
             # Training and scoring: conv → x_proj → dt_proj → scan → gate as one op on the in_proj output, computed
             # feature-major (W·xᵀ) so that every sequence the kernels read is contiguous without a copy.
             # A single-device out_proj runs inside the op too, on the time-contiguous scan output.
@@ -98,34 +102,39 @@ class Mamba1Mixer(nn.Module):
                 inner_norm_weights=self._norm_weights(),
             )  # fmt: skip
             return y if fold else self.out_proj(y)
-        # Prefill for generation: op by op, keeping the conv window and the final SSM state.
+        # Op by op: prefill for generation (keeping the conv window and the final SSM state) and context parallelism
+        # (a conv halo from the previous rank, the SSM state passed between ranks).
+        cp = self.cp
         xz = self.in_proj(hidden)  # (batch, seqlen, 2 * d_inner_local)
         x, z = xz.chunk(2, dim=-1)
         x = x.transpose(1, 2).contiguous()  # (batch, d_inner, seqlen) for the conv
         # The scan reads time-contiguous (batch, d_inner, seqlen) rows: Δ is computed in that layout by the matmul
         # below; z, B and C are channel-last views of the projections' outputs that the scan stages with one copy.
         z = z.transpose(1, 2)
-        cache["conv"] = _last_window(x, cfg.d_conv)
+        if cache is not None:
+            cache["conv"] = _last_window(x, cfg.d_conv)
         conv = get_op("conv1d", kernels, x)
-        x = conv(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
+        halo = cfg.d_conv - 1 if cp is not None else 0
+        x_in, conv_seq = cp.with_halo(x, halo, 2, seq_idx) if cp is not None else (x, seq_idx)
+        x = conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=conv_seq, activation="silu")
+        x = x[..., halo:]
         x_dbl = self._normed(self.x_proj(x.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)  # (batch, seqlen, k)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, seqlen), time-contiguous
         scan = get_op("selective_scan", kernels, x)
-        out = scan(
-            x,
-            delta,
-            A,
-            B.transpose(1, 2),
-            C.transpose(1, 2),
-            self.D.to(sdt),
-            z=z,
-            delta_bias=self.dt_proj.bias.to(sdt),
-            delta_softplus=True,
-            return_last_state=True,
-            seq_idx=seq_idx,
-        )
-        out, cache["ssm"] = out
+        B, C, bias = B.transpose(1, 2), C.transpose(1, 2), self.dt_proj.bias.to(sdt)
+        initial = None
+        if cp is not None:
+            # This slice from a zero state gives its final state; with the slice's total decay exp(A·ΣΔ), the ranks
+            # compose the state that truly enters each slice, and the scan below starts from it.
+            _, last = scan(x, delta, A, B, C, None, delta_bias=bias, delta_softplus=True, return_last_state=True,
+                           seq_idx=seq_idx)  # fmt: skip
+            log_decay = A * F.softplus(delta.to(sdt) + bias[:, None]).sum(-1, keepdim=True)  # (batch, d_inner, N)
+            initial = cp.incoming_state(last, log_decay, seq_idx)
+        out, last = scan(x, delta, A, B, C, self.D.to(sdt), z=z, delta_bias=bias, delta_softplus=True,
+                         return_last_state=True, initial_state=initial, seq_idx=seq_idx)  # fmt: skip
+        if cache is not None:
+            cache["ssm"] = last
         return self.out_proj(out.transpose(1, 2))
 
     @property
@@ -268,9 +277,6 @@ def _mamba1_params(c: ModelConfig) -> int:
 
 
 def _mamba1_tp_problem(c: ModelConfig, tp: int) -> str | None:
-    if c.mamba1_inner_norm_weights and tp > 1:
-        # Each rank's channels see only part of the weights' gradient; nothing sums it over TP yet.
-        return f"parallel.tp={tp} with model.mamba1_inner_norm_weights=true is not supported yet; use tp=1 (ZeRO)"
     if c.d_inner % tp:
         return f"parallel.tp={tp} does not divide d_inner={c.d_inner} (model.expand*model.d_model); pick a tp that " \
             f"divides {c.d_inner}"  # fmt: skip

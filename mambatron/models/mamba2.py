@@ -53,6 +53,7 @@ class Mamba2Mixer(nn.Module):
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.empty(self.d_inner_local))
         self.out_proj = proj.row(cfg.d_inner, cfg.d_model, bias=cfg.bias)
+        self.cp = getattr(proj, "cp", None)  # context parallel (mambatron.parallel.context), None without
         for p in (self.dt_bias, self.A_log, self.D, self.norm.weight):
             p._no_weight_decay = True
 
@@ -82,7 +83,7 @@ class Mamba2Mixer(nn.Module):
         cfg = self.cfg
         sdt = state_dtype(hidden.dtype)
         zxbcdt = self.in_proj(hidden)
-        if cache is None:
+        if cache is None and self.cp is None:
             # Training and scoring: conv → SSD → gated norm as one op that saves the in_proj output and recomputes
             # the conv in backward (kernels/mamba2); a single-device out_proj runs inside it too, so that the norm's
             # output is recomputed rather than kept for out_proj's backward.
@@ -99,30 +100,37 @@ class Mamba2Mixer(nn.Module):
             return y if fold else self.out_proj(y)
         z, xbc, dt = self._split_in(zxbcdt)
         batch, seqlen, _ = xbc.shape
-        # Prefill: the same ops one by one, keeping the final conv window and SSM state. The conv reads the xBC
-        # columns in place as a channel-last view; x, B, C and dt are views that SSD reads through strides.
+        # Op by op: prefill for generation (keeping the final conv window and SSM state) and context parallelism
+        # (a conv halo from the previous rank, the SSM state passed between ranks). The conv reads the xBC columns
+        # in place as a channel-last view; x, B, C and dt are views that SSD reads through strides.
+        cp = self.cp
         xbc_t = xbc.transpose(1, 2)
-        cache["conv"] = _last_window(xbc_t, cfg.d_conv)
+        if cache is not None:
+            cache["conv"] = _last_window(xbc_t, cfg.d_conv)
         conv = get_op("conv1d", cfg.kernels, xbc_t)
-        xbc = conv(xbc_t, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx, activation="silu")
-        xbc = xbc.transpose(1, 2)
+        halo = cfg.d_conv - 1 if cp is not None else 0
+        x_in, conv_seq = cp.with_halo(xbc_t, halo, 2, seq_idx) if cp is not None else (xbc_t, seq_idx)
+        xbc = conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=conv_seq, activation="silu")
+        xbc = xbc[..., halo:].transpose(1, 2)
         gn = self.ngroups_local * cfg.d_state
         x, B, C = torch.split(xbc, [self.d_inner_local, gn, gn], dim=-1)
         ssd = get_op("ssd", cfg.kernels, x)
-        y = ssd(
-            x.reshape(batch, seqlen, self.nheads_local, cfg.headdim),
-            dt,
-            -torch.exp(self.A_log.to(sdt)),
-            B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state),
-            C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state),
-            cfg.chunk_size,
-            D=self.D.to(sdt),
-            dt_bias=self.dt_bias.to(sdt),
-            seq_idx=seq_idx,
-            dt_softplus=True,
-            return_final_states=True,
-        )
-        y, cache["ssm"] = y
+        A, dt_bias = -torch.exp(self.A_log.to(sdt)), self.dt_bias.to(sdt)
+        x = x.reshape(batch, seqlen, self.nheads_local, cfg.headdim)
+        B = B.reshape(batch, seqlen, self.ngroups_local, cfg.d_state)
+        C = C.reshape(batch, seqlen, self.ngroups_local, cfg.d_state)
+        initial = None
+        if cp is not None:
+            # This slice from a zero state gives its final state; with the slice's total decay exp(A·ΣΔ) per head,
+            # the ranks compose the state that truly enters each slice, and the scan below starts from it.
+            _, last = ssd(x, dt, A, B, C, cfg.chunk_size, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
+                          return_final_states=True)  # fmt: skip
+            log_decay = (F.softplus(dt.to(sdt) + dt_bias) * A).sum(1)[:, :, None, None]  # (batch, nheads, 1, 1)
+            initial = cp.incoming_state(last, log_decay, seq_idx)
+        y, last = ssd(x, dt, A, B, C, cfg.chunk_size, D=self.D.to(sdt), dt_bias=dt_bias, initial_states=initial,
+                      seq_idx=seq_idx, dt_softplus=True, return_final_states=True)  # fmt: skip
+        if cache is not None:
+            cache["ssm"] = last
         y = self._gated_norm(y.reshape(batch, seqlen, self.d_inner_local), z)
         return self.out_proj(y)
 

@@ -55,12 +55,13 @@ def validate_parallel(
 
 
 def build_projections(
-    parallel_cfg: ParallelConfig, *, init_std: float = 0.02
+    parallel_cfg: ParallelConfig, *, init_std: float = 0.02, cp=None
 ) -> LocalProjections | MegatronProjections:
     """The projection factory for this run: :class:`LocalProjections` at TP=1, megatron-core layers at TP>1
-    (megatron's parallel_state must be initialised, see :func:`mambatron.parallel.dist.setup`)."""
+    (megatron's parallel_state must be initialised, see :func:`mambatron.parallel.dist.setup`); ``cp`` is this
+    rank's context-parallel group (:func:`mambatron.parallel.dist.context_parallel`), None without CP."""
     if parallel_cfg.tp == 1:
-        return LocalProjections()
+        return LocalProjections(cp)
     from mambatron.parallel.megatron import MegatronProjections
 
-    return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std)
+    return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std, cp=cp)

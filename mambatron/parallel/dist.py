@@ -1,9 +1,10 @@
 """Process-group setup: torchrun or SLURM environment → torch.distributed + megatron-core parallel_state.
 
-Ranks are laid out TP-major (megatron's default order): ranks ``[k*tp, (k+1)*tp)`` form one tensor-parallel group,
-and the data-parallel groups take one rank from each. nccl on GPU, gloo on CPU (where :mod:`.cpu_shims` are
-applied first). A single process with no launcher environment gets a world of one, so tests and notebooks need no
-setup.
+Ranks are laid out TP-major (megatron's default order, tp-cp-dp): ranks ``[k*tp, (k+1)*tp)`` form one
+tensor-parallel group, ``cp`` consecutive TP groups form one context-parallel group (one rank from each TP group per
+CP group), and the data-parallel groups take one rank from each of those. nccl on GPU, gloo on CPU (where
+:mod:`.cpu_shims` are applied first). A single process with no launcher environment gets a world of one, so tests
+and notebooks need no setup.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class DistInfo:
     dp_rank: int
     device: torch.device
     backend: str
+    cp_size: int = 1
+    cp_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -137,13 +140,14 @@ def local_cuda_device(local_rank: int, device_count: int) -> int:
 
 
 def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 30) -> DistInfo:
-    """Initialise torch.distributed and megatron-core's parallel_state with TP = ``parallel_cfg.tp``, DP = the rest.
+    """Initialise torch.distributed and megatron-core's parallel_state with TP = ``parallel_cfg.tp``, CP =
+    ``parallel_cfg.cp``, DP = the rest.
 
     Idempotent for an already initialised process group (its backend is kept). Raises :class:`ConfigError` when
-    the world size is not a multiple of TP.
+    the world size is not a multiple of TP × CP.
     """
     parallel_cfg = parallel_cfg or ParallelConfig()
-    tp = parallel_cfg.tp
+    tp = parallel_cfg.tp * parallel_cfg.cp  # the model-parallel block every data-parallel rank spans
     launch = read_launch_env()
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -153,7 +157,9 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
     if not dist.is_initialized():
         world = launch.world_size
         if world % tp:
-            raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")
+            raise ConfigError(
+                f"WORLD_SIZE={world} is not a multiple of {_tp_cp(parallel_cfg)}; launch a multiple of {tp}"
+            )
         if on_gpu:
             torch.cuda.set_device(local_cuda_device(launch.local_rank, torch.cuda.device_count()))
         timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -182,16 +188,20 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
             torch.cuda.set_device(local_cuda_device(launch.local_rank, torch.cuda.device_count()))
     world = dist.get_world_size()
     if world % tp:
-        raise ConfigError(f"WORLD_SIZE={world} is not a multiple of parallel.tp={tp}; launch a multiple of {tp}")
+        raise ConfigError(f"WORLD_SIZE={world} is not a multiple of {_tp_cp(parallel_cfg)}; launch a multiple of {tp}")
 
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tp:
+        if (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+        ) != (parallel_cfg.tp, parallel_cfg.cp):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp,
+            tensor_model_parallel_size=parallel_cfg.tp,
+            context_parallel_size=parallel_cfg.cp,
             distributed_timeout_minutes=timeout_minutes,
             create_gloo_process_groups=False,
         )
@@ -206,7 +216,26 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
         backend=backend,
+        cp_size=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
+
+
+def _tp_cp(parallel_cfg: ParallelConfig) -> str:
+    if parallel_cfg.cp == 1:
+        return f"parallel.tp={parallel_cfg.tp}"
+    return f"parallel.tp × parallel.cp = {parallel_cfg.tp} × {parallel_cfg.cp}"
+
+
+def context_parallel(info: DistInfo):
+    """This rank's :class:`~mambatron.parallel.context.ContextParallel` (megatron-core's CP group), None at CP=1."""
+    if info.cp_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    from mambatron.parallel.context import ContextParallel
+
+    return ContextParallel(parallel_state.get_context_parallel_group(), info.cp_size, info.cp_rank)
 
 
 def seed_model_parallel(seed: int) -> None:

@@ -24,6 +24,7 @@ from megatron.core.tensor_parallel import (
 from torch import nn
 
 from mambatron.parallel import cpu_shims
+from mambatron.parallel.context import ContextParallel
 
 
 def _to_megatron(x: torch.Tensor, sequence_parallel: bool) -> tuple[torch.Tensor, str]:
@@ -164,9 +165,11 @@ class MegatronProjections:
         init_std: float = 0.02,
         params_dtype: torch.dtype = torch.float32,
         tp_group: dist.ProcessGroup | None = None,
+        cp: ContextParallel | None = None,
     ) -> None:
         if cpu_shims.needed():
             cpu_shims.apply()
+        self.cp = cp  # context parallel, for the layers that mix along the sequence (None: no CP)
         self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
         self.tp_size = dist.get_world_size(self.tp_group)
         self.tp_rank = dist.get_rank(self.tp_group)
@@ -260,6 +263,10 @@ class MegatronProjections:
         if not self.sequence_parallel:
             return
         param.sequence_parallel = True
+        install_sequence_parallel_grad_hook(param, self.tp_group)
+
+    def sum_grad_over_tp(self, param: nn.Parameter) -> None:
+        """Sum ``param``'s gradient over TP as it is produced (a replicated weight whose gradient is partial)."""
         install_sequence_parallel_grad_hook(param, self.tp_group)
 
 

@@ -13,8 +13,13 @@ embedding, LM head and loss, and size their local parameters with ``tp_size``:
 - ``lm_head(hidden, weight)``: ``(batch, seqlen_local, dim)`` → vocab-local logits ``(batch, seqlen, vocab // tp)``.
 - ``cross_entropy(logits_local, labels)`` → per-token loss ``(batch, seqlen)``; labels ``< 0`` are ignored.
 - ``gather_logits(logits_local)`` → full-vocab logits.
+- ``cp``: the :class:`~mambatron.parallel.context.ContextParallel` of this rank, or None without context
+  parallelism (the layers that mix along the sequence exchange slice edges through it).
 - ``mark_sequence_parallel(param)``: tags parameters used in sequence-sharded regions (norm weights) so their
   gradients are reduced over TP.
+- ``sum_grad_over_tp(param)``: for a parameter replicated on every TP rank that acts on values every rank holds in
+  full but whose gradient each rank sees only through its own channels (Jamba's dt/B/C norm weights on x_proj's
+  all-reduced output): its gradient is summed over TP as autograd produces it.
 
 :class:`LocalProjections` is the TP=1 implementation; ``mambatron.parallel.megatron`` provides the megatron-core one
 (``mambatron.parallel.build_projections`` picks). A single token ``(batch, in_f)`` (recurrent generation) is accepted
@@ -81,6 +86,10 @@ class LocalProjections:
     tp_rank = 0
     sequence_parallel = False
 
+    def __init__(self, cp=None):
+        # Context parallel (mambatron.parallel.context.ContextParallel) for the layers that mix along the sequence.
+        self.cp = cp
+
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)
 
@@ -104,4 +113,7 @@ class LocalProjections:
         return logits
 
     def mark_sequence_parallel(self, param: nn.Parameter) -> None:
+        return None
+
+    def sum_grad_over_tp(self, param: nn.Parameter) -> None:
         return None

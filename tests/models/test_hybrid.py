@@ -151,7 +151,7 @@ def test_planner_counts_the_kv_cache_and_each_layers_activations():
 
 def test_mamba1_inner_norms_settings():
     """Jamba's weighted dt/B/C norms add three per-channel weights per Mamba1 layer (counted by the planner) and are
-    refused under TP; the settings that make no sense are named."""
+    allowed under TP (tests/parallel checks their parity); the settings that make no sense are named."""
     from mambatron.config import ParallelConfig
     from mambatron.parallel import validate_parallel
 
@@ -159,8 +159,7 @@ def test_mamba1_inner_norms_settings():
     model = build_model(cfg)
     assert model.layers[0].mixer.dt_layernorm.weight.shape == (cfg.dt_rank_value,)
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg).total
-    with pytest.raises(ConfigError, match="mamba1_inner_norm_weights=true is not supported yet"):
-        validate_parallel(cfg, ParallelConfig(tp=2))
+    validate_parallel(cfg, ParallelConfig(tp=2))
     with pytest.raises(ConfigError, match="needs model.mamba1_inner_norms=true"):
         tiny_model_config("mamba1", mamba1_inner_norm_weights=True)
     with pytest.raises(ConfigError, match="needs model.arch=mamba1"):

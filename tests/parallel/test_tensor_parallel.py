@@ -21,6 +21,9 @@ CASES = [
     # The fused Triton mixer ops (in the interpreter on CPU): Mamba1's sums x_proj's output over TP inside.
     ("mamba1", True, {"kernels": "triton"}),
     ("mamba2", True, {"kernels": "triton"}),
+    # Jamba's weighted dt/B/C norms: replicated weights whose gradients are summed over TP (reference and fused op).
+    ("mamba1", False, {"mamba1_inner_norms": True, "mamba1_inner_norm_weights": True}),
+    ("mamba1", True, {"mamba1_inner_norms": True, "mamba1_inner_norm_weights": True, "kernels": "triton"}),
     # Hybrids: attention split by heads (GQA, RoPE, biases) and MLPs split by their hidden width, beside Mamba layers.
     ("hybrid", True, {"bias": True, "tie_embeddings": False}),
     (

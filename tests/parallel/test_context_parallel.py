@@ -1,0 +1,91 @@
+"""Context parallelism (gloo): CP=2 and CP=4, and CP=2 × TP=2, against CP=1 on the whole sequence.
+
+Each rank holds one contiguous slice of every sequence; the Mamba layers pass the conv halo and the SSM state across
+slice edges, attention gathers the keys and values up to its slice. Packed documents start exactly on a slice edge
+and inside a slice, and one document crosses every edge.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.parallel import _cp_workers as cw
+from tests.parallel._launch import run_distributed
+
+# fp32: logits and loss relative to their largest entry, every gradient as a relative L2 norm within 1e-6, or within
+# twice fp32's own rounding of that gradient where that is larger: the CP=1 model in fp32 is itself up to ~7e-6 off
+# its float64 result on A_log (a sum over every token), so no summation order agrees with it to 1e-6 there.
+REL_TOL = 1e-6
+# float64 shows the scheme is exact rather than close: every gradient to 1e-12 of its largest entry.
+F64_TOL = 1e-12
+# With TP as well, TP's own reductions reorder fp32 sums: 1e-6 absolute as in test_tensor_parallel, and a relative
+# bound that still catches a wrong reduction.
+TP_ABS_TOL, TP_REL_TOL = 1e-6, 1e-5
+
+CASES = [
+    ("mamba1", False, {}, True),
+    ("mamba2", False, {"bias": True, "tie_embeddings": False}, True),
+    ("mamba1", False, {}, False),
+    ("mamba2", False, {}, False),
+    ("hybrid", False, {"bias": True, "tie_embeddings": False}, True),
+]
+TP_CASES = [
+    ("mamba1", True, {}, True),
+    ("mamba2", True, {"bias": True, "tie_embeddings": False}, True),
+    ("hybrid", True, {}, True),
+]
+
+
+F64_CASES = [("mamba1", False, {}, True), ("mamba2", False, {}, True), ("hybrid", False, {}, True)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
+def suite(request):
+    return request.param, run_distributed(cw.cp_suite, request.param, 1, CASES, F64_CASES, cp=request.param)
+
+
+@pytest.fixture(scope="module")
+def tp_suite():
+    return run_distributed(cw.cp_suite, 4, 2, TP_CASES, cp=2)
+
+
+def _check(results, case, tp=False):
+    got = results["equivalence"][case[0], case[1], tuple(sorted(case[2].items())), case[3]]
+    rel_tol = TP_REL_TOL if tp else REL_TOL
+    assert got["logits"] < rel_tol, got["logits"]
+    assert got["loss"] < rel_tol, got["loss"]
+    for name, err in got["grads_norm"].items():
+        assert err < max(rel_tol, 2 * got["noise"][name]), (name, err, got["noise"][name])
+    if tp:
+        worst_abs = max(got["grads_abs"].items(), key=lambda kv: kv[1])
+        assert worst_abs[1] < TP_ABS_TOL, worst_abs
+
+
+def test_layout(suite):
+    cp, results = suite
+    assert sorted(r["info"][3] for r in results) == list(range(cp))
+    assert {r["info"][:3] for r in results} == {(cp, 1, cp)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-docs{c[3]}")
+def test_cp_matches_whole_sequence(suite, case):
+    _, results = suite
+    for rank_results in results:
+        _check(rank_results, case)
+
+
+@pytest.mark.parametrize("case", F64_CASES, ids=lambda c: c[0])
+def test_cp_is_exact_in_float64(suite, case):
+    _, results = suite
+    for rank_results in results:
+        got = rank_results["f64"][case[0], case[1], tuple(sorted(case[2].items())), case[3]]
+        assert got["logits"] < F64_TOL and got["loss"] < F64_TOL, got
+        worst = max(got["grads"].items(), key=lambda kv: kv[1])
+        assert worst[1] < F64_TOL, worst
+
+
+@pytest.mark.parametrize("case", TP_CASES, ids=lambda c: f"{c[0]}-sp{c[1]}")
+def test_cp2_tp2_matches_whole_sequence(tp_suite, case):
+    assert {r["info"][:3] for r in tp_suite} == {(4, 2, 2)}
+    for rank_results in tp_suite:
+        _check(rank_results, case, tp=True)
