@@ -291,12 +291,24 @@ class TrainConfig:
 
 
 def check_sequence_parallel_seq_len(parallel: ParallelConfig, seq_len: int) -> None:
-    """Sequence parallelism gives each TP rank an equal block of the sequence: TP must divide ``seq_len``."""
-    tp = parallel.tp
-    if parallel.sequence_parallel and seq_len % tp:
+    """Context parallelism gives each CP rank an equal slice of the sequence, and sequence parallelism each TP rank an
+    equal block of that slice: CP, and TP × CP under sequence parallelism, must divide ``seq_len``."""
+    tp, cp = parallel.tp, parallel.cp
+    if seq_len % cp:
         raise ConfigError(
-            f"parallel.sequence_parallel splits the sequence over tp={tp} ranks but data.seq_len={seq_len} is not "
-            f"a multiple of {tp}; pick a multiple of {tp} or turn sequence_parallel off"
+            f"parallel.cp={cp} splits every sequence into {cp} slices but data.seq_len={seq_len} is not a multiple "
+            f"of {cp}; pick a multiple of {cp}"
+        )
+    if parallel.sequence_parallel and (seq_len // cp) % tp:
+        if cp == 1:
+            raise ConfigError(
+                f"parallel.sequence_parallel splits the sequence over tp={tp} ranks but data.seq_len={seq_len} is not "
+                f"a multiple of {tp}; pick a multiple of {tp} or turn sequence_parallel off"
+            )
+        raise ConfigError(
+            f"parallel.sequence_parallel splits each of the cp={cp} slices ({seq_len // cp} tokens) over tp={tp} "
+            f"ranks, which does not divide it; pick a data.seq_len that is a multiple of {tp * cp} or turn "
+            "sequence_parallel off"
         )
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mambatron.config import Config, ModelConfig
+from mambatron.kernels.cross_entropy.api import default_chunk_rows
 from mambatron.models.layers import LayerKind, layer_kinds
 
 GIB = 1024**3
@@ -101,6 +102,10 @@ class Plan:
     flops_per_token: float
     flops_per_step: float
     warnings: list[str]
+    # Context parallel: slices per sequence, and the bytes one rank receives per micro-batch in a forward over all
+    # layers (conv halos, SSM states, keys and values; the backward's all-reduces move as much again).
+    cp: int = 1
+    cp_exchange_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -173,11 +178,12 @@ def gpu_memory_gb(config: Config) -> tuple[float, str]:
 def make_plan(config: Config, world_size: int) -> Plan:
     """Estimate per-GPU memory and throughput of ``config`` launched on ``world_size`` processes."""
     m, par, data, train = config.model, config.parallel, config.data, config.train
-    tp = par.tp
+    tp, cp = par.tp, par.cp
     warnings: list[str] = []
-    if world_size % tp:
-        warnings.append(f"world size {world_size} is not a multiple of parallel.tp={tp}")
-    dp = max(world_size // tp, 1)
+    if world_size % (tp * cp):
+        warnings.append(f"world size {world_size} is not a multiple of parallel.tp x parallel.cp = {tp * cp}")
+    dp = max(world_size // (tp * cp), 1)
+    replicas = dp * cp  # ZeRO partitions over every model replica: the data- and context-parallel ranks
     pc = count_params(m)
     # Sharded over TP: every block projection and the vocab dimension; replicated: norms and per-channel vectors
     # are small enough that dividing everything by TP is within a percent.
@@ -190,13 +196,13 @@ def make_plan(config: Config, world_size: int) -> Plan:
     # (fp32 too) add an fp32 copy of the weights and an fp32 gradient for the update (4 + 4); only fp32 without ZeRO
     # steps the torch optimizer on the parameters themselves.
     optim_b = 8 if not bf16 and stage == 0 else 16
-    weights = local * weight_b // (dp if stage >= 3 else 1)
-    grads = local * grad_b // (dp if stage >= 2 else 1)
-    optim_full = local * optim_b // (dp if stage >= 1 else 1)
+    weights = local * weight_b // (replicas if stage >= 3 else 1)
+    grads = local * grad_b // (replicas if stage >= 2 else 1)
+    optim_full = local * optim_b // (replicas if stage >= 1 else 1)
     optim_gpu, optim_cpu = (0, optim_full) if par.offload_optimizer else (optim_full, 0)
     if par.offload_params:
         weights = 0
-    tokens_local = data.micro_batch * data.seq_len
+    tokens_local = data.micro_batch * data.seq_len // cp
     act_b = 2 if bf16 else 4
     per_layer = activation_bytes_per_layer(m, tokens_local, tp, par.sequence_parallel, act_b)
     no_ckpt = activation_bytes_all_layers(m, tokens_local, tp, par.sequence_parallel, act_b)
@@ -205,8 +211,14 @@ def make_plan(config: Config, world_size: int) -> Plan:
     residual_local = m.d_model // tp if par.sequence_parallel else m.d_model
     block_input_b = act_b + (4 if m.residual_in_fp32 else act_b)
     ckpt = m.n_layer * tokens_local * block_input_b * residual_local + per_layer
-    # Vocab-parallel logits in the compute dtype plus their fp32 copy in the loss.
-    logits = tokens_local * (m.padded_vocab_size // tp) * (act_b + 4)
+    if tp == 1:
+        # The head and its loss as one op, chunked over rows: one chunk's logits (compute dtype and fp32) and the
+        # fp32 weight gradient it accumulates.
+        rows = min(tokens_local, default_chunk_rows(m.padded_vocab_size))
+        logits = rows * m.padded_vocab_size * (act_b + 4) + m.padded_vocab_size * m.d_model * 4
+    else:
+        # Vocab-parallel logits in the compute dtype plus their fp32 copy in the loss.
+        logits = tokens_local * (m.padded_vocab_size // tp) * (act_b + 4)
     acts = (ckpt if train.activation_checkpointing else no_ckpt) + logits
     buckets = zero_bucket_bytes(par.zero_stage, par.deepspeed_extra, grad_b)
     total = weights + grads + optim_gpu + buckets + acts
@@ -227,7 +239,12 @@ def make_plan(config: Config, world_size: int) -> Plan:
             f"estimated {total / GIB:.1f} GiB per GPU exceeds the {gpu_gb:.0f} GiB of a GPU ({gpu_source}); "
             f"try {', '.join(hints)}"
         )
-    tokens_per_step = tokens_local * train.grad_accum * dp
+    tokens_per_step = data.micro_batch * data.seq_len * train.grad_accum * dp
+    exchange = 0
+    if cp > 1:
+        exchange = data.micro_batch * sum(
+            k.cp_exchange_bytes(m, tp, data.seq_len, cp, act_b) for k in layer_kinds(m)
+        )  # fmt: skip
     fpt = flops_per_token(m, data.seq_len)
     return Plan(
         world_size=world_size,
@@ -259,6 +276,8 @@ def make_plan(config: Config, world_size: int) -> Plan:
         flops_per_token=fpt,
         flops_per_step=fpt * tokens_per_step,
         warnings=warnings,
+        cp=cp,
+        cp_exchange_bytes=exchange,
     )
 
 
@@ -283,7 +302,8 @@ def format_plan(plan: Plan, config: Config) -> str:
     lines = [
         f"mambatron plan: {m.arch}{f' hybrid {m.hybrid_pattern}' if m.hybrid_pattern else ''} d_model={m.d_model} "
         f"n_layer={m.n_layer} vocab={m.padded_vocab_size}",
-        f"  world size      {plan.world_size}  (TP {plan.tp} x DP {plan.dp}), ZeRO stage {plan.zero_stage}"
+        f"  world size      {plan.world_size}  (TP {plan.tp}{f' x CP {plan.cp}' if plan.cp > 1 else ''} x DP "
+        f"{plan.dp}), ZeRO stage {plan.zero_stage}"
         f"{', optimizer offload' if plan.offload_optimizer else ''}{', param offload' if plan.offload_params else ''}",
         f"  precision       {plan.precision}, micro-batch {plan.micro_batch} x seq_len {plan.seq_len}, "
         f"grad_accum {plan.grad_accum}",
@@ -308,5 +328,9 @@ def format_plan(plan: Plan, config: Config) -> str:
         kv = plan.kv_cache_bytes_per_token
         lines.append(f"  KV cache        {kv / 1024:.1f} KiB per token per sequence for generation "
                      f"({kv * plan.seq_len / GIB:.2f} GiB at seq_len {plan.seq_len})")  # fmt: skip
+    if plan.cp > 1:
+        lines.append(f"  context par.    {plan.seq_len // plan.cp} tokens per slice; each rank receives "
+                     f"{plan.cp_exchange_bytes / 2**20:.2f} MiB per micro-batch in a forward (halos, states, keys and "
+                     "values), as much again in backward")  # fmt: skip
     lines += [f"  WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)

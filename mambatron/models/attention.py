@@ -107,6 +107,11 @@ class Attention(nn.Module):
 # ----------------------------------------------------------------------------------------- the layer kind "attention"
 
 
+def _attention_cp_exchange(c: ModelConfig, tp: int, seq_len: int, cp: int, act_b: int) -> int:
+    # Every slice's keys and values (each rank keeps those up to its own).
+    return seq_len * 2 * (c.attention.num_kv_heads // tp) * c.head_dim_value * act_b
+
+
 def _attention_layouts(c: ModelConfig) -> dict[str, Layout]:
     hd, a = c.head_dim_value, c.attention
     q, kv = a.num_heads * hd, a.num_kv_heads * hd
@@ -156,6 +161,7 @@ ATTENTION = register(
         # q, k, v and the attention output (the softmax is recomputed by the fused kernels).
         activation_width=lambda c: (2 * c.attention.num_heads + 2 * c.attention.num_kv_heads) * c.head_dim_value,
         tp_problem=_attention_tp_problem,
+        cp_exchange_bytes=_attention_cp_exchange,
         config_problem=_attention_config_problem,
         symbol="*",
     )

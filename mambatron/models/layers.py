@@ -45,6 +45,9 @@ class LayerKind:
     tp_problem: Callable[[ModelConfig, int], str | None]
     # A problem with the model config for this kind, or None.
     config_problem: Callable[[ModelConfig], str | None] = field(default=lambda cfg: None)
+    # Bytes one rank receives per sequence in one layer's forward under context parallelism, for
+    # (cfg, tp, seq_len, cp, activation bytes); the backward's all-reduces move as much again.
+    cp_exchange_bytes: Callable[[ModelConfig, int, int, int, int], int] = field(default=lambda *args: 0)
     hf: HFMapping | None = None
     # Its symbol in model.hybrid_pattern; "M" for the Mamba mixers (model.arch says which).
     symbol: str | None = None

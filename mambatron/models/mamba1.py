@@ -283,6 +283,12 @@ def _mamba1_tp_problem(c: ModelConfig, tp: int) -> str | None:
     return None
 
 
+def _mamba1_cp_exchange(c: ModelConfig, tp: int, seq_len: int, cp: int, act_b: int) -> int:
+    # Every rank's conv tail (d_conv - 1 steps of x) and its slice's final fp32 state and decay.
+    di = c.d_inner // tp
+    return cp * ((c.d_conv - 1) * di * act_b + 2 * di * c.d_state * 4)
+
+
 def _mamba1_hf_config(c: ModelConfig) -> dict:
     return {"intermediate_size": c.d_inner}
 
@@ -302,6 +308,7 @@ MAMBA1 = register(
         # x and z (in_proj), the conv output, Δ, the scan output and the gate: ~7 d_inner-wide tensors per token.
         activation_width=lambda c: 7 * c.d_inner,
         tp_problem=_mamba1_tp_problem,
+        cp_exchange_bytes=_mamba1_cp_exchange,
         symbol="M",
         hf=HFMapping("mamba", "MambaForCausalLM", _mamba1_hf_config, _mamba1_hf_fields),
     )

@@ -202,6 +202,12 @@ def _mamba2_flops(c: ModelConfig, seq_len: int) -> float:
     return 2.0 * min(c.chunk_size, seq_len) * c.d_inner + 6.0 * c.d_inner * c.d_state
 
 
+def _mamba2_cp_exchange(c: ModelConfig, tp: int, seq_len: int, cp: int, act_b: int) -> int:
+    # Every rank's conv tail (d_conv - 1 steps of xBC), its slice's final fp32 state and one decay per head.
+    conv_dim = (c.d_inner + 2 * c.ngroups * c.d_state) // tp
+    return cp * ((c.d_conv - 1) * conv_dim * act_b + (c.nheads // tp) * (c.headdim * c.d_state + 1) * 4)
+
+
 def _mamba2_tp_problem(c: ModelConfig, tp: int) -> str | None:
     if c.nheads % tp:
         return f"parallel.tp={tp} does not divide nheads={c.nheads} (d_inner / model.headdim); pick a tp that " \
@@ -260,6 +266,7 @@ MAMBA2 = register(
         # Mamba1's ~7 d_inner-wide tensors, plus B and C (twice: in_proj output and conv output) and dt.
         activation_width=lambda c: 7 * c.d_inner + 2 * c.ngroups * c.d_state * 2 + c.nheads,
         tp_problem=_mamba2_tp_problem,
+        cp_exchange_bytes=_mamba2_cp_exchange,
         symbol="M",
         config_problem=_mamba2_config_problem,
         hf=HFMapping("mamba2", "Mamba2ForCausalLM", _mamba2_hf_config, _mamba2_hf_fields),

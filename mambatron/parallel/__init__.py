@@ -27,17 +27,28 @@ def validate_parallel(
     """Reject a model/parallel layout that cannot be sharded, before anything is allocated.
 
     Checks that TP divides d_inner (Mamba1), nheads and ngroups (Mamba2) and the padded vocab, that the world
-    size (when given) is a multiple of TP, and under sequence parallelism that TP divides ``seq_len`` (when given).
+    size (when given) is a multiple of TP × CP, and (when ``seq_len`` is given) that CP divides it into slices no
+    shorter than the conv1d halo, each of which TP divides under sequence parallelism.
     Raises :class:`ConfigError` with a one-line message naming the fix.
     """
     parallel_cfg.validate()
-    tp = parallel_cfg.tp
+    tp, cp = parallel_cfg.tp, parallel_cfg.cp
     if seq_len is not None:
         check_sequence_parallel_seq_len(parallel_cfg, seq_len)
-    if world_size is not None and (world_size < 1 or world_size % tp):
+        if cp > 1 and seq_len // cp < model_cfg.d_conv - 1:
+            raise ConfigError(
+                f"parallel.cp={cp} leaves {seq_len // cp} tokens per slice, fewer than the conv1d halo of "
+                f"model.d_conv-1={model_cfg.d_conv - 1}; use a smaller cp or a longer data.seq_len"
+            )
+    if world_size is not None and (world_size < 1 or world_size % (tp * cp)):
+        if cp == 1:
+            raise ConfigError(
+                f"WORLD_SIZE={world_size} is not a multiple of parallel.tp={tp}; launch a multiple of {tp} processes "
+                f"or set parallel.tp to a divisor of {world_size}"
+            )
         raise ConfigError(
-            f"WORLD_SIZE={world_size} is not a multiple of parallel.tp={tp}; launch a multiple of {tp} processes "
-            f"or set parallel.tp to a divisor of {world_size}"
+            f"WORLD_SIZE={world_size} is not a multiple of parallel.tp × parallel.cp = {tp} × {cp}; launch a "
+            f"multiple of {tp * cp} processes"
         )
     if tp == 1:
         return

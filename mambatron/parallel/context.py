@@ -92,7 +92,7 @@ class ContextParallel:
         batch = final_state.shape[0]
         ones = (1,) * (final_state.dim() - 1)
         states = self.gather(final_state)
-        decays = self.gather(torch.exp(log_decay).expand_as(final_state))
+        decays = self.gather(torch.exp(log_decay).contiguous())  # as small as its broadcast shape
         if seq_idx is None:
             continues = [torch.ones(batch, dtype=torch.bool, device=final_state.device)] * self.size
             whole = continues

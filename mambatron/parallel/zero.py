@@ -29,7 +29,12 @@ from mambatron.parallel.dist import DistInfo
 
 
 class MegatronMPU:
-    """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (model parallel = tensor parallel)."""
+    """DeepSpeed's ``mpu`` interface over megatron-core's parallel_state (model parallel = tensor parallel).
+
+    DeepSpeed's "data parallel" is every replica of the model: the data-parallel ranks and, within each, the
+    context-parallel ranks (which hold the same weights and see different slices of the same sequences), so the
+    gradient average and the ZeRO partitions span data × context parallel.
+    """
 
     def __init__(self) -> None:
         from megatron.core import parallel_state
@@ -53,16 +58,16 @@ class MegatronMPU:
         return self._ps.get_tensor_model_parallel_src_rank()
 
     def get_data_parallel_world_size(self) -> int:
-        return self._ps.get_data_parallel_world_size()
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_rank(self) -> int:
-        return self._ps.get_data_parallel_rank()
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self._ps.get_data_parallel_group()
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
 
     def get_data_parallel_group_ranks(self) -> list[int]:
-        return dist.get_process_group_ranks(self._ps.get_data_parallel_group())
+        return dist.get_process_group_ranks(self.get_data_parallel_group())
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -128,7 +133,9 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": config.data.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size,
+        # DeepSpeed counts every model replica (data × context parallel); the CP ranks of one data-parallel rank
+        # hold slices of the same sequences, so the tokens of a step are those of dp_size replicas.
+        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size * dist_info.cp_size,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},

@@ -80,7 +80,7 @@ class Trainer:
 
         cfg = self.config
         self.dist = pdist.setup(cfg.parallel)
-        validate_parallel(cfg.model, cfg.parallel, self.dist.world_size)
+        validate_parallel(cfg.model, cfg.parallel, self.dist.world_size, seq_len=cfg.data.seq_len)
         self.is_main = self.dist.rank == 0
         # One run per out_dir: rank 0 locks it before anything is read or written there; every rank stops if taken.
         self._lock = RunLock(self.out_dir) if self.is_main else None
@@ -96,7 +96,9 @@ class Trainer:
             # cuBLAS is deterministic only with a fixed workspace; must be set before the first matmul.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.model = self.build_model(build_projections(cfg.parallel, init_std=cfg.model.init_std))
+        self.cp = pdist.context_parallel(self.dist)  # None at parallel.cp=1
+        projections = build_projections(cfg.parallel, init_std=cfg.model.init_std, cp=self.cp)
+        self.model = self.build_model(projections)
         # DeepSpeed insists on LOCAL_RANK, which a plain single-process run does not set.
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         self.engine = self.build_engine(self.model)
@@ -125,7 +127,7 @@ class Trainer:
                 f"model.vocab_size={self.train_loader.vocab_size} unless the model must match another tokenizer)"
             )
         self.metrics.print(
-            f"world {self.dist.world_size} (TP {self.dist.tp_size} x DP {self.dist.dp_size}) on {self.dist.device}, "
+            f"world {self.dist.world_size} ({self._layout()}) on {self.dist.device}, "
             f"{count_params(cfg.model).total:,} parameters, "
             f"{self.tokens_per_step:,} tokens/step, ZeRO {cfg.parallel.zero_stage}, {cfg.train.precision}"
         )
@@ -227,6 +229,12 @@ class Trainer:
             return False
         manifest = ckpt.read_manifest(step_dir)
         self._check_same_model(step_dir, manifest)
+        saved_cp = int(manifest.get("cp", 1))
+        if saved_cp != self.dist.cp_size:
+            raise ConfigError(
+                f"{step_dir} was saved with parallel.cp={saved_cp} and this run has parallel.cp={self.dist.cp_size}: "
+                f"resume with parallel.cp={saved_cp} (a checkpoint resumes on its own context-parallel size)"
+            )
         same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
         # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the
@@ -299,8 +307,25 @@ class Trainer:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
 
     def micro_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss of one micro-batch over labels >= 0 (given labels, the engine's forward returns it)."""
+        """Mean next-token loss of one micro-batch over labels >= 0 (given labels, the engine's forward returns it).
+        Under context parallelism this rank takes its slice of every sequence, and its loss is scaled so that the mean
+        over the CP group is the micro-batch's mean (see ``MambaLM._head_loss``)."""
+        if self.cp is not None:
+            n = batch["input_ids"].shape[1] // self.cp.size
+            part = slice(self.cp.rank * n, (self.cp.rank + 1) * n)
+            batch = {k: v[:, part].contiguous() for k, v in batch.items()}
         return self.engine(batch["input_ids"], seq_idx=batch.get("seq_idx"), labels=batch["labels"])
+
+    def _layout(self) -> str:
+        d = self.dist
+        cp = f" x CP {d.cp_size}" if d.cp_size > 1 else ""
+        return f"TP {d.tp_size}{cp} x DP {d.dp_size}"
+
+    def _loss_group(self):
+        """The ranks whose losses average to the global one: data parallel, and context parallel within it."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def train_step(self) -> StepResult:
         """One optimizer step: ``grad_accum`` micro-batches forward/backward, clip, AdamW update at the scheduled LR."""
@@ -393,11 +418,10 @@ class Trainer:
         return math.sqrt(float(squares))
 
     def _dp_mean(self, value: torch.Tensor) -> float:
-        from megatron.core import parallel_state
-
-        if self.dist.dp_size > 1:
-            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-            value = value / self.dist.dp_size
+        ranks = self.dist.dp_size * self.dist.cp_size
+        if ranks > 1:
+            dist.all_reduce(value, group=self._loss_group())
+            value = value / ranks
         return float(value)
 
     # -------------------------------------------------------------------------------------------------- eval
@@ -433,11 +457,10 @@ class Trainer:
         self.engine.train()
         if int(n) == 0:
             return float("nan")
-        if self.dist.dp_size > 1:
-            from megatron.core import parallel_state
-
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            total /= self.dist.dp_size
+        ranks = self.dist.dp_size * self.dist.cp_size
+        if ranks > 1:
+            dist.all_reduce(total, group=self._loss_group())
+            total /= ranks
         return float(total / int(n))
 
     # -------------------------------------------------------------------------------------------------- save
@@ -464,6 +487,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "tp": self.dist.tp_size,
             "dp": self.dist.dp_size,
+            "cp": self.dist.cp_size,
             "zero_stage": cfg.parallel.zero_stage,
             "precision": cfg.train.precision,
         }

@@ -30,6 +30,23 @@ def test_bad_parallel_layout_is_rejected(arch, overrides, tp, world, message):
         validate_parallel(cfg, ParallelConfig(tp=tp), world)
 
 
+def test_context_parallel_layout_is_checked():
+    """CP must divide seq_len into slices no shorter than the conv halo, TP must divide each slice under SP, and the
+    world must hold whole TP × CP blocks; each error names the fix."""
+    cfg = tiny_model_config("mamba1")  # d_conv 4: a halo of 3
+    with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2; pick a multiple of 2"):
+        validate_parallel(cfg, ParallelConfig(cp=2), 2, seq_len=2049)
+    with pytest.raises(ConfigError, match="leaves 2 tokens per slice, fewer than the conv1d halo"):
+        validate_parallel(cfg, ParallelConfig(cp=4), 4, seq_len=8)
+    with pytest.raises(ConfigError, match="each of the cp=2 slices \\(9 tokens\\) over tp=2 ranks"):
+        validate_parallel(cfg, ParallelConfig(tp=2, cp=2, sequence_parallel=True), 4, seq_len=18)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=6 is not a multiple of parallel.tp × parallel.cp = 2 × 2"):
+        validate_parallel(cfg, ParallelConfig(tp=2, cp=2), 6, seq_len=16)
+    with pytest.raises(ConfigError, match="parallel.cp=0 must be a positive number"):
+        validate_parallel(cfg, ParallelConfig(cp=0), 2, seq_len=16)
+    validate_parallel(cfg, ParallelConfig(tp=2, cp=2, sequence_parallel=True), 8, seq_len=16)
+
+
 def test_sequence_parallel_needs_seq_len_multiple_of_tp():
     with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2"):
         validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2, sequence_parallel=True), 2, seq_len=2049)

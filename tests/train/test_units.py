@@ -91,6 +91,27 @@ def test_plan_zero_stages_and_fit_warning():
     assert world_size_from_env({}) == 1
 
 
+def test_plan_chunked_head_loss_and_context_parallel():
+    """At TP=1 the head's loss holds one chunk of logits, not all of them; under CP each rank keeps the activations
+    of its slice, ZeRO partitions over DP x CP, and the exchanged bytes are counted per layer kind."""
+    from mambatron.kernels.cross_entropy.api import default_chunk_rows
+    from mambatron.plan import format_plan
+
+    base = ["data.seq_len=32768", "data.micro_batch=1", "parallel.zero_stage=1"]
+    cfg = load_config("configs/mamba2-1.3b.yaml", base)
+    one = make_plan(cfg, 8)
+    vocab, d = cfg.model.padded_vocab_size, cfg.model.d_model
+    assert one.logits_bytes == default_chunk_rows(vocab) * vocab * (2 + 4) + vocab * d * 4
+    cp = make_plan(load_config("configs/mamba2-1.3b.yaml", [*base, "parallel.cp=4"]), 8)
+    assert (cp.tp, cp.cp, cp.dp) == (1, 4, 2) and cp.tokens_per_step == 32768 * 2
+    assert cp.activations_bytes_no_ckpt - cp.logits_bytes == (one.activations_bytes_no_ckpt - one.logits_bytes) // 4
+    assert cp.optimizer_bytes == one.optimizer_bytes  # 8 replicas either way: DP 8, or DP 2 x CP 4
+    m = cfg.model
+    per_layer = 4 * (3 * (m.d_inner + 2 * m.ngroups * m.d_state) * 2 + m.nheads * (m.headdim * m.d_state + 1) * 4)
+    assert cp.cp_exchange_bytes == m.n_layer * per_layer and one.cp_exchange_bytes == 0
+    assert "(TP 1 x CP 4 x DP 2)" in format_plan(cp, cfg) and "8192 tokens per slice" in format_plan(cp, cfg)
+
+
 def test_dry_run_applies_the_layout_checks_and_plans_for_the_gpu(capsys, monkeypatch):
     """--dry-run refuses a layout the real run would refuse (one line, exit 2), plans for --gpu-memory, and a plan
     that does not fit on one GPU suggests planning for more with --world-size."""
