@@ -81,13 +81,18 @@ class ContextParallel:
         return x, seq_idx
 
     def incoming_state(
-        self, final_state: torch.Tensor, log_decay: torch.Tensor, seq_idx: torch.Tensor | None
+        self,
+        final_state: torch.Tensor,
+        log_decay: torch.Tensor,
+        seq_idx: torch.Tensor | None,
+        initial_state: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The exact state entering this slice.
 
         final_state: (batch, *state) this slice's final state scanned from a zero state (fp32); log_decay: the
-        slice's total log-decay, broadcastable to final_state; seq_idx (batch, L) or None. Differentiable in every
-        rank's final_state and log_decay.
+        slice's total log-decay, broadcastable to final_state; seq_idx (batch, L) or None; initial_state: the state
+        entering the whole sequence (the same on every rank), None for zeros. Differentiable in every rank's
+        final_state and log_decay, and in initial_state (each rank's gradient of it is a part to be summed).
         """
         batch = final_state.shape[0]
         ones = (1,) * (final_state.dim() - 1)
@@ -100,11 +105,13 @@ class ContextParallel:
             firsts = self.gather(seq_idx[:, 0].contiguous())
             lasts = self.gather(seq_idx[:, -1].contiguous())
             # Whether slice j's first token continues slice j−1's last document, and whether slice j is one document.
-            continues = [torch.zeros_like(firsts[0], dtype=torch.bool)] + [
+            continues = [torch.ones_like(firsts[0], dtype=torch.bool)] + [
                 firsts[j] == lasts[j - 1] for j in range(1, self.size)
             ]
             whole = [w.bool() for w in self.gather((seq_idx == seq_idx[:, :1]).all(dim=1).to(torch.int32))]
         state = (states[0] + decays[0]) * 0  # zeros that keep both gathers in every rank's backward (see with_halo)
+        if initial_state is not None:
+            state = state + initial_state
         for j in range(self.rank):
             # What enters slice j survives to its end only if it continues there and no document starts inside.
             keep = (continues[j] & whole[j]).to(state.dtype).view(batch, *ones)

@@ -104,9 +104,86 @@ def cp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], dt
     return results
 
 
+def scans_with_initial_state(info: DistInfo) -> dict:
+    """Both scans (the references, float64) over a sequence split across the CP group, started from a given state:
+    each slice scans from zero, the incoming states are composed from the slices' summaries and the given state, and
+    each slice scans again from its incoming state. Output, final state and the gradients of the inputs and of the
+    given state against one scan of the whole sequence: the largest relative difference of each."""
+    import torch.nn.functional as F
+
+    from mambatron.kernels.selective_scan.reference import selective_scan_fn_ref
+    from mambatron.kernels.ssd.reference import mamba_chunk_scan_combined_ref
+
+    cp = context_parallel(info)
+    n = CP_SEQLEN // info.cp_size
+    part = slice(info.cp_rank * n, (info.cp_rank + 1) * n)
+    gen = torch.Generator().manual_seed(5)
+    f64 = dict(dtype=torch.float64)
+    seq_idx = torch.zeros(2, CP_SEQLEN, dtype=torch.int32)
+    seq_idx[0, CP_SEQLEN // 2 :] = 1  # row 0: a document from a slice edge on; row 1: one document throughout
+    results = {}
+
+    # Mamba1: u, delta (batch, dim, L), A (dim, N), B, C (batch, N, L).
+    b, d, nst = 2, 3, 4
+    u, delta = torch.randn(b, d, CP_SEQLEN, generator=gen, **f64), torch.randn(b, d, CP_SEQLEN, generator=gen, **f64)
+    A = -torch.rand(d, nst, generator=gen, **f64) - 0.2
+    Bm, Cm = torch.randn(b, nst, CP_SEQLEN, generator=gen, **f64), torch.randn(b, nst, CP_SEQLEN, generator=gen, **f64)
+    h0 = torch.randn(b, d, nst, generator=gen, **f64)
+    bias = torch.randn(d, generator=gen, **f64) * 0.3
+    leaves = [t.requires_grad_() for t in (u, delta, Bm, Cm, h0)]
+    gy = torch.randn(b, d, CP_SEQLEN, generator=gen, **f64)
+    kw = dict(delta_bias=bias, delta_softplus=True, return_last_state=True)
+    y, last = selective_scan_fn_ref(u, delta, A, Bm, Cm, initial_state=h0, seq_idx=seq_idx, **kw)
+    full = [y.detach(), last.detach(), *torch.autograd.grad((y * gy).sum() + last.sum(), leaves)]
+    sl = lambda t: t[..., part]  # noqa: E731
+    _, s_last = selective_scan_fn_ref(sl(u), sl(delta), A, sl(Bm), sl(Cm), seq_idx=seq_idx[:, part], **kw)
+    log_decay = A * F.softplus(sl(delta) + bias[:, None]).sum(-1, keepdim=True)
+    h_in = cp.incoming_state(s_last, log_decay, seq_idx[:, part], initial_state=h0)
+    y, last = selective_scan_fn_ref(sl(u), sl(delta), A, sl(Bm), sl(Cm), initial_state=h_in, seq_idx=seq_idx[:, part],
+                                    **kw)  # fmt: skip
+    # The whole sequence's final state is the last slice's.
+    last_full = cp.gather(last.detach())[-1]
+    grads = torch.autograd.grad((y * sl(gy)).sum() + (last.sum() if info.cp_rank == info.cp_size - 1 else 0), leaves)
+    grads = [g.clone() for g in grads]
+    for g in grads:
+        dist.all_reduce(g, group=cp.group)
+    got = [torch.cat(cp.gather(y.detach()), dim=-1), last_full, *grads]
+    results["selective_scan"] = [_rel(a, e) for a, e in zip(got, full, strict=True)]
+
+    # Mamba2 (SSD): x (batch, L, heads, headdim), dt (batch, L, heads), A (heads,), B, C (batch, L, groups, N).
+    h, p, g_, nst = 2, 3, 1, 4
+    x = torch.randn(b, CP_SEQLEN, h, p, generator=gen, **f64)
+    dt = torch.randn(b, CP_SEQLEN, h, generator=gen, **f64)
+    A = -torch.rand(h, generator=gen, **f64) - 0.2
+    Bm = torch.randn(b, CP_SEQLEN, g_, nst, generator=gen, **f64)
+    Cm = torch.randn(b, CP_SEQLEN, g_, nst, generator=gen, **f64)
+    h0 = torch.randn(b, h, p, nst, generator=gen, **f64)
+    dt_bias = torch.randn(h, generator=gen, **f64) * 0.3
+    leaves = [t.requires_grad_() for t in (x, dt, Bm, Cm, h0)]
+    gy = torch.randn(b, CP_SEQLEN, h, p, generator=gen, **f64)
+    kw = dict(dt_bias=dt_bias, dt_softplus=True, return_final_states=True)
+    y, last = mamba_chunk_scan_combined_ref(x, dt, A, Bm, Cm, 4, initial_states=h0, seq_idx=seq_idx, **kw)
+    full = [y.detach(), last.detach(), *torch.autograd.grad((y * gy).sum() + last.sum(), leaves)]
+    sl = lambda t: t[:, part]  # noqa: E731
+    _, s_last = mamba_chunk_scan_combined_ref(sl(x), sl(dt), A, sl(Bm), sl(Cm), 4, seq_idx=seq_idx[:, part], **kw)
+    log_decay = (F.softplus(sl(dt) + dt_bias) * A).sum(1)[:, :, None, None]
+    h_in = cp.incoming_state(s_last, log_decay, seq_idx[:, part], initial_state=h0)
+    y, last = mamba_chunk_scan_combined_ref(sl(x), sl(dt), A, sl(Bm), sl(Cm), 4, initial_states=h_in,
+                                            seq_idx=seq_idx[:, part], **kw)  # fmt: skip
+    last_full = cp.gather(last.detach())[-1]
+    grads = torch.autograd.grad((y * sl(gy)).sum() + (last.sum() if info.cp_rank == info.cp_size - 1 else 0), leaves)
+    grads = [g.clone() for g in grads]
+    for g in grads:
+        dist.all_reduce(g, group=cp.group)
+    got = [torch.cat(cp.gather(y.detach()), dim=1), last_full, *grads]
+    results["ssd"] = [_rel(a, e) for a, e in zip(got, full, strict=True)]
+    return results
+
+
 def cp_suite(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], f64_cases=()) -> dict:
     return {
         "info": (info.world_size, info.tp_size, info.cp_size, info.cp_rank, info.dp_size),
         "equivalence": cp_equivalence(info, cases),
         "f64": cp_equivalence(info, f64_cases, torch.float64),
+        "initial_state": scans_with_initial_state(info) if info.tp_size == 1 else None,
     }

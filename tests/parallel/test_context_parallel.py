@@ -84,6 +84,16 @@ def test_cp_is_exact_in_float64(suite, case):
         assert worst[1] < F64_TOL, worst
 
 
+@pytest.mark.parametrize("scan", ["selective_scan", "ssd"])
+def test_state_passing_from_a_given_initial_state(suite, scan):
+    """The scans split over the CP group from a given initial state (float64): output, final state and the
+    gradients of every input and of the initial state equal one scan of the whole sequence."""
+    _, results = suite
+    for rank_results in results:
+        errors = rank_results["initial_state"][scan]
+        assert len(errors) == 7 and max(errors) < F64_TOL, errors
+
+
 @pytest.mark.parametrize("case", TP_CASES, ids=lambda c: f"{c[0]}-sp{c[1]}")
 def test_cp2_tp2_matches_whole_sequence(tp_suite, case):
     assert {r["info"][:3] for r in tp_suite} == {(4, 2, 2)}
