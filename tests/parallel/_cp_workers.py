@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -64,7 +66,7 @@ def cp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], dt
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
         # fp32's own rounding: the CP=1 model in fp32 against itself in float64, per gradient.
-        ref64 = w.reference_model(cfg, state).to(torch.float64)
+        ref64 = w.reference_model(dataclasses.replace(cfg, kernels="reference"), state).to(torch.float64)
         ref64.loss(ids, labels, seq_idx=seq_idx).backward()
         noise = {n: _rel_norm(ref_grads[n], p.grad) for n, p in ref64.named_parameters()}
 

@@ -29,6 +29,8 @@ CASES = [
     ("mamba2", False, {}, False),
     ("hybrid", False, {"bias": True, "tie_embeddings": False}, True),
 ]
+# The Triton kernels (in the interpreter on CPU: slow, so at CP=2 only) with initial states and documents.
+TRITON_CASES = [("mamba1", False, {"kernels": "triton"}, True), ("mamba2", False, {"kernels": "triton"}, True)]
 TP_CASES = [
     ("mamba1", True, {}, True),
     ("mamba2", True, {"bias": True, "tie_embeddings": False}, True),
@@ -42,6 +44,11 @@ F64_CASES = [("mamba1", False, {}, True), ("mamba2", False, {}, True), ("hybrid"
 @pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
 def suite(request):
     return request.param, run_distributed(cw.cp_suite, request.param, 1, CASES, F64_CASES, cp=request.param)
+
+
+@pytest.fixture(scope="module")
+def triton_suite():
+    return run_distributed(cw.cp_suite, 2, 1, TRITON_CASES, cp=2)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +78,12 @@ def test_layout(suite):
 def test_cp_matches_whole_sequence(suite, case):
     _, results = suite
     for rank_results in results:
+        _check(rank_results, case)
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c[0])
+def test_cp2_with_triton_kernels(triton_suite, case):
+    for rank_results in triton_suite:
         _check(rank_results, case)
 
 
