@@ -12,9 +12,10 @@ reference path's own bf16 error (× 1.25). Comparing two bf16 runs with each oth
 at d_state 128 the A_log and dt_bias gradients (sums over every token) differ by ~3% between any two bf16 runs.
 
 Only a model that passes is timed: ``--time-config`` (default: the checked model) at ``--batch`` × ``--seqlen``,
-AdamW, 3 warm-up steps then the mean of 5. ``--param-dtype bf16`` keeps weights, gradients and AdamW moments in
-bf16 (what fits a hybrid-8B on one GPU: fp32 weights with fp32 Adam moments are 138 GB); the step's GEMMs and
-kernels are the same as under fp32 weights with bf16 autocast. There is no anchor in the same process: mamba_ssm has
+AdamW, 3 warm-up steps then the mean of 5 (``tools/bench_step.py``'s timing). ``--param-dtype bf16`` keeps weights,
+gradients and AdamW moments in bf16 (what fits a hybrid-8B on one GPU: fp32 weights with fp32 Adam moments are
+138 GB); the step's GEMMs and kernels are the same as under fp32 weights with bf16 autocast. There is no anchor in
+the same process: mamba_ssm has
 no hybrid LM. Prints ``RESULT`` JSON lines.
 """
 
@@ -22,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from bench_step import time_step  # tools/ is on the path when a tool runs as a script
 
 from mambatron.config import load_config
 from mambatron.models import build_model
@@ -96,31 +97,14 @@ def main() -> None:
         model = model.to(torch.bfloat16)
     model.activation_checkpointing = args.activation_checkpointing
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model.loss(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t) / 5
+    dt, peak_gb, _ = time_step(model, ids, 5, lambda m, x: m.loss(x[:, :-1], x[:, 1:]))
     tps = args.batch * args.seqlen / dt
     result(what="train_step_mambatron_hybrid", config=args.time_config or "0.54B check model",
            params=sum(p.numel() for p in model.parameters()), batch=args.batch, seqlen=args.seqlen,
            activation_checkpointing=args.activation_checkpointing, param_dtype=args.param_dtype, tokens_per_s=tps,
            step_s=dt, mfu=tps * flops_per_token(cfg, args.seqlen) / 989e12,
-           peak_mem_GB=torch.cuda.max_memory_allocated() / 1e9, pattern=cfg.hybrid_pattern)  # fmt: skip
+           peak_mem_GB=peak_gb, pattern=cfg.hybrid_pattern)  # fmt: skip
 
 
 if __name__ == "__main__":

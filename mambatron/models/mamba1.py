@@ -114,10 +114,11 @@ class Mamba1Mixer(nn.Module):
         if cache is not None:
             cache["conv"] = _last_window(x, cfg.d_conv)
         conv = get_op("conv1d", kernels, x)
-        halo = cfg.d_conv - 1 if cp is not None else 0
-        x_in, conv_seq = cp.with_halo(x, halo, 2, seq_idx) if cp is not None else (x, seq_idx)
-        x = conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=conv_seq, activation="silu")
-        x = x[..., halo:]
+        conv_w, conv_b = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if cp is None:
+            x = conv(x, conv_w, conv_b, seq_idx=seq_idx, activation="silu")
+        else:
+            x = cp.causal_conv(conv, x, conv_w, conv_b, seq_idx)
         x_dbl = self._normed(self.x_proj(x.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)  # (batch, seqlen, k)
         dt, B, C = torch.split(x_dbl, [cfg.dt_rank_value, cfg.d_state, cfg.d_state], dim=-1)
         delta = torch.matmul(self.dt_proj.weight, dt.transpose(1, 2))  # (batch, d_inner, seqlen), time-contiguous

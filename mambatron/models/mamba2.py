@@ -108,10 +108,11 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             cache["conv"] = _last_window(xbc_t, cfg.d_conv)
         conv = get_op("conv1d", cfg.kernels, xbc_t)
-        halo = cfg.d_conv - 1 if cp is not None else 0
-        x_in, conv_seq = cp.with_halo(xbc_t, halo, 2, seq_idx) if cp is not None else (xbc_t, seq_idx)
-        xbc = conv(x_in, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=conv_seq, activation="silu")
-        xbc = xbc[..., halo:].transpose(1, 2)
+        conv_w, conv_b = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        if cp is None:
+            xbc = conv(xbc_t, conv_w, conv_b, seq_idx=seq_idx, activation="silu").transpose(1, 2)
+        else:
+            xbc = cp.causal_conv(conv, xbc_t, conv_w, conv_b, seq_idx).transpose(1, 2)
         gn = self.ngroups_local * cfg.d_state
         x, B, C = torch.split(xbc, [self.d_inner_local, gn, gn], dim=-1)
         ssd = get_op("ssd", cfg.kernels, x)

@@ -80,6 +80,13 @@ class ContextParallel:
             seq_idx = torch.cat([seq_halo, seq_idx], dim=1)
         return x, seq_idx
 
+    def causal_conv(self, conv, x: torch.Tensor, weight: torch.Tensor, bias, seq_idx: torch.Tensor | None):
+        """``conv`` (a causal_conv1d_fn with SiLU) over this slice of x (batch, dim, L): the previous rank's last
+        ``width − 1`` inputs in front (:meth:`with_halo`), their outputs dropped."""
+        halo = weight.shape[-1] - 1
+        x, seq_idx = self.with_halo(x, halo, 2, seq_idx)
+        return conv(x, weight, bias, seq_idx=seq_idx, activation="silu")[..., halo:]
+
     def incoming_state(
         self,
         final_state: torch.Tensor,
