@@ -12,24 +12,25 @@ from .reference import _check_args, selective_scan_fn_ref
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch_config(P: int, dstate: int) -> dict:
+def _launch_config(P: int, dstate: int, backward: bool = False) -> dict:
     """Tile sizes: the kernels scan (BLOCK_D, CHUNK) fp32 tiles, one state index at a time."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        # The interpreter pays per program and per scanned element: one program per group, short chunks.
-        return dict(
-            CHUNK=16, BLOCK_D=min(triton.next_power_of_2(P), 64), BLOCK_N=triton.next_power_of_2(dstate), num_warps=4
-        )
-    return dict(_GPU_CONFIG, BLOCK_D=min(triton.next_power_of_2(P), _GPU_CONFIG["BLOCK_D"]),
-                BLOCK_N=triton.next_power_of_2(dstate))  # fmt: skip
+        # The interpreter pays per program and per scanned element: one program per group, short chunks (the
+        # backward's twice the forward's, as on a GPU, so that the forward saves only every other state).
+        return dict(CHUNK=32 if backward else 16, BLOCK_D=min(triton.next_power_of_2(P), 64),
+                    BLOCK_N=triton.next_power_of_2(dstate), num_warps=4)  # fmt: skip
+    cfg = dict(_GPU_BWD if backward else _GPU_FWD)
+    return dict(cfg, BLOCK_D=min(triton.next_power_of_2(P), cfg["BLOCK_D"]), BLOCK_N=triton.next_power_of_2(dstate))
 
 
-# Swept on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16; docs/benchmarks.md): one warp per program
-# over 4 channels × 64 steps, its registers capped at 128, is the fastest forward + backward measured (8.77 ms against
-# 11.52 ms for 32 channels × 64 steps on 4 warps). With one warp, every reduction across channels or time stays
-# inside the warp (shuffles, no shared-memory round trip or block barrier), and with 128 registers four times as many
-# programs are resident per SM; the few spills that cap costs less than the idle SM did. The forward saves one fp32
-# state per CHUNK steps: 32 chunks here, 4 bytes × dstate × dim × batch each (67 MB per layer at that shape).
-_GPU_CONFIG = dict(CHUNK=64, BLOCK_D=4, num_warps=1, maxnreg=128)
+# Swept on an H200 at batch 8, dim 4096, seqlen 2048, dstate 16 (bf16; docs/benchmarks.md, 33 variants): one warp
+# per program, so that every reduction across channels or time stays inside the warp (shuffles, no shared-memory
+# round trip or block barrier), and registers capped at 128 so that more programs are resident per SM (the few
+# spills cost less than the idle issue slots did). The forward scans 4 channels × 64 steps; the backward, which
+# holds about twice the live tiles, one channel × 256 steps, and it reads the state entering each of its chunks,
+# which is all the forward keeps: 8 states per row here, 4 bytes × dstate × dim × batch each (17 MB per layer).
+_GPU_FWD = dict(CHUNK=64, BLOCK_D=4, num_warps=1, maxnreg=128)
+_GPU_BWD = dict(CHUNK=256, BLOCK_D=1, num_warps=1, maxnreg=128)
 
 
 def _time_major(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -58,13 +59,17 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     groups, dstate = B.shape[1], A.shape[1]
     P = dim // groups
     cfg = _launch_config(P, dstate)
+    bwd_chunk = _launch_config(P, dstate, backward=True)["CHUNK"]
+    assert bwd_chunk % cfg["CHUNK"] == 0, "the backward's chunk must be a multiple of the forward's"
     nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
     out = new_output((batch, dim, seqlen), u.dtype, u.device)
     last_state = new_output((batch, dim, dstate), torch.float32, u.device)
-    chunk_states = new_output((batch, dim, nchunks, dstate), torch.float32, u.device)
+    # Only the states the backward starts its chunks from are kept (every bwd_chunk steps).
+    chunk_states = new_output((batch, dim, triton.cdiv(seqlen, bwd_chunk), dstate), torch.float32, u.device)
+    h_buf = new_output((2, batch, dim, dstate), torch.float32, u.device)
     grid = (batch, groups, triton.cdiv(P, cfg["BLOCK_D"]))
     _scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states,
+        u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, out, last_state, chunk_states, h_buf,
         *u.stride(), *delta.stride(), *_bdl_strides(z), *out.stride(), *B.stride(), *C.stride(),
         dim, P, seqlen, dstate, nchunks,
         HAS_D=D is not None,
@@ -73,6 +78,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         DELTA_SOFTPLUS=delta_softplus,
         HAS_H0=initial_state is not None,
         HAS_SEQ_IDX=seq_idx is not None,
+        SAVE_EVERY=bwd_chunk // cfg["CHUNK"],
         **cfg,
     )  # fmt: skip
     return out, last_state, chunk_states
@@ -89,9 +95,10 @@ def scan_backward(
     batch, dim, seqlen = u.shape
     groups, dstate = B.shape[1], A.shape[1]
     P = dim // groups
-    cfg = _launch_config(P, dstate)
+    cfg = _launch_config(P, dstate, backward=True)
     nblocks = triton.cdiv(P, cfg["BLOCK_D"])
-    nchunks = chunk_states.shape[2]
+    nchunks = triton.cdiv(seqlen, cfg["CHUNK"])
+    assert chunk_states.shape[2] == nchunks, "chunk_states must hold the state entering each backward chunk"
     dev, f32 = u.device, torch.float32
     dlast = None if dlast is None else dlast.contiguous()
     du = new_output(u.shape, u.dtype, dev)
@@ -104,8 +111,9 @@ def scan_backward(
     dD_part = new_output((batch, dim), f32, dev) if D is not None else None
     dbias_part = new_output((batch, dim), f32, dev) if delta_bias is not None else None
     dh0 = new_output((batch, dim, dstate), f32, dev)
+    dh_buf = new_output((2, batch, dim, dstate), f32, dev)
     _scan_bwd_kernel[(batch, groups, nblocks)](
-        u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast,
+        u, delta, A, B, C, D, z, delta_bias, seq_idx, chunk_states, dout, dlast, dh_buf,
         du, ddelta, dz, dA_part, dB, dC, dD_part, dbias_part, dh0,
         *u.stride(), *delta.stride(), *_bdl_strides(z), *dout.stride(), *du.stride(), *ddelta.stride(),
         *_bdl_strides(dz), *B.stride(), *C.stride(),

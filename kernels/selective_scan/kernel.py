@@ -33,9 +33,9 @@ def _first_order(a1, b1, a2, b2):
 
 
 @triton.jit
-def _load_dt(delta_ptr, offs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
-    """dt (and the pre-softplus value) at offs; zero where masked, so that a = 1 and b = 0 there."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """dt (and the pre-softplus value) at ptrs; zero where masked, so that a = 1 and b = 0 there."""
+    raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
         raw += bias[:, None]
     dt = raw
@@ -57,6 +57,17 @@ def _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
+def _bcast_rows(ptr, offs_t, mask, BLOCK_D: tl.constexpr):
+    """A (CHUNK,) row shared by every channel, loaded straight into the (BLOCK_D, CHUNK) tile layout.
+
+    Every row reads the same addresses (one transaction per warp), which costs less than loading a (CHUNK,) vector and
+    moving it into the tile's layout through shared memory once per state index.
+    """
+    rows = tl.zeros((BLOCK_D,), dtype=tl.int32)
+    return tl.load(ptr + rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _scan_fwd_kernel(
     u_ptr,
     delta_ptr,
@@ -71,6 +82,7 @@ def _scan_fwd_kernel(
     out_ptr,
     last_state_ptr,
     chunk_states_ptr,
+    h_buf_ptr,
     s_u_b, s_u_d, s_u_l,
     s_dt_b, s_dt_d, s_dt_l,
     s_z_b, s_z_d, s_z_l,
@@ -91,7 +103,13 @@ def _scan_fwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SAVE_EVERY: tl.constexpr,
 ):  # fmt: skip
+    """chunk_states (batch, dim, cdiv(nchunks, SAVE_EVERY), dstate) fp32 receives the state entering every
+    SAVE_EVERY-th chunk (the backward's chunks), last_state (batch, dim, dstate) the final one. The state passes from
+    one chunk to the next through h_buf (2, batch, dim, dstate) fp32: stored by the lanes that hold the chunk's last
+    step, read back by all of them after a barrier, in two halves so that no lane overwrites a value another lane
+    of the same chunk still has to read."""
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -108,58 +126,70 @@ def _scan_fwd_kernel(
         bias = tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    nstates = tl.cdiv(nchunks, SAVE_EVERY)
+    cs_row = chunk_states_ptr + (pid_b * dim + d).to(tl.int64) * nstates * dstate  # (BLOCK_D,) pointers
     state_offs = (pid_b * dim + d)[:, None] * dstate + offs_n[None, :]
+    half = dim.to(tl.int64) * dstate * tl.num_programs(0)
+    hbuf_row = h_buf_ptr + (pid_b * dim + d) * dstate  # chunk c reads half c % 2 and writes the other
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    tl.store(cs_row[:, None] + offs_n[None, :], h, mask=mask_dn)
+    tl.store(hbuf_row[:, None] + offs_n[None, :], h, mask=mask_dn)
+    tl.debug_barrier()
 
     b64 = pid_b.to(tl.int64)
     d64 = d.to(tl.int64)
-    u_row = b64 * s_u_b + d64 * s_u_d  # (BLOCK_D,)
-    dt_row = b64 * s_dt_b + d64 * s_dt_d
-    z_row = b64 * s_z_b + d64 * s_z_d
-    o_row = b64 * s_o_b + d64 * s_o_d
-    B_base = b64 * s_B_b + pid_g * s_B_g  # B[b, g, 0, 0]
-    C_base = b64 * s_C_b + pid_g * s_C_g
-    chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
+    u_row = u_ptr + b64 * s_u_b + d64 * s_u_d  # (BLOCK_D,) pointers
+    dt_row = delta_ptr + b64 * s_dt_b + d64 * s_dt_d
+    if HAS_Z:
+        z_row = z_ptr + b64 * s_z_b + d64 * s_z_d
+    o_row = out_ptr + b64 * s_o_b + d64 * s_o_d
+    B_bg = B_ptr + b64 * s_B_b + pid_g * s_B_g  # B[b, g, 0, 0]
+    C_bg = C_ptr + b64 * s_C_b + pid_g * s_C_g
+    A_row = A_ptr + d * dstate
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
+    is_last = (offs_t == CHUNK - 1)[None, :]
     for c in range(nchunks):
-        tl.store(chunk_states_ptr + chunk_offs + c * dstate, h, mask=mask_dn)
         t = c * CHUNK + offs_t
         mask_t = t < seqlen
-        t64 = t.to(tl.int64)
         io_mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + u_row[:, None] + t64[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        dt_offs = dt_row[:, None] + t64[None, :] * s_dt_l
-        dt, _ = _load_dt(delta_ptr, dt_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        h_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h_here = hbuf_row + (c % 2) * half
+        h_next = hbuf_row + ((c + 1) % 2) * half
+        # The backward reads the state entering each of its chunks, SAVE_EVERY of ours.
+        nxt = offs_t * 0 + c + 1  # (as a tensor, so that the mask is one in the interpreter too)
+        save = mask_d[:, None] & is_last & ((nxt % SAVE_EVERY == 0) & (nxt < nchunks))[None, :]
+        h_save = cs_row + ((c + 1) // SAVE_EVERY) * dstate
         # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks.
         for n in range(dstate):
-            A2_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
-            B_n = tl.load(B_ptr + B_base + n * s_B_n + t64 * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + C_base + n * s_C_n + t64 * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
+            A2_n = tl.load(A_row + n, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
+            B_n = _bcast_rows(B_bg + n * s_B_n, t * s_B_l, io_mask, BLOCK_D)
+            C_n = _bcast_rows(C_bg + n * s_C_n, t * s_C_l, io_mask, BLOCK_D)
             a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
-            a_cum, b_cum = tl.associative_scan((a, dtu * B_n[None, :]), 1, _first_order)
-            is_n = (offs_n == n)[None, :]
-            h_n = tl.sum(tl.where(is_n, h, 0.0), axis=1)
+            a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
+            h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
             hs = a_cum * h_n[:, None] + b_cum
-            y += hs * C_n[None, :]
+            y += hs * C_n
             # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
-            h_last = tl.sum(tl.where((offs_t == CHUNK - 1)[None, :], hs, 0.0), axis=1)
-            h_next = tl.where(is_n, h_last[:, None], h_next)
-        h = h_next
+            # Only the lanes holding the last step store; a tile store is cheaper than reducing the tile to it.
+            tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=mask_d[:, None] & is_last)
+            tl.store(h_save[:, None] + n + offs_t[None, :] * 0, hs, mask=save)
+        tl.debug_barrier()  # the states just stored are read by other lanes in the next chunk
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
-            z = tl.load(z_ptr + z_row[:, None] + t64[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        tl.store(out_ptr + o_row[:, None] + t64[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(o_row[:, None] + t[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty), mask=io_mask)
+    h = tl.load(hbuf_row[:, None] + (nchunks % 2) * half + offs_n[None, :], mask=mask_dn, other=0.0)
     tl.store(last_state_ptr + state_offs, h, mask=mask_dn)
 
 
@@ -177,6 +207,7 @@ def _scan_bwd_kernel(
     chunk_states_ptr,
     dout_ptr,
     dlast_ptr,
+    dh_buf_ptr,
     du_ptr,
     ddelta_ptr,
     dz_ptr,
@@ -214,7 +245,11 @@ def _scan_bwd_kernel(
     """Gradients of one (batch row, group, channel block).
 
     dA, dD, ddelta_bias are per-batch partial sums (batch, dim, ...) that the caller reduces; dB, dC (batch, groups,
-    dstate, seqlen) fp32 must start at zero: every channel block adds its share atomically.
+    dstate, seqlen) fp32 must start at zero: every channel block adds its share atomically. dh_buf (2, batch, dim,
+    dstate) fp32 is scratch: the adjoint state passes between chunks through it as the state does in the forward,
+    in two halves so that no lane overwrites a value another lane of the same chunk still has to read.
+    Values that are cheap to load again (u, z, dout, the pre-softplus dt) are reloaded after the loop over state
+    indices instead of being held in registers across it.
     """
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -227,119 +262,130 @@ def _scan_bwd_kernel(
     mask_dn = mask_d[:, None] & mask_n[None, :]
     offs_t = tl.arange(0, CHUNK)
 
-    A = tl.load(A_ptr + d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    A2 = A * LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     state_offs = (pid_b * dim + d)[:, None] * dstate + offs_n[None, :]
-    # dh is the adjoint of the state at the first step of the chunk after the current one.
+    half = dim.to(tl.int64) * dstate * tl.num_programs(0)
+    dh_row = dh_buf_ptr + (pid_b * dim + d) * dstate  # (BLOCK_D,) pointers into the first half
+    # The adjoint of the state entering the chunk after the current one; chunk c reads half (c + 1) % 2.
     if HAS_DLAST:
         dh = tl.load(dlast_ptr + state_offs, mask=mask_dn, other=0.0).to(tl.float32)
     else:
         dh = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    tl.store(dh_row[:, None] + (nchunks % 2) * half + offs_n[None, :], dh, mask=mask_dn)
+    tl.debug_barrier()
     dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     b64 = pid_b.to(tl.int64)
     d64 = d.to(tl.int64)
-    u_row = b64 * s_u_b + d64 * s_u_d
-    dt_row = b64 * s_dt_b + d64 * s_dt_d
-    z_row = b64 * s_z_b + d64 * s_z_d
-    g_row = b64 * s_g_b + d64 * s_g_d
-    du_row = b64 * s_du_b + d64 * s_du_d
-    ddt_row = b64 * s_ddt_b + d64 * s_ddt_d
-    dz_row = b64 * s_dz_b + d64 * s_dz_d
-    B_base = b64 * s_B_b + pid_g * s_B_g
-    C_base = b64 * s_C_b + pid_g * s_C_g
+    u_row = u_ptr + b64 * s_u_b + d64 * s_u_d
+    dt_row = delta_ptr + b64 * s_dt_b + d64 * s_dt_d
+    if HAS_Z:
+        z_row = z_ptr + b64 * s_z_b + d64 * s_z_d
+        dz_row = dz_ptr + b64 * s_dz_b + d64 * s_dz_d
+    g_row = dout_ptr + b64 * s_g_b + d64 * s_g_d
+    du_row = du_ptr + b64 * s_du_b + d64 * s_du_d
+    ddt_row = ddelta_ptr + b64 * s_ddt_b + d64 * s_ddt_d
+    B_bg = B_ptr + b64 * s_B_b + pid_g * s_B_g
+    C_bg = C_ptr + b64 * s_C_b + pid_g * s_C_g
     bc_base = ((pid_b * groups + pid_g) * dstate).to(tl.int64) * seqlen  # dB, dC: contiguous fp32
-    chunk_offs = (pid_b * dim + d).to(tl.int64)[:, None] * nchunks * dstate + offs_n[None, :]
+    dB_bg = dB_ptr + bc_base
+    dC_bg = dC_ptr + bc_base
+    A_row = A_ptr + d * dstate
+    cs_row = chunk_states_ptr + (pid_b * dim + d).to(tl.int64) * nchunks * dstate
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
+    is_first = (offs_t == 0)[None, :]
     for i in range(nchunks):
         c = nchunks - 1 - i
-        h0 = tl.load(chunk_states_ptr + chunk_offs + c * dstate, mask=mask_dn, other=0.0)
         t = c * CHUNK + offs_t
         mask_t = t < seqlen
-        t64 = t.to(tl.int64)
         io_mask = mask_d[:, None] & mask_t[None, :]
-        u = tl.load(u_ptr + u_row[:, None] + t64[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        dt_offs = dt_row[:, None] + t64[None, :] * s_dt_l
-        dt, dt_raw = _load_dt(delta_ptr, dt_offs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        dt_ptrs = dt_row[:, None] + t[None, :] * s_dt_l
+        dt, _ = _load_dt(dt_ptrs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
         next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
-        dt_next, _ = _load_dt(delta_ptr, dt_offs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
+        u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         dtu = dt * u
-        dout = tl.load(dout_ptr + g_row[:, None] + t64[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
-        dy = dout
+        dy = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + z_row[:, None] + t64[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            dy = dout * z * sig
+            z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
+            dy *= z * tl.sigmoid(z)
 
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         dhB = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
         ddt_decay = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n d loss / d (dt * A_n) * A_n
-        dh_next = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        h_here = cs_row + c * dstate
+        dh_in = dh_row + ((c + 1) % 2) * half
+        dh_out = dh_row + (c % 2) * half
         for n in range(dstate):
-            A_n = tl.load(A_ptr + d * dstate + n, mask=mask_d, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + B_base + n * s_B_n + t64 * s_B_l, mask=mask_t, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + C_base + n * s_C_n + t64 * s_C_l, mask=mask_t, other=0.0).to(tl.float32)
-            is_n = (offs_n == n)[None, :]
+            A_n = tl.load(A_row + n, mask=mask_d, other=0.0).to(tl.float32)
+            B_n = _bcast_rows(B_bg + n * s_B_n, t * s_B_l, io_mask, BLOCK_D)
+            C_n = _bcast_rows(C_bg + n * s_C_n, t * s_C_l, io_mask, BLOCK_D)
             # Recompute the chunk's states for this n.
             a = tl.where(starts, 0.0, tl.exp2(dt * (A_n * LOG2E)[:, None]))
-            b = dtu * B_n[None, :]
+            b = dtu * B_n
             a_cum, b_cum = tl.associative_scan((a, b), 1, _first_order)
-            hs = a_cum * tl.sum(tl.where(is_n, h0, 0.0), axis=1)[:, None] + b_cum
+            hs = a_cum * tl.load(h_here + n, mask=mask_d, other=0.0)[:, None] + b_cum
             if HAS_Z:
-                y += hs * C_n[None, :]
+                y += hs * C_n
             # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
             a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
-            a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n[None, :]), 1, _first_order, reverse=True)
-            dhs = dy_rev + a_rev * tl.sum(tl.where(is_n, dh, 0.0), axis=1)[:, None]
-            dh_first = tl.sum(tl.where((offs_t == 0)[None, :], dhs, 0.0), axis=1)
-            dh_next = tl.where(is_n, dh_first[:, None], dh_next)
+            a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n), 1, _first_order, reverse=True)
+            dhs = dy_rev + a_rev * tl.load(dh_in + n, mask=mask_d, other=0.0)[:, None]
+            tl.store(dh_out + n, tl.sum(tl.where(is_first, dhs, 0.0), axis=1), mask=mask_d)
 
             # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
-            bc_offs = bc_base + n * seqlen + t
-            tl.atomic_add(dC_ptr + bc_offs, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
-            tl.atomic_add(dB_ptr + bc_offs, tl.sum(dhs * dtu, axis=0), mask=mask_t, sem="relaxed")
-            dhB += dhs * B_n[None, :]
+            bc_offs = n * seqlen + t
+            tl.atomic_add(dC_bg + bc_offs, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
+            tl.atomic_add(dB_bg + bc_offs, tl.sum(dhs * dtu, axis=0), mask=mask_t, sem="relaxed")
+            dhB += dhs * B_n
             # d loss / d (dt * A) = dh_t * a_t * h_{t-1} = dh_t * (h_t - b_t): no need for the previous state.
-            dA_term = tl.where(mask_t[None, :], dhs * (hs - b), 0.0)
+            # Padded steps contribute nothing: there dt = 0 and their ddelta is never stored.
+            dA_term = dhs * (hs - b)
             ddt_decay += dA_term * A_n[:, None]
             dA_n = tl.sum(dA_term * dt, axis=1)
-            dA_acc = tl.where(is_n, dA_acc + dA_n[:, None], dA_acc)
-        dh = dh_next
+            dA_acc = tl.where((offs_n == n)[None, :], dA_acc + dA_n[:, None], dA_acc)
+        tl.debug_barrier()  # the adjoint states just stored are read by other lanes in the next chunk
 
+        u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
+        dout = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
+            z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(z)
             if HAS_D:
                 y += Dv[:, None] * u
             dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + dz_row[:, None] + t64[None, :] * s_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+            tl.store(dz_row[:, None] + t[None, :] * s_dz_l, dz.to(dz_ptr.dtype.element_ty), mask=io_mask)
+            dy = dout * z * sig
         du = dhB * dt
         if HAS_D:
             du += dy * Dv[:, None]
             dD_acc += tl.sum(dy * u, axis=1)
         ddt = dhB * u + ddt_decay
         if DELTA_SOFTPLUS:
+            _, dt_raw = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, False)
             ddt = ddt * tl.sigmoid(dt_raw)
         ddt = tl.where(io_mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(du_ptr + du_row[:, None] + t64[None, :] * s_du_l, du.to(du_ptr.dtype.element_ty), mask=io_mask)
-        ddt_ptrs = ddelta_ptr + ddt_row[:, None] + t64[None, :] * s_ddt_l
-        tl.store(ddt_ptrs, ddt.to(ddelta_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(du_row[:, None] + t[None, :] * s_du_l, du.to(du_ptr.dtype.element_ty), mask=io_mask)
+        tl.store(ddt_row[:, None] + t[None, :] * s_ddt_l, ddt.to(ddelta_ptr.dtype.element_ty), mask=io_mask)
 
     # The initial state reaches step 0 through a_0.
-    dt0, _ = _load_dt(delta_ptr, dt_row[:, None] + offs_t[None, :].to(tl.int64) * s_dt_l,
-                      mask_d[:, None] & (offs_t == 0)[None, :], bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)  # fmt: skip
+    A2 = tl.load(A_ptr + d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
+    dt0, _ = _load_dt(dt_row[:, None] + offs_t[None, :] * s_dt_l, mask_d[:, None] & (offs_t == 0)[None, :], bias,
+                      HAS_DELTA_BIAS, DELTA_SOFTPLUS)  # fmt: skip
     a0 = tl.exp2(tl.sum(dt0, axis=1)[:, None] * A2)
+    dh = tl.load(dh_row[:, None] + offs_n[None, :], mask=mask_dn, other=0.0)  # chunk 0 wrote the first half
     tl.store(dh0_ptr + state_offs, dh * a0, mask=mask_dn)
     tl.store(dA_ptr + state_offs, dA_acc, mask=mask_dn)
     if HAS_D:
