@@ -63,16 +63,58 @@ class MLPConfig:
             _positive(self, "hidden")
 
 
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts layers of a hybrid model (``E`` in model.hybrid_pattern).
+
+    Each token goes to its top_k experts (each an MLP of width ``hidden`` with model.mlp.activation) and their outputs
+    are summed, weighted by the router's probabilities; ``shared_experts`` more of the same width see every token.
+    Routers follow the two Hugging Face targets: ``softmax`` as Jamba (softmax over all experts, the top_k kept
+    without renormalising), ``sigmoid`` as Nemotron-H (sigmoid scores, the top_k renormalised to sum to 1).
+    """
+
+    num_experts: int = 8
+    top_k: int = 2
+    # Width of each expert; null = model.mlp.hidden (or 4 * d_model).
+    hidden: int | None = None
+    shared_experts: int = 0
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    # Switch-Transformer load-balancing loss: coef * num_experts * sum_e(fraction routed to e * mean score of e).
+    aux_loss_coef: float = 0.01
+    # Expert capacity as a multiple of the even share; null = dropless (every routed token is computed).
+    capacity_factor: float | None = None
+
+    def validate(self) -> None:
+        _positive(self, "num_experts", "top_k")
+        if self.hidden is not None:
+            _positive(self, "hidden")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"model.moe.top_k={self.top_k} exceeds model.moe.num_experts={self.num_experts}")
+        if self.shared_experts < 0:
+            raise ConfigError(f"model.moe.shared_experts={self.shared_experts} must be >= 0")
+        if self.router not in ("softmax", "sigmoid"):
+            raise ConfigError(f"model.moe.router={self.router!r}: use softmax (Jamba) or sigmoid (Nemotron-H)")
+        if not (math.isfinite(float(self.aux_loss_coef)) and self.aux_loss_coef >= 0):
+            raise ConfigError(f"model.moe.aux_loss_coef={self.aux_loss_coef} must be a finite number >= 0")
+        if self.capacity_factor is not None:
+            raise ConfigError(
+                f"model.moe.capacity_factor={self.capacity_factor}: only dropless routing is implemented; set "
+                "model.moe.capacity_factor=null"
+            )
+
+
 @dataclass
 class ModelConfig:
     # The Mamba mixer (mambatron/models/layers.py): "mamba1" or "mamba2". Every block is one when hybrid_pattern is
     # empty; otherwise it is the kind of the pattern's "M" layers.
     arch: str = "mamba1"
-    # One symbol per layer, each its own pre-norm residual block: "M" the Mamba mixer (arch), "*" attention, "-" MLP.
+    # One symbol per layer, each its own pre-norm residual block: "M" the Mamba mixer (arch), "*" attention, "-" MLP,
+    # "E" mixture of experts.
     # Empty = n_layer Mamba layers; when set, n_layer must equal its length.
     hybrid_pattern: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     mlp: MLPConfig = field(default_factory=MLPConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     d_model: int = 768
     n_layer: int = 24
     vocab_size: int = 50277
@@ -125,6 +167,10 @@ class ModelConfig:
         return self.mlp.hidden or 4 * self.d_model
 
     @property
+    def moe_hidden(self) -> int:
+        return self.moe.hidden or self.mlp_hidden
+
+    @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return ((self.vocab_size + m - 1) // m) * m
@@ -155,6 +201,8 @@ class ModelConfig:
             )
         self.attention.validate()
         self.mlp.validate()
+        if "E" in self.hybrid_pattern:
+            self.moe.validate()
         for kind in {k.name: k for k in layer_kinds(self)}.values():
             problem = kind.config_problem(self)
             if problem:
@@ -167,6 +215,9 @@ class ParallelConfig:
     # Context parallel: each sequence split into cp contiguous slices, one per rank of a CP group
     # (world = DP × TP × CP; the CP ranks of one data-parallel rank read the same batches).
     cp: int = 1
+    # Expert parallel: the experts of every MoE layer split over ep ranks, tokens exchanged by all-to-all (the EP
+    # ranks are data-parallel ranks for everything else).
+    ep: int = 1
     sequence_parallel: bool = False
     zero_stage: int = 1
     offload_optimizer: bool = False
@@ -178,6 +229,7 @@ class ParallelConfig:
     def validate(self) -> None:
         _positive(self, "tp")
         _positive(self, "cp")
+        _positive(self, "ep")
         if not isinstance(self.deepspeed_extra, dict):
             raise ConfigError(f"parallel.deepspeed_extra={self.deepspeed_extra!r} must be a mapping of DeepSpeed keys")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -351,6 +403,7 @@ _SECTION_NAMES = {
     ModelConfig: "model",
     AttentionConfig: "model.attention",
     MLPConfig: "model.mlp",
+    MoEConfig: "model.moe",
     ParallelConfig: "parallel",
     DataConfig: "data",
     OptimConfig: "optim",

@@ -290,6 +290,8 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
+    if "E" in cfg.hybrid_pattern:
+        raise ValueError("MoE layers (E in model.hybrid_pattern) have no Hugging Face export yet")
     if cfg.hybrid_pattern and cfg.arch == "mamba1":
         own = _jamba_config(cfg)
         return {"model_type": "jamba", "architectures": ["JambaForCausalLM"], **common, **own}

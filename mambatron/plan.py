@@ -31,24 +31,39 @@ class ParamCount:
     n_layer: int
     final_norm: int
     lm_head: int  # 0 when tied to the embedding
+    # The blocks' parameters one token multiplies with (fewer than ``blocks`` with MoE layers: only routed experts).
+    active_blocks: int | None = None
 
     @property
     def total(self) -> int:
         return self.embedding + self.blocks + self.final_norm + self.lm_head
 
     @property
+    def active(self) -> int:
+        """Parameters one token uses: all of them, less the experts a MoE layer does not route it to."""
+        return self.total - self.blocks + self._active_blocks
+
+    @property
+    def _active_blocks(self) -> int:
+        return self.blocks if self.active_blocks is None else self.active_blocks
+
+    @property
     def matmul(self) -> int:
-        """Parameters used in matrix multiplies per token (blocks' projections and the LM head, not the lookup)."""
-        return self.blocks + self.embedding  # the (tied or untied) head multiplies by a vocab x d_model matrix
+        """Parameters used in matrix multiplies per token (blocks' projections and the LM head, not the lookup): the
+        active ones."""
+        return self._active_blocks + self.embedding  # the (tied or untied) head multiplies by a vocab x d_model matrix
 
 
 def count_params(m: ModelConfig) -> ParamCount:
     d = m.d_model
-    blocks = sum(kind.params(m) + d for kind in layer_kinds(m))  # each layer and its block's pre-norm
+    kinds = layer_kinds(m)
+    blocks = sum(kind.params(m) + d for kind in kinds)  # each layer and its block's pre-norm
+    active = sum((kind.active_params or kind.params)(m) + d for kind in kinds)
     vocab = m.padded_vocab_size
     return ParamCount(
         embedding=vocab * d,
         blocks=blocks,
+        active_blocks=active,
         n_layer=m.n_layer,
         final_norm=d,
         lm_head=0 if m.tie_embeddings else vocab * d,
@@ -83,6 +98,7 @@ class Plan:
     grad_accum: int
     activation_checkpointing: bool
     params_total: int
+    params_active: int  # per token: fewer than params_total with MoE layers
     params_per_gpu: int
     weights_bytes: int
     grads_bytes: int
@@ -259,6 +275,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
         grad_accum=train.grad_accum,
         activation_checkpointing=train.activation_checkpointing,
         params_total=pc.total,
+        params_active=pc.active,
         params_per_gpu=local,
         weights_bytes=weights,
         grads_bytes=grads,
@@ -308,7 +325,12 @@ def format_plan(plan: Plan, config: Config) -> str:
         f"  precision       {plan.precision}, micro-batch {plan.micro_batch} x seq_len {plan.seq_len}, "
         f"grad_accum {plan.grad_accum}",
         f"  parameters      {plan.params_total:,} total ({plan.params_total / 1e9:.3f} B), "
-        f"{plan.params_per_gpu:,} per TP shard",
+        f"{plan.params_per_gpu:,} per TP shard"
+        + (
+            f", {plan.params_active:,} active per token ({plan.params_active / 1e9:.3f} B)"
+            if plan.params_active != plan.params_total
+            else ""
+        ),  # fmt: skip
         "  memory per GPU:",
         f"    weights       {_gib(plan.weights_bytes)}",
         f"    gradients     {_gib(plan.grads_bytes)}",

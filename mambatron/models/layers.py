@@ -49,6 +49,9 @@ class LayerKind:
     # (cfg, tp, seq_len, cp, activation bytes); the backward's all-reduces move as much again.
     cp_exchange_bytes: Callable[[ModelConfig, int, int, int, int], int] = field(default=lambda *args: 0)
     hf: HFMapping | None = None
+    # Parameters one token multiplies with when that is fewer than all of them (a MoE layer's routed experts); None =
+    # params. FLOPs per token and MFU count these.
+    active_params: Callable[[ModelConfig], int] | None = None
     # Its symbol in model.hybrid_pattern; "M" for the Mamba mixers (model.arch says which).
     symbol: str | None = None
 
@@ -69,6 +72,7 @@ def _load_builtin_kinds() -> None:
     import mambatron.models.mamba1  # noqa: F401
     import mambatron.models.mamba2  # noqa: F401
     import mambatron.models.mlp  # noqa: F401
+    import mambatron.models.moe  # noqa: F401
 
 
 def kinds() -> dict[str, LayerKind]:

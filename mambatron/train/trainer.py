@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mambatron.config import Config, ConfigError
+from mambatron.models.moe import moe_stats
 from mambatron.plan import count_params, flops_per_token
 from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
@@ -102,6 +103,12 @@ class Trainer:
         # DeepSpeed insists on LOCAL_RANK, which a plain single-process run does not set.
         os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))
         self.engine = self.build_engine(self.model)
+        if "E" in cfg.model.hybrid_pattern:
+            # MoE layers attach their load-balancing loss's gradient to the routing probabilities; DeepSpeed divides
+            # the language-model loss by grad_accum before its backward, so that gradient must be divided too.
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / cfg.train.grad_accum, device=self.dist.device))
         self.train_loader = self.build_loader("train")
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
@@ -596,6 +603,7 @@ class Trainer:
             "step_seconds": result.seconds,
             "memory_gib": memory_gib(self.dist.device),
         }
+        record.update(moe_stats(self.model))  # this rank's MoE layers since the last step (none without E layers)
         if result.skipped:
             record["skipped"] = True
             self.metrics.print(f"non-finite loss at step {result.step}: step skipped, weights not updated")

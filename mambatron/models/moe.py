@@ -1,0 +1,285 @@
+"""Mixture-of-experts layer of hybrid models (``E`` in model.hybrid_pattern): MoE-Mamba, Jamba, Nemotron-H MoE.
+
+A router scores every token against ``num_experts`` MLPs; each token goes to its ``top_k`` experts and their outputs
+are summed, weighted by the router's probabilities; ``shared_experts`` MLPs of the same width see every token. The
+routing is megatron-core's ``TopKRouter``'s, with the two Hugging Face targets' settings:
+
+- ``router: softmax`` (Jamba): probabilities = softmax over all experts, the top_k kept as they are;
+- ``router: sigmoid`` (Nemotron-H): scores = sigmoid, the top_k renormalised to sum to 1 (when top_k > 1).
+
+Routing is dropless: every routed token is computed (``capacity_factor: null``). Load balancing uses the Switch
+Transformer loss, ``aux_loss_coef · E / (top_k · T²) · Σ_e tokens_e · Σ_t score_te`` over the T tokens of the
+micro-batch; like megatron-core, its gradient is attached to the routing probabilities by
+``MoEAuxLossAutoScaler`` (so the language-model loss is unchanged and the trainer sets its scale), and its value
+and each expert's share of the routed tokens are kept for the metrics (:func:`moe_stats`).
+
+The experts' weights are stacked: ``experts.fc1`` (experts, hidden or 2·hidden for SwiGLU as [gate; up], d_model)
+and ``experts.fc2`` (experts, d_model, hidden). This module computes them on one process, one matmul per expert
+over its tokens; expert parallelism (``parallel.ep``) runs the same ``Experts`` inside megatron-core's MoE layer
+(see :mod:`mambatron.parallel.experts`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambatron.config import ModelConfig
+from mambatron.models.layers import LayerKind, register
+from mambatron.parallel.layout import REPLICATED, Layout
+
+
+def _uniform_fan_in(w: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:
+    bound = 1 / math.sqrt(fan_in)
+    w.uniform_(-bound, bound, generator=generator)
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """relu2: relu(h)²; swiglu: silu(gate) · up with h = [gate | up] along the last dim."""
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return torch.square(F.relu(h))
+
+
+class Experts(nn.Module):
+    """``num_local`` expert MLPs as stacked weights; the interface of megatron-core's expert modules.
+
+    ``forward(x (tokens, d_model) sorted by expert, tokens_per_expert (num_local,), probs (tokens,))`` returns
+    (Σ-ready outputs (tokens, d_model), None): each expert's MLP of its tokens, its hidden activation scaled by the
+    token's routing probability (megatron's ``per_token_scale``, equal to scaling the output: fc2 has no bias).
+    """
+
+    def __init__(self, num_local: int, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_local = num_local
+        h, d = cfg.moe_hidden, cfg.d_model
+        width = 2 * h if cfg.mlp.activation == "swiglu" else h
+        self.fc1 = nn.Parameter(torch.empty(num_local, width, d))
+        self.fc2 = nn.Parameter(torch.empty(num_local, d, h))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        for e in range(self.num_local):
+            _uniform_fan_in(self.fc1[e], self.cfg.d_model, generator)
+            _uniform_fan_in(self.fc2[e], self.cfg.moe_hidden, generator)
+        self.fc2.div_(math.sqrt(self.cfg.n_layer))
+
+    def forward(self, x: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
+        counts = [int(c) for c in tokens_per_expert]
+        outs = []
+        for e, (xe, pe) in enumerate(zip(x.split(counts), probs.split(counts), strict=True)):
+            hidden = activate(F.linear(xe, self.fc1[e].to(xe.dtype)), self.cfg.mlp.activation)
+            hidden = hidden * pe.unsqueeze(-1).to(hidden.dtype)
+            outs.append(F.linear(hidden, self.fc2[e].to(hidden.dtype)))
+        return torch.cat(outs) if outs else x.new_zeros(0, self.cfg.d_model), None
+
+
+class SharedExperts(nn.Module):
+    """The always-on experts: one MLP of width shared_experts × hidden (megatron's ``SharedExpertMLP`` names)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.moe.shared_experts * cfg.moe_hidden
+        width = 2 * h if cfg.mlp.activation == "swiglu" else h
+        self.linear_fc1 = nn.Linear(cfg.d_model, width, bias=False)
+        self.linear_fc2 = nn.Linear(h, cfg.d_model, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        _uniform_fan_in(self.linear_fc1.weight, self.cfg.d_model, generator)
+        _uniform_fan_in(self.linear_fc2.weight, self.linear_fc2.in_features, generator)
+        self.linear_fc2.weight.div_(math.sqrt(self.cfg.n_layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(activate(self.linear_fc1(x), self.cfg.mlp.activation))
+
+
+def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, experts) logits (fp32 or wider) → (routing probabilities (tokens, experts), zero off the top_k;
+    routing map)."""
+    k = cfg.moe.top_k
+    if cfg.moe.router == "softmax":
+        top, idx = torch.topk(torch.softmax(logits, dim=-1), k, dim=1)
+    else:
+        top, idx = torch.topk(torch.sigmoid(logits), k, dim=1)
+        if k > 1:
+            top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
+    probs = torch.zeros_like(logits).scatter(1, idx, top)
+    routing_map = torch.zeros_like(logits, dtype=torch.int32).scatter(1, idx, 1).bool()
+    return probs, routing_map
+
+
+def aux_loss_scores(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores (tokens, experts) and routing map the load-balancing loss is computed from."""
+    if cfg.moe.router == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+        scores = scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+    idx = torch.topk(scores, cfg.moe.top_k, dim=1).indices
+    return scores, torch.zeros_like(logits, dtype=torch.int32).scatter(1, idx, 1).bool()
+
+
+def load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Switch-Transformer loss of one micro-batch, times aux_loss_coef (megatron's ``switch_load_balancing_loss``)."""
+    tokens = scores.shape[0]
+    per_expert = routing_map.sum(dim=0).to(scores.dtype)
+    scale = cfg.moe.num_experts * cfg.moe.aux_loss_coef / (cfg.moe.top_k * tokens * tokens)
+    return torch.sum(scores.sum(dim=0) * per_expert) * scale
+
+
+class MoEStats:
+    """What a MoE layer saw since the metrics last read it: load-balancing loss values and routed tokens per
+    expert (summed over micro-batches)."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.aux_losses: list[float] = []
+        self.tokens = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")  # also when built on meta
+
+    @torch.no_grad()
+    def record(self, logits: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig) -> None:
+        self.tokens += routing_map.sum(dim=0).to(device="cpu", dtype=torch.float64)
+        if cfg.moe.aux_loss_coef > 0:
+            scores, aux_map = aux_loss_scores(logits.float(), cfg)
+            self.aux_losses.append(float(load_balancing_loss(scores, aux_map, cfg)) / cfg.moe.aux_loss_coef)
+
+
+class MoE(nn.Module):
+    """The E layer on one process (LocalProjections); see the module docstring."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, proj=None):
+        super().__init__()
+        problem = _moe_tp_problem(cfg, getattr(proj, "tp_size", 1))
+        if problem:
+            raise ValueError(problem)
+        if getattr(proj, "cp", None) is not None:
+            raise ValueError("MoE layers do not run under context parallelism yet; set parallel.cp=1")
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
+        self.experts = Experts(cfg.moe.num_experts, cfg)
+        if cfg.moe.shared_experts:
+            self.shared_experts = SharedExperts(cfg)
+        self.stats = MoEStats(cfg.moe.num_experts)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        self.router.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+        self.experts.init_weights(generator)
+        if self.cfg.moe.shared_experts:
+            self.shared_experts.init_weights(generator)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
+        """hidden: (batch, seqlen, d_model) → (batch, seqlen, d_model); token-wise, so documents and the cache do not
+        matter."""
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        # The router runs in fp32 at least (megatron-core's moe_router_dtype=fp32): bf16 scores would tie and flip.
+        router_dtype = torch.promote_types(x.dtype, torch.float32)
+        logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
+        probs, routing_map = route(logits, self.cfg)
+        if self.training and torch.is_grad_enabled() and self.cfg.moe.aux_loss_coef > 0:
+            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+            scores, aux_map = aux_loss_scores(logits, self.cfg)
+            probs = MoEAuxLossAutoScaler.apply(probs, load_balancing_loss(scores, aux_map, self.cfg))
+        if self.training:
+            self.stats.record(logits, routing_map, self.cfg)
+        # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
+        token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
+        order = torch.argsort(expert_idx, stable=True)
+        token_idx, expert_idx = token_idx[order], expert_idx[order]
+        tokens_per_expert = torch.bincount(expert_idx, minlength=self.cfg.moe.num_experts).tolist()
+        out, _ = self.experts(x[token_idx], tokens_per_expert, probs[token_idx, expert_idx])
+        y = torch.zeros_like(x, dtype=out.dtype).index_add_(0, token_idx, out)
+        if self.cfg.moe.shared_experts:
+            y = y + self.shared_experts(x)
+        return y.to(hidden.dtype).reshape(shape)
+
+    def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
+        return self.forward(hidden.unsqueeze(1)).squeeze(1)
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {}
+
+
+def moe_stats(model: nn.Module) -> dict[str, float]:
+    """The MoE metrics since the last call, then reset: mean load-balancing loss (without its coefficient) over the
+    E layers, and the smallest and largest share of routed tokens any expert of any E layer got (1 / num_experts
+    each when balanced). Empty for a model without E layers."""
+    layers = [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), MoEStats)]
+    if not layers:
+        return {}
+    losses = [v for s in layers for v in s.aux_losses]
+    shares = [s.tokens / s.tokens.sum() for s in layers if s.tokens.sum() > 0]
+    out = {}
+    if losses:
+        out["moe_aux_loss"] = sum(losses) / len(losses)
+    if shares:
+        out["moe_load_min"] = min(float(sh.min()) for sh in shares)
+        out["moe_load_max"] = max(float(sh.max()) for sh in shares)
+    for s in layers:
+        s.reset()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the layer kind "moe"
+
+
+def _moe_layouts(c: ModelConfig) -> dict[str, Layout]:
+    return {
+        "router.weight": REPLICATED,
+        "experts.fc1": REPLICATED,
+        "experts.fc2": REPLICATED,
+        "shared_experts.linear_fc1.weight": REPLICATED,
+        "shared_experts.linear_fc2.weight": REPLICATED,
+    }
+
+
+def _expert_params(c: ModelConfig) -> int:
+    ins = 2 if c.mlp.activation == "swiglu" else 1
+    return (ins + 1) * c.d_model * c.moe_hidden
+
+
+def moe_params(c: ModelConfig) -> int:
+    """Every parameter of one E layer: the router, all experts and the shared ones."""
+    return c.d_model * c.moe.num_experts + (c.moe.num_experts + c.moe.shared_experts) * _expert_params(c)
+
+
+def moe_active_params(c: ModelConfig) -> int:
+    """The parameters one token multiplies with: the router, its top_k experts and the shared ones."""
+    return c.d_model * c.moe.num_experts + (c.moe.top_k + c.moe.shared_experts) * _expert_params(c)
+
+
+def _moe_tp_problem(c: ModelConfig, tp: int) -> str | None:
+    if tp > 1:
+        return f"MoE layers (E) do not run under tensor parallelism yet; set parallel.tp=1 (got {tp})"
+    return None
+
+
+MOE_KIND = register(
+    LayerKind(
+        name="moe",
+        build=MoE,
+        tp_layouts=_moe_layouts,
+        params=moe_params,
+        active_params=moe_active_params,
+        mixing_flops=lambda c, seq_len: 0.0,  # all of it is matmuls with weights (counted on the active ones)
+        # Per token: the routed copies of its input, their hidden activations and outputs, top_k times.
+        activation_width=lambda c: (
+            c.moe.top_k * (2 * c.d_model + (3 if c.mlp.activation == "swiglu" else 2) * c.moe_hidden)
+        ),  # fmt: skip
+        tp_problem=_moe_tp_problem,
+        symbol="E",
+    )
+)

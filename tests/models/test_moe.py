@@ -1,0 +1,163 @@
+"""The MoE layer (E in model.hybrid_pattern) against a per-token reference written from the routing rules, its
+load-balancing loss's gradient, its metrics, the planner's total and active parameters, and its config errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambatron.config import ConfigError, MLPConfig, ModelConfig, MoEConfig
+from mambatron.models import build_model
+from mambatron.models.moe import MoE, moe_stats
+from mambatron.plan import count_params, flops_per_token
+
+
+def moe_cfg(**moe) -> ModelConfig:
+    mlp = MLPConfig(activation=moe.pop("activation", "relu2"))
+    return ModelConfig(arch="mamba2", hybrid_pattern="ME", n_layer=2, d_model=16, vocab_size=64, headdim=8,
+                       d_state=8, chunk_size=8, kernels="reference", mlp=mlp,
+                       moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "hidden": 24, **moe}))  # fmt: skip
+
+
+def reference(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Token by token: score every expert, keep the top_k (Jamba: softmax over all, not renormalised; Nemotron-H:
+    sigmoid, renormalised), sum the chosen experts' MLPs weighted by those probabilities, add the shared experts."""
+    cfg = layer.cfg
+    act = cfg.mlp.activation
+    out = []
+    for t in x.reshape(-1, x.shape[-1]):
+        logits = layer.router.weight @ t
+        if cfg.moe.router == "softmax":
+            p = torch.softmax(logits, -1)
+            weights, chosen = torch.topk(p, cfg.moe.top_k)
+        else:
+            weights, chosen = torch.topk(torch.sigmoid(logits), cfg.moe.top_k)
+            if cfg.moe.top_k > 1:
+                weights = weights / weights.sum()
+        y = torch.zeros_like(t)
+        for w, e in zip(weights, chosen, strict=True):
+            h = layer.experts.fc1[e] @ t
+            h = F.silu(h[: h.shape[0] // 2]) * h[h.shape[0] // 2 :] if act == "swiglu" else F.relu(h) ** 2
+            y = y + w * (layer.experts.fc2[e] @ h)
+        if cfg.moe.shared_experts:
+            h = layer.shared_experts.linear_fc1.weight @ t
+            h = F.silu(h[: h.shape[0] // 2]) * h[h.shape[0] // 2 :] if act == "swiglu" else F.relu(h) ** 2
+            y = y + layer.shared_experts.linear_fc2.weight @ h
+        out.append(y)
+    return torch.stack(out).reshape(x.shape)
+
+
+def grads(layer: MoE, fn, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    (fn(x) * g).sum().backward()
+    out = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    out["x"] = x.grad
+    return out
+
+
+@pytest.mark.parametrize(
+    "router,top_k,activation,shared",
+    [("softmax", 2, "relu2", 0), ("softmax", 1, "swiglu", 1), ("sigmoid", 2, "relu2", 1), ("sigmoid", 1, "relu2", 0)],
+)
+def test_moe_equals_per_token_reference(router, top_k, activation, shared):
+    torch.manual_seed(0)
+    cfg = moe_cfg(router=router, top_k=top_k, activation=activation, shared_experts=shared, aux_loss_coef=0.0)
+    layer = MoE(cfg, 1).double()
+    layer.init_weights(torch.Generator().manual_seed(1))
+    x = torch.randn(3, 5, cfg.d_model, dtype=torch.float64)
+    g = torch.randn_like(x)
+    out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x), rtol=1e-12, atol=1e-12)
+    ours, ref = grads(layer, layer, x, g), grads(layer, lambda v: reference(layer, v), x, g)
+    assert set(ours) == set(ref) and all(v.abs().sum() > 0 for v in ours.values())
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_load_balancing_loss_gradient_is_attached(router):
+    """In training the router's gradient is that of output·g plus the Switch loss coef·E/(k·T²)·Σ_e n_e·Σ_t s_te,
+    with n_e the tokens routed to e and s the scores (softmax, or sigmoid normalised over the experts)."""
+    torch.manual_seed(0)
+    coef = 0.3
+    cfg = moe_cfg(router=router, aux_loss_coef=coef)
+    layer = MoE(cfg, 1).double()
+    layer.init_weights(torch.Generator().manual_seed(2))
+    x = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
+    g = torch.randn_like(x)
+    layer.train()
+    ours = grads(layer, layer, x, g)
+
+    def with_explicit_loss(v):
+        logits = v.reshape(-1, cfg.d_model) @ layer.router.weight.T
+        s = torch.softmax(logits, -1) if router == "softmax" else torch.sigmoid(logits)
+        s = s if router == "softmax" else s / s.sum(-1, keepdim=True)
+        chosen = torch.topk(s, cfg.moe.top_k).indices
+        n = torch.bincount(chosen.flatten(), minlength=cfg.moe.num_experts).to(s.dtype)
+        tokens = logits.shape[0]
+        aux = coef * cfg.moe.num_experts / (cfg.moe.top_k * tokens**2) * (n * s.sum(0)).sum()
+        return reference(layer, v) + _with_gradient_of(aux, g)
+
+    ref = grads(layer, with_explicit_loss, x, g)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    layer.eval()
+    no_aux = grads(layer, layer, x, g)
+    assert not torch.allclose(no_aux["router.weight"], ours["router.weight"])
+
+
+def _with_gradient_of(aux: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A zero-valued term whose (· g).sum() has aux's gradient: adds aux to the loss without changing the output."""
+    return (aux - aux.detach()) / (g * g).sum() * g
+
+
+def test_metrics_report_the_loss_and_the_load_once():
+    cfg = moe_cfg(aux_loss_coef=0.01)
+    model = build_model(cfg)
+    model.train()
+    ids = torch.randint(0, 64, (2, 9))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    stats = moe_stats(model)
+    assert set(stats) == {"moe_aux_loss", "moe_load_min", "moe_load_max"}
+    # The loss without its coefficient is 1 when perfectly balanced and at most num_experts / top_k.
+    assert 0.5 < stats["moe_aux_loss"] <= cfg.moe.num_experts / cfg.moe.top_k
+    assert 0 <= stats["moe_load_min"] <= 1 / 4 <= stats["moe_load_max"] <= 1
+    assert moe_stats(model) == {}  # read once, then reset
+
+
+def test_planner_counts_total_and_active_parameters():
+    cfg = moe_cfg(num_experts=8, top_k=2, shared_experts=1, hidden=24)
+    d, h = cfg.d_model, 24
+    expert = 2 * d * h  # relu2: fc1 (h, d) and fc2 (d, h)
+    pc = count_params(cfg)
+    assert pc.total == sum(p.numel() for p in build_model(cfg).parameters())
+    assert pc.total - pc.active == (8 - 2) * expert  # the six experts a token is not routed to
+    fpt = flops_per_token(cfg, 8)
+    dense = flops_per_token(moe_cfg(num_experts=3, top_k=2, shared_experts=1, hidden=24), 8)
+    # FLOPs follow the active parameters: 8 experts top-2 cost what 3 experts top-2 do, plus the 5 router rows.
+    assert math.isclose(fpt - dense, 3 * 2 * (8 - 3) * d, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "moe,match",
+    [
+        (dict(top_k=5), "top_k=5 exceeds model.moe.num_experts=4"),
+        (dict(capacity_factor=1.25), "only dropless routing is implemented"),
+        (dict(router="switch"), "model.moe.router"),
+    ],
+)
+def test_bad_moe_configs_are_named(moe, match):
+    with pytest.raises(ConfigError, match=match):
+        moe_cfg(**moe).validate()
+
+
+def test_no_hf_export_yet_says_so(tmp_path):
+    from mambatron.hf import to_hf
+
+    cfg = moe_cfg()
+    with pytest.raises(ValueError, match="MoE layers .* have no Hugging Face export yet"):
+        to_hf(build_model(cfg), cfg, tmp_path)
