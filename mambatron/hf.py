@@ -1,10 +1,13 @@
 """Export to / import from Hugging Face ``MambaForCausalLM`` (Mamba1), ``FalconMambaForCausalLM`` (Mamba1 with
-``model.mamba1_inner_norms``), ``Mamba2ForCausalLM`` (Mamba2) and ``NemotronHForCausalLM`` (Mamba2 + attention + MLP
-hybrids).
+``model.mamba1_inner_norms``), ``Mamba2ForCausalLM`` (Mamba2), ``NemotronHForCausalLM`` (Mamba2 + attention + MLP +
+MoE hybrids) and ``JambaForCausalLM`` (Mamba1 + attention + MLP / MoE hybrids).
 
 Our full (TP=1) state-dict keys are HF's without the ``backbone.`` prefix (files may also use ``model.`` for
-NemotronH), except the embedding (``embedding.weight`` ↔ ``backbone.embeddings.weight``). A tied LM head is left out
-of the file, as HF does, except for NemotronH, whose loader does not tie it.
+NemotronH), except the embedding (``embedding.weight`` ↔ ``backbone.embeddings.weight``), Jamba's layer numbering
+(our blocks 2i and 2i+1 are its layer i) and MoE layers: our router and stacked experts (``experts.fc1``,
+``experts.fc2``) are written one tensor per expert under the target's names, as transformers itself saves them, and
+read back from either layout. A tied LM head is left out of the file, as HF does, except for NemotronH, whose loader
+does not tie it.
 The exported ``config.json`` also carries our own model config under ``"mambatron"`` so a round trip is exact.
 
 A *model directory* (what ``tools/import_hf.py`` writes and ``tools/export_hf.py`` reads) holds
@@ -31,7 +34,30 @@ SHARD_BYTES = 4 * 1024**3
 
 
 # NemotronH's hybrid_override_pattern uses our symbols; its newer layers_block_type names map to them too.
-_NEMOTRON_H_BLOCKS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-"}
+_NEMOTRON_H_BLOCKS = {
+    "mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*", "mlp": "-", "moe": "E",
+}  # fmt: skip
+# A MoE layer's tensors: ours → NemotronH's (NemotronHMoE) and Jamba's (JambaSparseMoeBlock) names inside the layer.
+_NEMOTRON_H_MOE = {
+    "router.weight": "gate.weight",
+    "experts.fc1": "experts.up_proj",
+    "experts.fc2": "experts.down_proj",
+    "shared_experts.linear_fc1.weight": "shared_experts.up_proj.weight",
+    "shared_experts.linear_fc2.weight": "shared_experts.down_proj.weight",
+}
+_JAMBA_MOE = {
+    "router.weight": "router.weight",
+    "experts.fc1": "experts.gate_up_proj",
+    "experts.fc2": "experts.down_proj",
+}
+
+
+def _rename_leaf(key: str, table: dict[str, str]) -> str:
+    """``key`` with its MoE leaf (one of ``table``'s keys, after ``mixer.``/``feed_forward.``) renamed."""
+    for ours, theirs in table.items():
+        if key.endswith("." + ours):
+            return key.removesuffix(ours) + theirs
+    return key
 
 
 def _pad_multiple(vocab: int) -> int:
@@ -43,7 +69,7 @@ def to_hf_key(key: str) -> str:
     if key == "embedding.weight":
         return "backbone.embeddings.weight"
     if key.startswith(("layers.", "norm_f.")):
-        return "backbone." + key
+        return "backbone." + _rename_leaf(key, _NEMOTRON_H_MOE)
     return key
 
 
@@ -54,7 +80,7 @@ def from_hf_key(key: str) -> str:
         if key == prefix + "embeddings.weight":
             return "embedding.weight"
         if key.startswith(prefix):
-            return key.removeprefix(prefix)
+            return _rename_leaf(key.removeprefix(prefix), {v: k for k, v in _NEMOTRON_H_MOE.items()})
     return key
 
 
@@ -66,10 +92,31 @@ def _nemotron_h_config(cfg: ModelConfig) -> dict[str, Any]:
         (a.bias, "model.attention.bias=true (NemotronH's q/k/v/o projections have no bias)"),
         (m.activation != "relu2", f"model.mlp.activation={m.activation!r} (NemotronH's MLP is relu2)"),
     ]
+    moe = "E" in cfg.hybrid_pattern
+    if moe:
+        problems += [
+            (cfg.moe.router != "sigmoid", f"model.moe.router={cfg.moe.router!r} (NemotronH routes by sigmoid)"),
+            (cfg.moe.num_experts < 2, "model.moe.num_experts=1 (NemotronH's router needs at least 2 experts)"),
+        ]
     bad = [why for cond, why in problems if cond]
     if bad:
         raise ValueError("cannot export this hybrid to NemotronHForCausalLM: " + "; ".join(bad))
+    experts = {}
+    if moe:
+        experts = {
+            "n_routed_experts": cfg.moe.num_experts,
+            "num_experts_per_tok": cfg.moe.top_k,
+            "moe_intermediate_size": cfg.moe_hidden,
+            # NemotronH always has shared experts; without ours it gets a width-1 one with zero weights (to_hf).
+            "moe_shared_expert_intermediate_size": max(cfg.moe.shared_experts * cfg.moe_hidden, 1),
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": cfg.moe.top_k > 1,  # megatron-core renormalises the sigmoid top-k only when k > 1
+            "routed_scaling_factor": 1.0,
+            "moe_latent_size": None,
+        }
     return {
+        **experts,
         "hybrid_override_pattern": cfg.hybrid_pattern,
         "num_attention_heads": a.num_heads,
         "num_key_value_heads": a.num_kv_heads,
@@ -96,9 +143,10 @@ def _jamba_config(cfg: ModelConfig) -> dict[str, Any]:
     ``M-`` / ``*-``; attention sits at every layer i with i % attn_layer_period == attn_layer_offset."""
     a, m, p = cfg.attention, cfg.mlp, cfg.hybrid_pattern
     mixers, ffns = p[0::2], p[1::2]
+    moe = "E" in ffns
     problems = [
-        (len(p) % 2 or set(ffns) != {"-"} or set(mixers) - set("M*"),
-         f"model.hybrid_pattern={p!r} (Jamba layers pair a mixer with an MLP: M- or *- repeated)"),
+        (len(p) % 2 or set(ffns) - set("-E") or set(mixers) - set("M*"),
+         f"model.hybrid_pattern={p!r} (Jamba layers pair a mixer with an MLP or MoE: M-, *-, ME or *E repeated)"),
         (not cfg.mamba1_inner_norm_weights, "model.mamba1_inner_norm_weights=false (Jamba normalises dt, B and C with "
                                             "weights; set mamba1_inner_norms and mamba1_inner_norm_weights)"),
         (cfg.mamba1_inner_norm_eps != cfg.norm_eps, "model.mamba1_inner_norm_eps differs from model.norm_eps (Jamba "
@@ -108,12 +156,23 @@ def _jamba_config(cfg: ModelConfig) -> dict[str, Any]:
         (cfg.head_dim_value * a.num_heads != cfg.d_model, "model.attention.head_dim (Jamba's is d_model / num_heads)"),
         (m.activation != "swiglu" or m.bias, "model.mlp (Jamba's MLP is SwiGLU without bias)"),
     ]  # fmt: skip
+    if moe:
+        problems += [
+            (cfg.moe.router != "softmax", f"model.moe.router={cfg.moe.router!r} (Jamba routes by softmax)"),
+            (cfg.moe.shared_experts, "model.moe.shared_experts (Jamba has no shared experts)"),
+            ("-" in ffns and cfg.moe_hidden != cfg.mlp_hidden,
+             "model.moe.hidden differs from model.mlp.hidden (Jamba's experts and MLPs share intermediate_size)"),
+        ]  # fmt: skip
     bad = [why for cond, why in problems if cond]
     attention = [i for i, s in enumerate(mixers) if s == "*"]
     n = len(mixers)
     placement = _attention_period(attention, n)
     if not bad and placement is None:
         bad.append(f"attention at layers {attention} (Jamba places it at a fixed period and offset)")
+    expert_layers = [i for i, s in enumerate(ffns) if s == "E"]
+    expert_placement = _attention_period(expert_layers, n) if moe else (1, 0)
+    if not bad and expert_placement is None:
+        bad.append(f"MoE at layers {expert_layers} (Jamba places it at a fixed period and offset)")
     if bad:
         raise ValueError("cannot export this hybrid to JambaForCausalLM: " + "; ".join(bad))
     period, offset = placement
@@ -121,14 +180,15 @@ def _jamba_config(cfg: ModelConfig) -> dict[str, Any]:
         "num_hidden_layers": n,
         "num_attention_heads": a.num_heads,
         "num_key_value_heads": a.num_kv_heads,
-        "intermediate_size": cfg.mlp_hidden,
+        "intermediate_size": cfg.mlp_hidden if "-" in ffns else cfg.moe_hidden,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps,
         "attn_layer_period": period,
         "attn_layer_offset": offset,
-        "num_experts": 1,
-        "expert_layer_period": 1,
-        "expert_layer_offset": 0,
+        "num_experts": cfg.moe.num_experts if moe else 1,
+        "num_experts_per_tok": cfg.moe.top_k if moe else 1,
+        "expert_layer_period": expert_placement[0],
+        "expert_layer_offset": expert_placement[1],
         "mamba_d_state": cfg.d_state,
         "mamba_d_conv": cfg.d_conv,
         "mamba_expand": cfg.expand,
@@ -151,17 +211,17 @@ def _attention_period(attention: list[int], n: int) -> tuple[int, int] | None:
 
 
 def _jamba_fields(hf: dict[str, Any]) -> dict[str, Any]:
-    """Our ModelConfig fields from a Jamba config.json without MoE layers."""
+    """Our ModelConfig fields from a Jamba config.json."""
     n = hf["num_hidden_layers"]
     period, offset = hf.get("attn_layer_period", 8), hf.get("attn_layer_offset", 4)
     experts = hf.get("num_experts", 16)
-    if experts > 1 and any(i % hf.get("expert_layer_period", 2) == hf.get("expert_layer_offset", 1) for i in range(n)):
-        raise ValueError(f"Jamba with num_experts={experts}: MoE layers are not supported yet")
+    e_period, e_offset = hf.get("expert_layer_period", 2), hf.get("expert_layer_offset", 1)
+    ffn = ["E" if experts > 1 and i % e_period == e_offset else "-" for i in range(n)]
     vocab = int(hf["vocab_size"])
     eps = hf.get("rms_norm_eps", 1e-6)
     return {
         "arch": "mamba1",
-        "hybrid_pattern": "".join(("*" if i % period == offset else "M") + "-" for i in range(n)),
+        "hybrid_pattern": "".join(("*" if i % period == offset else "M") + ffn[i] for i in range(n)),
         "n_layer": 2 * n,
         "d_model": hf["hidden_size"],
         "vocab_size": vocab,
@@ -186,6 +246,20 @@ def _jamba_fields(hf: dict[str, Any]) -> dict[str, Any]:
             "bias": False,
         },  # fmt: skip
         "mlp": {"hidden": hf.get("intermediate_size", 14336), "activation": "swiglu", "bias": False},
+        **({"moe": _jamba_moe_fields(hf)} if "E" in ffn else {}),  # fmt: skip
+    }
+
+
+def _jamba_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.moe from a Jamba config.json: softmax routing, SwiGLU experts of intermediate_size, no shared ones."""
+    return {
+        "num_experts": hf["num_experts"],
+        "top_k": hf.get("num_experts_per_tok", 2),
+        "hidden": None,  # = model.mlp.hidden = intermediate_size
+        "shared_experts": 0,
+        "router": "softmax",
+        "aux_loss_coef": hf.get("router_aux_loss_coef", 0.001),
+        "capacity_factor": None,
     }
 
 
@@ -202,7 +276,7 @@ def _to_jamba_key(key: str, cfg: ModelConfig) -> str:
         return f"model.layers.{i}.{'pre_ff_layernorm' if ffn else 'input_layernorm'}.weight"
     leaf = rest.removeprefix("mixer.")
     part = "feed_forward" if ffn else ("self_attn" if cfg.hybrid_pattern[2 * i] == "*" else "mamba")
-    return f"model.layers.{i}.{part}.{leaf}"
+    return _rename_leaf(f"model.layers.{i}.{part}.{leaf}", _JAMBA_MOE)
 
 
 def _from_jamba_key(key: str) -> str:
@@ -213,7 +287,8 @@ def _from_jamba_key(key: str) -> str:
     i = int(index)
     if part in ("input_layernorm", "pre_ff_layernorm"):
         return f"layers.{2 * i + (part == 'pre_ff_layernorm')}.norm.{rest}"
-    return f"layers.{2 * i + (part == 'feed_forward')}.mixer.{rest}"
+    key = f"layers.{2 * i + (part == 'feed_forward')}.mixer.{rest}"
+    return _rename_leaf(key, {v: k for k, v in _JAMBA_MOE.items() if k != v})
 
 
 def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -224,10 +299,10 @@ def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
         blocks = hf.get("layers_block_type") or hf.get("layer_types") or []
         unknown = sorted({b for b in blocks if b not in _NEMOTRON_H_BLOCKS})
         if unknown:
-            raise ValueError(f"NemotronH layer types {unknown} are not supported yet (MoE layers come later)")
+            raise ValueError(f"NemotronH layer types {unknown} are not supported yet")
         pattern = "".join(_NEMOTRON_H_BLOCKS[b] for b in blocks)
-    if set(pattern) - set("M*-"):
-        raise ValueError(f"NemotronH pattern {pattern!r}: only M, * and - layers import (no MoE yet)")
+    if set(pattern) - set("M*-E"):
+        raise ValueError(f"NemotronH pattern {pattern!r}: only M, *, - and E layers import")
     if hf.get("mlp_hidden_act", "relu2") != "relu2":
         raise ValueError(f"NemotronH mlp_hidden_act={hf['mlp_hidden_act']!r}: only relu2 imports")
     mamba_heads, mamba_head_dim = hf.get("mamba_num_heads", 128), hf.get("mamba_head_dim", 64)
@@ -264,6 +339,35 @@ def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:
             "bias": False,
         },
         "mlp": {"hidden": hf.get("intermediate_size", 21504), "activation": "relu2", "bias": hf.get("mlp_bias", False)},
+        **({"moe": _nemotron_h_moe_fields(hf)} if "E" in pattern else {}),
+    }
+
+
+def _nemotron_h_moe_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """model.moe from a NemotronH config.json; a ValueError names the routing options that do not import."""
+    k = hf.get("num_experts_per_tok", 2)
+    problems = [
+        (hf.get("n_group", 1) != hf.get("topk_group", 1), "group-limited routing (n_group != topk_group)"),
+        (hf.get("routed_scaling_factor", 1.0) != 1.0, f"routed_scaling_factor={hf.get('routed_scaling_factor')}"),
+        (hf.get("norm_topk_prob", True) != (k > 1), f"norm_topk_prob={hf.get('norm_topk_prob')} with top-{k}"),
+        (hf.get("moe_latent_size") is not None, "moe_latent_size (latent expert projections)"),
+    ]
+    bad = [why for cond, why in problems if cond]
+    if bad:
+        raise ValueError("NemotronH MoE routing that does not import yet: " + "; ".join(bad))
+    hidden = hf.get("moe_intermediate_size", 7688)
+    shared = hf.get("moe_shared_expert_intermediate_size", 7688)
+    if shared % hidden and shared != 1:
+        raise ValueError(f"NemotronH moe_shared_expert_intermediate_size={shared} is not a multiple of "
+                         f"moe_intermediate_size={hidden}")  # fmt: skip
+    return {
+        "num_experts": hf.get("n_routed_experts", 8),
+        "top_k": k,
+        "hidden": hidden,
+        "shared_experts": shared // hidden,
+        "router": "sigmoid",
+        "aux_loss_coef": 0.01,
+        "capacity_factor": None,
     }
 
 
@@ -290,8 +394,6 @@ def hf_config_dict(cfg: ModelConfig, token_ids: dict[str, int | None] | None = N
     }
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         common[name] = (token_ids or {}).get(name)
-    if "E" in cfg.hybrid_pattern:
-        raise ValueError("MoE layers (E in model.hybrid_pattern) have no Hugging Face export yet")
     if cfg.hybrid_pattern and cfg.arch == "mamba1":
         own = _jamba_config(cfg)
         return {"model_type": "jamba", "architectures": ["JambaForCausalLM"], **common, **own}
@@ -368,6 +470,9 @@ def to_hf(
         value = value.detach().to("cpu")
         hf_key = _to_jamba_key(key, model_config) if hf_cfg["model_type"] == "jamba" else to_hf_key(key)
         tensors[hf_key] = (value.to(dtype) if dtype is not None else value).contiguous()
+    _unstack_experts(tensors, hf_cfg["model_type"])
+    if hf_cfg["model_type"] == "nemotron_h":
+        tensors.update(_nemotron_h_moe_extras(model_config))
     if hf_cfg["model_type"] == "nemotron_h" and model_config.tie_embeddings:
         # transformers' NemotronH does not tie its head to the embedding when loading, so the head is written out.
         tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"].clone()
@@ -379,6 +484,72 @@ def to_hf(
         stale.unlink()
     _save_sharded(tensors, out)
     return out
+
+
+def _unstack_experts(tensors: dict[str, torch.Tensor], model_type: str) -> None:
+    """Stacked expert weights (HF names, in place) → one tensor per expert, the checkpoint layout transformers writes
+    itself and that every transformers release reads: NemotronH ``experts.{e}.up_proj`` / ``down_proj``, Jamba
+    ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``."""
+    fc1_name = "experts.gate_up_proj" if model_type == "jamba" else "experts.up_proj"
+    for key in [k for k in tensors if k.endswith("." + fc1_name)]:
+        prefix = key.removesuffix(fc1_name)
+        fc1, fc2 = tensors.pop(key), tensors.pop(prefix + "experts.down_proj")
+        for e in range(fc1.shape[0]):
+            if model_type == "jamba":
+                gate, up = fc1[e].chunk(2)
+                tensors[f"{prefix}experts.{e}.gate_proj.weight"] = gate.contiguous()
+                tensors[f"{prefix}experts.{e}.up_proj.weight"] = up.contiguous()
+            else:
+                tensors[f"{prefix}experts.{e}.up_proj.weight"] = fc1[e].contiguous()
+            tensors[f"{prefix}experts.{e}.down_proj.weight"] = fc2[e].contiguous()
+
+
+def _stack_experts(state: dict[str, torch.Tensor]) -> None:
+    """One tensor per expert (our key prefixes, in place) → our stacked ``experts.fc1`` ([gate; up] for SwiGLU) and
+    ``experts.fc2``; stacked HF tensors were already renamed to those by the key maps."""
+    per_expert = {}
+    for key in list(state):
+        head, sep, tail = key.partition(".experts.")
+        index, _, leaf = tail.partition(".")
+        if sep and index.isdigit() and leaf in ("gate_proj.weight", "up_proj.weight", "down_proj.weight"):
+            per_expert.setdefault(head, {}).setdefault(int(index), {})[leaf] = state.pop(key)
+    for head, experts in per_expert.items():
+        order = [experts[e] for e in sorted(experts)]
+        fc1 = [torch.cat([x["gate_proj.weight"], x["up_proj.weight"]]) if "gate_proj.weight" in x
+               else x["up_proj.weight"] for x in order]  # fmt: skip
+        state[f"{head}.experts.fc1"] = torch.stack(fc1)
+        state[f"{head}.experts.fc2"] = torch.stack([x["down_proj.weight"] for x in order])
+
+
+def _nemotron_h_moe_extras(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """What NemotronH's MoE layers hold and ours do not, with the values that make them do nothing: the router's
+    score-correction bias (zero: no auxiliary-loss-free balancing) and, without shared experts, a width-1 shared
+    expert with zero weights."""
+    extras = {}
+    for i, symbol in enumerate(cfg.hybrid_pattern):
+        if symbol != "E":
+            continue
+        layer = f"backbone.layers.{i}.mixer"
+        extras[f"{layer}.gate.e_score_correction_bias"] = torch.zeros(cfg.moe.num_experts)
+        if not cfg.moe.shared_experts:
+            extras[f"{layer}.shared_experts.up_proj.weight"] = torch.zeros(1, cfg.d_model)
+            extras[f"{layer}.shared_experts.down_proj.weight"] = torch.zeros(cfg.d_model, 1)
+    return extras
+
+
+def _drop_nemotron_h_moe_extras(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Remove from an imported state what :func:`_nemotron_h_moe_extras` adds, after checking that it does nothing
+    (a non-zero score-correction bias is balancing we do not implement)."""
+    for key in [k for k in state if k.endswith(".mixer.gate.e_score_correction_bias")]:
+        if state[key].abs().max() > 0:
+            raise ValueError(f"{key} is not zero: NemotronH's auxiliary-loss-free bias routing does not import yet")
+        del state[key]
+    if cfg.moe.shared_experts:
+        return
+    for key in [k for k in state if ".mixer.shared_experts." in k]:
+        if state[key].abs().max() > 0:
+            raise ValueError(f"{key} is not zero but the model config has no shared experts")
+        del state[key]
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -444,6 +615,7 @@ def load_hf_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     state = {}
     for name in files:
         state.update({key(k): v for k, v in load_file(str(d / name)).items()})
+    _stack_experts(state)
     return state
 
 
@@ -456,6 +628,8 @@ def from_hf(hf_dir: str | Path) -> tuple[MambaLM, ModelConfig]:
     state = load_hf_state(d)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
+    if "E" in cfg.hybrid_pattern and not cfg.arch == "mamba1":
+        _drop_nemotron_h_moe_extras(state, cfg)
     model = build_model(cfg)
     load_full_state(model, state)
     return model, cfg

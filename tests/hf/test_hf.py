@@ -267,3 +267,75 @@ def test_jamba_export_names_what_it_cannot_express(overrides, message, tmp_path)
     cfg = _jamba_like(**overrides)
     with pytest.raises(ValueError, match=message):
         to_hf(build_model(cfg), cfg, tmp_path)
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_moe_hybrid_export_loads_as_nemotron_h_and_imports_back(shared, tmp_path):
+    """Mamba2 + attention + MoE (sigmoid routing, top-2 of 4, with or without a shared expert) exports to
+    NemotronHForCausalLM (block type moe) with no missing or unexpected keys, fp32 logits within 1e-4 and the same
+    greedy tokens, and imports back exactly."""
+    moe = dict(num_experts=4, top_k=2, hidden=24, shared_experts=shared, router="sigmoid")
+    cfg = _hybrid(hybrid_pattern="ME*M-E", moe=moe)
+    hf, ours, ids = _check_export(cfg, tmp_path, "NemotronHForCausalLM")
+    assert hf.config.layers_block_type[1] == "moe"
+    _check_reimport(ours, cfg, tmp_path, ids)
+
+
+def test_import_from_random_nemotron_h_moe_model(tmp_path):
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    hf_cfg = NemotronHConfig(
+        vocab_size=64, hidden_size=32, hybrid_override_pattern="ME*E", num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, intermediate_size=40, ssm_state_size=8, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
+        chunk_size=8, tie_word_embeddings=False, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+        moe_shared_expert_intermediate_size=48, norm_topk_prob=True,
+    )  # fmt: skip
+    hf = NemotronHForCausalLM(hf_cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("gate.weight"):  # spread the router's scores (an init of zeros ties every expert)
+                p.normal_(0.0, 0.5)
+    ours, cfg, _ = _check_import(hf, tmp_path)
+    assert cfg.hybrid_pattern == "ME*E" and cfg.moe.shared_experts == 2 and cfg.moe.router == "sigmoid"
+
+
+def test_moe_mamba1_hybrid_export_loads_as_jamba_and_imports_back(tmp_path):
+    """Mamba1 + attention + MoE of Jamba's layout (softmax top-2 of 4 SwiGLU experts every other layer) exports to
+    JambaForCausalLM with no missing or unexpected keys, fp32 logits within 1e-4 and the same greedy tokens, and
+    imports back exactly."""
+    moe = dict(num_experts=4, top_k=2, hidden=48, router="softmax")
+    cfg = _jamba_like(hybrid_pattern="M-MEM-*E", moe=moe)
+    hf, ours, ids = _check_export(cfg, tmp_path, "JambaForCausalLM")
+    assert hf.config.num_experts == 4 and (hf.config.expert_layer_period, hf.config.expert_layer_offset) == (2, 1)
+    _check_reimport(ours, cfg, tmp_path, ids)
+
+
+def test_import_from_random_jamba_moe_model(tmp_path):
+    from transformers import JambaConfig, JambaForCausalLM
+
+    hf_cfg = JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2, num_experts=4, num_experts_per_tok=2,
+        expert_layer_period=2, expert_layer_offset=1, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False,
+    )  # fmt: skip
+    _, cfg, _ = _check_import(JambaForCausalLM(hf_cfg), tmp_path)
+    assert cfg.hybrid_pattern == "M-ME*-ME" and cfg.moe.num_experts == 4 and cfg.moe_hidden == 40
+
+
+@pytest.mark.parametrize(
+    "target,overrides,message",
+    [
+        ("nemotron_h", dict(router="softmax"), "NemotronH routes by sigmoid"),
+        ("jamba", dict(router="sigmoid"), "Jamba routes by softmax"),
+        ("jamba", dict(shared_experts=1), "Jamba has no shared experts"),
+        ("jamba", dict(hidden=32), "share intermediate_size"),
+    ],
+)
+def test_moe_export_names_what_the_target_cannot_express(target, overrides, message, tmp_path):
+    moe = dict(num_experts=4, top_k=2, hidden=48, router="sigmoid" if target == "nemotron_h" else "softmax")
+    moe.update(overrides)
+    cfg = _hybrid(hybrid_pattern="ME*M-E", moe=moe) if target == "nemotron_h" else _jamba_like(
+        hybrid_pattern="M-MEM-*E", moe=moe
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        to_hf(build_model(cfg), cfg, tmp_path)

@@ -1,5 +1,6 @@
 """The MoE layer (E in model.hybrid_pattern) against a per-token reference written from the routing rules, its
-load-balancing loss's gradient, its metrics, the planner's total and active parameters, and its config errors."""
+load-balancing loss's gradient, its metrics, the planner's total and active parameters, and its config errors.
+Hugging Face export and import of MoE hybrids: tests/hf/test_hf.py."""
 
 from __future__ import annotations
 
@@ -153,11 +154,3 @@ def test_planner_counts_total_and_active_parameters():
 def test_bad_moe_configs_are_named(moe, match):
     with pytest.raises(ConfigError, match=match):
         moe_cfg(**moe).validate()
-
-
-def test_no_hf_export_yet_says_so(tmp_path):
-    from mambatron.hf import to_hf
-
-    cfg = moe_cfg()
-    with pytest.raises(ValueError, match="MoE layers .* have no Hugging Face export yet"):
-        to_hf(build_model(cfg), cfg, tmp_path)
