@@ -11,6 +11,18 @@ PRESETS = sorted([*Path("configs").glob("mamba*.yaml"), *Path("configs").glob("h
 EXACT = {"hybrid-8b": 8.65e9}
 
 
+def test_moe_preset_plans_its_active_parameters():
+    """The MoE preset: total past 3 B, about a third of it active per token, FLOPs counted on the active ones."""
+    from mambatron.plan import count_params, flops_per_token, format_plan, make_plan
+
+    cfg = load_config("configs/hybrid-moe-3b.yaml")
+    pc = count_params(cfg.model)
+    assert pc.total > 3e9 and 0.3 < pc.active / pc.total < 0.4
+    assert flops_per_token(cfg.model, 4096) < 6 * pc.total * 0.5
+    text = format_plan(make_plan(cfg, 16), cfg)
+    assert f"{pc.active:,} active per token" in text and "fits" in text
+
+
 def test_every_size_has_a_preset():
     names = {p.stem for p in PRESETS}
     for size in ("130m", "370m", "790m", "1.4b", "2.8b", "7b"):
@@ -29,6 +41,7 @@ def test_preset_parameter_count_matches_name(path):
     assert abs(n - expected) / expected <= 0.05, f"{path.stem}: {n / 1e6:.1f}M parameters"
     if path.stem.startswith("hybrid"):
         kinds = {block.kind for block in model.layers}
-        assert cfg.model.hybrid_pattern and kinds == {cfg.model.arch, "attention", "mlp"}
+        ffn = "moe" if "-moe-" in path.stem else "mlp"
+        assert cfg.model.hybrid_pattern and kinds == {cfg.model.arch, "attention", ffn}
     else:
         assert cfg.model.arch == path.stem.split("-")[0]
