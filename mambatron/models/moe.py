@@ -9,8 +9,8 @@ routing is megatron-core's ``TopKRouter``'s, with the two Hugging Face targets' 
 
 Routing is dropless: every routed token is computed (``capacity_factor: null``). Load balancing uses the Switch
 Transformer loss, ``aux_loss_coef · E / (top_k · T²) · Σ_e tokens_e · Σ_t score_te`` over the T tokens of the
-micro-batch; like megatron-core, its gradient is attached to the routing probabilities by
-``MoEAuxLossAutoScaler`` (so the language-model loss is unchanged and the trainer sets its scale), and its value
+micro-batch; as in megatron-core, its gradient is attached to the routing probabilities (:class:`AttachAuxLoss`, so
+the language-model loss is unchanged and the trainer sets its scale), and its value
 and each expert's share of the routed tokens are kept for the metrics (:func:`moe_stats`).
 
 The experts' weights are stacked: ``experts.fc1`` (experts, hidden or 2·hidden for SwiGLU as [gate; up], d_model)
@@ -134,6 +134,24 @@ def load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, cfg: Mo
     return torch.sum(scores.sum(dim=0) * per_expert) * scale
 
 
+class AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``probs`` whose backward also sends ``scale`` into the auxiliary loss, as megatron-core's
+    ``MoEAuxLossAutoScaler`` does: the loss's gradient joins the backward pass without changing the language-model
+    loss. ``scale`` is set by the trainer (1 / grad_accum: DeepSpeed divides the main loss by it)."""
+
+    scale = 1.0
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        return grad, torch.full_like(aux_loss, AttachAuxLoss.scale)
+
+
 class MoEStats:
     """What a MoE layer saw since the metrics last read it: load-balancing loss values and routed tokens per
     expert (summed over micro-batches)."""
@@ -186,13 +204,12 @@ class MoE(nn.Module):
         x = hidden.reshape(-1, shape[-1])
         # The router runs in fp32 at least (megatron-core's moe_router_dtype=fp32): bf16 scores would tie and flip.
         router_dtype = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
+        with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
+            logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
         probs, routing_map = route(logits, self.cfg)
         if self.training and torch.is_grad_enabled() and self.cfg.moe.aux_loss_coef > 0:
-            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
             scores, aux_map = aux_loss_scores(logits, self.cfg)
-            probs = MoEAuxLossAutoScaler.apply(probs, load_balancing_loss(scores, aux_map, self.cfg))
+            probs = AttachAuxLoss.apply(probs, load_balancing_loss(scores, aux_map, self.cfg))
         if self.training:
             self.stats.record(logits, routing_map, self.cfg)
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mambatron.config import Config, ConfigError
-from mambatron.models.moe import moe_stats
+from mambatron.models.moe import AttachAuxLoss, moe_stats
 from mambatron.plan import count_params, flops_per_token
 from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
@@ -106,9 +106,7 @@ class Trainer:
         if "E" in cfg.model.hybrid_pattern:
             # MoE layers attach their load-balancing loss's gradient to the routing probabilities; DeepSpeed divides
             # the language-model loss by grad_accum before its backward, so that gradient must be divided too.
-            from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-
-            MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / cfg.train.grad_accum, device=self.dist.device))
+            AttachAuxLoss.scale = 1.0 / cfg.train.grad_accum
         self.train_loader = self.build_loader("train")
         if self.train_loader.vocab_size > cfg.model.vocab_size:
             raise ConfigError(
