@@ -154,3 +154,20 @@ def test_planner_counts_total_and_active_parameters():
 def test_bad_moe_configs_are_named(moe, match):
     with pytest.raises(ConfigError, match=match):
         moe_cfg(**moe).validate()
+
+
+def test_router_runs_in_fp32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the router's logits stay fp32 (autocast used to run its matmul in bf16: on a GPU the top-k
+    renormalisation then came out fp32 and could not be scattered into them), and a bf16 step trains."""
+    import mambatron.models.moe as moe_module
+
+    dtypes = []
+    route = moe_module.route
+    monkeypatch.setattr(moe_module, "route", lambda logits, cfg: (dtypes.append(logits.dtype), route(logits, cfg))[1])
+    model = build_model(moe_cfg(router="sigmoid")).train()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    assert dtypes == [torch.float32]
+    assert torch.isfinite(loss) and model.layers[1].mixer.router.weight.grad.abs().sum() > 0

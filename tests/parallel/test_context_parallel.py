@@ -12,10 +12,14 @@ import pytest
 from tests.parallel import _cp_workers as cw
 from tests.parallel._launch import run_distributed
 
-# fp32: logits and loss relative to their largest entry, every gradient as a relative L2 norm within 1e-6, or within
-# twice fp32's own rounding of that gradient where that is larger: the CP=1 model in fp32 is itself up to ~7e-6 off
-# its float64 result on A_log (a sum over every token), so no summation order agrees with it to 1e-6 there.
+# fp32: logits and loss relative to their largest entry within 1e-6, every gradient as a relative L2 norm within
+# 1e-5, or within twice fp32's own rounding of that gradient where that is larger. The A_log and dt_bias gradients are
+# sums over every token, which CP adds in another order (each slice's part, then the state passed across the edges):
+# the CP=1 model in fp32 is itself up to ~7e-6 off its float64 result there, and CP=2's Mamba2 A_log was measured
+# 1.4e-6 off CP=1's on one CPU and below 1e-6 on another. A wrong reduction or state is off by O(1); that the scheme
+# is exact is the float64 test's job.
 REL_TOL = 1e-6
+GRAD_REL_TOL = 1e-5
 # float64 shows the scheme is exact rather than close: every gradient to 1e-12 of its largest entry.
 F64_TOL = 1e-12
 # With TP as well, TP's own reductions reorder fp32 sums: 1e-6 absolute as in test_tensor_parallel, and a relative
@@ -62,7 +66,7 @@ def _check(results, case, tp=False):
     assert got["logits"] < rel_tol, got["logits"]
     assert got["loss"] < rel_tol, got["loss"]
     for name, err in got["grads_norm"].items():
-        assert err < max(rel_tol, 2 * got["noise"][name]), (name, err, got["noise"][name])
+        assert err < max(TP_REL_TOL if tp else GRAD_REL_TOL, 2 * got["noise"][name]), (name, err, got["noise"][name])
     if tp:
         worst_abs = max(got["grads_abs"].items(), key=lambda kv: kv[1])
         assert worst_abs[1] < TP_ABS_TOL, worst_abs
