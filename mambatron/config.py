@@ -230,11 +230,6 @@ class ParallelConfig:
         _positive(self, "tp")
         _positive(self, "cp")
         _positive(self, "ep")
-        if self.ep > 1:
-            raise ConfigError(
-                f"parallel.ep={self.ep}: expert parallelism does not train yet (its gradient reduction under "
-                "DeepSpeed is not wired); set parallel.ep=1, which keeps every expert on every rank"
-            )
         if not isinstance(self.deepspeed_extra, dict):
             raise ConfigError(f"parallel.deepspeed_extra={self.deepspeed_extra!r} must be a mapping of DeepSpeed keys")
         if self.zero_stage not in (0, 1, 2, 3):

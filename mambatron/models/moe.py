@@ -63,11 +63,14 @@ class Experts(nn.Module):
         self.fc2 = nn.Parameter(torch.empty(num_local, d, h))
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, generator: torch.Generator | None = None, scale_down: bool = True) -> None:
+        """Each expert kaiming-uniform (fc1 then fc2, expert by expert); fc2 then scaled by 1/sqrt(n_layer), as every
+        layer's output into the residual stream is."""
         for e in range(self.num_local):
             _uniform_fan_in(self.fc1[e], self.cfg.d_model, generator)
             _uniform_fan_in(self.fc2[e], self.cfg.moe_hidden, generator)
-        self.fc2.div_(math.sqrt(self.cfg.n_layer))
+        if scale_down:
+            self.fc2.div_(math.sqrt(self.cfg.n_layer))
 
     def forward(self, x: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
         counts = [int(c) for c in tokens_per_expert]
@@ -284,10 +287,19 @@ def _moe_tp_problem(c: ModelConfig, tp: int) -> str | None:
     return None
 
 
+def build_moe(cfg: ModelConfig, layer_idx: int, proj=None) -> nn.Module:
+    """The E layer for this run: on one process (every expert here), or expert-parallel on megatron-core."""
+    if getattr(proj, "ep_size", 1) > 1:
+        from mambatron.parallel.experts import ExpertParallelMoE
+
+        return ExpertParallelMoE(cfg, layer_idx, proj)
+    return MoE(cfg, layer_idx, proj)
+
+
 MOE_KIND = register(
     LayerKind(
         name="moe",
-        build=MoE,
+        build=build_moe,
         tp_layouts=_moe_layouts,
         params=moe_params,
         active_params=moe_active_params,

@@ -32,7 +32,9 @@ def validate_parallel(
     Raises :class:`ConfigError` with a one-line message naming the fix.
     """
     parallel_cfg.validate()
-    tp, cp = parallel_cfg.tp, parallel_cfg.cp
+    tp, cp, ep = parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.ep
+    if ep > 1:
+        _check_expert_parallel(model_cfg, parallel_cfg, world_size)
     if seq_len is not None:
         check_sequence_parallel_seq_len(parallel_cfg, seq_len)
         if cp > 1 and seq_len // cp < model_cfg.d_conv - 1:
@@ -65,6 +67,23 @@ def validate_parallel(
         )
 
 
+def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, world_size: int | None) -> None:
+    ep = parallel_cfg.ep
+    if "E" not in model_cfg.hybrid_pattern:
+        raise ConfigError(
+            f"parallel.ep={ep} but the model has no MoE layers (E in model.hybrid_pattern); set parallel.ep=1"
+        )
+    if model_cfg.moe.num_experts % ep:
+        raise ConfigError(
+            f"parallel.ep={ep} does not divide model.moe.num_experts={model_cfg.moe.num_experts}; each EP rank holds "
+            "an equal share of the experts"
+        )
+    if parallel_cfg.tp > 1 or parallel_cfg.cp > 1:
+        raise ConfigError("parallel.ep > 1 runs with parallel.tp=1 and parallel.cp=1 for now")
+    if world_size is not None and world_size % ep:
+        raise ConfigError(f"WORLD_SIZE={world_size} is not a multiple of parallel.ep={ep}; launch a multiple of {ep}")
+
+
 def build_projections(
     parallel_cfg: ParallelConfig, *, init_std: float = 0.02, cp=None
 ) -> LocalProjections | MegatronProjections:
@@ -72,7 +91,7 @@ def build_projections(
     (megatron's parallel_state must be initialised, see :func:`mambatron.parallel.dist.setup`); ``cp`` is this
     rank's context-parallel group (:func:`mambatron.parallel.dist.context_parallel`), None without CP."""
     if parallel_cfg.tp == 1:
-        return LocalProjections(cp)
+        return LocalProjections(cp, ep=parallel_cfg.ep)
     from mambatron.parallel.megatron import MegatronProjections
 
     return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std, cp=cp)

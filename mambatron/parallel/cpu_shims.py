@@ -47,6 +47,59 @@ def apply() -> bool:
     return True
 
 
+def apply_moe() -> bool:
+    """The stand-ins megatron-core's MoE layer needs on CPU, on top of :func:`apply` (idempotent; False on CUDA):
+
+    - its all-to-all token dispatcher moves routing counts to the host on a side CUDA stream, so
+      ``torch.cuda.Stream``, ``current_stream`` and ``stream`` become no-op stand-ins;
+    - it turns those counts into the split sizes of ``all_to_all_single`` only when they are CUDA tensors (through
+      numpy); CPU tensors would reach gloo as tensors, which it rejects, so they go through numpy too.
+    """
+    global _moe_applied
+    if not apply():
+        return False
+    if _moe_applied:
+        return True
+    import contextlib
+
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    stream = _HostStream()
+    torch.cuda.Stream = lambda *args, **kwargs: stream
+    torch.cuda.current_stream = lambda *args, **kwargs: stream
+    torch.cuda.stream = lambda s: contextlib.nullcontext()
+    to_host = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    _moe_applied = True
+    return True
+
+
+_moe_applied = False
+
+
+class _HostStream:
+    """A CUDA stream's interface, doing nothing: on CPU every operation is already in order."""
+
+    def wait_stream(self, other) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+    def record_event(self, event=None):
+        return self
+
+    def wait(self, *args) -> None:
+        return None
+
+
 def _get_rng_state(device: object = "cuda") -> torch.Tensor:
     return _tracker_generator.get_state()
 

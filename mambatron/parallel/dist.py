@@ -38,6 +38,8 @@ class DistInfo:
     backend: str
     cp_size: int = 1
     cp_rank: int = 0
+    ep_size: int = 1
+    ep_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -189,6 +191,12 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
     world = dist.get_world_size()
     if world % tp:
         raise ConfigError(f"WORLD_SIZE={world} is not a multiple of {_tp_cp(parallel_cfg)}; launch a multiple of {tp}")
+    dp = world // (parallel_cfg.tp * parallel_cfg.cp)
+    if dp % parallel_cfg.ep:
+        raise ConfigError(
+            f"parallel.ep={parallel_cfg.ep} must divide the {dp} data-parallel ranks (WORLD_SIZE={world} over "
+            f"{_tp_cp(parallel_cfg)}); the experts are split over data-parallel ranks"
+        )
 
     from megatron.core import parallel_state
 
@@ -196,12 +204,14 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
         if (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_context_parallel_world_size(),
-        ) != (parallel_cfg.tp, parallel_cfg.cp):
+            parallel_state.get_expert_model_parallel_world_size(),
+        ) != (parallel_cfg.tp, parallel_cfg.cp, parallel_cfg.ep):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel_cfg.tp,
             context_parallel_size=parallel_cfg.cp,
+            expert_model_parallel_size=parallel_cfg.ep,
             distributed_timeout_minutes=timeout_minutes,
             create_gloo_process_groups=False,
         )
@@ -218,6 +228,8 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
         backend=backend,
         cp_size=parallel_state.get_context_parallel_world_size(),
         cp_rank=parallel_state.get_context_parallel_rank(),
+        ep_size=parallel_state.get_expert_model_parallel_world_size(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
     )
 
 

@@ -86,9 +86,11 @@ class LocalProjections:
     tp_rank = 0
     sequence_parallel = False
 
-    def __init__(self, cp=None):
+    def __init__(self, cp=None, ep: int = 1):
         # Context parallel (mambatron.parallel.context.ContextParallel) for the layers that mix along the sequence.
         self.cp = cp
+        # Expert parallel size: MoE layers split their experts over this many data-parallel ranks.
+        self.ep_size = ep
 
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)

@@ -21,7 +21,16 @@ def _free_port() -> int:
 
 
 def _entry(
-    rank: int, fn: Callable, world_size: int, tp: int, port: int, out_dir: str, launcher: str, args: tuple, cp: int = 1
+    rank: int,
+    fn: Callable,
+    world_size: int,
+    tp: int,
+    port: int,
+    out_dir: str,
+    launcher: str,
+    args: tuple,
+    cp: int = 1,
+    ep: int = 1,
 ) -> None:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "SLURM_PROCID", "SLURM_NTASKS"):
         os.environ.pop(var, None)
@@ -36,7 +45,7 @@ def _entry(
     torch.set_num_threads(1)
     from mambatron.parallel import dist as pdist
 
-    info = pdist.setup(ParallelConfig(tp=tp, cp=cp))
+    info = pdist.setup(ParallelConfig(tp=tp, cp=cp, ep=ep))
     try:
         result = fn(info, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -45,11 +54,11 @@ def _entry(
 
 
 def run_distributed(
-    fn: Callable, world_size: int, tp: int, *args: Any, launcher: str = "torchrun", cp: int = 1
+    fn: Callable, world_size: int, tp: int, *args: Any, launcher: str = "torchrun", cp: int = 1, ep: int = 1
 ) -> list[Any]:
-    """``fn(dist_info, *args)`` on ``world_size`` processes with TP ``tp`` and CP ``cp``, set up from torchrun-style
-    or SLURM-style (``launcher="slurm"``) environment variables; returns each rank's result."""
+    """``fn(dist_info, *args)`` on ``world_size`` processes with TP ``tp``, CP ``cp`` and EP ``ep``, set up from
+    torchrun-style or SLURM-style (``launcher="slurm"``) environment variables; returns each rank's result."""
     with tempfile.TemporaryDirectory() as out_dir:
-        spawn_args = (fn, world_size, tp, _free_port(), out_dir, launcher, args, cp)
+        spawn_args = (fn, world_size, tp, _free_port(), out_dir, launcher, args, cp, ep)
         mp.spawn(_entry, args=spawn_args, nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,131 @@
+"""Expert parallelism on megatron-core: the E layer as megatron-core's ``MoELayer`` (its ``TopKRouter`` and its
+all-to-all token dispatcher) around our :class:`~mambatron.models.moe.Experts`.
+
+With ``parallel.ep`` = N each rank of an expert-parallel group (N consecutive data-parallel ranks, megatron-core's
+``expert_model_parallel`` group) holds num_experts / N experts. A rank routes its own tokens, sends each to the rank
+holding its expert (all-to-all), computes its experts on what it received, and sends the results back; in backward
+the same exchange runs in reverse, so an expert's gradient sums the contributions of every rank's tokens.
+
+The layer has the parameter names of the one-process :class:`~mambatron.models.moe.MoE` (``router.weight``,
+``experts.fc1`` / ``experts.fc2`` holding this rank's slice of the experts, ``shared_experts.linear_fc1/2.weight``)
+and the same math: megatron-core's router is configured as ours (fp32, pre-softmax top-k for ``softmax``,
+renormalised sigmoid top-k, the Switch loss attached to the probabilities), and :func:`init_weights` draws the same
+numbers from the same generator as the one-process layer and keeps this rank's experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mambatron.config import ModelConfig
+from mambatron.models.moe import Experts, MoEStats, SharedExperts
+from mambatron.parallel import cpu_shims
+
+# megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
+if not hasattr(moe_utils, "te_general_gemm"):
+    moe_utils.te_general_gemm = None
+
+
+class _MegatronExperts(Experts):
+    """:class:`Experts` built the way megatron-core's MoELayer builds its expert module."""
+
+    def __init__(self, num_local_experts: int, config: TransformerConfig, pg_collection=None, model_cfg=None):
+        super().__init__(num_local_experts, model_cfg)
+
+
+def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
+    m = cfg.moe
+    swiglu = cfg.mlp.activation == "swiglu"
+    return TransformerConfig(
+        num_layers=cfg.n_layer,
+        hidden_size=cfg.d_model,
+        num_attention_heads=1,  # unused: the layer is only the MoE
+        ffn_hidden_size=cfg.moe_hidden,
+        num_moe_experts=m.num_experts,
+        moe_ffn_hidden_size=cfg.moe_hidden,
+        moe_router_topk=m.top_k,
+        moe_router_score_function=m.router,
+        moe_router_pre_softmax=m.router == "softmax",  # Jamba: softmax over all experts, top-k not renormalised
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if m.aux_loss_coef > 0 else "none",
+        moe_aux_loss_coeff=m.aux_loss_coef,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="alltoall",
+        moe_permute_fusion=False,
+        moe_shared_expert_intermediate_size=m.shared_experts * cfg.moe_hidden if m.shared_experts else None,
+        expert_model_parallel_size=ep,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else (lambda h: torch.square(F.relu(h))),
+        add_bias_linear=False,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        perform_initialization=False,  # init_weights draws every weight
+    )
+
+
+class ExpertParallelMoE(MoELayer):
+    """The E layer under ``parallel.ep`` > 1 (see the module docstring); ``forward(hidden (batch, seqlen, d_model))``
+    as the one-process layer's."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, proj=None):
+        cpu_shims.apply_moe()
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        shared = None
+        if cfg.moe.shared_experts:
+            mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            shared = ModuleSpec(module=SharedExpertMLP, submodules=mlp)
+        experts = ModuleSpec(module=_MegatronExperts, params={"model_cfg": cfg})
+        super().__init__(_transformer_config(cfg, ep), MoESubmodules(experts=experts, shared_experts=shared),
+                         layer_number=layer_idx + 1)  # fmt: skip
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        self.first_expert = self.local_expert_indices[0]
+        self.stats = MoEStats(cfg.moe.num_experts)
+        self.router.register_forward_hook(self._record)
+
+    def _record(self, router, args, out) -> None:
+        if self.training:
+            x = args[0].reshape(-1, self.cfg.d_model)
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), router.weight.float())
+            self.stats.record(logits, out[1], self.cfg)
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """The one-process layer's draws, in its order; this rank keeps its experts' share."""
+        cfg = self.cfg
+        self.router.weight.normal_(0.0, cfg.init_std, generator=generator)
+        full = Experts(1, cfg).to(self.experts.fc1.device)
+        local = range(self.first_expert, self.first_expert + self.num_local_experts)
+        for e in range(cfg.moe.num_experts):
+            full.init_weights(generator, scale_down=False)
+            if e in local:
+                self.experts.fc1[e - self.first_expert].copy_(full.fc1[0])
+                self.experts.fc2[e - self.first_expert].copy_(full.fc2[0])
+        self.experts.fc2.div_(cfg.n_layer**0.5)
+        if cfg.moe.shared_experts:
+            ref = SharedExperts(cfg).to(self.router.weight.device)
+            ref.init_weights(generator)
+            self.shared_experts.linear_fc1.weight.copy_(ref.linear_fc1.weight)
+            self.shared_experts.linear_fc2.weight.copy_(ref.linear_fc2.weight)
+
+    def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
+        shape = hidden.shape
+        # Token-wise: megatron's (seqlen, batch, d_model) layout is any (tokens, 1, d_model).
+        out, _ = super().forward(hidden.reshape(-1, 1, shape[-1]))
+        return out.reshape(shape)
+
+    def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
+        return self.forward(hidden.unsqueeze(1)).squeeze(1)
+
+    def empty_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+        return {}
