@@ -122,6 +122,11 @@ class Plan:
     # layers (conv halos, SSM states, keys and values; the backward's all-reduces move as much again).
     cp: int = 1
     cp_exchange_bytes: int = 0
+    # Expert parallel: ranks the experts are split over, this rank's expert parameters, and the bytes one rank sends
+    # per micro-batch in a forward over all MoE layers (token dispatch and combine; the backward as much again).
+    ep: int = 1
+    expert_params_per_gpu: int = 0
+    ep_exchange_bytes: int = 0
 
     @property
     def fits(self) -> bool:
@@ -204,6 +209,11 @@ def make_plan(config: Config, world_size: int) -> Plan:
     # Sharded over TP: every block projection and the vocab dimension; replicated: norms and per-channel vectors
     # are small enough that dividing everything by TP is within a percent.
     local = -(-pc.total // tp)
+    ep = par.ep
+    experts = sum(k.expert_params(m) for k in layer_kinds(m))  # split over EP ranks, replicated over DP / EP
+    experts_local = experts // ep
+    if ep > 1:
+        local = local - experts + experts_local
     bf16 = train.precision == "bf16"
     weight_b = 2 if bf16 else 4
     grad_b = 2 if bf16 else 4
@@ -212,9 +222,17 @@ def make_plan(config: Config, world_size: int) -> Plan:
     # (fp32 too) add an fp32 copy of the weights and an fp32 gradient for the update (4 + 4); only fp32 without ZeRO
     # steps the torch optimizer on the parameters themselves.
     optim_b = 8 if not bf16 and stage == 0 else 16
-    weights = local * weight_b // (replicas if stage >= 3 else 1)
-    grads = local * grad_b // (replicas if stage >= 2 else 1)
-    optim_full = local * optim_b // (replicas if stage >= 1 else 1)
+    # ZeRO partitions each rank's experts over the ranks that hold the same ones (replicas / ep), the rest over all.
+    dense = local - experts_local
+
+    def zero_split(nbytes: int, from_stage: int) -> int:
+        if stage < from_stage:
+            return (dense + experts_local) * nbytes
+        return dense * nbytes // replicas + experts_local * nbytes // max(replicas // ep, 1)
+
+    weights = zero_split(weight_b, 3)
+    grads = zero_split(grad_b, 2)
+    optim_full = zero_split(optim_b, 1)
     optim_gpu, optim_cpu = (0, optim_full) if par.offload_optimizer else (optim_full, 0)
     if par.offload_params:
         weights = 0
@@ -261,6 +279,10 @@ def make_plan(config: Config, world_size: int) -> Plan:
         exchange = data.micro_batch * sum(
             k.cp_exchange_bytes(m, tp, data.seq_len, cp, act_b) for k in layer_kinds(m)
         )  # fmt: skip
+    ep_exchange = 0
+    if ep > 1:
+        tokens = data.micro_batch * data.seq_len // cp
+        ep_exchange = sum(k.ep_exchange_bytes(m, tokens, ep, act_b) for k in layer_kinds(m))
     fpt = flops_per_token(m, data.seq_len)
     return Plan(
         world_size=world_size,
@@ -295,6 +317,9 @@ def make_plan(config: Config, world_size: int) -> Plan:
         warnings=warnings,
         cp=cp,
         cp_exchange_bytes=exchange,
+        ep=ep,
+        expert_params_per_gpu=experts_local,
+        ep_exchange_bytes=ep_exchange,
     )
 
 
@@ -354,5 +379,10 @@ def format_plan(plan: Plan, config: Config) -> str:
         lines.append(f"  context par.    {plan.seq_len // plan.cp} tokens per slice; each rank receives "
                      f"{plan.cp_exchange_bytes / 2**20:.2f} MiB per micro-batch in a forward (halos, states, keys and "
                      "values), as much again in backward")  # fmt: skip
+    if plan.expert_params_per_gpu:
+        lines.append(f"  experts         {plan.expert_params_per_gpu:,} expert parameters per GPU"
+                     + (f" (1/{plan.ep} of them, EP {plan.ep}); each rank sends {plan.ep_exchange_bytes / 2**20:.2f} "
+                        "MiB per micro-batch in a forward by all-to-all, as much again in backward"
+                        if plan.ep > 1 else " (every expert on every rank)"))  # fmt: skip
     lines += [f"  WARNING: {w}" for w in plan.warnings]
     return "\n".join(lines)

@@ -52,6 +52,11 @@ class LayerKind:
     # Parameters one token multiplies with when that is fewer than all of them (a MoE layer's routed experts); None =
     # params. FLOPs per token and MFU count these.
     active_params: Callable[[ModelConfig], int] | None = None
+    # Parameters split over the expert-parallel ranks (a MoE layer's routed experts); 0 for every other kind.
+    expert_params: Callable[[ModelConfig], int] = field(default=lambda cfg: 0)
+    # Bytes one rank sends per micro-batch in one layer's forward under expert parallelism, for (cfg, tokens on the
+    # rank, ep, activation bytes); the backward sends as much again.
+    ep_exchange_bytes: Callable[[ModelConfig, int, int, int], int] = field(default=lambda *args: 0)
     # Its symbol in model.hybrid_pattern; "M" for the Mamba mixers (model.arch says which).
     symbol: str | None = None
 

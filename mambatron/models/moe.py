@@ -303,6 +303,9 @@ MOE_KIND = register(
         tp_layouts=_moe_layouts,
         params=moe_params,
         active_params=moe_active_params,
+        expert_params=lambda c: c.moe.num_experts * _expert_params(c),
+        # Dispatch and combine: each token's top_k copies of d_model values, all but 1/ep of them to other ranks.
+        ep_exchange_bytes=lambda c, tokens, ep, act_b: 2 * tokens * c.moe.top_k * c.d_model * act_b * (ep - 1) // ep,
         mixing_flops=lambda c, seq_len: 0.0,  # all of it is matmuls with weights (counted on the active ones)
         # Per token: the routed copies of its input, their hidden activations and outputs, top_k times.
         activation_width=lambda c: (

@@ -80,6 +80,12 @@ class Trainer:
         from mambatron.parallel import dist as pdist
 
         cfg = self.config
+        if cfg.parallel.ep > 1:
+            raise ConfigError(
+                f"parallel.ep={cfg.parallel.ep}: expert-parallel training is not wired into DeepSpeed's gradient "
+                "reduction yet (the layer itself runs, mambatron.parallel.experts); set parallel.ep=1, which keeps "
+                "every expert on every rank"
+            )
         self.dist = pdist.setup(cfg.parallel)
         validate_parallel(cfg.model, cfg.parallel, self.dist.world_size, seq_len=cfg.data.seq_len)
         self.is_main = self.dist.rank == 0

@@ -19,8 +19,18 @@ def test_moe_preset_plans_its_active_parameters():
     pc = count_params(cfg.model)
     assert pc.total > 3e9 and 0.3 < pc.active / pc.total < 0.4
     assert flops_per_token(cfg.model, 4096) < 6 * pc.total * 0.5
-    text = format_plan(make_plan(cfg, 16), cfg)
+    plan = make_plan(cfg, 16)
+    text = format_plan(plan, cfg)
     assert f"{pc.active:,} active per token" in text and "fits" in text
+    # EP 8 over 16 ranks: each holds 1/8 of the routed experts (8 layers x 64 experts x 2 x 2048 x 1024), ZeRO splits
+    # them over the 2 ranks that hold the same ones, and each micro-batch's 4096 tokens go 4 times to other ranks and
+    # back (7/8 of them off-rank) in every MoE layer, in bf16.
+    routed = 8 * 64 * 2 * 2048 * 1024
+    ep8 = make_plan(load_config("configs/hybrid-moe-3b.yaml", ["parallel.ep=8"]), 16)
+    assert ep8.expert_params_per_gpu == routed // 8 and ep8.params_per_gpu == pc.total - routed + routed // 8
+    assert ep8.optimizer_bytes == plan.optimizer_bytes  # ZeRO-1: the same total state, split another way
+    assert ep8.weights_bytes == plan.weights_bytes - (routed - routed // 8) * 2
+    assert ep8.ep_exchange_bytes == 8 * 2 * 4096 * 4 * 2048 * 2 * 7 // 8
 
 
 def test_every_size_has_a_preset():

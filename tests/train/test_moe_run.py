@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import TINY, losses, run_train
+from tests.train.conftest import REPO, TINY, losses, run_train, train_cmd, train_env
 
 MOE = [
     "model.hybrid_pattern=ME", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.hidden=48",
@@ -33,3 +34,14 @@ def test_moe_hybrid_trains_logs_its_load_and_resumes_bit_exactly(tiny_data, tmp_
     run_train(2, [*common, "train.max_steps=4", f"train.out_dir={cut}"])
     resumed = losses(cut)
     assert {s: resumed[s] for s in (3, 4)} == {s: reference[s] for s in (3, 4)}
+
+
+def test_expert_parallel_training_is_refused_in_one_line(tiny_data, tmp_path):
+    """The expert-parallel layer runs (tests/parallel/test_expert_parallel.py), but DeepSpeed would average each rank's
+    different experts' gradients together: training with parallel.ep > 1 stops before anything is built."""
+    cmd = train_cmd(0, [*TINY, *tiny_data, *MOE, "parallel.ep=2", f"train.out_dir={tmp_path / 'run'}"])
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and "parallel.ep=2: expert-parallel training is not wired" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
