@@ -81,6 +81,8 @@ class MoEConfig:
     router: Literal["softmax", "sigmoid"] = "softmax"
     # Switch-Transformer load-balancing loss: coef * num_experts * sum_e(fraction routed to e * mean score of e).
     aux_loss_coef: float = 0.01
+    # Router z-loss (ST-MoE): coef * mean over tokens of logsumexp(router logits)²; 0 = off.
+    z_loss_coef: float = 0.0
     # Expert capacity as a multiple of the even share; null = dropless (every routed token is computed).
     capacity_factor: float | None = None
 
@@ -94,8 +96,10 @@ class MoEConfig:
             raise ConfigError(f"model.moe.shared_experts={self.shared_experts} must be >= 0")
         if self.router not in ("softmax", "sigmoid"):
             raise ConfigError(f"model.moe.router={self.router!r}: use softmax (Jamba) or sigmoid (Nemotron-H)")
-        if not (math.isfinite(float(self.aux_loss_coef)) and self.aux_loss_coef >= 0):
-            raise ConfigError(f"model.moe.aux_loss_coef={self.aux_loss_coef} must be a finite number >= 0")
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            value = getattr(self, name)
+            if not (math.isfinite(float(value)) and value >= 0):
+                raise ConfigError(f"model.moe.{name}={value} must be a finite number >= 0")
         if self.capacity_factor is not None:
             raise ConfigError(
                 f"model.moe.capacity_factor={self.capacity_factor}: only dropless routing is implemented; set "

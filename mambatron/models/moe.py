@@ -11,7 +11,8 @@ Routing is dropless: every routed token is computed (``capacity_factor: null``).
 Transformer loss, ``aux_loss_coef · E / (top_k · T²) · Σ_e tokens_e · Σ_t score_te`` over the T tokens of the
 micro-batch; as in megatron-core, its gradient is attached to the routing probabilities (:class:`AttachAuxLoss`, so
 the language-model loss is unchanged and the trainer sets its scale), and its value
-and each expert's share of the routed tokens are kept for the metrics (:func:`moe_stats`).
+and each expert's share of the routed tokens are kept for the metrics (:func:`moe_stats`). An optional router z-loss
+(``z_loss_coef``, ST-MoE's mean squared logsumexp of the logits) is attached to the logits the same way.
 
 The experts' weights are stacked: ``experts.fc1`` (experts, hidden or 2·hidden for SwiGLU as [gate; up], d_model)
 and ``experts.fc2`` (experts, d_model, hidden). This module computes them on one process, one matmul per expert
@@ -129,6 +130,12 @@ def aux_loss_scores(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tenso
     return scores, torch.zeros_like(logits, dtype=torch.int32).scatter(1, idx, 1).bool()
 
 
+def z_loss(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Router z-loss of one micro-batch, times z_loss_coef: the mean squared logsumexp of the logits (megatron's
+    ``z_loss_func``), which keeps them small."""
+    return torch.square(torch.logsumexp(logits, dim=-1)).mean() * cfg.moe.z_loss_coef
+
+
 def load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Switch-Transformer loss of one micro-batch, times aux_loss_coef (megatron's ``switch_load_balancing_loss``)."""
     tokens = scores.shape[0]
@@ -165,6 +172,7 @@ class MoEStats:
 
     def reset(self) -> None:
         self.aux_losses: list[float] = []
+        self.z_losses: list[float] = []
         self.tokens = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")  # also when built on meta
 
     @torch.no_grad()
@@ -173,6 +181,8 @@ class MoEStats:
         if cfg.moe.aux_loss_coef > 0:
             scores, aux_map = aux_loss_scores(logits.float(), cfg)
             self.aux_losses.append(float(load_balancing_loss(scores, aux_map, cfg)) / cfg.moe.aux_loss_coef)
+        if cfg.moe.z_loss_coef > 0:
+            self.z_losses.append(float(z_loss(logits.float(), cfg)) / cfg.moe.z_loss_coef)
 
 
 class MoE(nn.Module):
@@ -209,6 +219,8 @@ class MoE(nn.Module):
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
             logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
+        if self.training and torch.is_grad_enabled() and self.cfg.moe.z_loss_coef > 0:
+            logits = AttachAuxLoss.apply(logits, z_loss(logits, self.cfg))
         probs, routing_map = route(logits, self.cfg)
         if self.training and torch.is_grad_enabled() and self.cfg.moe.aux_loss_coef > 0:
             scores, aux_map = aux_loss_scores(logits, self.cfg)
@@ -234,17 +246,20 @@ class MoE(nn.Module):
 
 
 def moe_stats(model: nn.Module) -> dict[str, float]:
-    """The MoE metrics since the last call, then reset: mean load-balancing loss (without its coefficient) over the
-    E layers, and the smallest and largest share of routed tokens any expert of any E layer got (1 / num_experts
-    each when balanced). Empty for a model without E layers."""
+    """The MoE metrics since the last call, then reset: mean load-balancing loss and router z-loss (each without its
+    coefficient) over the E layers, and the smallest and largest share of routed tokens any expert of any E layer
+    got (1 / num_experts each when balanced). Empty for a model without E layers."""
     layers = [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), MoEStats)]
     if not layers:
         return {}
     losses = [v for s in layers for v in s.aux_losses]
+    z_losses = [v for s in layers for v in s.z_losses]
     shares = [s.tokens / s.tokens.sum() for s in layers if s.tokens.sum() > 0]
     out = {}
     if losses:
         out["moe_aux_loss"] = sum(losses) / len(losses)
+    if z_losses:
+        out["moe_z_loss"] = sum(z_losses) / len(z_losses)
     if shares:
         out["moe_load_min"] = min(float(sh.min()) for sh in shares)
         out["moe_load_max"] = max(float(sh.max()) for sh in shares)

@@ -58,6 +58,7 @@ def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
         moe_router_dtype="fp32",
         moe_router_load_balancing_type="aux_loss" if m.aux_loss_coef > 0 else "none",
         moe_aux_loss_coeff=m.aux_loss_coef,
+        moe_z_loss_coeff=m.z_loss_coef or None,
         moe_expert_capacity_factor=None,
         moe_token_dispatcher_type="alltoall",
         moe_permute_fusion=False,

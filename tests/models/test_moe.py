@@ -79,13 +79,14 @@ def test_moe_equals_per_token_reference(router, top_k, activation, shared):
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
-def test_load_balancing_loss_gradient_is_attached(router):
+@pytest.mark.parametrize("router,z_coef", [("softmax", 0.0), ("sigmoid", 0.0), ("softmax", 0.05)])
+def test_load_balancing_loss_gradient_is_attached(router, z_coef):
     """In training the router's gradient is that of output·g plus the Switch loss coef·E/(k·T²)·Σ_e n_e·Σ_t s_te,
-    with n_e the tokens routed to e and s the scores (softmax, or sigmoid normalised over the experts)."""
+    with n_e the tokens routed to e and s the scores (softmax, or sigmoid normalised over the experts), plus the
+    router z-loss z_coef·mean_t(logsumexp(logits_t)²) when it is on."""
     torch.manual_seed(0)
     coef = 0.3
-    cfg = moe_cfg(router=router, aux_loss_coef=coef)
+    cfg = moe_cfg(router=router, aux_loss_coef=coef, z_loss_coef=z_coef)
     layer = MoE(cfg, 1).double()
     layer.init_weights(torch.Generator().manual_seed(2))
     x = torch.randn(2, 6, cfg.d_model, dtype=torch.float64)
@@ -101,6 +102,7 @@ def test_load_balancing_loss_gradient_is_attached(router):
         n = torch.bincount(chosen.flatten(), minlength=cfg.moe.num_experts).to(s.dtype)
         tokens = logits.shape[0]
         aux = coef * cfg.moe.num_experts / (cfg.moe.top_k * tokens**2) * (n * s.sum(0)).sum()
+        aux = aux + z_coef * (torch.logsumexp(logits, -1) ** 2).mean()
         return reference(layer, v) + _with_gradient_of(aux, g)
 
     ref = grads(layer, with_explicit_loss, x, g)
@@ -117,13 +119,15 @@ def _with_gradient_of(aux: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def test_metrics_report_the_loss_and_the_load_once():
-    cfg = moe_cfg(aux_loss_coef=0.01)
+    cfg = moe_cfg(aux_loss_coef=0.01, z_loss_coef=0.001)
     model = build_model(cfg)
     model.train()
     ids = torch.randint(0, 64, (2, 9))
     model.loss(ids[:, :-1], ids[:, 1:]).backward()
     stats = moe_stats(model)
-    assert set(stats) == {"moe_aux_loss", "moe_load_min", "moe_load_max"}
+    assert set(stats) == {"moe_aux_loss", "moe_z_loss", "moe_load_min", "moe_load_max"}
+    # The router starts near zero (std 0.02), so every token's logsumexp is about log(E).
+    assert abs(stats["moe_z_loss"] - math.log(cfg.moe.num_experts) ** 2) < 0.1 * math.log(cfg.moe.num_experts) ** 2
     # The loss without its coefficient is 1 when perfectly balanced and at most num_experts / top_k.
     assert 0.5 < stats["moe_aux_loss"] <= cfg.moe.num_experts / cfg.moe.top_k
     assert 0 <= stats["moe_load_min"] <= 1 / 4 <= stats["moe_load_max"] <= 1

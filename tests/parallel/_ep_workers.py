@@ -10,8 +10,9 @@ from mambatron.models.moe import MoE, moe_stats
 from mambatron.parallel.experts import ExpertParallelMoE
 
 
-def _cfg(router: str, top_k: int, activation: str, shared: int, aux: float) -> ModelConfig:
-    moe = MoEConfig(num_experts=4, top_k=top_k, hidden=24, shared_experts=shared, router=router, aux_loss_coef=aux)
+def _cfg(router: str, top_k: int, activation: str, shared: int, aux: float, z: float) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, top_k=top_k, hidden=24, shared_experts=shared, router=router, aux_loss_coef=aux,
+                    z_loss_coef=z)  # fmt: skip
     return ModelConfig(arch="mamba2", hybrid_pattern="ME", n_layer=2, d_model=16, vocab_size=64, headdim=8, d_state=8,
                        mlp=MLPConfig(activation=activation), moe=moe, kernels="reference")  # fmt: skip
 
@@ -45,7 +46,7 @@ def ep_parity(info, cases):
         same_init = torch.equal(ep.router.weight, local.router.weight) and torch.equal(
             ep.experts.fc1, local.experts.fc1[first : first + n]
         )
-        training = case[4] > 0
+        training = case[4] > 0 or case[5] > 0
         local.train(training)
         ep.train(training)
         x = torch.randn(3, 10, cfg.d_model, generator=torch.Generator().manual_seed(10 + rank))

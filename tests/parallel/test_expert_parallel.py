@@ -1,7 +1,7 @@
 """Expert parallelism (gloo, EP=2): megatron-core's MoE layer with its all-to-all dispatcher, each rank holding half
 of the experts, against the one-process MoE layer: fp32 outputs and every gradient within 1e-6 (an expert's gradient
 is the sum over ranks of what the one-process layer computes for each rank's tokens), dropless, top-1 and top-2,
-softmax and sigmoid routing, with a shared expert and with the load-balancing loss attached."""
+softmax and sigmoid routing, with a shared expert, with the load-balancing loss and the router z-loss attached."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from tests.parallel import _ep_workers as ew
 from tests.parallel._launch import run_distributed
 
-# (router, top_k, activation, shared experts, aux_loss_coef)
+# (router, top_k, activation, shared experts, aux_loss_coef, z_loss_coef)
 CASES = [
-    ("softmax", 2, "swiglu", 0, 0.0),
-    ("softmax", 1, "relu2", 1, 0.0),
-    ("sigmoid", 2, "relu2", 1, 0.1),
-    ("softmax", 2, "swiglu", 0, 0.1),
+    ("softmax", 2, "swiglu", 0, 0.0, 0.0),
+    ("softmax", 1, "relu2", 1, 0.0, 0.0),
+    ("sigmoid", 2, "relu2", 1, 0.1, 0.0),
+    ("softmax", 2, "swiglu", 0, 0.1, 0.01),
 ]
 
 
