@@ -27,8 +27,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Every RESULT record of this run (checks and profiles too), in the order printed: what --json writes.
+RECORDS: list[dict] = []
+
+
 def result(**kw) -> dict:
     print("RESULT " + json.dumps(kw), flush=True)
+    RECORDS.append(kw)
     return kw
 
 
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-mamba-ssm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each implementation")
-    ap.add_argument("--json", help="append the RESULT records to this file")
+    ap.add_argument("--json", help="append every RESULT record (checks, profiles, steps) to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: bench_step needs a CUDA GPU", file=sys.stderr)
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.json:
         with open(args.json, "a") as f:
-            for r in records:
+            for r in RECORDS:
                 f.write(json.dumps(r) + "\n")
     return 0
 
