@@ -628,7 +628,7 @@ def from_hf(hf_dir: str | Path) -> tuple[MambaLM, ModelConfig]:
     state = load_hf_state(d)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
-    if "E" in cfg.hybrid_pattern and not cfg.arch == "mamba1":
+    if "E" in cfg.hybrid_pattern and cfg.arch != "mamba1":
         _drop_nemotron_h_moe_extras(state, cfg)
     model = build_model(cfg)
     load_full_state(model, state)

@@ -1,12 +1,14 @@
 """Triton kernels of the Mamba1 selective scan, forward and backward.
 
 One program owns (one batch row, one group, BLOCK_D channels of that group) and walks the sequence in chunks of
-CHUNK steps, carrying its (BLOCK_D, dstate) fp32 state from chunk to chunk in registers. Inside a chunk it loops over
-the state index n; for each, the recurrence h_t = a_t * h_{t-1} + b_t over a (BLOCK_D, CHUNK) tile is one
-``tl.associative_scan`` on pairs (a, b) along time, so every load and store is a coalesced (rows, CHUNK) tile, no step
-waits on the previous one's memory latency, and registers stay bounded for long chunks. The forward stores only the
-state at each chunk start (1/CHUNK of a state per step); the backward walks the chunks last to first, recomputes each
-chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse scan.
+CHUNK steps. Inside a chunk it loops over the state index n; for each, the recurrence h_t = a_t * h_{t-1} + b_t over
+a (BLOCK_D, CHUNK) tile is one ``tl.associative_scan`` on pairs (a, b) along time, so every load and store is a
+coalesced (rows, CHUNK) tile, no step waits on the previous one's memory latency, and registers stay bounded for long
+chunks. The fp32 state passes from chunk to chunk through a small two-half buffer in global memory (written by the
+lanes that hold the chunk's edge, read by all after a barrier). The forward keeps the state entering each of the
+backward's chunks (SAVE_EVERY of its own, which may be shorter); the backward walks its chunks last to first,
+recomputes each chunk's states from that, and runs the adjoint dh_t = C_t * dy_t + a_{t+1} * dh_{t+1} as a reverse
+scan.
 
 Every (batch, dim, seqlen) tensor (u, delta, z, out, dout, du, ddelta, dz) and B, C (batch, groups, dstate, seqlen)
 is addressed through its own strides (``api.py`` hands them over time-contiguous: strided time axes were measured 3x

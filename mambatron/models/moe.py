@@ -64,14 +64,13 @@ class Experts(nn.Module):
         self.fc2 = nn.Parameter(torch.empty(num_local, d, h))
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None, scale_down: bool = True) -> None:
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Each expert kaiming-uniform (fc1 then fc2, expert by expert); fc2 then scaled by 1/sqrt(n_layer), as every
         layer's output into the residual stream is."""
         for e in range(self.num_local):
             _uniform_fan_in(self.fc1[e], self.cfg.d_model, generator)
             _uniform_fan_in(self.fc2[e], self.cfg.moe_hidden, generator)
-        if scale_down:
-            self.fc2.div_(math.sqrt(self.cfg.n_layer))
+        self.fc2.div_(math.sqrt(self.cfg.n_layer))
 
     def forward(self, x: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
         counts = [int(c) for c in tokens_per_expert]
@@ -163,26 +162,38 @@ class AttachAuxLoss(torch.autograd.Function):
 
 
 class MoEStats:
-    """What a MoE layer saw since the metrics last read it: load-balancing loss values and routed tokens per
-    expert (summed over micro-batches)."""
+    """What a MoE layer saw since the metrics last read it: its load-balancing and z-loss values and the routed tokens
+    per expert, summed over micro-batches. Kept as device tensors: nothing here waits for the GPU; :func:`moe_stats`
+    reads them once per step."""
 
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
         self.reset()
 
     def reset(self) -> None:
-        self.aux_losses: list[float] = []
-        self.z_losses: list[float] = []
-        self.tokens = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")  # also when built on meta
+        self.aux_losses: list[torch.Tensor] = []
+        self.z_losses: list[torch.Tensor] = []
+        self.tokens: torch.Tensor | None = None
 
     @torch.no_grad()
-    def record(self, logits: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig) -> None:
-        self.tokens += routing_map.sum(dim=0).to(device="cpu", dtype=torch.float64)
-        if cfg.moe.aux_loss_coef > 0:
-            scores, aux_map = aux_loss_scores(logits.float(), cfg)
-            self.aux_losses.append(float(load_balancing_loss(scores, aux_map, cfg)) / cfg.moe.aux_loss_coef)
-        if cfg.moe.z_loss_coef > 0:
-            self.z_losses.append(float(z_loss(logits.float(), cfg)) / cfg.moe.z_loss_coef)
+    def record(self, routing_map: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
+        """One micro-batch: its routing map and its losses (each times its coefficient, or None when off)."""
+        counts = routing_map.sum(dim=0)
+        self.tokens = counts if self.tokens is None else self.tokens + counts
+        if aux is not None:
+            self.aux_losses.append(aux.detach() / self.cfg.moe.aux_loss_coef)
+        if z is not None:
+            self.z_losses.append(z.detach() / self.cfg.moe.z_loss_coef)
+
+
+def router_losses(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(load-balancing loss, z-loss) of one micro-batch's router logits, each None when its coefficient is 0."""
+    aux = z = None
+    if cfg.moe.aux_loss_coef > 0:
+        aux = load_balancing_loss(*aux_loss_scores(logits, cfg), cfg)
+    if cfg.moe.z_loss_coef > 0:
+        z = z_loss(logits, cfg)
+    return aux, z
 
 
 class MoE(nn.Module):
@@ -201,7 +212,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.moe.num_experts, cfg)
         if cfg.moe.shared_experts:
             self.shared_experts = SharedExperts(cfg)
-        self.stats = MoEStats(cfg.moe.num_experts)
+        self.stats = MoEStats(cfg)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -219,14 +230,15 @@ class MoE(nn.Module):
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
             logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
-        if self.training and torch.is_grad_enabled() and self.cfg.moe.z_loss_coef > 0:
-            logits = AttachAuxLoss.apply(logits, z_loss(logits, self.cfg))
+        aux, z = router_losses(logits, self.cfg) if self.training else (None, None)
+        attach = self.training and torch.is_grad_enabled()
+        if attach and z is not None:
+            logits = AttachAuxLoss.apply(logits, z)
         probs, routing_map = route(logits, self.cfg)
-        if self.training and torch.is_grad_enabled() and self.cfg.moe.aux_loss_coef > 0:
-            scores, aux_map = aux_loss_scores(logits, self.cfg)
-            probs = AttachAuxLoss.apply(probs, load_balancing_loss(scores, aux_map, self.cfg))
+        if attach and aux is not None:
+            probs = AttachAuxLoss.apply(probs, aux)
         if self.training:
-            self.stats.record(logits, routing_map, self.cfg)
+            self.stats.record(routing_map, aux, z)
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
         token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
         order = torch.argsort(expert_idx, stable=True)
@@ -252,9 +264,9 @@ def moe_stats(model: nn.Module) -> dict[str, float]:
     layers = [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), MoEStats)]
     if not layers:
         return {}
-    losses = [v for s in layers for v in s.aux_losses]
-    z_losses = [v for s in layers for v in s.z_losses]
-    shares = [s.tokens / s.tokens.sum() for s in layers if s.tokens.sum() > 0]
+    losses = [float(v) for s in layers for v in s.aux_losses]
+    z_losses = [float(v) for s in layers for v in s.z_losses]
+    shares = [s.tokens.double() / s.tokens.sum() for s in layers if s.tokens is not None and s.tokens.sum() > 0]
     out = {}
     if losses:
         out["moe_aux_loss"] = sum(losses) / len(losses)

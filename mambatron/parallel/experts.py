@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mambatron.config import ModelConfig
-from mambatron.models.moe import Experts, MoEStats, SharedExperts
+from mambatron.models.moe import Experts, MoE, MoEStats, router_losses
 from mambatron.parallel import cpu_shims
 
 # megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
@@ -90,34 +90,30 @@ class ExpertParallelMoE(MoELayer):
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.first_expert = self.local_expert_indices[0]
-        self.stats = MoEStats(cfg.moe.num_experts)
+        self.stats = MoEStats(cfg)
         self.router.register_forward_hook(self._record)
 
     def _record(self, router, args, out) -> None:
+        """The metrics of the one-process layer; megatron's router keeps its logits to itself, so they are
+        recomputed (one small matmul)."""
         if self.training:
             x = args[0].reshape(-1, self.cfg.d_model)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), router.weight.float())
-            self.stats.record(logits, out[1], self.cfg)
+                self.stats.record(out[1], *router_losses(logits, self.cfg))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """The one-process layer's draws, in its order; this rank keeps its experts' share."""
-        cfg = self.cfg
-        self.router.weight.normal_(0.0, cfg.init_std, generator=generator)
-        full = Experts(1, cfg).to(self.experts.fc1.device)
-        local = range(self.first_expert, self.first_expert + self.num_local_experts)
-        for e in range(cfg.moe.num_experts):
-            full.init_weights(generator, scale_down=False)
-            if e in local:
-                self.experts.fc1[e - self.first_expert].copy_(full.fc1[0])
-                self.experts.fc2[e - self.first_expert].copy_(full.fc2[0])
-        self.experts.fc2.div_(cfg.n_layer**0.5)
-        if cfg.moe.shared_experts:
-            ref = SharedExperts(cfg).to(self.router.weight.device)
-            ref.init_weights(generator)
-            self.shared_experts.linear_fc1.weight.copy_(ref.linear_fc1.weight)
-            self.shared_experts.linear_fc2.weight.copy_(ref.linear_fc2.weight)
+        """The one-process layer's initial values: one is initialised with ``generator`` (every expert, briefly)
+        and this rank keeps its router, its share of the experts and the shared ones."""
+        with torch.device(self.router.weight.device):
+            full = MoE(self.cfg, self.layer_idx)
+        full.init_weights(generator)
+        experts = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        state = full.state_dict()
+        for name, param in self.named_parameters():
+            value = state[name]
+            param.copy_(value[experts] if name.startswith("experts.") else value)
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         shape = hidden.shape
