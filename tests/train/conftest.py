@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,16 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait()
     psutil.wait_procs(victims, timeout=10)
+
+
+def copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> Path:
+    """Put ``src_run``'s checkpoint of ``step`` into the fresh run folder ``dst_run``, for a run there to resume from;
+    returns the source step folder."""
+    from mambatron.train import checkpoint as ckpt
+
+    step_dir = ckpt.checkpoint_root(src_run) / ckpt.step_dir_name(step)
+    shutil.copytree(step_dir, ckpt.checkpoint_root(dst_run) / step_dir.name)
+    return step_dir
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -4,11 +4,9 @@ experts' load reach metrics.jsonl, and a resumed run continues bit-exactly."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
-from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, losses, run_train, train_cmd, train_env
+from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_cmd, train_env
 
 MOE = [
     "model.hybrid_pattern=ME", "model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.hidden=48",
@@ -29,8 +27,7 @@ def test_moe_hybrid_trains_logs_its_load_and_resumes_bit_exactly(tiny_data, tmp_
         # Without its coefficient the Switch loss is 1 when balanced and at most num_experts / top_k = 2.
         assert 0.5 < r["moe_aux_loss"] <= 2.0, r
         assert 0 <= r["moe_load_min"] <= 0.25 <= r["moe_load_max"] <= 1, r
-    step2 = ckpt.checkpoint_root(full) / "step_0000002"
-    shutil.copytree(step2, ckpt.checkpoint_root(cut) / step2.name)
+    copy_checkpoint(full, 2, cut)
     run_train(2, [*common, "train.max_steps=4", f"train.out_dir={cut}"])
     resumed = losses(cut)
     assert {s: resumed[s] for s in (3, 4)} == {s: reference[s] for s in (3, 4)}
