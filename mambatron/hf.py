@@ -51,6 +51,9 @@ _JAMBA_MOE = {
     "experts.fc2": "experts.down_proj",
 }
 
+_FROM_NEMOTRON_H_MOE = {theirs: ours for ours, theirs in _NEMOTRON_H_MOE.items()}
+_FROM_JAMBA_MOE = {theirs: ours for ours, theirs in _JAMBA_MOE.items() if theirs != ours}
+
 
 def _rename_leaf(key: str, table: dict[str, str]) -> str:
     """``key`` with its MoE leaf (one of ``table``'s keys, after ``mixer.``/``feed_forward.``) renamed."""
@@ -80,7 +83,7 @@ def from_hf_key(key: str) -> str:
         if key == prefix + "embeddings.weight":
             return "embedding.weight"
         if key.startswith(prefix):
-            return _rename_leaf(key.removeprefix(prefix), {v: k for k, v in _NEMOTRON_H_MOE.items()})
+            return _rename_leaf(key.removeprefix(prefix), _FROM_NEMOTRON_H_MOE)
     return key
 
 
@@ -288,7 +291,7 @@ def _from_jamba_key(key: str) -> str:
     if part in ("input_layernorm", "pre_ff_layernorm"):
         return f"layers.{2 * i + (part == 'pre_ff_layernorm')}.norm.{rest}"
     key = f"layers.{2 * i + (part == 'feed_forward')}.mixer.{rest}"
-    return _rename_leaf(key, {v: k for k, v in _JAMBA_MOE.items() if k != v})
+    return _rename_leaf(key, _FROM_JAMBA_MOE)
 
 
 def _nemotron_h_fields(hf: dict[str, Any]) -> dict[str, Any]:

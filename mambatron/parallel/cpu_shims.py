@@ -20,6 +20,7 @@ import sys
 import torch
 
 _applied = False
+_moe_applied = False
 # Stands in for the CUDA default generator that megatron's RNG tracker saves, seeds and restores.
 _tracker_generator = torch.Generator(device="cpu")
 
@@ -79,9 +80,6 @@ def apply_moe() -> bool:
     dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     _moe_applied = True
     return True
-
-
-_moe_applied = False
 
 
 class _HostStream:
