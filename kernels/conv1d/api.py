@@ -12,13 +12,22 @@ from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_r
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _blocks(dim: int, seqlen: int, channel_last: bool) -> tuple[int, int]:
-    # GPU: 16 channels x 128 positions keep loads 256-byte coalesced along the sequence with 4 warps; a channel-last
-    # input is coalesced along the channels instead. The interpreter pays per program, so it takes the whole tensor
-    # in as few programs as it can.
+# GPU launch configurations, (BLOCK_D channels, BLOCK_L positions, warps), by pass and by layout (channel-last or
+# time-contiguous): tiles are coalesced along the unit-stride axis. The interpreter pays per program, so it takes the
+# whole tensor in as few programs as it can.
+_GPU_FWD = {False: (16, 128, 4), True: (128, 32, 4)}
+_GPU_BWD = {False: (16, 128, 4), True: (128, 32, 4)}
+
+
+def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool) -> tuple[int, int, int]:
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(triton.next_power_of_2(dim), 64), min(triton.next_power_of_2(seqlen), 64)
-    return (128, 32) if channel_last else (16, 128)
+        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4
+    return table[channel_last]
+
+
+def _slots(*tensors: torch.Tensor, width: int) -> bool:
+    """Whether the slot kernels apply: every (batch, dim, seqlen) tensor has unit stride along the sequence."""
+    return width <= 9 and all(t.stride(2) == 1 for t in tensors)
 
 
 def _silu(activation) -> bool:
@@ -30,22 +39,24 @@ def _silu(activation) -> bool:
 def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
     """The Triton forward on x (batch, dim, seqlen) of any strides; out takes x's layout (channel-last or not)."""
     # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
-    from .kernel import _conv_fwd_kernel
+    from .kernel import _conv_fwd_kernel, _conv_fwd_slots_kernel
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l = _blocks(dim, seqlen, channel_last(x))
+    block_d, block_l, warps = _blocks(_GPU_FWD, dim, seqlen, channel_last(x))
     out = new_output_like_layout(x, x.dtype)
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
-    _conv_fwd_kernel[grid](
+    slots = _slots(x, out, width=width)
+    kernel = _conv_fwd_slots_kernel if slots else _conv_fwd_kernel
+    strides = (*x.stride()[:2], *out.stride()[:2]) if slots else (*x.stride(), *out.stride())
+    kernel[grid](
         x,
         weight,
         bias,
         initial_states,
         seq_idx,
         out,
-        *x.stride(),
-        *out.stride(),
+        *strides,
         dim,
         seqlen,
         HAS_BIAS=bias is not None,
@@ -55,61 +66,53 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
         WIDTH=width,
         BLOCK_D=block_d,
         BLOCK_L=block_l,
-        num_warps=4,
+        num_warps=warps,
     )
     return out
 
 
 def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None):
-    """Gradients of :func:`conv_forward`; dx is written into ``dx`` (any strides) when given.
+    """Gradients of :func:`conv_forward`, one kernel launch; dx is written into ``dx`` (any strides) when given.
     Returns dx, dweight, dbias (or None), dinitial_states (or None)."""
-    from .kernel import _conv_bwd_act_kernel, _conv_bwd_dx_kernel
+    from .kernel import _conv_bwd_kernel, _conv_bwd_slots_kernel
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l = _blocks(dim, seqlen, channel_last(x))
+    block_d, block_l, warps = _blocks(_GPU_BWD, dim, seqlen, channel_last(x))
     nblocks_l = triton.cdiv(seqlen, block_l)
-    grid = (batch, triton.cdiv(dim, block_d), nblocks_l)
     dev, f32 = x.device, torch.float32
-    g = new_output_like_layout(x, f32) if silu else dout
     dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
     dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
-    flags = dict(HAS_SEQ_IDX=seq_idx is not None, WIDTH=width, BLOCK_D=block_d, BLOCK_L=block_l, num_warps=4)
-    _conv_bwd_act_kernel[grid](
+    dx = new_output_like_layout(x, x.dtype) if dx is None else dx
+    dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
+    slots = _slots(x, dout, dx, width=width)
+    kernel = _conv_bwd_slots_kernel if slots else _conv_bwd_kernel
+    strides = [t.stride()[:2] if slots else t.stride() for t in (x, dout, dx)]
+    kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
         x,
         weight,
         bias,
         initial_states,
         seq_idx,
         dout,
-        g,
+        dx,
         dw_part,
         dbias_part,
-        *x.stride(),
-        *dout.stride(),
-        *g.stride(),
+        dinit,
+        *strides[0],
+        *strides[1],
+        *strides[2],
         dim,
         seqlen,
         HAS_BIAS=bias is not None,
         HAS_INIT=initial_states is not None,
+        HAS_SEQ_IDX=seq_idx is not None,
         SILU=silu,
-        **flags,
-    )
-    dx = new_output_like_layout(x, x.dtype) if dx is None else dx
-    dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-    _conv_bwd_dx_kernel[grid](
-        g,
-        weight,
-        seq_idx,
-        dx,
-        dinit,
-        *g.stride(),
-        *dx.stride(),
-        dim,
-        seqlen,
-        HAS_INIT=initial_states is not None,
+        WIDTH=width,
+        BLOCK_D=block_d,
+        BLOCK_L=block_l,
         BLOCK_W=triton.next_power_of_2(width),
-        **flags,
+        num_warps=warps,
     )
     dweight = dw_part.sum((0, 1)).to(weight.dtype)
     dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None

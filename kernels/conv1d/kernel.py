@@ -7,9 +7,11 @@ seq_idx (batch, seqlen). A program owns a (BLOCK_D channels, BLOCK_L positions) 
 initial_states[..., WIDTH - 1 + p]. A tap from s to t counts iff seq_idx is constant on [s, t], with seq_idx[p < 0]
 taken as seq_idx[0] (initial states belong to the first document).
 
-The backward runs in two passes: the first recomputes the pre-activation (nothing but x is saved), writes the
-pre-activation gradient g in fp32 (only with SiLU; without, g is dout) and reduces the weight and bias gradients of
-its tile; the second gathers dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j] from shifted loads of g, which hit L1.
+The backward is one pass over x and dout (nothing but x is saved): a program recomputes the pre-activation gradient
+g (dout times SiLU's derivative at the recomputed pre-activation; dout itself without SiLU) at its own positions, which
+give the tile's weight and bias gradients, and at the WIDTH - 1 positions after each of them, and gathers
+dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j]. g is computed WIDTH times per position from shifted loads of x and
+dout that hit L1, instead of being written to memory in fp32 and read back by a second kernel.
 """
 
 import triton
@@ -118,19 +120,60 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
-def _conv_bwd_act_kernel(
+def _pre_grad(
+    x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, t, s_x_l, s_do_l, seqlen, mask_d,
+    HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+):  # fmt: skip
+    """g = d loss / d pre-activation at positions t (BLOCK_L,) for rows (BLOCK_D,), fp32; zero outside [0, seqlen)."""
+    mask = mask_d[:, None] & ((t >= 0) & (t < seqlen))[None, :]
+    g = tl.load(dout_ptr + do_row[:, None] + t[None, :] * s_do_l, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        pre = _pre_activation(
+            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, row, init_row, d, t, s_x_l, seqlen, mask_d,
+            HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, WIDTH,
+        )  # fmt: skip
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _input_grad(
+    x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s, g0, s_x_l, s_do_l, seqlen,
+    mask_d, HAS_BIAS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr,
+    WIDTH: tl.constexpr,
+):  # fmt: skip
+    """d loss / d input at positions s (BLOCK_D, BLOCK_L): input s feeds outputs s + j through tap WIDTH - 1 - j.
+    g0 is g at s itself."""
+    w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1), mask=mask_d, other=0.0).to(tl.float32)
+    dx = w[:, None] * g0
+    for j in tl.static_range(1, WIDTH):
+        g = _pre_grad(
+            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s + j, s_x_l, s_do_l,
+            seqlen, mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
+        )  # fmt: skip
+        if HAS_SEQ_IDX:
+            g = tl.where(_same_doc(seq_ptr, s, j, seqlen)[None, :], g, 0.0)
+        w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+        dx += w[:, None] * g
+    return dx
+
+
+@triton.jit
+def _conv_bwd_kernel(
     x_ptr,
     w_ptr,
     bias_ptr,
     init_ptr,
     seq_idx_ptr,
     dout_ptr,
-    g_ptr,
+    dx_ptr,
     dw_ptr,
     dbias_ptr,
+    dinit_ptr,
     s_x_b, s_x_d, s_x_l,
     s_do_b, s_do_d, s_do_l,
-    s_g_b, s_g_d, s_g_l,
+    s_dx_b, s_dx_d, s_dx_l,
     dim,
     seqlen,
     HAS_BIAS: tl.constexpr,
@@ -140,98 +183,53 @@ def _conv_bwd_act_kernel(
     WIDTH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """g = d loss / d pre-activation (fp32, stored only with SILU: otherwise it is dout), and the weight and bias
-    gradients of this tile as partial sums dweight (batch, nblocks_l, dim, WIDTH), dbias (batch, nblocks_l, dim)."""
+    """dx of this tile, its weight and bias gradients as partial sums dweight (batch, nblocks_l, dim, WIDTH) and
+    dbias (batch, nblocks_l, dim), and dinitial_states in the first tile of each row."""
     pid_b = tl.program_id(0)
     pid_l = tl.program_id(2)
     nblocks_l = tl.num_programs(2)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = d < dim
-    mask = mask_d[:, None] & (t < seqlen)[None, :]
     b64 = pid_b.to(tl.int64)
-    row = b64 * s_x_b + d.to(tl.int64) * s_x_d
+    d64 = d.to(tl.int64)
+    row = b64 * s_x_b + d64 * s_x_d
+    do_row = b64 * s_do_b + d64 * s_do_d
     init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    dout_offs = (b64 * s_do_b + d.to(tl.int64) * s_do_d)[:, None] + t[None, :] * s_do_l
-    g = tl.load(dout_ptr + dout_offs, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        pre = _pre_activation(
-            x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, row, init_row, d, t, s_x_l, seqlen, mask_d,
-            HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, WIDTH,
-        )  # fmt: skip
-        sig = tl.sigmoid(pre)
-        g = g * sig * (1.0 + pre * (1.0 - sig))
-        g_offs = (b64 * s_g_b + d.to(tl.int64) * s_g_d)[:, None] + t[None, :] * s_g_l
-        tl.store(g_ptr + g_offs, g, mask=mask)
+    g = _pre_grad(
+        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s, s_x_l, s_do_l, seqlen,
+        mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
+    )  # fmt: skip
     part = (pid_b * nblocks_l + pid_l) * dim + d
-    # The taps are the ones the forward read; loading them again hits L1.
+    # The taps are the ones the pre-activation read; loading them again hits L1.
     for k in tl.static_range(WIDTH):
-        src = t - (WIDTH - 1 - k)
+        src = s - (WIDTH - 1 - k)
         xs = _load_x(x_ptr, init_ptr, row, init_row, src, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
         if HAS_SEQ_IDX:
             xs = tl.where(_same_doc(seq_ptr, src, WIDTH - 1 - k, seqlen)[None, :], xs, 0.0)
         tl.store(dw_ptr + part * WIDTH + k, tl.sum(g * xs, axis=1), mask=mask_d)
     if HAS_BIAS:
         tl.store(dbias_ptr + part, tl.sum(g, axis=1), mask=mask_d)
-
-
-@triton.jit
-def _input_grad(g_ptr, w_ptr, seq_ptr, row, d, s, s_l, seqlen, mask_d, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
-    """d loss / d input at positions s (BLOCK_D, BLOCK_L): input s feeds outputs s + j through tap WIDTH - 1 - j."""
-    dx = tl.zeros((row.shape[0], s.shape[0]), dtype=tl.float32)
-    for j in tl.static_range(WIDTH):
-        t = s + j
-        valid = (t >= 0) & (t < seqlen)
-        if HAS_SEQ_IDX:
-            valid = valid & _same_doc(seq_ptr, s, j, seqlen)
-        g = tl.load(g_ptr + row[:, None] + t[None, :] * s_l, mask=mask_d[:, None] & valid[None, :], other=0.0)
-        w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
-        dx += w[:, None] * g.to(tl.float32)
-    return dx
-
-
-@triton.jit
-def _conv_bwd_dx_kernel(
-    g_ptr,
-    w_ptr,
-    seq_idx_ptr,
-    dx_ptr,
-    dinit_ptr,
-    s_g_b, s_g_d, s_g_l,
-    s_dx_b, s_dx_d, s_dx_l,
-    dim,
-    seqlen,
-    HAS_INIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr,
-    WIDTH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):  # fmt: skip
-    """dx from g (the pre-activation gradient, (batch, dim, seqlen)), and dinitial_states in the first tile."""
-    pid_b = tl.program_id(0)
-    pid_l = tl.program_id(2)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = d < dim
-    b64 = pid_b.to(tl.int64)
-    row = b64 * s_g_b + d.to(tl.int64) * s_g_d
-    seq_ptr = seq_idx_ptr
-    if HAS_SEQ_IDX:
-        seq_ptr += pid_b * seqlen
-    dx = _input_grad(g_ptr, w_ptr, seq_ptr, row, d, s, s_g_l, seqlen, mask_d, HAS_SEQ_IDX, WIDTH)
+    dx = _input_grad(
+        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s, g, s_x_l, s_do_l, seqlen,
+        mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
+    )  # fmt: skip
     mask = mask_d[:, None] & (s < seqlen)[None, :]
-    dx_offs = (b64 * s_dx_b + d.to(tl.int64) * s_dx_d)[:, None] + s[None, :] * s_dx_l
+    dx_offs = (b64 * s_dx_b + d64 * s_dx_d)[:, None] + s[None, :] * s_dx_l
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_INIT:
         if pid_l == 0:
             p = tl.arange(0, BLOCK_W) - (WIDTH - 1)  # the initial-state positions -(WIDTH - 1) .. -1, padded
-            dinit = _input_grad(g_ptr, w_ptr, seq_ptr, row, d, p, s_g_l, seqlen, mask_d, HAS_SEQ_IDX, WIDTH)
-            init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
+            zero = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)  # no output sits at p < 0
+            dinit = _input_grad(
+                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, p, zero, s_x_l,
+                s_do_l, seqlen, mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
+            )  # fmt: skip
             ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
             tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_d[:, None] & (p < 0)[None, :])
 
@@ -272,3 +270,304 @@ def _conv_update_kernel(
     # Other threads of this program may still be reading the old state.
     tl.debug_barrier()
     tl.store(state_ptr + srow[:, None] + k[None, :], window.to(state_ptr.dtype.element_ty), mask=mask_dk)
+
+
+# Time-contiguous inputs (unit stride along the sequence, Mamba1's layout). A tap shifted by one position is a
+# misaligned load that Triton splits into one 2-byte load per element, which makes the kernels above L1-bound on this
+# layout. The kernels below load only aligned tiles (the tile, and the tiles 8 positions before and after it, which
+# hit L1) and split each into 8 "slots": slot v holds positions t0 + 8m + v, all in one thread's registers. A tap
+# shifted by k reads slot v - k of the same tile, or slot v - k + 8 of the tile before: register renaming, no memory.
+
+
+@triton.jit
+def _split8(x, R: tl.constexpr, M: tl.constexpr):
+    """(R, 8M) -> 8 tensors (R, M); slot v holds columns 8m + v."""
+    x = tl.reshape(x, (R, M, 2, 2, 2))
+    c0, c1 = tl.split(x)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    s0, s4 = tl.split(b00)
+    s2, s6 = tl.split(b01)
+    s1, s5 = tl.split(b10)
+    s3, s7 = tl.split(b11)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _split8_1d(x, M: tl.constexpr):
+    """(8M,) -> 8 tensors (M,); slot v holds entries 8m + v."""
+    x = tl.reshape(x, (M, 2, 2, 2))
+    c0, c1 = tl.split(x)
+    b00, b01 = tl.split(c0)
+    b10, b11 = tl.split(c1)
+    s0, s4 = tl.split(b00)
+    s2, s6 = tl.split(b01)
+    s1, s5 = tl.split(b10)
+    s3, s7 = tl.split(b11)
+    return s0, s1, s2, s3, s4, s5, s6, s7
+
+
+@triton.jit
+def _join8(s0, s1, s2, s3, s4, s5, s6, s7, R: tl.constexpr, M: tl.constexpr):
+    """The inverse of :func:`_split8`."""
+    k0 = tl.join(tl.join(s0, s4), tl.join(s2, s6))
+    k1 = tl.join(tl.join(s1, s5), tl.join(s3, s7))
+    return tl.reshape(tl.join(k0, k1), (R, M * 8))
+
+
+@triton.jit
+def _win(prev, cur, nxt, u: tl.constexpr):
+    """Slot u in [-8, 16) of the window [prev | cur | next] of slot tuples."""
+    if u < 0:
+        return prev[u + 8]
+    elif u < 8:
+        return cur[u]
+    else:
+        return nxt[u - 8]
+
+
+@triton.jit
+def _same_doc_slots(sp, sc, sn, u0: tl.constexpr, u1: tl.constexpr):
+    """Whether seq_idx is constant over slots u0 .. u1 (as (M,) booleans)."""
+    ok = _win(sp, sc, sn, u0) == _win(sp, sc, sn, u0)
+    for i in tl.static_range(u0, u1):
+        ok = ok & (_win(sp, sc, sn, i) == _win(sp, sc, sn, i + 1))
+    return ok
+
+
+@triton.jit
+def _pre_slot(xp, xc, xn, sp, sc, sn, w_ptr, d, mask_d, bias, u: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+              WIDTH: tl.constexpr):  # fmt: skip
+    """The pre-activation at slot u (R, M), fp32: bias + sum_k weight[:, k] * x[slot u - (WIDTH - 1 - k)]."""
+    acc = bias
+    for k in tl.static_range(WIDTH):
+        xs = _win(xp, xc, xn, u - (WIDTH - 1 - k))
+        if HAS_SEQ_IDX:
+            xs = tl.where(_same_doc_slots(sp, sc, sn, u - (WIDTH - 1 - k), u)[None, :], xs, 0.0)
+        w = tl.load(w_ptr + d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[:, None] * xs
+    return acc
+
+
+@triton.jit
+def _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t, s_l, seqlen, mask_d, HAS_INIT: tl.constexpr,
+                HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr, R: tl.constexpr, M: tl.constexpr):  # fmt: skip
+    """x (fp32) and seq_idx at positions t, as slot tuples; seq_idx is clamped into [0, seqlen) like _same_doc."""
+    xs = _split8(_load_x(x_ptr, init_ptr, row, init_row, t, s_l, seqlen, mask_d, HAS_INIT, WIDTH), R, M)
+    if HAS_SEQ_IDX:
+        ss = _split8_1d(tl.load(seq_ptr + tl.minimum(tl.maximum(t, 0), seqlen - 1)), M)
+    else:
+        ss = xs
+    return xs, ss
+
+
+@triton.jit
+def _conv_fwd_slots_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    out_ptr,
+    s_x_b, s_x_d,
+    s_o_b, s_o_d,
+    dim,
+    seqlen,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    SILU: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):  # fmt: skip
+    """:func:`_conv_fwd_kernel` for x and out with unit stride along the sequence; needs WIDTH <= 9."""
+    M: tl.constexpr = BLOCK_L // 8
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = d < dim
+    row = pid_b.to(tl.int64) * s_x_b + d.to(tl.int64) * s_x_d
+    init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
+    seq_ptr = seq_idx_ptr
+    if HAS_SEQ_IDX:
+        seq_ptr += pid_b * seqlen
+    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX, WIDTH,
+                         BLOCK_D, M)  # fmt: skip
+    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t - 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+                         WIDTH, BLOCK_D, M)  # fmt: skip
+    bias = tl.zeros((BLOCK_D, M), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    y0 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 0, HAS_SEQ_IDX, WIDTH)
+    y1 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 1, HAS_SEQ_IDX, WIDTH)
+    y2 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 2, HAS_SEQ_IDX, WIDTH)
+    y3 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 3, HAS_SEQ_IDX, WIDTH)
+    y4 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 4, HAS_SEQ_IDX, WIDTH)
+    y5 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 5, HAS_SEQ_IDX, WIDTH)
+    y6 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 6, HAS_SEQ_IDX, WIDTH)
+    y7 = _pre_slot(xp, xc, xc, sp, sc, sc, w_ptr, d, mask_d, bias, 7, HAS_SEQ_IDX, WIDTH)
+    y = _join8(y0, y1, y2, y3, y4, y5, y6, y7, BLOCK_D, M)
+    if SILU:
+        y = y * tl.sigmoid(y)
+    mask = mask_d[:, None] & (t < seqlen)[None, :]
+    out_row = pid_b.to(tl.int64) * s_o_b + d.to(tl.int64) * s_o_d
+    tl.store(out_ptr + out_row[:, None] + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_slot(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, u: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+               SILU: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+    """g (the pre-activation gradient) at slot u in [0, 16), given dout's slots of the same tile (dos)."""
+    g = dos[u % 8]
+    if SILU:
+        pre = _pre_slot(xp, xc, xn, sp, sc, sn, w_ptr, d, mask_d, bias, u, HAS_SEQ_IDX, WIDTH)
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g
+
+
+@triton.jit
+def _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, u: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+               SILU: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+    """:func:`_grad_slot` at slot u >= 8 (the next tile) where dx reads it (u - 8 < WIDTH - 1); elsewhere a
+    placeholder that is never read."""
+    if u - 8 < WIDTH - 1:
+        return _grad_slot(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, u, HAS_SEQ_IDX, SILU, WIDTH)
+    else:
+        return bias
+
+
+@triton.jit
+def _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, v: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
+    """dx at slot v: sum_j weight[:, WIDTH - 1 - j] * g[slot v + j], taps within one document."""
+    acc = tl.zeros_like(gc[0])
+    for j in tl.static_range(WIDTH):
+        g = _win(gc, gc, gn, v + j)
+        if HAS_SEQ_IDX:
+            g = tl.where(_same_doc_slots(sp, sc, sn, v, v + j)[None, :], g, 0.0)
+        w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+        acc += w[:, None] * g
+    return acc
+
+
+@triton.jit
+def _dw_slots(gc, xp, xc, sp, sc, k: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
+    """sum over the tile of g[t] * x[t - (WIDTH - 1 - k)] per row (BLOCK_D,), taps within one document."""
+    acc = tl.zeros_like(gc[0])
+    for v in tl.static_range(8):
+        xs = _win(xp, xc, xc, v - (WIDTH - 1 - k))
+        if HAS_SEQ_IDX:
+            xs = tl.where(_same_doc_slots(sp, sc, sc, v - (WIDTH - 1 - k), v)[None, :], xs, 0.0)
+        acc += gc[v] * xs
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _conv_bwd_slots_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    dout_ptr,
+    dx_ptr,
+    dw_ptr,
+    dbias_ptr,
+    dinit_ptr,
+    s_x_b, s_x_d,
+    s_do_b, s_do_d,
+    s_dx_b, s_dx_d,
+    dim,
+    seqlen,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    SILU: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """:func:`_conv_bwd_kernel` for x, dout and dx with unit stride along the sequence; needs WIDTH <= 9."""
+    M: tl.constexpr = BLOCK_L // 8
+    pid_b = tl.program_id(0)
+    pid_l = tl.program_id(2)
+    nblocks_l = tl.num_programs(2)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = d < dim
+    b64 = pid_b.to(tl.int64)
+    d64 = d.to(tl.int64)
+    row = b64 * s_x_b + d64 * s_x_d
+    do_row = b64 * s_do_b + d64 * s_do_d
+    init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
+    seq_ptr = seq_idx_ptr
+    if HAS_SEQ_IDX:
+        seq_ptr += pid_b * seqlen
+    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX, WIDTH,
+                         BLOCK_D, M)  # fmt: skip
+    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s - 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+                         WIDTH, BLOCK_D, M)  # fmt: skip
+    xn, sn = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s + 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+                         WIDTH, BLOCK_D, M)  # fmt: skip
+    # dout is zero past the end, so is g there.
+    mask_c = mask_d[:, None] & (s < seqlen)[None, :]
+    mask_n = mask_d[:, None] & (s + 8 < seqlen)[None, :]
+    doc = _split8(tl.load(dout_ptr + do_row[:, None] + s[None, :], mask=mask_c, other=0.0).to(tl.float32), BLOCK_D, M)
+    don = _split8(tl.load(dout_ptr + do_row[:, None] + (s + 8)[None, :], mask=mask_n, other=0.0).to(tl.float32),
+                  BLOCK_D, M)  # fmt: skip
+    bias = tl.zeros((BLOCK_D, M), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    gc = (
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 0, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 1, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 2, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 3, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 4, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 5, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 6, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 7, HAS_SEQ_IDX, SILU, WIDTH),
+    )
+    # g at the next tile's first WIDTH - 1 slots (dx reads no others).
+    gn = (
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 8, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 9, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 10, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 11, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 12, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 13, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 14, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 15, HAS_SEQ_IDX, SILU, WIDTH),
+    )
+    part = (pid_b * nblocks_l + pid_l) * dim + d
+    for k in tl.static_range(WIDTH):
+        tl.store(dw_ptr + part * WIDTH + k, _dw_slots(gc, xp, xc, sp, sc, k, HAS_SEQ_IDX, WIDTH), mask=mask_d)
+    if HAS_BIAS:
+        gsum = gc[0] + gc[1] + gc[2] + gc[3] + gc[4] + gc[5] + gc[6] + gc[7]
+        tl.store(dbias_ptr + part, tl.sum(gsum, axis=1), mask=mask_d)
+    dx = _join8(
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 0, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 1, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 2, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 3, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 4, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 5, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 6, HAS_SEQ_IDX, WIDTH),
+        _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, 7, HAS_SEQ_IDX, WIDTH),
+        BLOCK_D,
+        M,
+    )
+    dx_offs = (b64 * s_dx_b + d64 * s_dx_d)[:, None] + s[None, :]
+    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask_c)
+    if HAS_INIT:
+        if pid_l == 0:
+            p = tl.arange(0, BLOCK_W) - (WIDTH - 1)  # the initial-state positions -(WIDTH - 1) .. -1, padded
+            zero = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)  # no output sits at p < 0
+            dinit = _input_grad(
+                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, p, zero, 1, 1,
+                seqlen, mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
+            )  # fmt: skip
+            ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
+            tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_d[:, None] & (p < 0)[None, :])
