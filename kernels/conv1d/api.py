@@ -15,19 +15,16 @@ _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # GPU launch configurations, (BLOCK_D channels, BLOCK_L positions, warps), by pass and by layout (channel-last or
 # time-contiguous): tiles are coalesced along the unit-stride axis. The interpreter pays per program, so it takes the
 # whole tensor in as few programs as it can.
-_GPU_FWD = {False: (16, 128, 4), True: (128, 32, 4)}
-_GPU_BWD = {False: (16, 128, 4), True: (128, 32, 4)}
+_GPU_FWD = {False: (8, 128, 2, True), True: (128, 16, 4, False)}
+_GPU_BWD = {False: (4, 256, 2, True), True: (64, 32, 2, False)}
 
 
-def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool) -> tuple[int, int, int]:
+def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool, width: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_D, BLOCK_L, warps, whether the slot kernels run)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4
-    return table[channel_last]
-
-
-def _slots(*tensors: torch.Tensor, width: int) -> bool:
-    """Whether the slot kernels apply: every (batch, dim, seqlen) tensor has unit stride along the sequence."""
-    return width <= 9 and all(t.stride(2) == 1 for t in tensors)
+        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4, width <= 9
+    block_d, block_l, warps, slots = table[channel_last]
+    return block_d, block_l, warps, slots and width <= 9
 
 
 def _silu(activation) -> bool:
@@ -43,12 +40,10 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l, warps = _blocks(_GPU_FWD, dim, seqlen, channel_last(x))
+    block_d, block_l, warps, slots = _blocks(_GPU_FWD, dim, seqlen, channel_last(x), width)
     out = new_output_like_layout(x, x.dtype)
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
-    slots = _slots(x, out, width=width)
     kernel = _conv_fwd_slots_kernel if slots else _conv_fwd_kernel
-    strides = (*x.stride()[:2], *out.stride()[:2]) if slots else (*x.stride(), *out.stride())
     kernel[grid](
         x,
         weight,
@@ -56,7 +51,8 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
         initial_states,
         seq_idx,
         out,
-        *strides,
+        *x.stride(),
+        *out.stride(),
         dim,
         seqlen,
         HAS_BIAS=bias is not None,
@@ -78,16 +74,14 @@ def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None)
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l, warps = _blocks(_GPU_BWD, dim, seqlen, channel_last(x))
+    block_d, block_l, warps, slots = _blocks(_GPU_BWD, dim, seqlen, channel_last(x), width)
     nblocks_l = triton.cdiv(seqlen, block_l)
     dev, f32 = x.device, torch.float32
     dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
     dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
     dx = new_output_like_layout(x, x.dtype) if dx is None else dx
     dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-    slots = _slots(x, dout, dx, width=width)
     kernel = _conv_bwd_slots_kernel if slots else _conv_bwd_kernel
-    strides = [t.stride()[:2] if slots else t.stride() for t in (x, dout, dx)]
     kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
         x,
         weight,
@@ -99,9 +93,9 @@ def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None)
         dw_part,
         dbias_part,
         dinit,
-        *strides[0],
-        *strides[1],
-        *strides[2],
+        *x.stride(),
+        *dout.stride(),
+        *dx.stride(),
         dim,
         seqlen,
         HAS_BIAS=bias is not None,

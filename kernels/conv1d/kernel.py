@@ -369,8 +369,8 @@ def _conv_fwd_slots_kernel(
     init_ptr,
     seq_idx_ptr,
     out_ptr,
-    s_x_b, s_x_d,
-    s_o_b, s_o_d,
+    s_x_b, s_x_d, s_x_l,
+    s_o_b, s_o_d, s_o_l,
     dim,
     seqlen,
     HAS_BIAS: tl.constexpr,
@@ -381,7 +381,7 @@ def _conv_fwd_slots_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_conv_fwd_kernel` for x and out with unit stride along the sequence; needs WIDTH <= 9."""
+    """:func:`_conv_fwd_kernel` from aligned tiles split into slots; needs WIDTH <= 9."""
     M: tl.constexpr = BLOCK_L // 8
     pid_b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -392,9 +392,9 @@ def _conv_fwd_slots_kernel(
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX, WIDTH,
-                         BLOCK_D, M)  # fmt: skip
-    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t - 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t, s_x_l, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+                         WIDTH, BLOCK_D, M)  # fmt: skip
+    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t - 8, s_x_l, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
                          WIDTH, BLOCK_D, M)  # fmt: skip
     bias = tl.zeros((BLOCK_D, M), dtype=tl.float32)
     if HAS_BIAS:
@@ -412,7 +412,7 @@ def _conv_fwd_slots_kernel(
         y = y * tl.sigmoid(y)
     mask = mask_d[:, None] & (t < seqlen)[None, :]
     out_row = pid_b.to(tl.int64) * s_o_b + d.to(tl.int64) * s_o_d
-    tl.store(out_ptr + out_row[:, None] + t[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_row[:, None] + t[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -475,9 +475,9 @@ def _conv_bwd_slots_kernel(
     dw_ptr,
     dbias_ptr,
     dinit_ptr,
-    s_x_b, s_x_d,
-    s_do_b, s_do_d,
-    s_dx_b, s_dx_d,
+    s_x_b, s_x_d, s_x_l,
+    s_do_b, s_do_d, s_do_l,
+    s_dx_b, s_dx_d, s_dx_l,
     dim,
     seqlen,
     HAS_BIAS: tl.constexpr,
@@ -489,7 +489,7 @@ def _conv_bwd_slots_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_conv_bwd_kernel` for x, dout and dx with unit stride along the sequence; needs WIDTH <= 9."""
+    """:func:`_conv_bwd_kernel` from aligned tiles split into slots; needs WIDTH <= 9."""
     M: tl.constexpr = BLOCK_L // 8
     pid_b = tl.program_id(0)
     pid_l = tl.program_id(2)
@@ -505,18 +505,19 @@ def _conv_bwd_slots_kernel(
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX, WIDTH,
-                         BLOCK_D, M)  # fmt: skip
-    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s - 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+    xc, sc = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s, s_x_l, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
                          WIDTH, BLOCK_D, M)  # fmt: skip
-    xn, sn = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s + 8, 1, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+    xp, sp = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s - 8, s_x_l, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
+                         WIDTH, BLOCK_D, M)  # fmt: skip
+    xn, sn = _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, s + 8, s_x_l, seqlen, mask_d, HAS_INIT, HAS_SEQ_IDX,
                          WIDTH, BLOCK_D, M)  # fmt: skip
     # dout is zero past the end, so is g there.
     mask_c = mask_d[:, None] & (s < seqlen)[None, :]
     mask_n = mask_d[:, None] & (s + 8 < seqlen)[None, :]
-    doc = _split8(tl.load(dout_ptr + do_row[:, None] + s[None, :], mask=mask_c, other=0.0).to(tl.float32), BLOCK_D, M)
-    don = _split8(tl.load(dout_ptr + do_row[:, None] + (s + 8)[None, :], mask=mask_n, other=0.0).to(tl.float32),
-                  BLOCK_D, M)  # fmt: skip
+    dout_c = tl.load(dout_ptr + do_row[:, None] + s[None, :] * s_do_l, mask=mask_c, other=0.0)
+    dout_n = tl.load(dout_ptr + do_row[:, None] + (s + 8)[None, :] * s_do_l, mask=mask_n, other=0.0)
+    doc = _split8(dout_c.to(tl.float32), BLOCK_D, M)
+    don = _split8(dout_n.to(tl.float32), BLOCK_D, M)
     bias = tl.zeros((BLOCK_D, M), dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
@@ -559,14 +560,14 @@ def _conv_bwd_slots_kernel(
         BLOCK_D,
         M,
     )
-    dx_offs = (b64 * s_dx_b + d64 * s_dx_d)[:, None] + s[None, :]
+    dx_offs = (b64 * s_dx_b + d64 * s_dx_d)[:, None] + s[None, :] * s_dx_l
     tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask_c)
     if HAS_INIT:
         if pid_l == 0:
             p = tl.arange(0, BLOCK_W) - (WIDTH - 1)  # the initial-state positions -(WIDTH - 1) .. -1, padded
             zero = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)  # no output sits at p < 0
             dinit = _input_grad(
-                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, p, zero, 1, 1,
+                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, p, zero, s_x_l, s_do_l,
                 seqlen, mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
             )  # fmt: skip
             ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
