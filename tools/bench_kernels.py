@@ -90,9 +90,24 @@ def time_fwd_bwd(fn, inputs: dict) -> tuple[float, float]:
     return fwd, fwd_bwd
 
 
+def time_fwd_bwd_graph(fn, inputs: dict) -> tuple[float, float]:
+    """time_fwd_bwd with each pass replayed from a CUDA graph: device time without the Python launch overhead, which
+    is what a kernel of ~0.1 ms is otherwise bounded by in this loop (and what a training step hides)."""
+    from triton.testing import do_bench_cudagraph
+
+    args = {k: (v.detach().requires_grad_() if k in leaves(inputs) else v) for k, v in inputs.items()}
+    names = list(leaves(args))
+    first = lambda o: o[0] if isinstance(o, tuple) else o
+    dout = torch.randn_like(first(fn(**args)))
+    fwd = do_bench_cudagraph(lambda: fn(**args), rep=200, return_mode="median")
+    grads = lambda: torch.autograd.grad(first(fn(**args)), [args[k] for k in names], dout)
+    return fwd, do_bench_cudagraph(grads, rep=200, return_mode="median")
+
+
 def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_fwd_bwd, copy_GBps, theirs=None,
-            flops_fwd=None, exps_fwd=None, extra=None):  # fmt: skip
-    """Check ours against ref, then time ours (and theirs, if given) at the big shape."""
+            flops_fwd=None, exps_fwd=None, extra=None, graphs=False):  # fmt: skip
+    """Check ours against ref, then time ours (and theirs, if given) at the big shape; with graphs, also from CUDA
+    graphs (fields *_graph)."""
     ok, errors = check(ours, ref, small_inputs(), dtype)
     worst = max(errors.values())
     if not ok:
@@ -107,11 +122,22 @@ def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_f
     if exps_fwd is not None:  # special-function (exp) work, against the SFU rate (H200: ~4.2 T/s)
         row["fwd_Texp_per_s"] = exps_fwd / fwd / 1e9
     row.update(extra or {})
+    if graphs:
+        try:
+            row.update(zip(("fwd_ms_graph", "fwd_bwd_ms_graph"), time_fwd_bwd_graph(ours, inputs)))
+        except Exception as e:  # noqa: BLE001 - a pass that cannot be captured still has its eager timing
+            row["graph_error"] = repr(e)[:300]
+            graphs = False
     if theirs is not None:
         try:
             their_fwd, their_fwd_bwd = time_fwd_bwd(theirs, inputs)
             row.update(theirs_fwd_ms=their_fwd, theirs_fwd_bwd_ms=their_fwd_bwd)
             row.update(fwd_ratio=fwd / their_fwd, fwd_bwd_ratio=fwd_bwd / their_fwd_bwd)
+            if graphs:
+                their_fwd, their_fwd_bwd = time_fwd_bwd_graph(theirs, inputs)
+                row.update(theirs_fwd_ms_graph=their_fwd, theirs_fwd_bwd_ms_graph=their_fwd_bwd)
+                row.update(fwd_ratio_graph=row["fwd_ms_graph"] / their_fwd)
+                row.update(fwd_bwd_ratio_graph=row["fwd_bwd_ms_graph"] / their_fwd_bwd)
         except Exception as e:  # noqa: BLE001 - a broken competitor must not hide our own numbers
             row["theirs_error"] = repr(e)[:300]
     del inputs
@@ -175,23 +201,31 @@ SCAN_SHAPES = {
 
 
 def conv1d_section(copy_GBps):
+    """Mamba1's layout (time-contiguous x) and Mamba2's (x the channel-last xBC columns of a wider in_proj output)."""
     from mambatron.kernels.conv1d import causal_conv1d_fn, causal_conv1d_fn_ref
 
-    def make(batch, dim, seqlen, width):
-        return dict(
-            x=randn(batch, dim, seqlen, dtype=BF16, seed=1),
-            weight=randn(dim, width, seed=2),
-            bias=randn(dim, seed=3),
-            activation="silu",
-        )
+    def make(batch, dim, seqlen, width, channel_last):
+        if channel_last:  # xBC of Mamba2-1.3B's in_proj output [z | xBC | dt]
+            x = randn(batch, seqlen, 4096 + dim + 64, dtype=BF16, seed=1)[..., 4096 : 4096 + dim].transpose(1, 2)
+        else:
+            x = randn(batch, dim, seqlen, dtype=BF16, seed=1)
+        return dict(x=x, weight=randn(dim, width, seed=2), bias=randn(dim, seed=3), activation="silu")
 
-    B, D, L = 8, 4096, 2048
-    io = 2 * B * D * L
     theirs = try_import("causal_conv1d", "causal_conv1d_fn")
-    return section(
-        "causal_conv1d", causal_conv1d_fn, causal_conv1d_fn_ref, lambda: make(2, 256, L, 4), lambda: make(B, D, L, 4),
-        BF16, 2 * io, 2 * io + 3 * io, copy_GBps, theirs,
-    )  # fmt: skip
+    rows = []
+    for name, (B, D, L, cl) in CONV_SHAPES.items():
+        io = 2 * B * D * L
+        row = section(
+            name, causal_conv1d_fn, causal_conv1d_fn_ref, lambda d=D, n=L, c=cl: make(2, min(d, 256), n, 4, c),
+            lambda s=(B, D, L, 4, cl): make(*s), BF16, 2 * io, 2 * io + 3 * io, copy_GBps, theirs, graphs=True,
+            extra=dict(shape=dict(batch=B, dim=D, seqlen=L, channel_last=cl)),
+        )  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+# Mamba1-1.4B's conv (d_inner 4096, time-contiguous) and Mamba2-1.3B's (xBC: 4096 + 2 * 128 channels, channel-last).
+CONV_SHAPES = {"causal_conv1d": (8, 4096, 2048, False), "causal_conv1d_channel_last": (8, 4352, 2048, True)}
 
 
 def rmsnorm_section(copy_GBps):

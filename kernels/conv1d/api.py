@@ -12,19 +12,26 @@ from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_r
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# GPU launch configurations, (BLOCK_D channels, BLOCK_L positions, warps), by pass and by layout (channel-last or
-# time-contiguous): tiles are coalesced along the unit-stride axis. The interpreter pays per program, so it takes the
-# whole tensor in as few programs as it can.
+# GPU launch configurations (BLOCK_D channels, BLOCK_L positions, warps, slot kernel or not) by pass and by layout
+# (channel-last or time-contiguous), the fastest of the sweeps in docs/benchmarks.md (2026-12-02, conv1d). The
+# backward always runs the slot kernel; the forward runs it on time-contiguous tensors only.
 _GPU_FWD = {False: (8, 128, 2, True), True: (128, 16, 4, False)}
-_GPU_BWD = {False: (4, 256, 2, True), True: (64, 32, 2, False)}
+_GPU_BWD = {False: (4, 256, 2, True), True: (64, 16, 2, True)}
+MAX_WIDTH = 9  # the slot kernels shift by at most one slot tile (8 positions)
 
 
-def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool, width: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_D, BLOCK_L, warps, whether the slot kernels run)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4, width <= 9
+def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_D, BLOCK_L, warps, whether the slot kernel runs). The interpreter pays per program, so it takes the
+    whole tensor in as few programs as it can, with the GPU's choice of kernel."""
     block_d, block_l, warps, slots = table[channel_last]
-    return block_d, block_l, warps, slots and width <= 9
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4, slots
+    return block_d, block_l, warps, slots
+
+
+def _check_width(width: int) -> None:
+    if width > MAX_WIDTH:
+        raise ValueError(f"the Triton conv1d kernels take a width of at most {MAX_WIDTH}, got {width}")
 
 
 def _silu(activation) -> bool:
@@ -40,7 +47,8 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l, warps, slots = _blocks(_GPU_FWD, dim, seqlen, channel_last(x), width)
+    _check_width(width)
+    block_d, block_l, warps, slots = _blocks(_GPU_FWD, dim, seqlen, channel_last(x))
     out = new_output_like_layout(x, x.dtype)
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
     kernel = _conv_fwd_slots_kernel if slots else _conv_fwd_kernel
@@ -70,19 +78,19 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
 def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None):
     """Gradients of :func:`conv_forward`, one kernel launch; dx is written into ``dx`` (any strides) when given.
     Returns dx, dweight, dbias (or None), dinitial_states (or None)."""
-    from .kernel import _conv_bwd_kernel, _conv_bwd_slots_kernel
+    from .kernel import _conv_bwd_slots_kernel
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
-    block_d, block_l, warps, slots = _blocks(_GPU_BWD, dim, seqlen, channel_last(x), width)
+    _check_width(width)
+    block_d, block_l, warps, _ = _blocks(_GPU_BWD, dim, seqlen, channel_last(x))
     nblocks_l = triton.cdiv(seqlen, block_l)
     dev, f32 = x.device, torch.float32
     dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
     dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
     dx = new_output_like_layout(x, x.dtype) if dx is None else dx
     dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-    kernel = _conv_bwd_slots_kernel if slots else _conv_bwd_kernel
-    kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
+    _conv_bwd_slots_kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
         x,
         weight,
         bias,
@@ -159,12 +167,13 @@ def causal_conv1d_fn(
     Returns:
         out (batch, dim, seqlen) in x's dtype, or (out, final_states (batch, dim, width - 1)) when
         return_final_states; differentiable in x, weight, bias and initial_states.
-    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1, the PyTorch reference otherwise.
+    Runs the Triton kernels on CUDA tensors or under TRITON_INTERPRET=1 for widths up to MAX_WIDTH (9), the PyTorch
+    reference otherwise.
     """
     _check_args(x, weight, bias, seq_idx, initial_states)
     _validate(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
     silu = _silu(activation)
-    if not use_triton(x):
+    if not use_triton(x) or weight.shape[1] > MAX_WIDTH:
         return causal_conv1d_fn_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
     contig = lambda t: None if t is None else t.contiguous()
     out = _CausalConv1d.apply(x, weight.contiguous(), contig(bias), contig(seq_idx), contig(initial_states), silu)

@@ -1,17 +1,22 @@
 """Triton kernels of the causal depthwise conv1d: forward, backward and the one-token update.
 
-x, out, dout, dx and the backward's fp32 buffer g: (batch, dim, seqlen), each addressed through its own strides (row
+x, out, dout and dx: (batch, dim, seqlen), each addressed through its own strides (row
 offsets b * stride_b + d * stride_d, then position * stride_l), so a channel-last view such as the xBC slice of
 Mamba2's in_proj output is read in place; weight (dim, WIDTH); initial_states (batch, dim, WIDTH - 1) contiguous;
 seq_idx (batch, seqlen). A program owns a (BLOCK_D channels, BLOCK_L positions) tile. Position p < 0 reads
 initial_states[..., WIDTH - 1 + p]. A tap from s to t counts iff seq_idx is constant on [s, t], with seq_idx[p < 0]
 taken as seq_idx[0] (initial states belong to the first document).
 
-The backward is one pass over x and dout (nothing but x is saved): a program recomputes the pre-activation gradient
-g (dout times SiLU's derivative at the recomputed pre-activation; dout itself without SiLU) at its own positions, which
-give the tile's weight and bias gradients, and at the WIDTH - 1 positions after each of them, and gathers
-dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j]. g is computed WIDTH times per position from shifted loads of x and
-dout that hit L1, instead of being written to memory in fp32 and read back by a second kernel.
+Two forward kernels: _conv_fwd_kernel reads each tap as a shifted load, which is aligned (vectorised, an L1 hit)
+when positions are rows of a channel-last tensor; _conv_fwd_slots_kernel loads only aligned tiles and shifts by
+register renaming (below), which is what a time-contiguous tensor needs: there a tap shifted by one position is a
+misaligned load that Triton splits into one 2-byte load per element, and the kernel turns L1-bound.
+
+The backward (_conv_bwd_slots_kernel, every layout) is one pass over x and dout; nothing but x is saved. It recomputes
+the pre-activation and g = d loss / d pre-activation (dout times SiLU's derivative; dout itself without SiLU) at its
+own positions, which give the tile's weight and bias gradients, and at the WIDTH - 1 positions after the tile, and
+gathers dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j] in registers. Nothing is written to memory but dx and the
+per-tile weight/bias partial sums.
 """
 
 import triton
@@ -160,81 +165,6 @@ def _input_grad(
 
 
 @triton.jit
-def _conv_bwd_kernel(
-    x_ptr,
-    w_ptr,
-    bias_ptr,
-    init_ptr,
-    seq_idx_ptr,
-    dout_ptr,
-    dx_ptr,
-    dw_ptr,
-    dbias_ptr,
-    dinit_ptr,
-    s_x_b, s_x_d, s_x_l,
-    s_do_b, s_do_d, s_do_l,
-    s_dx_b, s_dx_d, s_dx_l,
-    dim,
-    seqlen,
-    HAS_BIAS: tl.constexpr,
-    HAS_INIT: tl.constexpr,
-    HAS_SEQ_IDX: tl.constexpr,
-    SILU: tl.constexpr,
-    WIDTH: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_L: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):  # fmt: skip
-    """dx of this tile, its weight and bias gradients as partial sums dweight (batch, nblocks_l, dim, WIDTH) and
-    dbias (batch, nblocks_l, dim), and dinitial_states in the first tile of each row."""
-    pid_b = tl.program_id(0)
-    pid_l = tl.program_id(2)
-    nblocks_l = tl.num_programs(2)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    mask_d = d < dim
-    b64 = pid_b.to(tl.int64)
-    d64 = d.to(tl.int64)
-    row = b64 * s_x_b + d64 * s_x_d
-    do_row = b64 * s_do_b + d64 * s_do_d
-    init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
-    seq_ptr = seq_idx_ptr
-    if HAS_SEQ_IDX:
-        seq_ptr += pid_b * seqlen
-    g = _pre_grad(
-        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s, s_x_l, s_do_l, seqlen,
-        mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-    )  # fmt: skip
-    part = (pid_b * nblocks_l + pid_l) * dim + d
-    # The taps are the ones the pre-activation read; loading them again hits L1.
-    for k in tl.static_range(WIDTH):
-        src = s - (WIDTH - 1 - k)
-        xs = _load_x(x_ptr, init_ptr, row, init_row, src, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
-        if HAS_SEQ_IDX:
-            xs = tl.where(_same_doc(seq_ptr, src, WIDTH - 1 - k, seqlen)[None, :], xs, 0.0)
-        tl.store(dw_ptr + part * WIDTH + k, tl.sum(g * xs, axis=1), mask=mask_d)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + part, tl.sum(g, axis=1), mask=mask_d)
-    dx = _input_grad(
-        x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, s, g, s_x_l, s_do_l, seqlen,
-        mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-    )  # fmt: skip
-    mask = mask_d[:, None] & (s < seqlen)[None, :]
-    dx_offs = (b64 * s_dx_b + d64 * s_dx_d)[:, None] + s[None, :] * s_dx_l
-    tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    if HAS_INIT:
-        if pid_l == 0:
-            p = tl.arange(0, BLOCK_W) - (WIDTH - 1)  # the initial-state positions -(WIDTH - 1) .. -1, padded
-            zero = tl.zeros((BLOCK_D, BLOCK_W), dtype=tl.float32)  # no output sits at p < 0
-            dinit = _input_grad(
-                x_ptr, init_ptr, w_ptr, bias_ptr, seq_ptr, dout_ptr, row, do_row, init_row, d, p, zero, s_x_l,
-                s_do_l, seqlen, mask_d, HAS_BIAS, HAS_INIT, HAS_SEQ_IDX, SILU, WIDTH,
-            )  # fmt: skip
-            ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
-            tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_d[:, None] & (p < 0)[None, :])
-
-
-@triton.jit
 def _conv_update_kernel(
     x_ptr,
     state_ptr,
@@ -272,11 +202,11 @@ def _conv_update_kernel(
     tl.store(state_ptr + srow[:, None] + k[None, :], window.to(state_ptr.dtype.element_ty), mask=mask_dk)
 
 
-# Time-contiguous inputs (unit stride along the sequence, Mamba1's layout). A tap shifted by one position is a
-# misaligned load that Triton splits into one 2-byte load per element, which makes the kernels above L1-bound on this
-# layout. The kernels below load only aligned tiles (the tile, and the tiles 8 positions before and after it, which
-# hit L1) and split each into 8 "slots": slot v holds positions t0 + 8m + v, all in one thread's registers. A tap
-# shifted by k reads slot v - k of the same tile, or slot v - k + 8 of the tile before: register renaming, no memory.
+# Slot kernels. A program loads its tile and the tiles 8 positions before and after it (aligned, L1 hits) and splits
+# each into 8 "slots": slot v holds positions t0 + 8m + v (m < BLOCK_L / 8), all in one thread's registers. A tap
+# shifted by k reads slot v - k of the same tile, or slot v - k + 8 of the tile before: register renaming. On a
+# channel-last tensor the split costs one pass through shared memory (Triton converts the layout), still cheaper in the
+# backward than the WIDTH x WIDTH shifted loads it replaces.
 
 
 @triton.jit

@@ -125,3 +125,50 @@ def test_clear_errors(device):
         causal_conv1d_fn(x, w, initial_states=torch.zeros(1, 4, 3, device=device))
     with pytest.raises(TypeError, match="seq_idx must be int32"):
         causal_conv1d_fn(x, w, seq_idx=torch.zeros(1, 8, dtype=torch.long, device=device))
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("slots", [False, True])
+def test_both_forward_kernels_on_both_layouts(channel_last, slots, device, monkeypatch):
+    """The launch table picks a forward kernel per layout; the other one must be right too (a sweep may pick it)."""
+    from mambatron.kernels.conv1d import api
+
+    table = dict(api._GPU_FWD)
+    table[channel_last] = (*table[channel_last][:3], slots)
+    monkeypatch.setattr(api, "_GPU_FWD", table)
+    launched = []
+    from mambatron.kernels.conv1d import kernel
+
+    name = "_conv_fwd_slots_kernel" if slots else "_conv_fwd_kernel"
+    real = getattr(kernel, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(name)
+            return real[grid]
+
+    monkeypatch.setattr(kernel, name, Spy())
+    batch, dim, seqlen, width = 2, 6, 37, 4
+    g = torch.Generator().manual_seed(3)
+    if channel_last:
+        x = torch.randn(batch, seqlen, dim + 3, generator=g)[..., 1 : 1 + dim].transpose(1, 2)
+    else:
+        x = torch.randn(batch, dim, seqlen, generator=g)
+    inputs = dict(x=x.to(device), weight=torch.randn(dim, width, generator=g).to(device),
+                  bias=torch.randn(dim, generator=g).to(device),
+                  initial_states=torch.randn(batch, dim, width - 1, generator=g).to(device))  # fmt: skip
+    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[1, 9:] = 1
+    check(inputs, torch.float32, seq_idx=seq_idx.to(device), activation="silu")
+    assert launched == [name]
+
+
+def test_wide_kernels_fall_back_to_the_reference(device):
+    """Widths above MAX_WIDTH run the reference in causal_conv1d_fn; the fused paths' entry points refuse them."""
+    from mambatron.kernels.conv1d import api
+
+    inputs = make_inputs(batch=1, dim=3, seqlen=12, width=api.MAX_WIDTH + 1, dtype=torch.float32, device=device)
+    check(inputs, torch.float32, activation="silu")
+    with pytest.raises(ValueError, match="width of at most 9"):
+        api.conv_forward(inputs["x"].detach(), inputs["weight"].detach(), None, None, None, True)
