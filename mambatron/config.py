@@ -321,6 +321,9 @@ class TrainConfig:
     grad_accum: int = 1
     save_every: int = 500
     keep_last: int = 3
+    # Write checkpoints in the background: a save stages the state in host memory and training goes on while it is
+    # written (a save waits for the previous one). false: every save returns once the checkpoint is complete.
+    async_save: bool = True
     # A step whose loss is non-finite on any rank is skipped (no update); this many in a row stop the run (exit 3).
     max_bad_steps: int = 5
     eval_every: int = 0

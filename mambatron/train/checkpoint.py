@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,6 +224,164 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+_MARKER = ".written_rank_"  # rank r's <_MARKER>r.json: its files are durable, with their digests
+_MARKER_TIMEOUT_S = 3 * 3600.0
+
+
+class Checkpointer:
+    """Writes checkpoints, in the background when ``asynchronous``.
+
+    :meth:`save` is a collective. It stages everything the checkpoint holds (DeepSpeed's files via
+    :func:`mambatron.train.staging.staged_save`, the rank state) in host memory and returns; a background thread of
+    each rank then writes its files, flushes them to disk and records their digests in a marker file. Rank 0's thread
+    waits for every rank's marker, then writes the manifest, renames the directory and prunes, exactly as a
+    synchronous save does: a checkpoint is complete, and resumable, only once every file is durable. A save waits for
+    the previous one to finish first (so host memory holds one staged copy). With ``asynchronous=False`` the save
+    returns once the checkpoint is complete on every rank.
+    """
+
+    def __init__(self, asynchronous: bool = True, log: Callable[[str], None] | None = None) -> None:
+        from mambatron.train.staging import HostBuffers
+
+        self.asynchronous = asynchronous
+        self.log = log
+        self.buffers = HostBuffers()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_stall_seconds = 0.0  # how long the last save blocked its caller
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written; re-raise what went wrong in it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"writing the last checkpoint failed: {error}") from error
+
+    def save(
+        self,
+        engine: Any,
+        out_dir: str | Path,
+        step: int,
+        manifest: dict[str, Any],
+        rank_state: dict[str, Any],
+        rank: int,
+        keep_last: int,
+    ) -> Path:
+        """Checkpoint ``checkpoints/step_<step>`` (all ranks must call it); returns the directory it will have.
+
+        ``manifest`` (identical on every rank) is completed with the data positions gathered from all ranks;
+        ``rank_state`` (RNG, data position, anything per rank) goes to ``rank_XXXXX.pt``."""
+        from mambatron.train.staging import stage, staged_save
+
+        self.wait()
+        started = time.perf_counter()
+        root = checkpoint_root(out_dir)
+        name = step_dir_name(step)
+        tmp = root / f"{_TMP_PREFIX}{name}"
+        final = root / name
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left over from a run that died while saving
+                shutil.rmtree(tmp)
+        _barrier()
+        with staged_save(engine, self.buffers) as files:
+            engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
+        files = [*files, (str(rank_file(tmp, rank)), stage(rank_state, self.buffers))]
+        data_positions = gather_objects(rank_state.get("data"))
+        world = len(data_positions)
+        body = None
+        if rank == 0:
+            body = dict(manifest)
+            body.update(
+                format_version=FORMAT_VERSION,
+                step=step,
+                data={str(r): pos for r, pos in enumerate(data_positions)},
+                rank_files=[rank_file(tmp, r).name for r in range(world)],
+            )
+        job = dict(files=files, tmp=tmp, final=final, rank=rank, world=world, body=body, keep_last=keep_last,
+                   started=started)  # fmt: skip
+        self._thread = threading.Thread(target=self._write, args=(job,), name=f"checkpoint-{name}", daemon=True)
+        self._thread.start()
+        if not self.asynchronous:
+            self.wait()
+            _barrier()  # every rank returns once rank 0 has made the checkpoint complete
+        self.last_stall_seconds = time.perf_counter() - started
+        return final
+
+    def _write(self, job: dict[str, Any]) -> None:
+        try:
+            _write_rank(job)
+            if job["rank"] == 0:
+                _commit(job)
+                if self.log is not None and self.asynchronous:
+                    seconds = time.perf_counter() - job["started"]
+                    self.log(f"checkpoint {job['final']} written in the background in {seconds:.1f}s")
+        except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by wait()
+            self._error = e
+
+
+def _write_rank(job: dict[str, Any]) -> None:
+    """This rank's files: write, flush to disk, digest; then its marker (written last, flushed)."""
+    tmp: Path = job["tmp"]
+    digests = {}
+    for path, state in job["files"]:
+        path = Path(path)
+        torch.save(state, path)
+        _fsync(path)
+        digests[str(path.relative_to(tmp))] = file_digest(path)
+    job["files"] = None  # let the host copies go
+    marker = tmp / f"{_MARKER}{job['rank']:05d}.json"
+    _fsync_write(marker.with_suffix(".part"), json.dumps(digests))
+    os.replace(marker.with_suffix(".part"), marker)
+    _fsync(tmp)
+
+
+def _commit(job: dict[str, Any]) -> None:
+    """Rank 0, once every rank's files are durable: the manifest, the rename, the pruning."""
+    tmp: Path = job["tmp"]
+    final: Path = job["final"]
+    markers = [tmp / f"{_MARKER}{r:05d}.json" for r in range(job["world"])]
+    deadline = time.monotonic() + _MARKER_TIMEOUT_S
+    while not all(m.is_file() for m in markers):
+        if time.monotonic() > deadline:
+            missing = [m.name for m in markers if not m.is_file()]
+            raise TimeoutError(f"{tmp}: ranks did not finish writing within {_MARKER_TIMEOUT_S:.0f}s: {missing[:4]}")
+        time.sleep(0.02)
+    files = {}
+    for marker in markers:
+        files.update(json.loads(marker.read_text()))
+    for marker in markers:
+        marker.unlink()
+    # Files that did not go through the staging (DeepSpeed's recovery script, an engine that writes itself).
+    for path in sorted(tmp.rglob("*")):
+        rel = str(path.relative_to(tmp))
+        if path.is_dir():
+            _fsync(path)
+        elif rel not in files:
+            _fsync(path)
+            files[rel] = file_digest(path)
+    body = job["body"]
+    body.update(
+        files=dict(sorted(files.items())),
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        save_seconds=round(time.perf_counter() - job["started"], 3),
+        status="complete",
+    )
+    _fsync_write(tmp / MANIFEST, json.dumps(body, indent=1, default=str))
+    _fsync(tmp)
+    if final.exists():  # an older save of the same step (e.g. saved again after a resume)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    _prune(final.parent, job["keep_last"])
+
+
 def save_checkpoint(
     engine: Any,
     out_dir: str | Path,
@@ -232,53 +391,8 @@ def save_checkpoint(
     rank: int,
     keep_last: int,
 ) -> Path:
-    """Write ``checkpoints/step_<step>`` from every rank (a collective: all ranks must call it).
-
-    ``manifest`` (identical on every rank) is completed with the data positions gathered from all ranks;
-    ``rank_state`` (RNG, data position, anything per rank) goes to ``rank_XXXXX.pt``. Returns the final directory.
-    """
-    root = checkpoint_root(out_dir)
-    name = step_dir_name(step)
-    tmp = root / f"{_TMP_PREFIX}{name}"
-    final = root / name
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left over from a run that died while saving
-            shutil.rmtree(tmp)
-    _barrier()
-    started = time.time()
-    engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
-    torch.save(rank_state, rank_file(tmp, rank))
-    data_positions = gather_objects(rank_state.get("data"))
-    # Every rank has written (the gather is a collective); the ranks share flushing it all to disk, so that a
-    # checkpoint whose manifest survives a machine crash also has its shards, and hashing it for the manifest.
-    digests = {}
-    for path in sorted([tmp, *tmp.rglob("*")])[rank :: len(data_positions)]:
-        _fsync(path)
-        if path.is_file():
-            digests[str(path.relative_to(tmp))] = file_digest(path)
-    files = {name: d for part in gather_objects(digests) for name, d in part.items()}
-    if rank == 0:
-        body = dict(manifest)
-        body.update(
-            format_version=FORMAT_VERSION,
-            step=step,
-            data={str(r): pos for r, pos in enumerate(data_positions)},
-            rank_files=[rank_file(tmp, r).name for r in range(len(data_positions))],
-            files=dict(sorted(files.items())),
-            saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            save_seconds=round(time.time() - started, 3),
-            status="complete",
-        )
-        _fsync_write(tmp / MANIFEST, json.dumps(body, indent=1, default=str))
-        _fsync(tmp)
-        if final.exists():  # an older save of the same step (e.g. saved again after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-        _prune(root, keep_last)
-    _barrier()
-    return final
+    """A synchronous :meth:`Checkpointer.save`: returns once ``checkpoints/step_<step>`` is complete."""
+    return Checkpointer(asynchronous=False).save(engine, out_dir, step, manifest, rank_state, rank, keep_last)
 
 
 def _prune(root: Path, keep_last: int) -> None:

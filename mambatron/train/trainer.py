@@ -71,6 +71,7 @@ class Trainer:
         self.last_saved_step = -1
         self._stop_signal = 0
         self.initialised_from = ""
+        self.checkpointer: ckpt.Checkpointer | None = None
 
     # ------------------------------------------------------------------------------------------------- build
 
@@ -515,13 +516,23 @@ class Trainer:
             "tp_rank": self.dist.tp_rank,
             "dp_rank": self.dist.dp_rank,
         }
-        started = time.perf_counter()
-        path = ckpt.save_checkpoint(
+        if self.checkpointer is None:
+            self.checkpointer = ckpt.Checkpointer(cfg.train.async_save, log=self.metrics.print)
+        path = self.checkpointer.save(
             self.engine, self.out_dir, self.step, manifest, rank_state, self.dist.rank, cfg.train.keep_last
         )
         self.last_saved_step = self.step
-        self.metrics.print(f"saved {path} in {time.perf_counter() - started:.1f}s")
+        stall = self.checkpointer.last_stall_seconds
+        if cfg.train.async_save:
+            self.metrics.print(f"staged step {self.step} in {stall:.1f}s; writing {path} in the background")
+        else:
+            self.metrics.print(f"saved {path} in {stall:.1f}s")
         return path
+
+    def finish_saving(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (raises if writing it failed)."""
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
 
     # --------------------------------------------------------------------------------------------------- run
 
@@ -540,7 +551,13 @@ class Trainer:
         try:
             self.resume()
             code = self._loop()
+            self.finish_saving()
         finally:
+            if self.checkpointer is not None and self.checkpointer.in_flight:  # an error: still finish the save
+                try:
+                    self.finish_saving()
+                except RuntimeError as e:
+                    self.metrics.print(f"error: {e}")
             self.shutdown()
         if code == EXIT_PREEMPTED and self._stop_signal == signal.SIGUSR1:
             # Only for the time-limit signal: SIGTERM also comes from scancel, which must not bring the job back.
