@@ -254,6 +254,10 @@ class DataConfig:
     seq_len: int = 2048
     micro_batch: int = 8
     num_workers: int = 1
+    # Data streams of the train split (each reads its own shards, shuffles and packs); 0: world_size × max(1,
+    # num_workers) at the run's first start. A checkpoint's data position resumes exactly on any number of
+    # data-parallel ranks × workers that divides it: set e.g. 64 for a run whose node count may change.
+    streams: int = 0
     shuffle_buffer: int = 1000
     seed: int = 1234
     skip_bad_shards: bool = False
@@ -267,6 +271,8 @@ class DataConfig:
         _positive(self, "seq_len", "micro_batch")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.streams < 0:
+            raise ConfigError(f"data.streams={self.streams} must be >= 0 (0: one per rank and worker)")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0 (0 disables shuffling)")
 

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         "prepare_tokens_per_s_per_core": round(prep_tokens / prep_wall),
         "prepare_tokens_per_cpu_s": round(prep_tokens / prep_cpu),
         "stream_tokens": tokens,
-        "stream_epochs": loader.state_dict()["streams"][0]["epoch"],
+        "stream_epochs": next(iter(loader.state_dict()["streams"].values()))["epoch"],
         "stream_tokens_per_s_per_core": round(tokens / stream_wall),
         "stream_tokens_per_cpu_s": round(tokens / stream_cpu),
         "seq_len": args.seq_len,

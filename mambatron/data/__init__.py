@@ -2,10 +2,12 @@
 
 from mambatron.data.shards import (
     DataIndexError,
+    DataPositionError,
     ShardError,
     ShardLoader,
     build_loader,
     iter_shard,
+    merge_states,
     read_index,
     shard_infos,
 )
@@ -13,6 +15,7 @@ from mambatron.data.tokenizers import Tokenizer, TokenizerError, load_tokenizer,
 
 __all__ = [
     "DataIndexError",
+    "DataPositionError",
     "ShardError",
     "ShardLoader",
     "Tokenizer",
@@ -20,6 +23,7 @@ __all__ = [
     "build_loader",
     "iter_shard",
     "load_tokenizer",
+    "merge_states",
     "read_index",
     "shard_infos",
     "tokenizer_hash",

@@ -2,10 +2,10 @@
 
 Layout of the stream
 --------------------
-The shards of a split (listed in ``index.json``) are dealt out to ``world_size × max(1, num_workers)`` *streams*:
-stream ``rank * n_local + w`` reads shards ``order[stream::n_streams]`` of the epoch's shard order (a seeded
-permutation per epoch when shuffling, the index order otherwise), so ranks and DataLoader workers read disjoint
-shards and together cover the split once per epoch. Each stream independently:
+The shards of a split (listed in ``index.json``) are dealt out to ``S`` *streams* (``data.streams``; 0 means
+``world_size × max(1, num_workers)`` of the run's first start): stream ``k`` reads shards ``order[k::S]`` of the
+epoch's shard order (a seeded permutation per epoch when shuffling, the index order otherwise), so streams read
+disjoint shards and together cover the split once per epoch. Each stream independently:
 
 1. reads documents (one WebDataset sample each: raw little-endian token ids ending with EOS),
 2. shuffles them with a seeded buffer (``shuffle_buffer`` documents; drained at the end of each epoch),
@@ -13,20 +13,28 @@ shards and together cover the split once per epoch. Each stream independently:
    row — and emits ``micro_batch`` rows at a time as ``input_ids = row[:-1]``, ``labels = row[1:]`` and ``seq_idx``
    (the document index of every input token within its row: 0 at the row start, +1 after each EOS).
 
-Exact resume
-------------
+The micro-batches of all ranks form one global sequence that does not depend on the layout: global micro-batch
+``j`` is the next micro-batch of stream ``j mod S``. With ``J`` micro-batches consumed when a loader starts, rank
+``r`` of ``W`` takes ``j = J + r + t·W`` (t = 0, 1, ...): it owns the ``S / W`` streams ``(J + r + i·W) mod S`` and
+serves them in that order, its DataLoader worker ``w`` the ones with ``i ≡ w`` (mod workers). ``S`` must be a multiple
+of ``W × max(1, num_workers)``.
+
+Exact resume, on any layout
+---------------------------
 A stream's position is small and positional: epoch, shard position and sample offset of the reader, the shuffle
 RNG state, the shuffle buffer and the packing remainder described by sample references ``(shard, sample)``
 (plus a token offset for the partly packed document). Restoring reads the referenced shards from their start up
 to the last sample referenced (a tar is sequential; earlier samples are skipped undecoded). Every batch a
 worker produces carries its stream's position *after* that batch; the loader in the main process keeps the latest
-one per stream and which stream the DataLoader serves next (it serves workers round-robin), so ``state_dict()`` is
-exact even though workers prefetch ahead. On restore, DataLoader workers are rotated so that the stream that was
-next is served first.
+one per stream, so ``state_dict()`` is exact even though workers prefetch ahead. A loader's state holds ``J`` and the
+positions of the streams it owns; the union over ranks (:func:`merge_states`) is the global position, which any
+number of ranks and workers dividing ``S`` split again: nothing is read twice and nothing is skipped, and the global
+sequence goes on as if uninterrupted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,7 +57,7 @@ from mambatron.data.tokenizers import tokenizer_hash
 
 log = logging.getLogger("mambatron.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ShardError(RuntimeError):
@@ -528,23 +536,33 @@ class _Stream:
                 self.ids = spec.epoch_shards(self.epoch, self.stream)
 
 
-class _StreamDataset(IterableDataset):
-    """Runs this rank's streams: DataLoader worker ``i`` serves local stream ``(i + first) % n_local``."""
+class DataPositionError(ValueError):
+    """A saved data position that this loader cannot continue exactly (another stream count, an older format)."""
 
-    def __init__(self, spec: StreamSpec, states: list[dict[str, Any] | None], first: int) -> None:
+
+class _StreamDataset(IterableDataset):
+    """Runs this rank's streams: DataLoader worker ``w`` serves ``cycle[w::n_local]`` in turn (all of them in the main
+    process without workers), so that the rank's t-th batch comes from ``cycle[t % len(cycle)]``."""
+
+    def __init__(self, spec: StreamSpec, cycle: list[int], states: dict[int, dict[str, Any] | None]) -> None:
         self.spec = spec
+        self.cycle = cycle
         self.states = states
-        self.first = first
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        local = (worker + self.first) % self.spec.n_local
-        stream = _Stream(self.spec, self.spec.rank * self.spec.n_local + local, self.states[local])
-        for batch, state in stream:
-            batch["_stream"] = local
-            batch["_state"] = state
-            yield batch
+        mine = self.cycle if info is None else self.cycle[worker :: self.spec.n_local]
+        streams = [iter(_Stream(self.spec, k, self.states.get(k))) for k in mine]
+        while True:
+            for k, stream in zip(mine, streams):
+                try:
+                    batch, state = next(stream)
+                except StopIteration:
+                    return
+                batch["_stream"] = k
+                batch["_state"] = state
+                yield batch
 
 
 def _keep(batch: Any) -> Any:
@@ -596,6 +614,15 @@ class ShardLoader:
         self.num_workers = int(cfg.num_workers)
         n_local = max(1, self.num_workers)
         n_streams = world_size * n_local
+        configured = int(getattr(cfg, "streams", 0) or 0)
+        if split == "train" and configured:
+            if configured % n_streams:
+                raise DataPositionError(
+                    f"data.streams={configured} is not a multiple of world_size × max(1, data.num_workers) = "
+                    f"{world_size} × {n_local} = {n_streams}; set data.streams to a multiple of every such product "
+                    "the run will use (e.g. 64), or 0 for exactly this one"
+                )
+            n_streams = configured
         # Shards are dealt to streams; with fewer shards than streams, documents are dealt instead (every stream
         # reads every shard and keeps one document in n_streams), as the validation split always does.
         split_documents = split != "train" or len(shards) < n_streams
@@ -627,9 +654,9 @@ class ShardLoader:
         self._fingerprint = hashlib.sha256(
             json.dumps([[s.get("name"), s.get("sha256")] for s in self.index["splits"][split]["shards"]]).encode()
         ).hexdigest()
-        self._states: list[dict[str, Any] | None] = [None] * n_local
-        self._next = 0
-        self.batches = 0
+        self._states: dict[int, dict[str, Any] | None] = {}
+        self.consumed = 0  # global micro-batches (all ranks) before this rank's next one, at a step boundary
+        self.batches = 0  # batches this rank handed out (information only)
 
     @property
     def tokens_per_batch(self) -> int:
@@ -644,10 +671,15 @@ class ShardLoader:
     @property
     def skipped_shards(self) -> int:
         """Bad shards skipped so far (with ``skip_bad_shards``) by this rank's streams, as of the last batch."""
-        return sum(s["skipped"] for s in self._states if s is not None)
+        return sum(self._states[k]["skipped"] for k in self.cycle() if self._states.get(k) is not None)
+
+    def cycle(self) -> list[int]:
+        """The streams this rank owns from its next batch on, in the order it serves them (see the module docstring)."""
+        n, w = self.spec.n_streams, self.world_size
+        return [(self.consumed + self.rank + i * w) % n for i in range(n // w)]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = _StreamDataset(self.spec, list(self._states), self._next)
+        dataset = _StreamDataset(self.spec, self.cycle(), dict(self._states))
         if self.num_workers == 0:
             batches: Any = iter(dataset)
         else:
@@ -660,53 +692,92 @@ class ShardLoader:
                 prefetch_factor=2,
                 worker_init_fn=_leave_signals_to_the_main_process,
             )
-        n_local = self.spec.n_local
         for batch in batches:
-            local = int(batch.pop("_stream"))
-            self._states[local] = batch.pop("_state")
-            self._next = (local + 1) % n_local
+            self._states[int(batch.pop("_stream"))] = batch.pop("_state")
+            self.consumed += self.world_size
             self.batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Exact position of every stream of this rank after the last batch handed out (JSON-serialisable)."""
+        """Exact position after the last batch handed out: the global count of micro-batches consumed and the
+        positions of the streams this rank owns (JSON-serialisable; :func:`merge_states` joins the ranks')."""
         return {
             "version": STATE_VERSION,
             "split": self.split,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.num_workers,
+            "n_streams": self.spec.n_streams,
             "seq_len": self.spec.seq_len,
             "micro_batch": self.spec.micro_batch,
             "shuffle_buffer": self.spec.shuffle_buffer,
             "seed": self.spec.seed,
             "shards": self._fingerprint,
+            "consumed": self.consumed,
             "batches": self.batches,
-            "next_stream": self._next,
-            "streams": plain(self._states),
+            "streams": {str(k): plain(self._states[k]) for k in self.cycle() if self._states.get(k) is not None},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a loader with the same data settings)."""
+        """Continue from ``state``: one rank's :meth:`state_dict`, or :func:`merge_states` of all ranks' (then on any
+        number of ranks and workers that divides its stream count). Raises :class:`DataPositionError` for a position
+        that cannot be continued exactly, ValueError for other data settings."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')} is not {STATE_VERSION}")
+            raise DataPositionError(
+                f"the data position has format {state.get('version')}, this loader reads format {STATE_VERSION}"
+            )
         mine = self.state_dict()
-        for key in ("split", "rank", "world_size", "num_workers", "seq_len", "micro_batch", "shuffle_buffer", "seed"):
-            # num_workers 0 (in this process) and 1 (one worker process) both run one stream per rank.
-            same = max(1, state[key]) == max(1, mine[key]) if key == "num_workers" else state[key] == mine[key]
-            if not same:
+        for key in ("split", "seq_len", "micro_batch", "shuffle_buffer", "seed"):
+            if state[key] != mine[key]:
                 raise ValueError(
                     f"cannot resume the data position: it was saved with {key}={state[key]!r} but this loader has "
-                    f"{key}={mine[key]!r}; resume with the same data settings and world size"
+                    f"{key}={mine[key]!r}; resume with the same data settings"
                 )
         if state["shards"] != self._fingerprint:
             raise ValueError(
                 f"cannot resume the data position: the {self.split} shards listed in {self.cfg.index!r} changed "
                 "since it was saved"
             )
-        self._states = plain(state["streams"])
-        self._next = int(state["next_stream"])
+        saved = int(state["n_streams"])
+        configured = int(getattr(self.cfg, "streams", 0) or 0)
+        per_step = self.world_size * self.spec.n_local
+        if (configured and configured != saved) or saved % per_step:
+            raise DataPositionError(
+                f"the data position was saved with {saved} streams; this run has world_size × max(1, "
+                f"data.num_workers) = {self.world_size} × {self.spec.n_local}"
+                + (f" and data.streams={configured}" if configured else "")
+                + f": resume with a data-parallel size and worker count whose product divides {saved}"
+                + (" and data.streams=0" if configured else "")
+            )
+        if saved != self.spec.n_streams:
+            self.spec = dataclasses.replace(
+                self.spec, n_streams=saved, split_documents=self.split != "train" or len(self.spec.shards) < saved
+            )
+        self._states = {int(k): v for k, v in plain(state["streams"]).items()}
+        self.consumed = int(state["consumed"])
         self.batches = int(state["batches"])
+
+
+def merge_states(states: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """The global data position from every rank's :meth:`ShardLoader.state_dict` at the same step (ranks that share a
+    data-parallel rank, e.g. tensor-parallel peers, give the same one): the union of their streams."""
+    present = [s for s in states if s is not None]
+    if not present:
+        raise DataPositionError("no rank saved a data position")
+    first = present[0]
+    if any(s.get("version") != STATE_VERSION for s in present):
+        raise DataPositionError(f"a rank's data position is not format {STATE_VERSION}")
+    for key in ("consumed", "n_streams", "shards", "seed", "seq_len", "micro_batch", "shuffle_buffer", "split"):
+        values = {json.dumps(s[key]) for s in present}
+        if len(values) > 1:
+            raise DataPositionError(f"the ranks' data positions disagree on {key}: {sorted(values)[:4]}")
+    streams: dict[str, Any] = {}
+    for s in present:
+        for k, v in s["streams"].items():
+            if k in streams and streams[k] != v:
+                raise DataPositionError(f"two ranks saved different positions for data stream {k}")
+            streams[k] = v
+    return {**first, "rank": None, "streams": streams, "batches": max(int(s["batches"]) for s in present)}
 
 
 def build_loader(data_cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> ShardLoader:

@@ -264,17 +264,9 @@ class Trainer:
             self._load_resharded(step_dir, manifest)
         if rank_state is not None:
             ckpt.restore_rng(rank_state["rng"])
-            if rank_state.get("data") is not None:
-                self.train_loader.load_state_dict(rank_state["data"])
         else:
             self._seed_everything(self.config.train.seed + manifest["step"])
-            if self.is_main:
-                warnings.warn(
-                    f"resuming on TP {self.dist.tp_size} x DP {self.dist.dp_size} from a checkpoint saved on "
-                    f"TP {manifest['tp']} x DP {manifest['dp']}: weights and optimizer state are resharded, but the "
-                    "data streams restart (their positions belong to the old data-parallel layout)",
-                    stacklevel=1,
-                )
+        self._resume_data(manifest)
         self.step = int(manifest["step"])
         self.tokens_seen = int(manifest["tokens"])
         self.last_saved_step = self.step
@@ -283,6 +275,23 @@ class Trainer:
             warnings.warn(change, stacklevel=1)
         self.metrics.print(f"resumed from {step_dir} (step {self.step}, {self.tokens_seen:,} tokens)")
         return True
+
+    def _resume_data(self, manifest: dict[str, Any]) -> None:
+        """Continue the global data sequence where the checkpoint left it, on this run's data-parallel layout (from
+        the positions every saved rank recorded); when that cannot be exact, restart the streams and say why."""
+        from mambatron.data import DataPositionError, merge_states
+
+        saved = [pos for _, pos in sorted((manifest.get("data") or {}).items(), key=lambda kv: int(kv[0]))]
+        try:
+            self.train_loader.load_state_dict(merge_states(saved))
+        except DataPositionError as e:
+            if self.is_main:
+                warnings.warn(
+                    f"resuming on TP {self.dist.tp_size} x DP {self.dist.dp_size} from a checkpoint saved on "
+                    f"TP {manifest['tp']} x DP {manifest['dp']}: the data streams restart from the beginning "
+                    f"({e})",
+                    stacklevel=1,
+                )
 
     def _verify_checkpoint(self, step_dir: Path) -> str | None:
         """Check a checkpoint's files against its manifest, each rank hashing its share (a collective)."""

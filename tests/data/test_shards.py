@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mambatron.data import DataIndexError, ShardError, build_loader, read_index
+from mambatron.data import DataIndexError, DataPositionError, ShardError, build_loader, merge_states, read_index
 from mambatron.data.shards import StreamSpec, _Packer
 
 from .conftest import Prepared, as_sorted_keys, docs_of, rows_of
@@ -84,8 +84,8 @@ def test_two_ranks_two_workers_cover_an_epoch_disjointly(prepared: Prepared) -> 
         loader = build_loader(cfg, "train", rank=rank, world_size=2)
         spec = loader.spec
         need = {}
-        for local in range(2):
-            shards = spec.epoch_shards(0, rank * 2 + local).tolist()
+        for local, stream in enumerate(loader.cycle()):  # one stream per worker here, served in this order
+            shards = spec.epoch_shards(0, stream).tolist()
             all_shards.extend(shards)
             need[local] = sum(spec.shards[s].docs for s in shards)
         per_stream: dict[int, list[dict]] = {0: [], 1: []}
@@ -115,9 +115,9 @@ def test_resume_in_fresh_process_is_exact(prepared: Prepared, tmp_path: Path) ->
         if i + 1 == stops[0]:
             break
     assert stopped.state_dict() == states[stops[0]], "a stopped loader's state equals the live snapshot"
-    streams = states[stops[0]]["streams"]
+    streams = states[stops[0]]["streams"].values()
     assert any(s["sample"] > 0 and len(s["buffer"]) == 6 and len(s["pending"]) > 0 for s in streams), "mid-shard"
-    assert any(s["epoch"] >= 1 for s in states[stops[1]]["streams"])
+    assert any(s["epoch"] >= 1 for s in states[stops[1]]["streams"].values())
     jobs = []
     for stop in stops:
         (tmp_path / f"s{stop}.json").write_text(json.dumps(states[stop]))
@@ -154,8 +154,9 @@ def test_resume_between_zero_and_one_worker(prepared: Prepared) -> None:
     tail = [b["input_ids"] for _, b in zip(range(70), resumed)]
     for a, b in zip(head + tail, reference, strict=True):
         assert a.equal(b)
-    with pytest.raises(ValueError, match="num_workers=0 but this loader has num_workers=2"):
-        build_loader(prepared.cfg(num_workers=2)).load_state_dict(build_loader(cfg).state_dict())
+    # One stream cannot be split over two workers: refused, naming the sizes.
+    with pytest.raises(DataPositionError, match=r"saved with 1 streams.* 1 × 2: resume with"):
+        build_loader(prepared.cfg(num_workers=2, shuffle_buffer=5, seed=4)).load_state_dict(resumed.state_dict())
 
 
 def test_state_refuses_other_settings(prepared: Prepared) -> None:
@@ -378,3 +379,52 @@ def test_a_corrupted_shard_fails_its_sha256(prepared: Prepared, tmp_path: Path) 
         _take(cfg, 10_000)
     rows = _take(prepared.cfg(num_workers=0, shuffle_buffer=0, index=str(data / "index.json"), verify_shards=False), 3)
     assert len(rows) == 3
+
+
+def test_the_global_sequence_survives_any_data_parallel_layout(prepared: Prepared) -> None:
+    """Streams fixed at 4 (data.streams): 5 steps on DP=2, then the merged position resumed on DP=4 (one worker
+    each), on DP=1 with two workers and on DP=1 in-process. Every global micro-batch equals the uninterrupted DP=2
+    run's — nothing read twice, nothing skipped, same order — and so do the stream positions they end at."""
+
+    def cfg(workers: int):
+        return prepared.cfg(num_workers=workers, shuffle_buffer=5, seed=7, streams=4)
+
+    def run(loaders, steps: int, first: int) -> dict[int, np.ndarray]:
+        """Global micro-batch index -> rows, for ``steps`` steps of one batch per rank."""
+        its = [iter(loader) for loader in loaders]
+        out = {}
+        for step in range(steps):
+            for r, it in enumerate(its):
+                out[first + step * len(its) + r] = rows_of(next(it))
+        return out
+
+    def positions(loaders) -> dict:
+        return merge_states([json.loads(json.dumps(loader.state_dict())) for loader in loaders])
+
+    reference = [build_loader(cfg(1), "train", rank=r, world_size=2) for r in range(2)]
+    want = run(reference, 9, 0)
+    cut = [build_loader(cfg(1), "train", rank=r, world_size=2) for r in range(2)]
+    head = run(cut, 5, 0)
+    saved = positions(cut)
+    # 10 micro-batches consumed: not a multiple of the 4 streams, so each new rank starts mid-cycle.
+    assert saved["consumed"] == 10 and len(saved["streams"]) == 4
+    for world, workers in ((4, 1), (1, 2), (1, 0)):
+        resumed = [build_loader(cfg(workers), "train", rank=r, world_size=world) for r in range(world)]
+        for loader in resumed:
+            loader.load_state_dict(saved)
+        tail = run(resumed, 8 // world, 10)
+        got = {**head, **tail}
+        assert sorted(got) == sorted(want) == list(range(18)), (world, workers)
+        for j in want:
+            np.testing.assert_array_equal(got[j], want[j], err_msg=f"global micro-batch {j} on DP={world}")
+        assert positions(resumed)["streams"] == positions(reference)["streams"], (world, workers)
+
+
+def test_a_position_that_cannot_be_split_again_is_refused(prepared: Prepared) -> None:
+    """data.streams must be a multiple of ranks × workers; a saved position resumes only where that holds."""
+    with pytest.raises(DataPositionError, match=r"data.streams=3 is not a multiple of .* 2 × 1 = 2"):
+        build_loader(prepared.cfg(num_workers=1, streams=3), "train", rank=0, world_size=2)
+    saved = build_loader(prepared.cfg(num_workers=1, streams=4), "train", rank=0, world_size=1).state_dict()
+    three = build_loader(prepared.cfg(num_workers=1), "train", rank=0, world_size=3)
+    with pytest.raises(DataPositionError, match="saved with 4 streams.* 3 × 1"):
+        three.load_state_dict(saved)

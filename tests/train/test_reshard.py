@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from mambatron.data import merge_states
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, losses, run_train, train_env
+from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_env
 
 
 @pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 2)], ids=["dp2-to-dp1", "tp1-to-tp2"])
@@ -31,7 +32,7 @@ def test_resume_on_another_layout(ref_run, tmp_path, nproc, tp):
         assert (r["tp"], r["dp"], r["step"]) == (tp, nproc // tp, 22)
         assert r["mismatches"] == [], r["mismatches"][:10]
         assert r["finite"]
-        # The data streams restart on a new layout, so the loss is not the reference's, but it continues from a
+        # The global batch differs on a new layout, so the loss is not the reference's, but it continues from a
         # trained model, not from scratch (~5.6 at init).
         assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
 
@@ -84,3 +85,26 @@ def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
         assert tp2[step] == pytest.approx(tp1[step], abs=1e-5), (step, tp1, tp2)
     val = [json.loads(x) for x in (tmp_path / "tp2" / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
     assert len(val) == 1 and val[0]["step"] == 4
+
+
+def test_the_data_position_survives_a_data_parallel_change(tiny_data, tmp_path):
+    """data.streams=4: a DP=2 run's step-6 checkpoint (12 micro-batches consumed) resumed on DP=1 for 6 steps and on
+    DP=4 for 2 steps ends with the stream positions of the uninterrupted DP=2 run at the same global count (its steps
+    9 and 10): the global data sequence went on as if uninterrupted, without the restart warning."""
+    common = [*TINY, *tiny_data, "parallel.zero_stage=1", "data.streams=4", "train.save_every=3", "train.keep_last=9"]
+    ref = tmp_path / "ref"
+    run_train(2, [*common, f"train.out_dir={ref}", "train.max_steps=10"])
+
+    def position(run_dir, step):
+        manifest = ckpt.read_manifest(ckpt.checkpoint_root(run_dir) / ckpt.step_dir_name(step))
+        return merge_states(list(manifest["data"].values()))
+
+    assert position(ref, 6)["consumed"] == 12
+    for nproc, max_steps, same_as in ((1, 12, 9), (4, 8, 10)):
+        run_dir = tmp_path / f"dp{nproc}"
+        copy_checkpoint(ref, 6, run_dir)
+        out = run_train(nproc, [*common, f"train.out_dir={run_dir}", f"train.max_steps={max_steps}"])
+        assert "restart" not in out.stderr and "resumed from" in out.stdout
+        got, want = position(run_dir, max_steps), position(ref, same_as)
+        assert got["consumed"] == want["consumed"] == 12 + (max_steps - 6) * nproc
+        assert got["streams"] == want["streams"], nproc
