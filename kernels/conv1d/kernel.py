@@ -224,20 +224,6 @@ def _split8(x, R: tl.constexpr, M: tl.constexpr):
 
 
 @triton.jit
-def _split8_1d(x, M: tl.constexpr):
-    """(8M,) -> 8 tensors (M,); slot v holds entries 8m + v."""
-    x = tl.reshape(x, (M, 2, 2, 2))
-    c0, c1 = tl.split(x)
-    b00, b01 = tl.split(c0)
-    b10, b11 = tl.split(c1)
-    s0, s4 = tl.split(b00)
-    s2, s6 = tl.split(b01)
-    s1, s5 = tl.split(b10)
-    s3, s7 = tl.split(b11)
-    return s0, s1, s2, s3, s4, s5, s6, s7
-
-
-@triton.jit
 def _join8(s0, s1, s2, s3, s4, s5, s6, s7, R: tl.constexpr, M: tl.constexpr):
     """The inverse of :func:`_split8`."""
     k0 = tl.join(tl.join(s0, s4), tl.join(s2, s6))
@@ -258,7 +244,7 @@ def _win(prev, cur, nxt, u: tl.constexpr):
 
 @triton.jit
 def _same_doc_slots(sp, sc, sn, u0: tl.constexpr, u1: tl.constexpr):
-    """Whether seq_idx is constant over slots u0 .. u1 (as (M,) booleans)."""
+    """Whether seq_idx is constant over slots u0 .. u1 (as (1, M) booleans)."""
     ok = _win(sp, sc, sn, u0) == _win(sp, sc, sn, u0)
     for i in tl.static_range(u0, u1):
         ok = ok & (_win(sp, sc, sn, i) == _win(sp, sc, sn, i + 1))
@@ -273,7 +259,7 @@ def _pre_slot(xp, xc, xn, sp, sc, sn, w_ptr, d, mask_d, bias, u: tl.constexpr, H
     for k in tl.static_range(WIDTH):
         xs = _win(xp, xc, xn, u - (WIDTH - 1 - k))
         if HAS_SEQ_IDX:
-            xs = tl.where(_same_doc_slots(sp, sc, sn, u - (WIDTH - 1 - k), u)[None, :], xs, 0.0)
+            xs = tl.where(_same_doc_slots(sp, sc, sn, u - (WIDTH - 1 - k), u), xs, 0.0)
         w = tl.load(w_ptr + d * WIDTH + k, mask=mask_d, other=0.0).to(tl.float32)
         acc += w[:, None] * xs
     return acc
@@ -285,7 +271,7 @@ def _tile_slots(x_ptr, init_ptr, seq_ptr, row, init_row, t, s_l, seqlen, mask_d,
     """x (fp32) and seq_idx at positions t, as slot tuples; seq_idx is clamped into [0, seqlen) like _same_doc."""
     xs = _split8(_load_x(x_ptr, init_ptr, row, init_row, t, s_l, seqlen, mask_d, HAS_INIT, WIDTH), R, M)
     if HAS_SEQ_IDX:
-        ss = _split8_1d(tl.load(seq_ptr + tl.minimum(tl.maximum(t, 0), seqlen - 1)), M)
+        ss = _split8(tl.load(seq_ptr + tl.minimum(tl.maximum(t, 0), seqlen - 1))[None, :], 1, M)  # (1, M) each
     else:
         ss = xs
     return xs, ss
@@ -375,7 +361,7 @@ def _dx_slot(gc, gn, sp, sc, sn, w_ptr, d, mask_d, v: tl.constexpr, HAS_SEQ_IDX:
     for j in tl.static_range(WIDTH):
         g = _win(gc, gc, gn, v + j)
         if HAS_SEQ_IDX:
-            g = tl.where(_same_doc_slots(sp, sc, sn, v, v + j)[None, :], g, 0.0)
+            g = tl.where(_same_doc_slots(sp, sc, sn, v, v + j), g, 0.0)
         w = tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
         acc += w[:, None] * g
     return acc
@@ -388,7 +374,7 @@ def _dw_slots(gc, xp, xc, sp, sc, k: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, WI
     for v in tl.static_range(8):
         xs = _win(xp, xc, xc, v - (WIDTH - 1 - k))
         if HAS_SEQ_IDX:
-            xs = tl.where(_same_doc_slots(sp, sc, sc, v - (WIDTH - 1 - k), v)[None, :], xs, 0.0)
+            xs = tl.where(_same_doc_slots(sp, sc, sc, v - (WIDTH - 1 - k), v), xs, 0.0)
         acc += gc[v] * xs
     return tl.sum(acc, axis=1)
 
