@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mambatron.config import ConfigError
 from mambatron.data.prepare import INDEX_FORMAT
 from mambatron.data.tokenizers import tokenizer_hash
 
@@ -617,7 +618,7 @@ class ShardLoader:
         configured = int(getattr(cfg, "streams", 0) or 0)
         if split == "train" and configured:
             if configured % n_streams:
-                raise DataPositionError(
+                raise ConfigError(
                     f"data.streams={configured} is not a multiple of world_size × max(1, data.num_workers) = "
                     f"{world_size} × {n_local} = {n_streams}; set data.streams to a multiple of every such product "
                     "the run will use (e.g. 64), or 0 for exactly this one"

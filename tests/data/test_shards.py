@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mambatron.config import ConfigError
 from mambatron.data import DataIndexError, DataPositionError, ShardError, build_loader, merge_states, read_index
 from mambatron.data.shards import StreamSpec, _Packer
 
@@ -422,7 +423,7 @@ def test_the_global_sequence_survives_any_data_parallel_layout(prepared: Prepare
 
 def test_a_position_that_cannot_be_split_again_is_refused(prepared: Prepared) -> None:
     """data.streams must be a multiple of ranks × workers; a saved position resumes only where that holds."""
-    with pytest.raises(DataPositionError, match=r"data.streams=3 is not a multiple of .* 2 × 1 = 2"):
+    with pytest.raises(ConfigError, match=r"data.streams=3 is not a multiple of .* 2 × 1 = 2"):  # exit 2 in the CLI
         build_loader(prepared.cfg(num_workers=1, streams=3), "train", rank=0, world_size=2)
     saved = build_loader(prepared.cfg(num_workers=1, streams=4), "train", rank=0, world_size=1).state_dict()
     three = build_loader(prepared.cfg(num_workers=1), "train", rank=0, world_size=3)
