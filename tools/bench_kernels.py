@@ -80,28 +80,22 @@ def check(fn, ref_fn, inputs: dict, dtype) -> tuple[bool, dict]:
     return all(e <= TOL[dtype] for e in errors.values()), errors
 
 
-def time_fwd_bwd(fn, inputs: dict) -> tuple[float, float]:
-    args = {k: (v.detach().requires_grad_() if k in leaves(inputs) else v) for k, v in inputs.items()}
-    names = list(leaves(args))
-    first = lambda o: o[0] if isinstance(o, tuple) else o
-    dout = torch.randn_like(first(fn(**args)))
-    fwd = bench(lambda: fn(**args))
-    fwd_bwd = bench(lambda: torch.autograd.grad(first(fn(**args)), [args[k] for k in names], dout))
-    return fwd, fwd_bwd
-
-
-def time_fwd_bwd_graph(fn, inputs: dict) -> tuple[float, float]:
-    """time_fwd_bwd with each pass replayed from a CUDA graph: device time without the Python launch overhead, which
-    is what a kernel of ~0.1 ms is otherwise bounded by in this loop (and what a training step hides)."""
+def bench_graph(fn) -> float:
+    """bench with fn replayed from a CUDA graph: device time without the Python launch overhead, which is what a
+    kernel of ~0.1 ms is otherwise bounded by in an eager loop (and what a training step hides)."""
     from triton.testing import do_bench_cudagraph
 
+    return do_bench_cudagraph(fn, rep=200, return_mode="median")
+
+
+def time_fwd_bwd(fn, inputs: dict, timer=bench) -> tuple[float, float]:
     args = {k: (v.detach().requires_grad_() if k in leaves(inputs) else v) for k, v in inputs.items()}
     names = list(leaves(args))
     first = lambda o: o[0] if isinstance(o, tuple) else o
     dout = torch.randn_like(first(fn(**args)))
-    fwd = do_bench_cudagraph(lambda: fn(**args), rep=200, return_mode="median")
-    grads = lambda: torch.autograd.grad(first(fn(**args)), [args[k] for k in names], dout)
-    return fwd, do_bench_cudagraph(grads, rep=200, return_mode="median")
+    fwd = timer(lambda: fn(**args))
+    fwd_bwd = timer(lambda: torch.autograd.grad(first(fn(**args)), [args[k] for k in names], dout))
+    return fwd, fwd_bwd
 
 
 def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_fwd_bwd, copy_GBps, theirs=None,
@@ -124,7 +118,7 @@ def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_f
     row.update(extra or {})
     if graphs:
         try:
-            row.update(zip(("fwd_ms_graph", "fwd_bwd_ms_graph"), time_fwd_bwd_graph(ours, inputs)))
+            row.update(zip(("fwd_ms_graph", "fwd_bwd_ms_graph"), time_fwd_bwd(ours, inputs, bench_graph)))
         except Exception as e:  # noqa: BLE001 - a pass that cannot be captured still has its eager timing
             row["graph_error"] = repr(e)[:300]
             graphs = False
@@ -134,7 +128,7 @@ def section(name, ours, ref, small_inputs, big_inputs, dtype, bytes_fwd, bytes_f
             row.update(theirs_fwd_ms=their_fwd, theirs_fwd_bwd_ms=their_fwd_bwd)
             row.update(fwd_ratio=fwd / their_fwd, fwd_bwd_ratio=fwd_bwd / their_fwd_bwd)
             if graphs:
-                their_fwd, their_fwd_bwd = time_fwd_bwd_graph(theirs, inputs)
+                their_fwd, their_fwd_bwd = time_fwd_bwd(theirs, inputs, bench_graph)
                 row.update(theirs_fwd_ms_graph=their_fwd, theirs_fwd_bwd_ms_graph=their_fwd_bwd)
                 row.update(fwd_ratio_graph=row["fwd_ms_graph"] / their_fwd)
                 row.update(fwd_bwd_ratio_graph=row["fwd_bwd_ms_graph"] / their_fwd_bwd)

@@ -344,12 +344,28 @@ def _grad_slot(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, u: tl.conste
 
 
 @triton.jit
-def _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, u: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+def _grads8(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
+            SILU: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+    """g at slots base .. base + 7 (base 0: this tile, 8: the next one, given dout's slots of that tile). Of the next
+    tile dx reads only the first WIDTH - 1 slots; the others are placeholders, never computed."""
+    return (
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 0, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 1, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 2, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 3, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 4, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 5, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 6, HAS_SEQ_IDX, SILU, WIDTH),
+        _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, base + 7, HAS_SEQ_IDX, SILU, WIDTH),
+    )
+
+
+@triton.jit
+def _grad_read(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, u: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
                SILU: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
-    """:func:`_grad_slot` at slot u >= 8 (the next tile) where dx reads it (u - 8 < WIDTH - 1); elsewhere a
-    placeholder that is never read."""
-    if u - 8 < WIDTH - 1:
-        return _grad_slot(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, u, HAS_SEQ_IDX, SILU, WIDTH)
+    """:func:`_grad_slot` at slot u where dx reads it (u < 8 + WIDTH - 1); elsewhere a placeholder."""
+    if u < 8 + WIDTH - 1:
+        return _grad_slot(xp, xc, xn, sp, sc, sn, dos, w_ptr, d, mask_d, bias, u, HAS_SEQ_IDX, SILU, WIDTH)
     else:
         return bias
 
@@ -437,27 +453,8 @@ def _conv_bwd_slots_kernel(
     bias = tl.zeros((BLOCK_D, M), dtype=tl.float32)
     if HAS_BIAS:
         bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
-    gc = (
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 0, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 1, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 2, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 3, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 4, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 5, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 6, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_slot(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 7, HAS_SEQ_IDX, SILU, WIDTH),
-    )
-    # g at the next tile's first WIDTH - 1 slots (dx reads no others).
-    gn = (
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 8, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 9, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 10, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 11, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 12, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 13, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 14, HAS_SEQ_IDX, SILU, WIDTH),
-        _grad_next(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 15, HAS_SEQ_IDX, SILU, WIDTH),
-    )
+    gc = _grads8(xp, xc, xn, sp, sc, sn, doc, w_ptr, d, mask_d, bias, 0, HAS_SEQ_IDX, SILU, WIDTH)
+    gn = _grads8(xp, xc, xn, sp, sc, sn, don, w_ptr, d, mask_d, bias, 8, HAS_SEQ_IDX, SILU, WIDTH)
     part = (pid_b * nblocks_l + pid_l) * dim + d
     for k in tl.static_range(WIDTH):
         tl.store(dw_ptr + part * WIDTH + k, _dw_slots(gc, xp, xc, sp, sc, k, HAS_SEQ_IDX, WIDTH), mask=mask_d)

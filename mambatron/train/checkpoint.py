@@ -382,19 +382,6 @@ def _commit(job: dict[str, Any]) -> None:
     _prune(final.parent, job["keep_last"])
 
 
-def save_checkpoint(
-    engine: Any,
-    out_dir: str | Path,
-    step: int,
-    manifest: dict[str, Any],
-    rank_state: dict[str, Any],
-    rank: int,
-    keep_last: int,
-) -> Path:
-    """A synchronous :meth:`Checkpointer.save`: returns once ``checkpoints/step_<step>`` is complete."""
-    return Checkpointer(asynchronous=False).save(engine, out_dir, step, manifest, rank_state, rank, keep_last)
-
-
 def _prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` complete checkpoints, and the temporary directories of saves that
     died (called once the current save is renamed, so every ``.tmp_step_*`` left is stale)."""

@@ -266,7 +266,9 @@ def test_save_flushes_every_file_before_the_manifest(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
-    final = ckpt.save_checkpoint(Engine(), tmp_path, 7, {"config": {}}, {"data": None}, rank=0, keep_last=2)
+    final = ckpt.Checkpointer(asynchronous=False).save(
+        Engine(), tmp_path, 7, {"config": {}}, {"data": None}, rank=0, keep_last=2
+    )
     root, tmp = str(ckpt.checkpoint_root(tmp_path)), str(ckpt.checkpoint_root(tmp_path) / ".tmp_step_0000007")
     manifest = synced.index(f"{tmp}/manifest.json")
     before = set(synced[:manifest])
