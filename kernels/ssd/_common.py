@@ -10,9 +10,9 @@ def _first_config_when_interpreting(configs, named_args, **kwargs):
     return configs[:1] if interpreting() else configs
 
 
-def autotune_warps(key: list[str]):
+def autotune_warps(key: list[str], stages: tuple[int, ...] = (2, 3)):
     """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers)."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 2), (8, 2), (4, 3), (8, 3))]
+    configs = [triton.Config({}, num_warps=w, num_stages=s) for s in stages for w in (4, 8)]
     return triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": _first_config_when_interpreting}
     )
@@ -20,7 +20,7 @@ def autotune_warps(key: list[str]):
 
 # Upper bounds of the tile sizes along the chunk and along dstate. Tests lower them to exercise multi-tile loops at
 # shapes the interpreter can afford.
-MAX_CHUNK_BLOCK = 64
+MAX_CHUNK_BLOCK = 256
 MAX_DSTATE_BLOCK = 64
 
 
@@ -30,9 +30,9 @@ def _fit(n: int, upper: int) -> int:
     return block if interpreting() else max(block, 16)
 
 
-def chunk_block(chunk_size: int) -> int:
-    """Tile size along the positions of a chunk."""
-    return _fit(chunk_size, MAX_CHUNK_BLOCK)
+def chunk_block(chunk_size: int, upper: int = 64) -> int:
+    """Tile size along the positions of a chunk: at most ``upper`` (a launcher's choice) and MAX_CHUNK_BLOCK."""
+    return _fit(chunk_size, min(upper, MAX_CHUNK_BLOCK))
 
 
 def dstate_block(dstate: int) -> int:

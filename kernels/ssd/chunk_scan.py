@@ -13,13 +13,15 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
 - `_chunk_scan_bwd_dx_kernel`: per position s, G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l]
   + exp(dA_cumsum[last] - dA_cumsum[s]) dstates[c] B[s] (the second term from chunk_state), then dx = dt G + D dy,
   ddt = x · G, dD. Gradient w.r.t. dA_cumsum: chunk_state's depends on dA_cumsum[s] through -dt[s] ddt_state[s]
-  (and the chunk's last position collects the opposite total), and the entering-state term on dA_cumsum[l] through
-  dy[l] · y_prev[l], with y_prev recomputed in fp32 here (a bf16 copy of the output would cost dA its accuracy).
+  (and the chunk's last position collects the opposite total).
 - `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group,
   and per head the diagonal block's gradient w.r.t. dA_cumsum: with T = dCB_head · CB, row sums of T for
   dA_cumsum[l] minus column sums for dA_cumsum[s].
 - `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
-  dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group.
+  dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group; and the entering
+  state's gradient w.r.t. dA_cumsum[l], exp(dA_cumsum[l]) (dy[l] prev_state) · C[l], from the product it has for dC
+  (a bf16 copy of the output would cost dA its accuracy).
+Every kernel numbers its programs tile-fastest (`_split_pid`).
 """
 
 import torch
@@ -35,6 +37,19 @@ from mambatron.kernels.ssd._common import (
 )
 
 _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
+# Launch tiles along the chunk of the two largest kernels: (output positions per program, positions per step of the
+# inner loop), upper bounds (chunk_block fits them to the chunk). From the H200 sweep in docs/benchmarks.md.
+TILES = {"fwd": (64, 64), "bwd_dx": (64, 64)}
+
+
+@triton.jit
+def _split_pid(pid, chunk_size, nheads, nchunks, BLOCK: tl.constexpr):
+    """Programs are numbered tile-fastest, so the tiles of one (batch, chunk, head) run together and share its
+    chunk-wide operands (CB, the chunk states) through L2. Returns (tile, head, chunk, batch)."""
+    ntiles = tl.cdiv(chunk_size, BLOCK)
+    tile = pid % ntiles
+    pid = pid // ntiles
+    return tile, pid % nheads, (pid // nheads) % nchunks, pid // (nheads * nchunks)
 
 
 @triton.jit
@@ -45,7 +60,7 @@ def _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM: tl.constexpr):
     return tl.load(D_ptr + head).to(tl.float32)
 
 
-@autotune_warps(key=_KEY)
+@autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4))
 @triton.jit
 def _chunk_scan_fwd_kernel(
     CB_ptr, x_ptr, z_ptr, dt_ptr, dA_cumsum_ptr, C_ptr, prev_states_ptr, D_ptr, seq_idx_ptr, out_ptr, out_x_ptr,
@@ -53,14 +68,10 @@ def _chunk_scan_fwd_kernel(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_z_b, stride_z_l, stride_z_h, stride_z_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    head = pid % nheads
-    chunk = (pid // nheads) % nchunks
-    batch = pid // (nheads * nchunks)
+    pid_l, head, chunk, batch = _split_pid(tl.program_id(0), chunk_size, nheads, nchunks, BLOCK_L)
     group = head // heads_per_group
-    pid_l = tl.program_id(1)
     chunk_start = chunk * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -95,8 +106,8 @@ def _chunk_scan_fwd_kernel(
 
     CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
     x_base = x_ptr + batch * stride_x_b + chunk_start * stride_x_l + head * stride_x_h
-    for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, chunk_len), BLOCK_L):
-        offs_s = s0 + tl.arange(0, BLOCK_L)
+    for s0 in range(0, tl.minimum((pid_l + 1) * BLOCK_L, chunk_len), BLOCK_K):
+        offs_s = s0 + tl.arange(0, BLOCK_K)
         in_s = offs_s < chunk_len
         causal = offs_s[None, :] <= offs_l[:, None]
         CB = tl.load(
@@ -178,15 +189,12 @@ def _chunk_scan_bwd_dstates_kernel(
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    head = pid % nheads
-    chunk = (pid // nheads) % nchunks
-    batch = pid // (nheads * nchunks)
+    pid_n, head, chunk, batch = _split_pid(tl.program_id(0), dstate, nheads, nchunks, BLOCK_N)
     group = head // heads_per_group
     chunk_start = chunk * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
     offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
     if HAS_SEQ_IDX:
         owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
@@ -215,23 +223,20 @@ def _chunk_scan_bwd_dstates_kernel(
     tl.store(out_ptrs + offs_n[None, :], acc, mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
 
 
-@autotune_warps(key=_KEY)
+@autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4))
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
-    CB_ptr, x_ptr, dy_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, C_ptr, prev_states_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
+    CB_ptr, x_ptr, dy_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
     dx_ptr, ddt_ptr, ddA_cumsum_ptr, ddA_chunk_part_ptr, dD_part_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
-    stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
+    stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    head = pid % nheads
-    chunk = (pid // nheads) % nchunks
-    batch = pid // (nheads * nchunks)
+    pid_s, head, chunk, batch = _split_pid(tl.program_id(0), chunk_size, nheads, nchunks, BLOCK_L)
+    ntiles = tl.cdiv(chunk_size, BLOCK_L)
     group = head // heads_per_group
-    pid_s = tl.program_id(1)
     chunk_start = chunk * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
     offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -248,8 +253,8 @@ def _chunk_scan_bwd_dx_kernel(
     # Diagonal block: G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l].
     CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
     acc = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-    for l0 in range(pid_s * BLOCK_L, chunk_len, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
+    for l0 in range(pid_s * BLOCK_L // BLOCK_K * BLOCK_K, chunk_len, BLOCK_K):
+        offs_l = l0 + tl.arange(0, BLOCK_K)
         in_l = offs_l < chunk_len
         causal = offs_l[None, :] >= offs_s[:, None]
         CBT = tl.load(
@@ -266,32 +271,28 @@ def _chunk_scan_bwd_dx_kernel(
         )
         acc += tl.dot((CBT * decay).to(dot_dtype), dy_l.to(dot_dtype))
 
-    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk;
-    # and the entering state's output exp(dA_cumsum[s]) prev_state C[s], recomputed in fp32 for ddA_cumsum.
+    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
     B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
-    C_base = C_ptr + batch * stride_C_b + chunk_start * stride_C_l + group * stride_C_g
     state_base = ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
     acc_state = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-    y_prev = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
     for n0 in range(0, dstate, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        row_mask = in_s[:, None] & (offs_n[None, :] < dstate)
-        stateT_offs = state_base + offs_p[None, :] * dstate + offs_n[:, None]
-        stateT_mask = in_p[None, :] & (offs_n[:, None] < dstate)
-        B = tl.load(B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n, mask=row_mask, other=0.0)
-        dstatesT = tl.load(dstates_ptr + stateT_offs, mask=stateT_mask, other=0.0)
+        B = tl.load(
+            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+            mask=in_s[:, None] & (offs_n[None, :] < dstate),
+            other=0.0,
+        )
+        dstatesT = tl.load(
+            dstates_ptr + state_base + offs_p[None, :] * dstate + offs_n[:, None],
+            mask=in_p[None, :] & (offs_n[:, None] < dstate),
+            other=0.0,
+        )
         acc_state += tl.dot(B.to(dot_dtype), dstatesT.to(dot_dtype))
-        C = tl.load(C_base + offs_s[:, None] * stride_C_l + offs_n[None, :] * stride_C_n, mask=row_mask, other=0.0)
-        prev_stateT = tl.load(prev_states_ptr + stateT_offs, mask=stateT_mask, other=0.0)
-        y_prev += tl.dot(C.to(dot_dtype), prev_stateT.to(dot_dtype))
     state_weight = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_s)
-    prev_scale = tl.exp(dA_cumsum_s)
     if HAS_SEQ_IDX:
         doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
-        owner = tl.load(seq_idx_ptr + batch * seqlen + tl.maximum(chunk_start - 1, 0))
         doc_s = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_s, mask=in_s, other=-1)
         state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
-        prev_scale = tl.where(doc_s == owner, prev_scale, 0.0)
     acc_state *= state_weight[:, None]
 
     x = tl.load(
@@ -303,15 +304,15 @@ def _chunk_scan_bwd_dx_kernel(
         mask=tile_mask,
         other=0.0,
     ).to(tl.float32)
-    dy = tl.load(dy_base + offs_s[:, None] * (nheads * headdim) + offs_p[None, :], mask=tile_mask, other=0.0)
-    dy = dy.to(tl.float32)
     ddt_state = tl.sum(x * acc_state, axis=1)
     ddt = tl.sum(x * acc, axis=1) + ddt_state
     dx = dt_s[:, None] * (acc + acc_state)
     if HAS_D:
+        dy = tl.load(dy_base + offs_s[:, None] * (nheads * headdim) + offs_p[None, :], mask=tile_mask, other=0.0)
+        dy = dy.to(tl.float32)
         D = _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM)
         dx += D * dy
-        part = ((batch * nchunks + chunk) * tl.num_programs(1) + pid_s) * nheads + head
+        part = ((batch * nchunks + chunk) * ntiles + pid_s) * nheads + head
         tl.store(dD_part_ptr + part * headdim + offs_p, tl.sum(dy * x, axis=0), mask=in_p)
     dx_offs = (
         batch * stride_dx_b + (chunk_start + offs_s[:, None]) * stride_dx_l + head * stride_dx_h
@@ -320,9 +321,8 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(dx_ptr + dx_offs, dx, mask=tile_mask)
     in_chunk = offs_s < chunk_size
     tl.store(ddt_ptr + row + offs_s, ddt, mask=in_chunk)
-    ddA_cumsum = prev_scale * tl.sum(dy * y_prev, axis=1) - dt_s * ddt_state
-    tl.store(ddA_cumsum_ptr + row + offs_s, ddA_cumsum, mask=in_chunk)
-    part = ((batch * nheads + head) * nchunks + chunk) * tl.num_programs(1) + pid_s
+    tl.store(ddA_cumsum_ptr + row + offs_s, -dt_s * ddt_state, mask=in_chunk)
+    part = ((batch * nheads + head) * nchunks + chunk) * ntiles + pid_s
     tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
 
 
@@ -334,18 +334,15 @@ def _chunk_scan_bwd_dcb_kernel(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_l = tl.program_id(1)
-    pid_s = tl.program_id(2)
     ngroups = nheads // heads_per_group
-    group = pid % ngroups
-    chunk = (pid // ngroups) % nchunks
-    batch = pid // (ngroups * nchunks)
+    ntiles = tl.cdiv(chunk_size, BLOCK_L)
+    pid = tl.program_id(0)
+    pid_s = pid % ntiles
+    pid_l, group, chunk, batch = _split_pid(pid // ntiles, chunk_size, ngroups, nchunks, BLOCK_L)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
     # Partial sums of the diagonal block's gradient w.r.t. dA_cumsum, (batch, nheads, nchunks, 2 * ntiles, chunk_size):
     # row sums (for dA_cumsum[l]) at slot pid_s, negated column sums (for dA_cumsum[s]) at slot ntiles + pid_l.
-    ntiles = tl.num_programs(1)
     diag_stride_head = nchunks * 2 * ntiles * chunk_size
     diag_base = ddA_diag_ptr + (batch * nheads * nchunks + chunk) * 2 * ntiles * chunk_size
     rows_ptrs = diag_base + pid_s * chunk_size + offs_l
@@ -414,23 +411,22 @@ def _chunk_scan_bwd_dcb_kernel(
 @triton.jit
 def _chunk_scan_bwd_dbdc_kernel(
     dCB_ptr, B_ptr, C_ptr, dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, prev_states_ptr, dstates_ptr, seq_idx_ptr,
-    dB_ptr, dC_ptr,
+    dB_ptr, dC_ptr, ddA_prev_part_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dB_b, stride_dB_l, stride_dB_g, stride_dB_n,
     stride_dC_b, stride_dC_l, stride_dC_g, stride_dC_n,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
     ngroups = nheads // heads_per_group
-    group = pid % ngroups
-    chunk = (pid // ngroups) % nchunks
-    batch = pid // (ngroups * nchunks)
-    pid_t = tl.program_id(1)
+    ntiles_n = tl.cdiv(dstate, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % ntiles_n
+    pid_t, group, chunk, batch = _split_pid(pid // ntiles_n, chunk_size, ngroups, nchunks, BLOCK_L)
     chunk_start = chunk * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
     offs_t = pid_t * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_p = tl.arange(0, BLOCK_P)
     in_t = offs_t < chunk_len
     in_n = offs_n < dstate
@@ -479,6 +475,11 @@ def _chunk_scan_bwd_dbdc_kernel(
         doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
     tile_mask = in_t[:, None] & in_p[None, :]
     state_mask = in_p[:, None] & in_n[None, :]
+    C_t = tl.load(
+        C_base + offs_t[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
+        mask=in_t[:, None] & in_n[None, :],
+        other=0.0,
+    ).to(tl.float32)
     for i in range(heads_per_group):
         head = group * heads_per_group + i
         row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
@@ -498,7 +499,14 @@ def _chunk_scan_bwd_dbdc_kernel(
             other=0.0,
         )
         prev_state = tl.load(prev_states_ptr + state_offs, mask=state_mask, other=0.0)
-        acc_C += tl.dot(dy.to(dot_dtype), prev_state.to(dot_dtype)) * scale_C[:, None]
+        dy_prev = tl.dot(dy.to(dot_dtype), prev_state.to(dot_dtype)) * scale_C[:, None]
+        acc_C += dy_prev
+        # The entering state's share of ddA_cumsum[t], exp(dA_cumsum[t]) dy[t] · (prev_state C[t]), over this tile
+        # of dstate (partial sums, one per tile).
+        part = ((batch * nheads + head) * nchunks + chunk) * ntiles_n + pid_n
+        tl.store(
+            ddA_prev_part_ptr + part * chunk_size + offs_t, tl.sum(dy_prev * C_t, axis=1), mask=offs_t < chunk_size
+        )
         x = tl.load(
             x_ptr
             + batch * stride_x_b
@@ -518,8 +526,8 @@ def _chunk_scan_bwd_dbdc_kernel(
     tl.store(dB_ptr + dB_offs, acc_B, mask=in_t[:, None] & in_n[None, :])
 
 
-def _tiles(chunk_size):
-    block_l = chunk_block(chunk_size)
+def _tiles(chunk_size, upper=64):
+    block_l = chunk_block(chunk_size, upper)
     return block_l, triton.cdiv(chunk_size, block_l)
 
 
@@ -537,14 +545,15 @@ def chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev_states, D=None, z=None, seq_idx
     nchunks, chunk_size = dt.shape[2:]
     out = new_output((batch, seqlen, nheads, headdim), x.dtype, x.device)
     out_x = new_output(out.shape, x.dtype, x.device) if z is not None else None
-    block_l, ntiles = _tiles(chunk_size)
-    _chunk_scan_fwd_kernel[(batch * nchunks * nheads, ntiles)](
+    block_l, ntiles = _tiles(chunk_size, TILES["fwd"][0])
+    _chunk_scan_fwd_kernel[(ntiles * batch * nchunks * nheads,)](
         CB, x, z, dt, dA_cumsum, C, prev_states, D, seq_idx, out, out_x,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *C.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
+        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, TILES["fwd"][1]), BLOCK_P=headdim_block(headdim),
+        BLOCK_N=dstate_block(dstate),
     )  # fmt: skip
     return out, out_x
 
@@ -580,7 +589,7 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, dy.device)
     block_n = dstate_block(dstate)
-    _chunk_scan_bwd_dstates_kernel[(batch * nchunks * nheads, triton.cdiv(dstate, block_n))](
+    _chunk_scan_bwd_dstates_kernel[(triton.cdiv(dstate, block_n) * batch * nchunks * nheads,)](
         dy, C, dA_cumsum, seq_idx, dprev_states,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *C.stride(),
@@ -590,33 +599,34 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     return dprev_states
 
 
-def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D=None, seq_idx=None, dx=None):
+def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, dstates, D=None, seq_idx=None, dx=None):
     """CB: from bmm_chunk_fwd; x: (batch, seqlen, nheads, headdim); dy: like x, contiguous (the gradient w.r.t. the
-    output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); B, C: (batch, seqlen, ngroups,
-    dstate); prev_states: from state_passing_fwd; dstates: (batch, nchunks, nheads, headdim, dstate) from
-    state_passing_bwd.
+    output before the gate); dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); B: (batch, seqlen, ngroups,
+    dstate); dstates: (batch, nchunks, nheads, headdim, dstate) from state_passing_bwd.
 
     Returns dx (like x, in x's dtype); ddt_out, ddA_cumsum: (batch, nheads, nchunks, chunk_size) fp32 (ddA_cumsum
-    without the diagonal block's row sums, which chunk_scan_bwd_dcb returns); ddA_chunk: (batch, nheads, nchunks)
+    of chunk_state only: chunk_scan_bwd_dcb returns the diagonal block's, chunk_scan_bwd_dbdc the entering
+    state's); ddA_chunk: (batch, nheads, nchunks)
     fp32, the extra gradient w.r.t. each chunk's last dA_cumsum; dD (like D, fp32) or None. ``dx``, if given, is the
     tensor (any strides) that dx is written into.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
-    block_l, ntiles = _tiles(chunk_size)
+    block_l, ntiles = _tiles(chunk_size, TILES["bwd_dx"][0])
     dx = new_output(x.shape, x.dtype, x.device) if dx is None else dx
     ddt_out = new_output(dt.shape, torch.float32, x.device)
     ddA_cumsum = new_output(dt.shape, torch.float32, x.device)
     ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), torch.float32, x.device)
     dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), torch.float32, x.device) if D is not None else None
-    _chunk_scan_bwd_dx_kernel[(batch * nchunks * nheads, ntiles)](
-        CB, x, dy, dt, dA_cumsum, B, C, prev_states, dstates, D, seq_idx,
+    _chunk_scan_bwd_dx_kernel[(ntiles * batch * nchunks * nheads,)](
+        CB, x, dy, dt, dA_cumsum, B, dstates, D, seq_idx,
         dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
-        *x.stride(), *B.stride(), *C.stride(), *dx.stride(),
+        *x.stride(), *B.stride(), *dx.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=dstate_block(dstate),
+        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, TILES["bwd_dx"][1]), BLOCK_P=headdim_block(headdim),
+        BLOCK_N=dstate_block(dstate),
     )  # fmt: skip
     dD = None
     if D is not None:
@@ -640,7 +650,7 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
     # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
     ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), torch.float32, x.device)
-    _chunk_scan_bwd_dcb_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
+    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * batch * nchunks * ngroups,)](
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
         seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
         *x.stride(),
@@ -654,7 +664,8 @@ def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, s
     dy contiguous; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); prev_states, dstates:
     (batch, nchunks, nheads, headdim, dstate) fp32.
 
-    Returns dB, dC: like B and C, in their dtypes, written into ``dB``/``dC`` (any strides) when given.
+    Returns dB, dC: like B and C, in their dtypes, written into ``dB``/``dC`` (any strides) when given, and
+    ddA_prev: (batch, nheads, nchunks, chunk_size) fp32, the entering state's gradient w.r.t. dA_cumsum.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
@@ -663,11 +674,13 @@ def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, s
     block_n = dstate_block(dstate)
     dB = new_output((batch, seqlen, ngroups, dstate), B.dtype, B.device) if dB is None else dB
     dC = new_output((batch, seqlen, ngroups, dstate), C.dtype, C.device) if dC is None else dC
-    _chunk_scan_bwd_dbdc_kernel[(batch * nchunks * ngroups, ntiles, triton.cdiv(dstate, block_n))](
+    ntiles_n = triton.cdiv(dstate, block_n)
+    ddA_prev_part = new_output((batch, nheads, nchunks, ntiles_n, chunk_size), torch.float32, x.device)
+    _chunk_scan_bwd_dbdc_kernel[(ntiles_n * ntiles * batch * nchunks * ngroups,)](
         dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
-        dB, dC,
+        dB, dC, ddA_prev_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *dB.stride(), *dC.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip
-    return dB, dC
+    return dB, dC, ddA_prev_part.sum(3)

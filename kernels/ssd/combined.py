@@ -76,14 +76,16 @@ def ssd_backward(
     )
     del dprev_states
     dx, ddt_out, ddA_cumsum, ddA_chunk, dD = chunk_scan_bwd_dx(
-        CB, x, dy, dt_out, dA_cumsum, B, C, prev_states, dstates, D, seq_idx, dx=dx
+        CB, x, dy, dt_out, dA_cumsum, B, dstates, D, seq_idx, dx=dx
     )
     dCB, ddA_diag = chunk_scan_bwd_dcb(dy, x, dt_out, dA_cumsum, CB, seq_idx)
     del CB
-    dB, dC = chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx, dB=dB, dC=dC)
+    dB, dC, ddA_prev = chunk_scan_bwd_dbdc(
+        dCB, B, C, dy, x, dt_out, dA_cumsum, prev_states, dstates, seq_idx, dB=dB, dC=dC
+    )
     ddt, dA, ddt_bias = chunk_cumsum_bwd(
-        ddA_cumsum + ddA_diag, ddA_chunk + ddA_chunk_passing, ddt_out, dt, A, dt_out, dt_bias, dt_softplus, dt_limit,
-        ddt=ddt,
+        ddA_cumsum + ddA_diag + ddA_prev, ddA_chunk + ddA_chunk_passing, ddt_out, dt, A, dt_out, dt_bias,
+        dt_softplus, dt_limit, ddt=ddt,
     )  # fmt: skip
     return dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states
 

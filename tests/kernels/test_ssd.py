@@ -7,7 +7,7 @@ sets TRITON_INTERPRET and MAMBATRON_POISON, so outputs start as NaN and an eleme
 import pytest
 import torch
 
-from mambatron.kernels.ssd import _common, mamba_chunk_scan_combined
+from mambatron.kernels.ssd import _common, chunk_scan, mamba_chunk_scan_combined
 from mambatron.kernels.ssd import reference as ref
 from mambatron.kernels.ssd.bmm import bmm_chunk_fwd
 from mambatron.kernels.ssd.chunk_cumsum import chunk_cumsum_bwd, chunk_cumsum_fwd
@@ -41,6 +41,13 @@ def small_tiles(monkeypatch):
         pytest.skip("tiles under 16 are only valid in the interpreter")
     monkeypatch.setattr(_common, "MAX_CHUNK_BLOCK", 8)
     monkeypatch.setattr(_common, "MAX_DSTATE_BLOCK", 8)
+
+
+@pytest.fixture
+def uneven_tiles(small_tiles, monkeypatch):
+    """Small tiles, and output tiles unlike the inner loop's steps: the forward's loop takes half an output tile per
+    step, the dx backward's loop starts inside a step that begins before the output tile."""
+    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4), "bwd_dx": (4, 8)})
 
 
 # Stages ------------------------------------------------------------------------------------------------------------
@@ -105,10 +112,10 @@ def test_bmm_chunk(small_tiles):
     assert_close(CB[..., causal], ref.bmm_chunk_ref(inputs["C"], inputs["B"], CHUNK, SEQ_IDX)[..., causal])
 
 
-@pytest.mark.parametrize("tiles", ["whole", "small"])
+@pytest.mark.parametrize("tiles", ["whole", "small", "uneven"])
 def test_chunk_scan(tiles, request):
-    if tiles == "small":
-        request.getfixturevalue("small_tiles")
+    if tiles != "whole":
+        request.getfixturevalue(f"{tiles}_tiles")
     inputs, dA_cumsum, dt = stage_inputs()
     x, B, C, D, z = (inputs[k] for k in ("x", "B", "C", "D", "z"))
     states = ref.chunk_state_ref(B, x, dt, dA_cumsum, SEQ_IDX)
@@ -146,7 +153,7 @@ CASES = {
         seq_idx=None,
         drop=("z", "dt_bias", "initial_states"),
         kwargs=dict(),
-        small_tiles=True,
+        tiles="small",
     ),
     # Multi-tile loops with documents crossing tile and chunk boundaries, initial states and z, no softplus.
     "tiled_docs": dict(
@@ -154,7 +161,15 @@ CASES = {
         seq_idx=[[9, 14], [3]],
         drop=("dt_bias",),
         kwargs=dict(dt_limit=(0.0, 1.5)),
-        small_tiles=True,
+        tiles="small",
+    ),
+    # The same with output tiles unlike the inner loops' steps.
+    "uneven_tiles": dict(
+        shape=dict(batch=2, seqlen=37, nheads=4, headdim=16, ngroups=2, dstate=16, D_per_channel=True),
+        seq_idx=[[9, 14], [3]],
+        drop=("dt_bias",),
+        kwargs=dict(dt_limit=(0.0, 1.5)),
+        tiles="uneven",
     ),
 }
 
@@ -162,8 +177,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_combined_matches_reference(case, request):
     spec = CASES[case]
-    if spec.get("small_tiles"):
-        request.getfixturevalue("small_tiles")
+    if spec.get("tiles"):
+        request.getfixturevalue(f"{spec['tiles']}_tiles")
     inputs = fp32_inputs(**spec["shape"])
     if "dt_softplus" not in spec["kwargs"]:
         # Without softplus, dt is used as given: keep it positive like a processed dt.
