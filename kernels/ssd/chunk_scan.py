@@ -39,7 +39,7 @@ from mambatron.kernels.ssd._common import (
 _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # Launch tiles along the chunk of the two largest kernels: (output positions per program, positions per step of the
 # inner loop), upper bounds (chunk_block fits them to the chunk). From the H200 sweep in docs/benchmarks.md.
-TILES = {"fwd": (64, 64), "bwd_dx": (64, 64)}
+TILES = {"fwd": (64, 32), "bwd_dx": (64, 32)}
 
 
 @triton.jit
