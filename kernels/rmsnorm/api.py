@@ -12,14 +12,20 @@ from .reference import _check_affine, rms_norm_fn_ref, rmsnorm_fn_ref
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _launch(rows: int, hidden: int, device: torch.device) -> tuple[int, int, int]:
+# Programs per SM and warps (for rows of at least 4096 elements, and shorter) of each kernel. The backward walks
+# several rows per program so that the weight-gradient partial sums stay small. From the H200 sweep in
+# docs/benchmarks.md (16 warps: rows of 4096-5120 elements, e.g. the gated norm over d_inner).
+LAUNCH = {"fwd": (16, 16, 8), "bwd": (4, 16, 8)}
+
+
+def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
     """(programs, rows per program, warps). The interpreter pays per program, so it gets one."""
     if os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda":
         return 1, rows, 4
-    # A few waves of programs, each walking several rows so the weight-gradient partial sums stay small.
-    programs = min(rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    per_sm, wide_warps, warps = LAUNCH[kind]
+    programs = min(rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
     per_program = triton.cdiv(rows, programs)
-    return triton.cdiv(rows, per_program), per_program, 8 if hidden >= 4096 else 4
+    return triton.cdiv(rows, per_program), per_program, wide_warps if hidden >= 4096 else warps
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -40,7 +46,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
     shape, hidden = x.shape, x.shape[-1]
     rows = x.numel() // hidden
     groups = hidden // group_size
-    programs, per_program, warps = _launch(rows, hidden, x.device)
+    programs, per_program, warps = _launch(rows, hidden, x.device, "fwd")
     out = new_output(shape, x.dtype, x.device)
     residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
     rstd = new_output((rows, groups), torch.float32, x.device)
@@ -66,7 +72,7 @@ def norm_backward(x, residual, z, weight, bias, rstd, norm_before_gate, dout, dr
 
     shape, hidden = x.shape, x.shape[-1]
     rows, groups = rstd.shape
-    programs, per_program, warps = _launch(rows, hidden, x.device)
+    programs, per_program, warps = _launch(rows, hidden, x.device, "bwd")
     dev = x.device
     dout = torch.zeros_like(x) if dout is None else dout.contiguous()
     dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
