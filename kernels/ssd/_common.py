@@ -21,7 +21,7 @@ def autotune_warps(key: list[str], stages: tuple[int, ...] = (2, 3)):
 # Upper bounds of the tile sizes along the chunk and along dstate. Tests lower them to exercise multi-tile loops at
 # shapes the interpreter can afford.
 MAX_CHUNK_BLOCK = 256
-MAX_DSTATE_BLOCK = 64
+MAX_DSTATE_BLOCK = 256
 
 
 def _fit(n: int, upper: int) -> int:
@@ -35,11 +35,12 @@ def chunk_block(chunk_size: int, upper: int = 64) -> int:
     return _fit(chunk_size, min(upper, MAX_CHUNK_BLOCK))
 
 
-def dstate_block(dstate: int) -> int:
-    """Tile size along dstate."""
-    return _fit(dstate, MAX_DSTATE_BLOCK)
+def dstate_block(dstate: int, upper: int = 64) -> int:
+    """Tile size along dstate: at most ``upper`` (a launcher's choice) and MAX_DSTATE_BLOCK."""
+    return _fit(dstate, min(upper, MAX_DSTATE_BLOCK))
 
 
-def headdim_block(headdim: int) -> int:
-    """Tile size along headdim: one tile holds the whole head, so per-position sums over headdim need no atomics."""
-    return _fit(headdim, 1 << 30)
+def headdim_block(headdim: int, upper: int = 1 << 30) -> int:
+    """Tile size along headdim: by default one tile holds the whole head, so per-position sums over headdim need no
+    atomics; a kernel without such sums may split the head (``upper``)."""
+    return _fit(headdim, upper)

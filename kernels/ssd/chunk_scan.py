@@ -37,9 +37,10 @@ from mambatron.kernels.ssd._common import (
 )
 
 _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
-# Launch tiles along the chunk of the two largest kernels: (output positions per program, positions per step of the
-# inner loop), upper bounds (chunk_block fits them to the chunk). From the H200 sweep in docs/benchmarks.md.
-TILES = {"fwd": (64, 32), "bwd_dx": (64, 32)}
+# Launch tiles of the two largest kernels, upper bounds (the block helpers fit them to the shapes): output positions
+# per program, positions per step of the inner loop, dstate per step of the entering-state product, and (forward
+# only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64)}
 
 
 @triton.jit
@@ -70,12 +71,15 @@ def _chunk_scan_fwd_kernel(
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    pid_l, head, chunk, batch = _split_pid(tl.program_id(0), chunk_size, nheads, nchunks, BLOCK_L)
+    ntiles_p = tl.cdiv(headdim, BLOCK_P)
+    pid = tl.program_id(0)
+    pid_p = pid % ntiles_p
+    pid_l, head, chunk, batch = _split_pid(pid // ntiles_p, chunk_size, nheads, nchunks, BLOCK_L)
     group = head // heads_per_group
     chunk_start = chunk * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_p = tl.arange(0, BLOCK_P)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     in_l = offs_l < chunk_len
     in_p = offs_p < headdim
     row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
@@ -545,15 +549,16 @@ def chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev_states, D=None, z=None, seq_idx
     nchunks, chunk_size = dt.shape[2:]
     out = new_output((batch, seqlen, nheads, headdim), x.dtype, x.device)
     out_x = new_output(out.shape, x.dtype, x.device) if z is not None else None
-    block_l, ntiles = _tiles(chunk_size, TILES["fwd"][0])
-    _chunk_scan_fwd_kernel[(ntiles * batch * nchunks * nheads,)](
+    up_l, up_k, up_n, up_p = TILES["fwd"]
+    block_l, ntiles = _tiles(chunk_size, up_l)
+    block_p = headdim_block(headdim, up_p)
+    _chunk_scan_fwd_kernel[(triton.cdiv(headdim, block_p) * ntiles * batch * nchunks * nheads,)](
         CB, x, z, dt, dA_cumsum, C, prev_states, D, seq_idx, out, out_x,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *C.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, TILES["fwd"][1]), BLOCK_P=headdim_block(headdim),
-        BLOCK_N=dstate_block(dstate),
+        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, up_k), BLOCK_P=block_p, BLOCK_N=dstate_block(dstate, up_n),
     )  # fmt: skip
     return out, out_x
 
@@ -613,7 +618,8 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, dstates, D=None, seq_idx=None
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2:]
     nchunks, chunk_size = dt.shape[2:]
-    block_l, ntiles = _tiles(chunk_size, TILES["bwd_dx"][0])
+    up_l, up_k, up_n = TILES["bwd_dx"]
+    block_l, ntiles = _tiles(chunk_size, up_l)
     dx = new_output(x.shape, x.dtype, x.device) if dx is None else dx
     ddt_out = new_output(dt.shape, torch.float32, x.device)
     ddA_cumsum = new_output(dt.shape, torch.float32, x.device)
@@ -625,8 +631,8 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, dstates, D=None, seq_idx=None
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(), *dx.stride(),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, TILES["bwd_dx"][1]), BLOCK_P=headdim_block(headdim),
-        BLOCK_N=dstate_block(dstate),
+        BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, up_k), BLOCK_P=headdim_block(headdim),
+        BLOCK_N=dstate_block(dstate, up_n),
     )  # fmt: skip
     dD = None
     if D is not None:

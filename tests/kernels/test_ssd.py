@@ -46,8 +46,9 @@ def small_tiles(monkeypatch):
 @pytest.fixture
 def uneven_tiles(small_tiles, monkeypatch):
     """Small tiles, and output tiles unlike the inner loop's steps: the forward's loop takes half an output tile per
-    step, the dx backward's loop starts inside a step that begins before the output tile."""
-    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4), "bwd_dx": (4, 8)})
+    step and its programs split the head in two (headdim 16), the dx backward's loop starts inside a step that begins
+    before the output tile."""
+    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8)})
 
 
 # Stages ------------------------------------------------------------------------------------------------------------
