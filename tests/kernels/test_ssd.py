@@ -164,15 +164,9 @@ CASES = {
         kwargs=dict(dt_limit=(0.0, 1.5)),
         tiles="small",
     ),
-    # The same with output tiles unlike the inner loops' steps.
-    "uneven_tiles": dict(
-        shape=dict(batch=2, seqlen=37, nheads=4, headdim=16, ngroups=2, dstate=16, D_per_channel=True),
-        seq_idx=[[9, 14], [3]],
-        drop=("dt_bias",),
-        kwargs=dict(dt_limit=(0.0, 1.5)),
-        tiles="uneven",
-    ),
 }
+# The same with output tiles unlike the inner loops' steps.
+CASES["uneven_tiles"] = {**CASES["tiled_docs"], "tiles": "uneven"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
