@@ -14,8 +14,9 @@ after every rank has finished writing, its files are flushed to disk and ``manif
 only at ``step_*`` directories whose manifest says complete, so a torn checkpoint is never loaded.
 
 Resuming on the same TP and DP sizes (and ZeRO format) goes through ``engine.load_checkpoint`` and is bit-exact. On
-a different layout (:func:`load_resharded`) the full fp32 weights and Adam moments are rebuilt from the ZeRO shards
-of every TP rank, merged and re-split over the new TP size, and scattered into the new engine's partitions.
+a different layout :mod:`mambatron.train.elastic` rebuilds the full fp32 weights and Adam moments of every TP rank
+with DeepSpeed's universal-checkpoint converter, merges and re-splits them over the new TP size and sets them through
+DeepSpeed's public optimizer-state API: any ZeRO stage, bf16 or fp32, to any other.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------- save
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -289,7 +290,7 @@ class Checkpointer:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left over from a run that died while saving
                 shutil.rmtree(tmp)
-        _barrier()
+        barrier()
         with staged_save(engine, self.buffers) as files:
             engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
         files = [*files, (str(rank_file(tmp, rank)), stage(rank_state, self.buffers))]
@@ -310,7 +311,7 @@ class Checkpointer:
         self._thread.start()
         if not self.asynchronous:
             self.wait()
-            _barrier()  # every rank returns once rank 0 has made the checkpoint complete
+            barrier()  # every rank returns once rank 0 has made the checkpoint complete
         self.last_stall_seconds = time.perf_counter() - started
         return final
 
@@ -398,7 +399,7 @@ def _prune(root: Path, keep_last: int) -> None:
 def same_zero_format(saved_stage: int, stage: int) -> bool:
     """Whether DeepSpeed can load a ZeRO-``saved_stage`` optimizer state into a ZeRO-``stage`` engine itself (stages 1
     and 2 share one format). For any other pair it would find no files it knows and silently keep fresh Adam
-    moments, so such a checkpoint goes through :func:`load_resharded`."""
+    moments, so such a checkpoint goes through :func:`mambatron.train.elastic.load_into_engine`."""
     return saved_stage == stage or {saved_stage, stage} <= {1, 2}
 
 
@@ -418,144 +419,6 @@ def load_same_layout(engine: Any, step_dir: Path) -> None:
 def load_rank_state(step_dir: Path, rank: int) -> dict[str, Any] | None:
     path = rank_file(step_dir, rank)
     return safe_load(path) if path.is_file() else None
-
-
-def read_full_state(step_dir: Path, mp_rank: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """Full (DP-unpartitioned) fp32 weights and Adam state of TP rank ``mp_rank`` from a ZeRO-1/2 checkpoint (or
-    an fp32 checkpoint without ZeRO, whose manifest names the optimizer's parameters).
-
-    Returns ``(weights, optim)`` with ``weights[name]`` the fp32 master weight and ``optim[name]`` a dict with
-    ``exp_avg``, ``exp_avg_sq`` (tensors of the parameter's shape) and ``step``. Names are those of
-    ``engine.module.named_parameters()``.
-    """
-    model_file = step_dir / f"mp_rank_{mp_rank:02d}_model_states.pt"
-    model_states = safe_load(model_file)
-    shard_files = sorted(
-        step_dir.glob(f"*zero_pp_rank_*_mp_rank_{mp_rank:02d}_optim_states.pt"),
-        key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)),
-    )
-    if not shard_files:
-        return _read_unpartitioned_state(step_dir, model_states)
-    shapes: dict[str, torch.Size] = {}
-    for group in model_states["param_shapes"]:
-        shapes.update(group)
-    pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {"fp32": [], **{k: [] for k in MOMENT_KEYS}} for n in shapes}
-    steps: dict[str, Any] = {}
-    for shard_file in shard_files:
-        osd = safe_load(shard_file)["optimizer_state_dict"]
-        if osd.get("zero_stage") not in (1, 2):
-            found = osd.get("zero_stage")
-            raise ValueError(f"{shard_file.name}: resharding supports ZeRO stages 1 and 2, found {found}")
-        base = osd["base_optimizer_state"]
-        for g, mapping in enumerate(osd["param_slice_mappings"]):
-            fp32 = osd["single_partition_of_fp32_groups"][g]
-            group_state = base["state"].get(base["param_groups"][g]["params"][0], {})
-            for pname, addr in mapping.items():
-                pieces[pname]["fp32"].append(fp32.narrow(0, addr.start, addr.numel))
-                for key in MOMENT_KEYS:
-                    if key in group_state:
-                        pieces[pname][key].append(group_state[key].narrow(0, addr.start, addr.numel))
-                if "step" in group_state:
-                    steps[pname] = group_state["step"]
-    weights: dict[str, torch.Tensor] = {}
-    optim: dict[str, dict[str, Any]] = {}
-    for pname, shape in shapes.items():
-        weights[pname] = torch.cat(pieces[pname]["fp32"]).float().view(shape)
-        state: dict[str, Any] = {"step": steps.get(pname, 0)}
-        for key in MOMENT_KEYS:
-            if pieces[pname][key]:
-                state[key] = torch.cat(pieces[pname][key]).float().view(shape)
-        optim[pname] = state
-    return weights, optim
-
-
-def _read_unpartitioned_state(
-    step_dir: Path, model_states: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """fp32 without ZeRO: the module weights and the torch optimizer's state are whole in the model-states file."""
-    group_names = read_manifest(step_dir).get("optimizer_param_names")
-    optimizer = model_states.get("optimizer")
-    if not group_names or not optimizer or "state" not in optimizer:
-        raise FileNotFoundError(
-            f"{step_dir} has neither ZeRO optimizer shards nor a whole fp32 optimizer state; resharding needs "
-            "zero_stage 1 or 2, or zero_stage 0 with precision fp32"
-        )
-    weights = {k: v.float() for k, v in model_states["module"].items() if not k.endswith("_extra_state")}
-    optim: dict[str, dict[str, Any]] = {}
-    for group, names in zip(optimizer["param_groups"], group_names):
-        for index, pname in zip(group["params"], names):
-            state = optimizer["state"].get(index, {})
-            optim[pname] = {"step": state.get("step", 0), **{k: state[k].float() for k in MOMENT_KEYS if k in state}}
-    return weights, optim
-
-
-def load_resharded(
-    engine: Any,
-    step_dir: Path,
-    saved_tp: int,
-    merge_tp: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
-    split_tp: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-) -> None:
-    """Load a checkpoint saved with another TP and/or DP size into ``engine`` (ZeRO stage 1 or 2).
-
-    ``merge_tp`` turns the per-TP-rank state dicts (saved layout) into one full state dict; ``split_tp`` cuts a full
-    state dict into this rank's shard for the current TP size. Both are applied to the weights and to each Adam
-    moment, which have the weights' shapes and are sharded the same way.
-    """
-    if engine.zero_optimization_stage() == 3:
-        raise ValueError(f"{step_dir}: resharding into a ZeRO-3 engine is not supported; use zero_stage 0, 1 or 2")
-    per_rank = [read_full_state(step_dir, r) for r in range(saved_tp)]
-    full_weights = merge_tp([w for w, _ in per_rank])
-    local_weights = split_tp(full_weights)
-    local_moments = {
-        key: split_tp(merge_tp([{n: s[key] for n, s in o.items() if key in s} for _, o in per_rank]))
-        for key in MOMENT_KEYS
-        if all(key in s for s in per_rank[0][1].values())
-    }
-    step_value = next(iter(per_rank[0][1].values()))["step"]
-    _scatter_into_engine(engine, local_weights, local_moments, step_value)
-
-
-def _scatter_into_engine(
-    engine: Any, weights: dict[str, torch.Tensor], moments: dict[str, dict[str, torch.Tensor]], step_value: Any
-) -> None:
-    """Write full local weights and Adam moments into the engine: the module, and either a ZeRO-1/2 optimizer's
-    flat fp32 partitions or (fp32 without ZeRO) the torch optimizer's per-parameter state."""
-    zero_opt = engine.optimizer
-    names = {p: n for n, p in engine.module.named_parameters()}
-    missing = sorted(set(names.values()) - set(weights))
-    if missing:
-        raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    with torch.no_grad():
-        for param, pname in names.items():
-            param.data.copy_(weights[pname].to(param.dtype).view_as(param))
-        if not engine.zero_optimization():
-            if engine.bfloat16_enabled():
-                raise ValueError("resharding a bf16 run without ZeRO is not supported; use zero_stage 1 or 2")
-            for param, pname in names.items():
-                if moments:
-                    step = step_value.clone() if torch.is_tensor(step_value) else torch.tensor(float(step_value))
-                    zero_opt.state[param] = {"step": step, **{k: moments[k][pname].clone() for k in moments}}
-            return
-        inner = zero_opt.optimizer
-        for g, flat_hp in enumerate(zero_opt.single_partition_of_fp32_groups):
-            buffers = {key: torch.zeros_like(flat_hp) for key in moments}
-            for lp in zero_opt.bit16_groups[g]:
-                mapping = getattr(lp, "_hp_mapping", None)
-                if mapping is None:
-                    continue
-                pname = names[lp]
-                lp_addr, hp_addr = mapping.lp_fragment_address, mapping.hp_fragment_address
-                flat_hp.narrow(0, hp_addr.start, hp_addr.numel).copy_(
-                    weights[pname].float().flatten().narrow(0, lp_addr.start, lp_addr.numel)
-                )
-                for key, buf in buffers.items():
-                    src = moments[key][pname].float().flatten().narrow(0, lp_addr.start, lp_addr.numel)
-                    buf.narrow(0, hp_addr.start, hp_addr.numel).copy_(src)
-            if buffers:
-                step_tensor = step_value.clone() if torch.is_tensor(step_value) else torch.tensor(float(step_value))
-                inner.state[flat_hp] = {"step": step_tensor, **buffers}
-        zero_opt._hp_optimizer_states_linked = False
 
 
 def load_trained_model(path: str | Path) -> tuple[Any, Any]:

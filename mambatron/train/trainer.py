@@ -309,14 +309,23 @@ class Trainer:
 
     def _load_resharded(self, step_dir: Path, manifest: dict[str, Any]) -> None:
         from mambatron.parallel import consolidate
+        from mambatron.train import elastic
 
         model_cfg = self.config.model
-        ckpt.load_resharded(
+        saved = manifest.get("config", {}).get("train", {}).get("precision", self.config.train.precision)
+        why = elastic.refusal(
+            int(manifest.get("zero_stage", self.config.parallel.zero_stage)), saved, self.config.parallel.zero_stage,
+            self.config.train.precision,
+        )  # fmt: skip
+        if why:
+            raise ConfigError(f"{step_dir}: {why}")
+        elastic.load_into_engine(
             self.engine,
             step_dir,
-            saved_tp=int(manifest["tp"]),
+            work_dir=step_dir.parent / f".reshard_{step_dir.name}",
             merge_tp=lambda states: consolidate.consolidate(states, model_cfg),
             split_tp=lambda full: consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank),
+            barrier=ckpt.barrier,
         )
 
     # -------------------------------------------------------------------------------------------- train step

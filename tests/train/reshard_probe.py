@@ -1,8 +1,13 @@
-"""Run under torchrun by test_reshard.py: resume a checkpoint on another TP/DP layout and check the loaded state.
+"""Run under torchrun by test_reshard.py, in two modes.
 
-Each rank compares its engine's fp32 weights and Adam moments with the checkpoint's, merged over the saved TP size
-and re-split for this rank (the weights also against DeepSpeed's own zero_to_fp32 merge), then trains two steps.
-Writes ``<report_dir>/rank_<r>.json``.
+``dump REPORT overrides...``: resume the newest checkpoint on the layout it was saved with (DeepSpeed's own
+``load_checkpoint``, exact) and write every TP rank's fp32 master weights and Adam moments, whole over data
+parallelism (DeepSpeed's public ``safe_get_full_*`` API), to ``REPORT/oracle_tp<r>.pt``: the saved run's state.
+
+``check REPORT overrides...``: resume the same checkpoint on another layout (TP, DP, ZeRO stage, precision) and
+compare this rank's weights, module weights and moments with the oracle's, merged over the saved TP size and re-split
+for this rank (the weights also against DeepSpeed's zero_to_fp32 merge); then train two steps. Writes
+``REPORT/rank_<r>.json``.
 """
 
 from __future__ import annotations
@@ -17,40 +22,73 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 from mambatron.config import load_config
 from mambatron.parallel import consolidate
+from mambatron.serialization import load as safe_load
 from mambatron.train import checkpoint as ckpt
 from mambatron.train.trainer import Trainer
 
 
-def main() -> None:
-    report_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-    trainer = Trainer(load_config("configs/tiny.yaml", overrides))
-    trainer.build()
-    step_dir = ckpt.latest_checkpoint(trainer.out_dir)
-    manifest = ckpt.read_manifest(step_dir)
-    assert trainer.resume()
-    d, cfg = trainer.dist, trainer.config.model
-    saved = [ckpt.read_full_state(step_dir, r) for r in range(manifest["tp"])]
-    full_weights = consolidate.consolidate([w for w, _ in saved], cfg)
-    by_deepspeed = consolidate.consolidate_zero_checkpoint(str(step_dir.parent), cfg, tag=step_dir.name)
-    want = {"weights": consolidate.shard(full_weights, cfg, d.tp_size, d.tp_rank)}
-    for key in ckpt.MOMENT_KEYS:
-        merged = consolidate.consolidate([{n: s[key] for n, s in o.items()} for _, o in saved], cfg)
-        want[key] = consolidate.shard(merged, cfg, d.tp_size, d.tp_rank)
-    engine = trainer.engine
-    if engine.zero_optimization():
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+def full_states(engine) -> dict[str, dict[str, torch.Tensor]]:
+    """{"weights" | moment key: {name: whole-over-DP fp32 tensor}} of this TP rank."""
+    if engine.zero_optimization() or engine.bfloat16_enabled():
+        if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            engine.optimizer._lazy_init_hp_params_optimizer_state()
         master, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state
     else:  # fp32 without ZeRO: the parameters are the master weights, the torch optimizer holds the moments
         master, moment = (lambda p: p.detach()), (lambda p, key: engine.optimizer.state[p][key])
-    mismatches = [n for n in full_weights if not torch.equal(full_weights[n], by_deepspeed[n])]
+    out: dict[str, dict[str, torch.Tensor]] = {"weights": {}, **{k: {} for k in ckpt.MOMENT_KEYS}}
     for name, param in engine.module.named_parameters():
-        if not torch.equal(master(param), want["weights"][name]):
-            mismatches.append(f"weights:{name}")
-        if not torch.equal(param.detach().float(), want["weights"][name]):
-            mismatches.append(f"module:{name}")
+        out["weights"][name] = master(param).float().clone().view(param.ds_shape if hasattr(param, "ds_shape")
+                                                                  else param.shape)  # fmt: skip
         for key in ckpt.MOMENT_KEYS:
-            if not torch.equal(moment(param, key), want[key][name]):
+            out[key][name] = moment(param, key).float().clone().view_as(out["weights"][name])
+    return out
+
+
+def optimizer_steps(engine) -> list[float]:
+    """The distinct step counts in the (inner) torch optimizer's state."""
+    opt = engine.optimizer
+    inner = opt.optimizer if engine.zero_optimization() or engine.bfloat16_enabled() else opt
+    return sorted({float(s["step"]) for s in inner.state.values() if "step" in s})
+
+
+def main() -> None:
+    mode, report_dir, overrides = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    trainer = Trainer(load_config("configs/tiny.yaml", overrides))
+    trainer.build()
+    step_dir = ckpt.latest_checkpoint(trainer.out_dir)
+    assert trainer.resume()
+    d, cfg, engine = trainer.dist, trainer.config.model, trainer.engine
+    states = full_states(engine)
+    if mode == "dump":
+        if d.dp_rank == 0:
+            torch.save(states, report_dir / f"oracle_tp{d.tp_rank}.pt")
+            (report_dir / "oracle_steps.json").write_text(json.dumps(optimizer_steps(engine)))
+        trainer.shutdown()
+        return
+    saved_tp = ckpt.read_manifest(step_dir)["tp"]
+    oracle = [safe_load(report_dir / f"oracle_tp{r}.pt") for r in range(saved_tp)]
+    steps, saved_steps = optimizer_steps(engine), json.loads((report_dir / "oracle_steps.json").read_text())
+    want = {k: consolidate.shard(consolidate.consolidate([o[k] for o in oracle], cfg), cfg, d.tp_size, d.tp_rank)
+            for k in oracle[0]}  # fmt: skip
+    by_deepspeed = consolidate.consolidate_zero_checkpoint(str(step_dir.parent), cfg, tag=step_dir.name)
+    full_oracle = consolidate.consolidate([o["weights"] for o in oracle], cfg)
+    mismatches = [f"zero_to_fp32:{n}" for n in full_oracle if not torch.equal(full_oracle[n], by_deepspeed[n])]
+    if steps != saved_steps or len(steps) != 1:
+        mismatches.append(f"optimizer steps {steps} != saved {saved_steps}")
+    if engine.zero_optimization_partition_weights():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            module = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    else:
+        module = {n: p.detach() for n, p in engine.module.named_parameters()}
+    for key, values in states.items():
+        for name, value in values.items():
+            if not torch.equal(value, want[key][name]):
                 mismatches.append(f"{key}:{name}")
+    for name, value in module.items():
+        if not torch.equal(value, want["weights"][name].to(value.dtype).view_as(value)):
+            mismatches.append(f"module:{name}")
     losses = [trainer.train_step().loss for _ in range(2)]
     report = {
         "rank": d.rank, "tp": d.tp_size, "dp": d.dp_size, "step": trainer.step, "mismatches": mismatches,

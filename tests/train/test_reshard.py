@@ -1,4 +1,4 @@
-"""Resume a TP 1 x DP 2 ZeRO-1 checkpoint on a different data-parallel size and on a different TP size."""
+"""Resume checkpoints on other layouts (DP, TP, ZeRO stage, precision): the loaded state equals the saved one."""
 
 from __future__ import annotations
 
@@ -6,71 +6,80 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from mambatron.data import merge_states
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_env
+from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_cmd, train_env
+
+
+def probe(mode: str, report: Path, nproc: int, overrides: list[str]) -> None:
+    """reshard_probe.py in ``mode`` on ``nproc`` processes (plain python for 0)."""
+    launch = [sys.executable]
+    if nproc:
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*launch, "tests/train/reshard_probe.py", mode, str(report), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def resume_elsewhere(src: Path, tmp_path: Path, saved: tuple[int, list[str]], new: tuple[int, list[str]],
+                     steps: int) -> list[dict]:  # fmt: skip
+    """The newest checkpoint of run ``src``: its state as DeepSpeed loads it on the saved layout (``saved``: nproc
+    and overrides) is the oracle; resumed on the ``new`` layout, every rank's weights, module weights, moments and
+    optimizer step must equal the oracle's re-split for it. Returns the per-rank reports of the new layout."""
+    report = tmp_path / "report"
+    report.mkdir()
+    for mode, (nproc, overrides) in (("dump", saved), ("check", new)):
+        run_dir = tmp_path / mode
+        shutil.copytree(ckpt.checkpoint_root(src), ckpt.checkpoint_root(run_dir))
+        probe(mode, report, nproc, [*overrides, f"train.out_dir={run_dir}", f"train.max_steps={steps + 2}"])
+    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))]
+    assert len(reports) == max(new[0], 1)
+    for r in reports:
+        assert r["mismatches"] == [], r["mismatches"][:10]
+        assert r["finite"] and r["step"] == steps + 2
+    return reports
 
 
 @pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 2)], ids=["dp2-to-dp1", "tp1-to-tp2"])
 def test_resume_on_another_layout(ref_run, tmp_path, nproc, tp):
     ref_dir, overrides = ref_run
-    run_dir = tmp_path / "run"
-    shutil.copytree(ckpt.checkpoint_root(ref_dir), ckpt.checkpoint_root(run_dir))
-    report = tmp_path / "report"
-    report.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "tests/train/reshard_probe.py", str(report), *overrides, f"train.out_dir={run_dir}", f"parallel.tp={tp}",
-           "train.max_steps=22"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))]
-    assert len(reports) == nproc
+    reports = resume_elsewhere(ref_dir, tmp_path, (2, overrides), (nproc, [*overrides, f"parallel.tp={tp}"]), 20)
     for r in reports:
-        assert (r["tp"], r["dp"], r["step"]) == (tp, nproc // tp, 22)
-        assert r["mismatches"] == [], r["mismatches"][:10]
-        assert r["finite"]
+        assert (r["tp"], r["dp"]) == (tp, nproc // tp)
         # The global batch differs on a new layout, so the loss is not the reference's, but it continues from a
         # trained model, not from scratch (~5.6 at init).
         assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
 
 
-def test_resume_fp32_without_zero_on_more_processes(tiny_data, tmp_path):
-    """ZeRO stage 0 (the tiny config's default): a 1-process checkpoint resumes on TP 2 and on DP 2."""
-    overrides = [*TINY, *tiny_data, "parallel.zero_stage=0", "train.max_steps=2"]
-    run_dir = tmp_path / "run"
-    run_train(0, [*overrides, f"train.out_dir={run_dir}"])
-    assert "optimizer_param_names" in ckpt.read_manifest(ckpt.latest_checkpoint(run_dir))
-    for tp in (2, 1):
-        report = tmp_path / f"report_tp{tp}"
-        report.mkdir()
-        resumed = tmp_path / f"tp{tp}"
-        shutil.copytree(ckpt.checkpoint_root(run_dir), ckpt.checkpoint_root(resumed))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               "tests/train/reshard_probe.py", str(report), *overrides, f"train.out_dir={resumed}",
-               f"parallel.tp={tp}", "train.max_steps=4"]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        for r in (json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))):
-            assert r["mismatches"] == [] and r["finite"] and r["step"] == 4, r
+# (saved: nproc, overrides), (resumed: nproc, overrides): ZeRO stages, precisions and TP sizes the same-layout path
+# cannot load into each other.
+CROSS = {
+    "zero3-dp2-to-zero1-dp1": ((2, ["parallel.zero_stage=3"]), (1, ["parallel.zero_stage=1"])),
+    "zero1-dp2-to-zero3-dp2": ((2, ["parallel.zero_stage=1"]), (2, ["parallel.zero_stage=3"])),
+    "zero3-to-tp2": ((2, ["parallel.zero_stage=3"]), (2, ["parallel.zero_stage=1", "parallel.tp=2"])),
+    "bf16-zero1-dp2-to-bf16-zero3-dp2": (
+        (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
+        (2, ["parallel.zero_stage=3", "train.precision=bf16"]),
+    ),
+    "fp32-zero0-to-tp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0", "parallel.tp=2"])),
+    "fp32-zero0-to-dp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0"])),
+    "fp32-zero0-to-zero1": ((0, ["parallel.zero_stage=0"]), (0, ["parallel.zero_stage=1"])),
+}
 
 
-def test_resume_without_zero_checkpoint_under_zero1(tiny_data, tmp_path):
-    """Same TP and DP, ZeRO stage 0 -> 1: DeepSpeed would find no ZeRO shards and keep fresh Adam moments; the
-    checkpoint is loaded through resharding instead, and weights and moments equal the saved ones."""
-    overrides = [*TINY, *tiny_data, "parallel.zero_stage=0", "train.max_steps=2"]
-    run_dir = tmp_path / "run"
-    run_train(0, [*overrides, f"train.out_dir={run_dir}"])
-    report = tmp_path / "report"
-    report.mkdir()
-    cmd = [sys.executable, "tests/train/reshard_probe.py", str(report), *overrides, f"train.out_dir={run_dir}",
-           "parallel.zero_stage=1", "train.max_steps=4"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (r,) = [json.loads(p.read_text()) for p in report.glob("rank_*.json")]
-    assert r["mismatches"] == [] and r["finite"] and r["step"] == 4, r
+@pytest.mark.parametrize("case", list(CROSS))
+def test_resume_across_zero_stages_and_precisions(tiny_data, tmp_path, case):
+    """A 2-step run saved on one layout resumes exactly on another: weights, moments and step equal the saved run's
+    (as DeepSpeed loads them on the saved layout), then it trains on."""
+    (saved_n, saved_o), (new_n, new_o) = CROSS[case]
+    common = [*TINY, *tiny_data, "train.max_steps=2"]
+    src = tmp_path / "src"
+    run_train(saved_n, [*common, *saved_o, f"train.out_dir={src}"])
+    resume_elsewhere(src, tmp_path, (saved_n, [*common, *saved_o]), (new_n, [*common, *new_o]), 2)
 
 
 def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
@@ -108,3 +117,18 @@ def test_the_data_position_survives_a_data_parallel_change(tiny_data, tmp_path):
         got, want = position(run_dir, max_steps), position(ref, same_as)
         assert got["consumed"] == want["consumed"] == 12 + (max_steps - 6) * nproc
         assert got["streams"] == want["streams"], nproc
+
+
+def test_bf16_without_zero_is_refused_in_one_line(tiny_data, tmp_path):
+    """bf16 without ZeRO cannot be resharded: one line that says what to do, exit 2, and the checkpoint untouched."""
+    common = [*TINY, *tiny_data, "train.max_steps=1", "train.precision=bf16", f"train.out_dir={tmp_path}"]
+    run_train(0, [*common, "parallel.zero_stage=0"])
+    step_dir = ckpt.latest_checkpoint(tmp_path)
+    before = sorted(p.name for p in step_dir.iterdir())
+    proc = subprocess.run(train_cmd(0, [*common, "parallel.zero_stage=1", "train.max_steps=2"]), cwd=REPO,
+                          env=train_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if "bf16 without ZeRO" in x]
+    assert len(lines) == 1 and "parallel.zero_stage 1, 2 or 3" in lines[0], proc.stderr[-2000:]
+    assert sorted(p.name for p in step_dir.iterdir()) == before
+    assert ckpt.latest_checkpoint(tmp_path) == step_dir
