@@ -38,8 +38,6 @@ from mambatron.serialization import safe_torch_load
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 StateDict = dict[str, torch.Tensor]
-# Per TP rank: (fp32 weights, {key: moments} for the MOMENT_KEYS, step).
-RankState = tuple[StateDict, dict[str, StateDict], Any]
 
 
 def refusal(saved_stage: int, saved_precision: str, stage: int, precision: str) -> str | None:
@@ -54,74 +52,100 @@ def refusal(saved_stage: int, saved_precision: str, stage: int, precision: str) 
     return None
 
 
-def saved_mp_ranks(step_dir: Path) -> list[int]:
-    found = {int(m.group(1)) for p in step_dir.glob("*mp_rank_*_model_states.pt") if (m := _MP.search(p.name))}
-    return sorted(found)
-
-
 _MP = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 
 
-def read_rank_states(step_dir: Path, work_dir: Path) -> list[RankState]:
-    """Whole fp32 weights, Adam moments and step of every saved TP rank (in rank order). ``work_dir`` receives
-    DeepSpeed's per-parameter files (created here; the caller removes it)."""
-    states = []
-    for mp in saved_mp_ranks(step_dir):
-        own = sorted(step_dir.glob(f"*mp_rank_{mp:02d}_*states.pt"))
-        if any(p.name.endswith("_optim_states.pt") for p in own):
-            states.append(_read_universal(step_dir, own, work_dir / f"mp_rank_{mp:02d}"))
-        else:
-            states.append(_read_unpartitioned(step_dir, own))
-    if not states:
+def saved_mp_ranks(step_dir: Path) -> list[int]:
+    found = {int(m.group(1)) for p in step_dir.glob("*mp_rank_*_model_states.pt") if (m := _MP.search(p.name))}
+    if not found:
         raise FileNotFoundError(f"no '*mp_rank_XX_model_states.pt' files in {step_dir}")
-    return states
+    return sorted(found)
 
 
-def _read_universal(step_dir: Path, files: list[Path], out: Path) -> RankState:
+def _rank_files(step_dir: Path, mp: int) -> list[Path]:
+    return sorted(step_dir.glob(f"*mp_rank_{mp:02d}_*states.pt"))
+
+
+def convert(step_dir: Path, work_dir: Path) -> None:
+    """Run DeepSpeed's converter on every saved TP rank that has optimizer shards (ZeRO 1/2/3), each on a view of
+    its own files, into ``work_dir/mp_rank_XX/universal``."""
     from deepspeed.checkpoint import ds_to_universal
 
-    view = out / "view"
-    view.mkdir(parents=True)
-    for path in files:
-        os.symlink(path.resolve(), view / path.name)
-    args = types.SimpleNamespace(
-        input_folder=str(view), output_folder=str(out / "universal"), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,
-    )  # fmt: skip
-    quiet = io.StringIO()
-    with safe_torch_load(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        ds_to_universal.main(args)
-    return _read_converted_universal(out, files)
+    for mp in saved_mp_ranks(step_dir):
+        files = _rank_files(step_dir, mp)
+        if not any(p.name.endswith("_optim_states.pt") for p in files):
+            continue  # fp32 without ZeRO: the files hold everything whole
+        view = work_dir / f"mp_rank_{mp:02d}" / "view"
+        view.mkdir(parents=True)
+        for path in files:
+            os.symlink(path.resolve(), view / path.name)
+        args = types.SimpleNamespace(
+            input_folder=str(view), output_folder=str(view.parent / "universal"), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
+        )  # fmt: skip
+        quiet = io.StringIO()
+        with safe_torch_load(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            ds_to_universal.main(args)
+
+
+class _SavedRank:
+    """One saved TP rank's fp32 weights, Adam moments and step, read one parameter at a time: from the converter's
+    per-parameter files, or (fp32 without ZeRO) from the torch optimizer state kept whole in the model-states file,
+    whose parameters the manifest names."""
+
+    def __init__(self, step_dir: Path, work_dir: Path, mp: int):
+        files = _rank_files(step_dir, mp)
+        model_states = safe_load(next(p for p in files if p.name.endswith("_model_states.pt")))
+        self.root = work_dir / f"mp_rank_{mp:02d}" / "universal" / "zero"
+        self.whole: dict[str, dict[str, torch.Tensor]] | None = None
+        if self.root.is_dir():
+            self.shapes: dict[str, torch.Size] = {}
+            for group in model_states.get("param_shapes") or []:  # ZeRO-3's converted tensors are flat
+                self.shapes.update(group)
+            self.names = {p.name for p in self.root.iterdir() if p.is_dir()}
+            self.step = self._step()
+        else:
+            self._read_whole(step_dir, model_states)
+
+    def _step(self) -> Any:
+        for name in sorted(self.names):
+            if (self.root / name / "step.pt").is_file():
+                return safe_load(self.root / name / "step.pt")
+        common = safe_load(self.root / "optimizer_state.pt")  # ZeRO-3 sources keep it only here
+        return next(iter(common["optimizer_state_dict"]["state"].values()))["step"]
+
+    def _read_whole(self, step_dir: Path, model_states: dict[str, Any]) -> None:
+        from mambatron.train.checkpoint import read_manifest
+
+        group_names = read_manifest(step_dir).get("optimizer_param_names")
+        optimizer = model_states.get("optimizer")
+        if not group_names or not optimizer or "state" not in optimizer:
+            raise FileNotFoundError(f"{step_dir} has neither optimizer shards nor a whole optimizer state")
+        module = {k: v.float() for k, v in model_states["module"].items() if not k.endswith("_extra_state")}
+        self.whole = {name: {"weights": t} for name, t in module.items()}
+        self.names, self.step = set(module), 0
+        for group, names in zip(optimizer["param_groups"], group_names):
+            for index, name in zip(group["params"], names):
+                state = optimizer["state"].get(index, {})
+                self.step = state.get("step", self.step)
+                self.whole[name].update({k: state[k].float() for k in MOMENT_KEYS if k in state})
+
+    def get(self, name: str) -> dict[str, torch.Tensor]:
+        """{"weights": fp32, and each moment present}, in the saved rank's shape."""
+        if self.whole is not None:
+            return self.whole[name]
+        weights = _param(self.root / name / "fp32.pt")
+        weights = weights.view(self.shapes[name]) if name in self.shapes else weights
+        out = {"weights": weights}
+        for key in MOMENT_KEYS:
+            if (self.root / name / f"{key}.pt").is_file():
+                out[key] = _param(self.root / name / f"{key}.pt").view_as(weights)
+        return out
 
 
 def _param(path: Path) -> torch.Tensor:
     value = safe_load(path)
     return (value["param"] if isinstance(value, dict) else value).float()
-
-
-def _read_unpartitioned(step_dir: Path, files: list[Path]) -> RankState:
-    """fp32 without ZeRO: the module weights and the torch optimizer's state are whole in the model-states file (the
-    manifest names the optimizer's parameters, which torch numbers)."""
-    from mambatron.train.checkpoint import read_manifest
-
-    model_states = safe_load(next(p for p in files if p.name.endswith("_model_states.pt")))
-    group_names = read_manifest(step_dir).get("optimizer_param_names")
-    optimizer = model_states.get("optimizer")
-    if not group_names or not optimizer or "state" not in optimizer:
-        raise FileNotFoundError(
-            f"{step_dir} has neither optimizer shards nor a whole optimizer state; it cannot be resharded"
-        )
-    weights = {k: v.float() for k, v in model_states["module"].items() if not k.endswith("_extra_state")}
-    moments: dict[str, StateDict] = {k: {} for k in MOMENT_KEYS}
-    step = None
-    for group, names in zip(optimizer["param_groups"], group_names):
-        for index, name in zip(group["params"], names):
-            state = optimizer["state"].get(index, {})
-            step = state.get("step", step)
-            for key in MOMENT_KEYS:
-                if key in state:
-                    moments[key][name] = state[key].float()
-    return weights, moments, step if step is not None else 0
 
 
 def load_into_engine(
@@ -130,116 +154,70 @@ def load_into_engine(
     work_dir: Path,
     merge_tp: Callable[[list[StateDict]], StateDict],
     split_tp: Callable[[StateDict], StateDict],
-    barrier: Callable[[], None],
+    gather: Callable[[Any], list[Any]],
 ) -> None:
-    """Load the checkpoint in ``step_dir`` (any layout) into ``engine``. Rank 0 converts into ``work_dir``; every
-    rank reads it after ``barrier()`` and rank 0 removes it after a second one."""
-    if torch.distributed.get_rank() == 0:
+    """Load the checkpoint in ``step_dir`` (any layout) into ``engine``, one parameter at a time (host memory: one
+    parameter's full tensors). Rank 0 converts into ``work_dir`` while the others wait (``gather``: every rank's
+    object, a collective) and removes it at the end; a failed conversion is raised on every rank."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    problem = None
+    if rank == 0:
         shutil.rmtree(work_dir, ignore_errors=True)
         try:
-            per_rank = read_rank_states(step_dir, work_dir)
-        finally:
-            barrier()
-    else:
-        barrier()
-        per_rank = None
+            convert(step_dir, work_dir)
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            problem = f"{type(e).__name__}: {e}"
     try:
-        if per_rank is None:
-            per_rank = [_read_converted(step_dir, work_dir, mp) for mp in saved_mp_ranks(step_dir)]
-        weights = split_tp(merge_tp([w for w, _, _ in per_rank]))
-        moments = {
-            key: split_tp(merge_tp([m[key] for _, m, _ in per_rank]))
-            for key in MOMENT_KEYS
-            if all(m[key] for _, m, _ in per_rank)
-        }
-        _set_engine_state(engine, weights, moments, per_rank[0][2])
+        problems = [p for p in gather(problem) if p]
+        if problems:
+            raise RuntimeError(f"converting {step_dir} for another layout failed: {problems[0]}")
+        saved = [_SavedRank(step_dir, work_dir, mp) for mp in saved_mp_ranks(step_dir)]
+        _set_engine_state(engine, saved, merge_tp, split_tp)
     finally:
-        barrier()
-        if torch.distributed.get_rank() == 0:
+        gather(None)
+        if rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _read_converted(step_dir: Path, work_dir: Path, mp: int) -> RankState:
-    out = work_dir / f"mp_rank_{mp:02d}"
-    files = sorted(step_dir.glob(f"*mp_rank_{mp:02d}_*states.pt"))
-    if not (out / "universal").is_dir():  # fp32 without ZeRO: nothing was converted, read the files directly
-        return _read_unpartitioned(step_dir, files)
-    return _read_converted_universal(out, files)
-
-
-def _saved_shapes(files: list[Path]) -> dict[str, torch.Size]:
-    """Each parameter's shape on its saved TP rank (ZeRO-3's converted tensors are flat)."""
-    model_states = safe_load(next(p for p in files if p.name.endswith("_model_states.pt")))
-    shapes: dict[str, torch.Size] = {}
-    for group in model_states.get("param_shapes") or []:
-        shapes.update(group)
-    return shapes
-
-
-def _read_converted_universal(out: Path, files: list[Path]) -> RankState:
-    shapes = _saved_shapes(files)
-    root = out / "universal" / "zero"
-    weights: StateDict = {}
-    moments: dict[str, StateDict] = {k: {} for k in MOMENT_KEYS}
-    step = None
-    for param_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        name = param_dir.name
-        weights[name] = _param(param_dir / "fp32.pt")
-        if name in shapes:
-            weights[name] = weights[name].view(shapes[name])
-        for key in MOMENT_KEYS:
-            if (param_dir / f"{key}.pt").is_file():
-                moments[key][name] = _param(param_dir / f"{key}.pt").view_as(weights[name])
-        if step is None and (param_dir / "step.pt").is_file():
-            step = safe_load(param_dir / "step.pt")
-    if step is None:
-        common = safe_load(root / "optimizer_state.pt")
-        step = next(iter(common["optimizer_state_dict"]["state"].values()))["step"]
-    return weights, moments, step
-
-
-def _set_engine_state(engine: Any, weights: StateDict, moments: dict[str, StateDict], step: Any) -> None:
+def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) -> None:
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     named = dict(engine.module.named_parameters())
-    missing = sorted(set(named) - set(weights))
+    missing = sorted(set(named) - saved[0].names)
     if missing:
         raise KeyError(f"checkpoint lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
     optimizer = engine.optimizer
+    zero3 = engine.zero_optimization_partition_weights()
     fp32_without_zero = not engine.zero_optimization() and not engine.bfloat16_enabled()
     with torch.no_grad():
         # First the optimizer's state tensors, which its first step would create (that step also moves weights).
-        if engine.zero_optimization_partition_weights():
+        if zero3:
             _materialize_zero3_state(optimizer)
         elif not fp32_without_zero:
             _materialize_state(optimizer.optimizer)
             optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its optimizer fragments
-        if engine.zero_optimization_partition_weights():  # ZeRO-3: module weights are partitioned
-            import deepspeed
-
-            params = list(named.values())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                for name, param in named.items():
-                    param.data.copy_(weights[name].to(param.dtype).view_as(param))
-        else:
-            for name, param in named.items():
-                param.data.copy_(weights[name].to(param.dtype).view_as(param))
-        if fp32_without_zero:
-            # fp32 without ZeRO: a torch optimizer, whose parameters are the master weights.
-            for name, param in named.items():
-                if moments:
-                    state = {k: moments[k][name].clone() for k in moments}
-                    optimizer.state[param] = {"step": _step_like(step, None), **state}
-            return
-        inner = optimizer.optimizer
         for name, param in named.items():
-            full = weights[name].view_as(param) if not hasattr(param, "ds_id") else weights[name]
-            safe_set_full_fp32_param(param, full)
-            for key, values in moments.items():
-                safe_set_full_optimizer_state(param, values[name], key)
-        for state in inner.state.values():
-            if "step" in state:
-                state["step"] = _step_like(step, state["step"])
+            parts = [rank.get(name) for rank in saved]
+            local = {key: split_tp(merge_tp([{name: p[key]} for p in parts]))[name] for key in parts[0]}
+            if zero3:  # the module weight is partitioned: set it whole, DeepSpeed re-partitions it
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    param.data.copy_(local["weights"].to(param.dtype).view_as(param))
+            else:
+                param.data.copy_(local["weights"].to(param.dtype).view_as(param))
+            moments = {k: local[k] for k in MOMENT_KEYS if k in local}
+            if fp32_without_zero:  # a torch optimizer, whose parameters are the master weights
+                if moments:
+                    optimizer.state[param] = {"step": _step_like(saved[0].step, None), **moments}
+                continue
+            safe_set_full_fp32_param(param, local["weights"])
+            for key, value in moments.items():
+                safe_set_full_optimizer_state(param, value, key)
+        if not fp32_without_zero:
+            for state in optimizer.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = _step_like(saved[0].step, state["step"])
 
 
 def _materialize_state(inner: torch.optim.Optimizer) -> None:

@@ -325,7 +325,7 @@ class Trainer:
             work_dir=step_dir.parent / f".reshard_{step_dir.name}",
             merge_tp=lambda states: consolidate.consolidate(states, model_cfg),
             split_tp=lambda full: consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank),
-            barrier=ckpt.barrier,
+            gather=ckpt.gather_objects,
         )
 
     # -------------------------------------------------------------------------------------------- train step
