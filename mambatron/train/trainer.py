@@ -241,13 +241,11 @@ class Trainer:
             return False
         manifest = ckpt.read_manifest(step_dir)
         self._check_same_model(step_dir, manifest)
-        saved_cp = int(manifest.get("cp", 1))
-        if saved_cp != self.dist.cp_size:
-            raise ConfigError(
-                f"{step_dir} was saved with parallel.cp={saved_cp} and this run has parallel.cp={self.dist.cp_size}: "
-                f"resume with parallel.cp={saved_cp} (a checkpoint resumes on its own context-parallel size)"
-            )
-        same_ranks = manifest["tp"] == self.dist.tp_size and manifest["dp"] == self.dist.dp_size
+        # Context parallelism splits sequences, not weights: the ZeRO partitions span data x context parallel ranks,
+        # so another CP size is another partitioning, loaded like a data-parallel change.
+        same_ranks = (manifest["tp"], manifest["dp"], int(manifest.get("cp", 1))) == (
+            self.dist.tp_size, self.dist.dp_size, self.dist.cp_size,
+        )  # fmt: skip
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
         # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the
         # engine's load, and rank 0 names it. (Every rank reads the same DeepSpeed files, so they fail together.)
