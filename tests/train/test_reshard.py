@@ -66,7 +66,6 @@ CROSS = {
         (2, ["parallel.zero_stage=3", "train.precision=bf16"]),
     ),
     "fp32-zero0-to-tp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0", "parallel.tp=2"])),
-    "fp32-zero0-to-dp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0"])),
     "fp32-zero0-to-zero1": ((0, ["parallel.zero_stage=0"]), (0, ["parallel.zero_stage=1"])),
 }
 
