@@ -45,9 +45,6 @@ FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 _TMP_PREFIX = ".tmp_"
 
-# Optimizer state tensors that have a parameter's shape (torch Adam/AdamW).
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-
 
 def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"

@@ -36,6 +36,7 @@ import torch
 from mambatron.serialization import load as safe_load
 from mambatron.serialization import safe_torch_load
 
+# Optimizer state tensors that have a parameter's shape (torch Adam/AdamW).
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 StateDict = dict[str, torch.Tensor]
 

@@ -23,6 +23,7 @@ import torch
 from mambatron.config import load_config
 from mambatron.serialization import load as safe_load
 from mambatron.train import checkpoint as ckpt
+from mambatron.train import elastic
 from mambatron.train.trainer import Trainer
 
 
@@ -42,7 +43,7 @@ def _state_now(engine) -> dict[str, torch.Tensor]:
     out = {}
     for g, flat in enumerate(zero.single_partition_of_fp32_groups):
         out[f"fp32:{g}"] = flat.detach().clone()
-        for key in ckpt.MOMENT_KEYS:
+        for key in elastic.MOMENT_KEYS:
             out[f"{key}:{g}"] = zero.optimizer.state[flat][key].clone()
     return out
 
@@ -55,7 +56,7 @@ def _state_saved(step_dir: Path) -> dict[str, torch.Tensor]:
     for g, flat in enumerate(osd["single_partition_of_fp32_groups"]):
         out[f"fp32:{g}"] = flat
         state = base["state"][base["param_groups"][g]["params"][0]]
-        for key in ckpt.MOMENT_KEYS:
+        for key in elastic.MOMENT_KEYS:
             out[f"{key}:{g}"] = state[key]
     return out
 

@@ -24,6 +24,7 @@ from mambatron.config import load_config
 from mambatron.parallel import consolidate
 from mambatron.serialization import load as safe_load
 from mambatron.train import checkpoint as ckpt
+from mambatron.train import elastic
 from mambatron.train.trainer import Trainer
 
 
@@ -35,11 +36,11 @@ def full_states(engine) -> dict[str, dict[str, torch.Tensor]]:
         master, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state
     else:  # fp32 without ZeRO: the parameters are the master weights, the torch optimizer holds the moments
         master, moment = (lambda p: p.detach()), (lambda p, key: engine.optimizer.state[p][key])
-    out: dict[str, dict[str, torch.Tensor]] = {"weights": {}, **{k: {} for k in ckpt.MOMENT_KEYS}}
+    out: dict[str, dict[str, torch.Tensor]] = {"weights": {}, **{k: {} for k in elastic.MOMENT_KEYS}}
     for name, param in engine.module.named_parameters():
         out["weights"][name] = master(param).float().clone().view(param.ds_shape if hasattr(param, "ds_shape")
                                                                   else param.shape)  # fmt: skip
-        for key in ckpt.MOMENT_KEYS:
+        for key in elastic.MOMENT_KEYS:
             out[key][name] = moment(param, key).float().clone().view_as(out["weights"][name])
     return out
 
