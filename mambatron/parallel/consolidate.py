@@ -132,6 +132,28 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
             load("lm_head.weight", head)
 
 
+def saved_mp_ranks(step_dir: str | os.PathLike) -> list[int]:
+    """The TP (``mp_rank_XX``) ranks a DeepSpeed checkpoint folder holds files of."""
+    files = glob.glob(os.path.join(step_dir, "*mp_rank_*_model_states.pt"))
+    mp_ranks = sorted({int(re.search(r"mp_rank_(\d+)_model_states", os.path.basename(f)).group(1)) for f in files})
+    if not mp_ranks:
+        raise FileNotFoundError(f"no '*mp_rank_XX_model_states.pt' files in {str(step_dir)!r}")
+    return mp_ranks
+
+
+def mp_rank_files(step_dir: str | os.PathLike, mp_rank: int) -> list[str]:
+    """Every model- and optimizer-states file of TP rank ``mp_rank`` (all its data-parallel ranks)."""
+    return sorted(glob.glob(os.path.join(step_dir, f"*mp_rank_{mp_rank:02d}_*states.pt")))
+
+
+def link_mp_rank(step_dir: str | os.PathLike, mp_rank: int, view: str | os.PathLike) -> None:
+    """Make ``view`` a folder of links to TP rank ``mp_rank``'s files only: DeepSpeed's readers take every file of a
+    folder, and refuse (or merge wrongly) TP > 1 checkpoints as a whole."""
+    os.makedirs(view)
+    for path in mp_rank_files(step_dir, mp_rank):
+        os.symlink(os.path.abspath(path), os.path.join(view, os.path.basename(path)))
+
+
 def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -> list[StateDict]:
     """fp32 module states, one per TP (``mp_rank_XX``) rank, from a DeepSpeed checkpoint at ``checkpoint_dir/tag``
     (``tag`` defaults to the one named in ``checkpoint_dir/latest``).
@@ -145,11 +167,7 @@ def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -
         with open(os.path.join(checkpoint_dir, "latest")) as f:
             tag = f.read().strip()
     step_dir = os.path.join(checkpoint_dir, tag)
-    files = glob.glob(os.path.join(step_dir, "*mp_rank_*_model_states.pt"))
-    mp_ranks = sorted({int(re.search(r"mp_rank_(\d+)_model_states", os.path.basename(f)).group(1)) for f in files})
-    if not mp_ranks:
-        raise FileNotFoundError(f"no '*mp_rank_XX_model_states.pt' files in {step_dir!r}")
-    return [_module_state_for_mp_rank(step_dir, mp) for mp in mp_ranks]
+    return [_module_state_for_mp_rank(step_dir, mp) for mp in saved_mp_ranks(step_dir)]
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: str, model_cfg: ModelConfig, tag: str | None = None) -> StateDict:
@@ -167,11 +185,7 @@ def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
     optim_files = glob.glob(os.path.join(step_dir, f"*{suffix}_optim_states.pt"))
     if optim_files:
         with tempfile.TemporaryDirectory() as tmp:
-            # zero_to_fp32 reads every *_model_states.pt / *_optim_states.pt of a folder: give it one TP rank's.
-            view = os.path.join(tmp, "step")
-            os.makedirs(view)
-            for path in glob.glob(os.path.join(step_dir, f"*{suffix}_*states.pt")):
-                os.symlink(os.path.abspath(path), os.path.join(view, os.path.basename(path)))
+            link_mp_rank(step_dir, mp_rank, os.path.join(tmp, "step"))
             try:
                 with safe_torch_load():  # zero_to_fp32 would unpickle with weights_only=False
                     return _as_fp32(get_fp32_state_dict_from_zero_checkpoint(tmp, tag="step"))

@@ -192,7 +192,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------------- save
 
 
-def barrier() -> None:
+def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
@@ -287,7 +287,7 @@ class Checkpointer:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():  # left over from a run that died while saving
                 shutil.rmtree(tmp)
-        barrier()
+        _barrier()
         with staged_save(engine, self.buffers) as files:
             engine.save_checkpoint(str(root), tag=tmp.name, save_latest=False)
         files = [*files, (str(rank_file(tmp, rank)), stage(rank_state, self.buffers))]
@@ -308,7 +308,7 @@ class Checkpointer:
         self._thread.start()
         if not self.asynchronous:
             self.wait()
-            barrier()  # every rank returns once rank 0 has made the checkpoint complete
+            _barrier()  # every rank returns once rank 0 has made the checkpoint complete
         self.last_stall_seconds = time.perf_counter() - started
         return final
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import re
 import shutil
 import types
 from collections.abc import Callable
@@ -33,6 +31,7 @@ from typing import Any
 
 import torch
 
+from mambatron.parallel.consolidate import link_mp_rank, mp_rank_files, saved_mp_ranks
 from mambatron.serialization import load as safe_load
 from mambatron.serialization import safe_torch_load
 
@@ -53,33 +52,16 @@ def refusal(saved_stage: int, saved_precision: str, stage: int, precision: str) 
     return None
 
 
-_MP = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
-
-
-def saved_mp_ranks(step_dir: Path) -> list[int]:
-    found = {int(m.group(1)) for p in step_dir.glob("*mp_rank_*_model_states.pt") if (m := _MP.search(p.name))}
-    if not found:
-        raise FileNotFoundError(f"no '*mp_rank_XX_model_states.pt' files in {step_dir}")
-    return sorted(found)
-
-
-def _rank_files(step_dir: Path, mp: int) -> list[Path]:
-    return sorted(step_dir.glob(f"*mp_rank_{mp:02d}_*states.pt"))
-
-
 def convert(step_dir: Path, work_dir: Path) -> None:
     """Run DeepSpeed's converter on every saved TP rank that has optimizer shards (ZeRO 1/2/3), each on a view of
     its own files, into ``work_dir/mp_rank_XX/universal``."""
     from deepspeed.checkpoint import ds_to_universal
 
     for mp in saved_mp_ranks(step_dir):
-        files = _rank_files(step_dir, mp)
-        if not any(p.name.endswith("_optim_states.pt") for p in files):
+        if not any(p.endswith("_optim_states.pt") for p in mp_rank_files(step_dir, mp)):
             continue  # fp32 without ZeRO: the files hold everything whole
         view = work_dir / f"mp_rank_{mp:02d}" / "view"
-        view.mkdir(parents=True)
-        for path in files:
-            os.symlink(path.resolve(), view / path.name)
+        link_mp_rank(step_dir, mp, view)
         args = types.SimpleNamespace(
             input_folder=str(view), output_folder=str(view.parent / "universal"), num_extract_workers=1,
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
@@ -95,8 +77,7 @@ class _SavedRank:
     whose parameters the manifest names."""
 
     def __init__(self, step_dir: Path, work_dir: Path, mp: int):
-        files = _rank_files(step_dir, mp)
-        model_states = safe_load(next(p for p in files if p.name.endswith("_model_states.pt")))
+        model_states = safe_load(next(p for p in mp_rank_files(step_dir, mp) if p.endswith("_model_states.pt")))
         self.root = work_dir / f"mp_rank_{mp:02d}" / "universal" / "zero"
         self.whole: dict[str, dict[str, torch.Tensor]] | None = None
         if self.root.is_dir():
@@ -181,6 +162,7 @@ def load_into_engine(
 
 
 def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) -> None:
+    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     named = dict(engine.module.named_parameters())
@@ -201,8 +183,6 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
             parts = [rank.get(name) for rank in saved]
             local = {key: split_tp(merge_tp([{name: p[key]} for p in parts]))[name] for key in parts[0]}
             if zero3:  # the module weight is partitioned: set it whole, DeepSpeed re-partitions it
-                import deepspeed
-
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                     param.data.copy_(local["weights"].to(param.dtype).view_as(param))
             else:
