@@ -114,20 +114,18 @@ def _chunk_scan_fwd_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_K)
         in_s = offs_s < chunk_len
         causal = offs_s[None, :] <= offs_l[:, None]
-        CB = tl.load(
-            CB_base + offs_l[:, None] * chunk_size + offs_s[None, :],
-            mask=in_l[:, None] & in_s[None, :] & causal,
-            other=0.0,
-        )
+        # Only bounds masks on loads (constant along 16 positions, so the loads stay vectorised); the causal mask
+        # is applied to the values.
+        CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
         dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
         dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
-        decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
+        decay = tl.exp(tl.minimum(dA_cumsum_l[:, None] - dA_cumsum_s[None, :], 0.0))
         x_s = tl.load(
             x_base + offs_s[:, None] * stride_x_l + offs_p[None, :] * stride_x_p,
             mask=in_s[:, None] & in_p[None, :],
             other=0.0,
         )
-        acc += tl.dot((CB * decay * dt_s[None, :]).to(x_s.dtype), x_s)
+        acc += tl.dot(tl.where(causal, CB * decay * dt_s[None, :], 0.0).to(x_s.dtype), x_s)
 
     if HAS_D:
         x_l = tl.load(
@@ -261,19 +259,16 @@ def _chunk_scan_bwd_dx_kernel(
         offs_l = l0 + tl.arange(0, BLOCK_K)
         in_l = offs_l < chunk_len
         causal = offs_l[None, :] >= offs_s[:, None]
-        CBT = tl.load(
-            CB_base + offs_l[None, :] * chunk_size + offs_s[:, None],
-            mask=in_s[:, None] & in_l[None, :] & causal,
-            other=0.0,
-        )
+        # Bounds masks only on the load (it stays vectorised); the causal mask is applied to the values.
+        CBT = tl.load(CB_base + offs_l[None, :] * chunk_size + offs_s[:, None], mask=in_s[:, None] & in_l[None, :])
         dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
-        decay = tl.exp(tl.where(causal, dA_cumsum_l[None, :] - dA_cumsum_s[:, None], float("-inf")))
+        decay = tl.exp(tl.minimum(dA_cumsum_l[None, :] - dA_cumsum_s[:, None], 0.0))
         dy_l = tl.load(
             dy_base + offs_l[:, None] * (nheads * headdim) + offs_p[None, :],
             mask=in_l[:, None] & in_p[None, :],
             other=0.0,
         )
-        acc += tl.dot((CBT * decay).to(dot_dtype), dy_l.to(dot_dtype))
+        acc += tl.dot(tl.where(causal, CBT * decay, 0.0).to(dot_dtype), dy_l.to(dot_dtype))
 
     # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
     B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
@@ -367,11 +362,9 @@ def _chunk_scan_bwd_dcb_kernel(
         causal = offs_s[None, :] <= offs_l[:, None]
         dot_dtype = x_ptr.dtype.element_ty
         CB_base = CB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
-        CB = tl.load(
-            CB_base + offs_l[:, None] * chunk_size + offs_s[None, :],
-            mask=in_l[:, None] & in_s[None, :] & causal,
-            other=0.0,
-        )
+        # The causal mask goes on the values, not the load, which then stays vectorised.
+        CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
+        CB = tl.where(causal, CB, 0.0)
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         for i in range(heads_per_group):
             head = group * heads_per_group + i
@@ -445,11 +438,9 @@ def _chunk_scan_bwd_dbdc_kernel(
     for s0 in range(0, tl.minimum((pid_t + 1) * BLOCK_L, chunk_len), BLOCK_L):
         offs_s = s0 + tl.arange(0, BLOCK_L)
         in_s = offs_s < chunk_len
-        dCB = tl.load(
-            dCB_base + offs_t[:, None] * chunk_size + offs_s[None, :],
-            mask=in_t[:, None] & in_s[None, :] & (offs_s[None, :] <= offs_t[:, None]),
-            other=0.0,
-        )
+        # Causal masks go on the values, not the loads, which then stay vectorised.
+        dCB = tl.load(dCB_base + offs_t[:, None] * chunk_size + offs_s[None, :], mask=in_t[:, None] & in_s[None, :])
+        dCB = tl.where(offs_s[None, :] <= offs_t[:, None], dCB, 0.0)
         B = tl.load(
             B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
             mask=in_s[:, None] & in_n[None, :],
@@ -460,11 +451,8 @@ def _chunk_scan_bwd_dbdc_kernel(
     for l0 in range(pid_t * BLOCK_L, chunk_len, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         in_l = offs_l < chunk_len
-        dCBT = tl.load(
-            dCB_base + offs_l[None, :] * chunk_size + offs_t[:, None],
-            mask=in_t[:, None] & in_l[None, :] & (offs_l[None, :] >= offs_t[:, None]),
-            other=0.0,
-        )
+        dCBT = tl.load(dCB_base + offs_l[None, :] * chunk_size + offs_t[:, None], mask=in_t[:, None] & in_l[None, :])
+        dCBT = tl.where(offs_l[None, :] >= offs_t[:, None], dCBT, 0.0)
         C = tl.load(
             C_base + offs_l[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
             mask=in_l[:, None] & in_n[None, :],
