@@ -7,7 +7,8 @@ it changes is what is kept and where gradients land:
   norm, the norm's rstd and SSD's per-chunk dt/cumsum (batch·nheads·seqlen fp32 each). The conv output (x, B, C) is
   recomputed in backward, one conv launch, instead of kept; z is read in place, never copied;
 - given out_proj's weight (a single-device linear), the projection runs inside too, and the norm's output, which
-  out_proj would otherwise keep for its weight gradient, is recomputed in backward instead (d_inner per token less);
+  out_proj would otherwise keep for its weight gradient, is written again by the norm's backward kernel, from values
+  it loads anyway (d_inner per token less kept, and no second forward pass of the norm);
 - backward writes dz, the conv input's gradient and ddt straight into one preallocated (batch, seqlen, features)
   buffer, and SSD's dx, dB, dC into one conv-output-gradient buffer, so there is no split-backward concatenation.
 """
@@ -73,17 +74,21 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         batch, seqlen, _ = zxbcdt.shape
         v = _Views(zxbcdt, di, conv_dim)
         dout_w = dout_b = None
-        if out_w is not None:  # recompute the norm's output for out_proj's weight gradient
-            out, _, _ = norm_forward(y, None, v.z, norm_weight, None, eps, group_size, False, False, None)
-            dres = dout.reshape(-1, dout.shape[-1])
-            dout_w = torch.matmul(dres.t(), out.view(-1, di))
-            dout_b = dres.sum(0, dtype=torch.float32).to(out_b.dtype) if out_b is not None else None
-            del out
+        dres = dout.reshape(-1, dout.shape[-1])
+        if out_w is not None:
             dout = torch.matmul(dout, out_w)
         dzxbcdt = torch.empty_like(zxbcdt)
         dv = _Views(dzxbcdt, di, conv_dim)
-        dy, _, _, dnorm_weight, _ = norm_backward(y, None, v.z, norm_weight, None, rstd, False, dout, dz=dv.z)
+        # With out_proj inside, its weight gradient needs the norm's output: the norm's backward writes it again.
+        out_dtype = y.dtype if out_w is not None else None
+        dy, _, _, dnorm_weight, _, *out = norm_backward(
+            y, None, v.z, norm_weight, None, rstd, False, dout, dz=dv.z, out_dtype=out_dtype
+        )
         del y
+        if out_w is not None:
+            dout_w = torch.matmul(dres.t(), out[0].view(-1, di))
+            dout_b = dres.sum(0, dtype=torch.float32).to(out_b.dtype) if out_b is not None else None
+            del out
         xbc_t = v.xbc.transpose(1, 2)
         xbc = conv_forward(xbc_t, conv_weight, conv_bias, seq_idx, None, True).transpose(1, 2)
         x, B, C = _xbc_heads(xbc, di, ngroups, dstate, nheads)

@@ -65,9 +65,12 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
     return out, residual_out, rstd
 
 
-def norm_backward(x, residual, z, weight, bias, rstd, norm_before_gate, dout, dresidual_out=None, dz=None):
+def norm_backward(
+    x, residual, z, weight, bias, rstd, norm_before_gate, dout, dresidual_out=None, dz=None, out_dtype=None
+):  # fmt: skip
     """Gradients of :func:`norm_forward`; dz is written into ``dz`` (unit-stride rows, any row stride) when given.
-    Returns dx, dresidual (or None), dz (or None), dweight, dbias (or None) in the inputs' dtypes."""
+    Returns dx, dresidual (or None), dz (or None), dweight, dbias (or None) in the inputs' dtypes. Given
+    ``out_dtype``, also the forward's output recomputed in that dtype (from the same kernel pass), as a sixth value."""
     from .kernel import _norm_bwd_kernel
 
     shape, hidden = x.shape, x.shape[-1]
@@ -81,11 +84,13 @@ def norm_backward(x, residual, z, weight, bias, rstd, norm_before_gate, dout, dr
     if z is not None and dz is None:
         dz = new_output(shape, z.dtype, dev)
     dw_part = new_output((programs, hidden), torch.float32, dev)
+    out = new_output(shape, out_dtype, dev) if out_dtype is not None else None
     db_part = new_output((programs, hidden), torch.float32, dev) if bias is not None else None
     _norm_bwd_kernel[(programs,)](
-        x, residual, z, weight, bias, rstd, dout, dresidual_out, dx, dresidual, dz, dw_part, db_part,
+        x, residual, z, weight, bias, rstd, dout, dresidual_out, dx, dresidual, dz, dw_part, db_part, out,
         rows, groups, hidden // groups, per_program,
         row_stride(z) if z is not None else 0, row_stride(dz) if dz is not None else 0,
+        STORE_OUTPUT=out is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_DRESIDUAL_OUT=dresidual_out is not None,
         HAS_Z=z is not None,
@@ -97,6 +102,8 @@ def norm_backward(x, residual, z, weight, bias, rstd, norm_before_gate, dout, dr
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None
+    if out_dtype is not None:
+        return dx, dresidual, dz, dweight, dbias, out
     return dx, dresidual, dz, dweight, dbias
 
 

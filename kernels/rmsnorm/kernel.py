@@ -96,12 +96,14 @@ def _norm_bwd_kernel(
     dz_ptr,
     dw_ptr,
     db_ptr,
+    out_ptr,
     M,
     GROUPS,
     GROUP_SIZE,
     ROWS_PER_PROGRAM,
     stride_z_row,
     stride_dz_row,
+    STORE_OUTPUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_DRESIDUAL_OUT: tl.constexpr,
     HAS_Z: tl.constexpr,
@@ -110,7 +112,9 @@ def _norm_bwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
 ):
-    """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces."""
+    """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces.
+    With STORE_OUTPUT, also the forward's output ``out`` again, from the values the gradients need anyway (cheaper
+    than a second forward pass when a following linear layer needs it for its weight gradient)."""
     cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
     hidden = GROUPS * GROUP_SIZE
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -138,10 +142,18 @@ def _norm_bwd_kernel(
                 if HAS_BIAS:
                     y += b
                 tl.store(dz_ptr + row64 * stride_dz_row + cols, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+                if STORE_OUTPUT:
+                    tl.store(out_ptr + offs, (y * gate).to(out_ptr.dtype.element_ty), mask=mask)
                 dy = dy * gate
             else:
                 xg = s * gate
         xhat = xg * rstd[:, None]
+        if STORE_OUTPUT:
+            if not (HAS_Z and NORM_BEFORE_GATE):
+                y = xhat * w
+                if HAS_BIAS:
+                    y += b
+                tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
         wdy = dy * w

@@ -160,3 +160,26 @@ def test_gated_fp32_agrees_with_fp64_to_1e5(hidden, group_size, norm_before_gate
         torch.testing.assert_close(
             grad.double().cpu(), ref_grad, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"d{n}: {m}"
         )
+
+
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize(
+    "gated, with_bias, with_residual", [(True, True, False), (True, False, False), (False, True, True)]
+)
+def test_backward_writes_the_forward_output_again(norm_before_gate, gated, with_bias, with_residual, device):
+    """norm_backward(out_dtype=...) returns the forward's output as a sixth value (the fused Mamba2 op feeds it to
+    out_proj's weight gradient instead of running the forward twice): equal to norm_forward's, gradients unchanged."""
+    from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward
+
+    x, w, z, b, res, dout = (rand(6, 48, seed=i, dtype=torch.float32, device=device).detach() for i in range(6))
+    z, b, res = (z if gated else None), (b if with_bias else None), (res if with_residual else None)
+    out, _, rstd = norm_forward(x, res, z, w[0], b[0] if b is not None else None, 1e-5, 16, norm_before_gate, False,
+                                None)  # fmt: skip
+    args = (x, res, z, w[0], b[0] if b is not None else None, rstd, norm_before_gate, dout)
+    plain = norm_backward(*args)
+    *grads, again = norm_backward(*args, out_dtype=torch.float32)
+    assert len(plain) == 5 and again.dtype == torch.float32
+    torch.testing.assert_close(again, out, rtol=1e-6, atol=1e-6)
+    assert again.abs().max() > 0.1
+    for got, want in zip(grads, plain):
+        assert (got is None and want is None) or torch.equal(got, want)
