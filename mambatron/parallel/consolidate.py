@@ -192,7 +192,28 @@ def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
             except ValueError:
                 pass  # not ZeRO-partitioned (e.g. stage 0): the saved module weights are complete
     model_files = sorted(glob.glob(os.path.join(step_dir, f"*{suffix}_model_states.pt")))
-    return _as_fp32(safe_load(model_files[0])["module"])
+    model_states = safe_load(model_files[0])
+    module = model_states["module"]
+    optimizer = model_states.get("optimizer") or {}
+    names = _manifest(step_dir).get("optimizer_param_names")
+    from mambatron.train.elastic import flat_master_state, is_fp16_style_state
+
+    if is_fp16_style_state(optimizer) and names:
+        # bf16 without ZeRO: the module holds bf16 copies; the fp32 master weights are in the optimizer's state.
+
+        masters, _ = flat_master_state(optimizer, names, {k: v.shape for k, v in module.items()})
+        module = {**module, **{k: v["weights"] for k, v in masters.items()}}
+    return _as_fp32(module)
+
+
+def _manifest(step_dir: str) -> dict:
+    """The training run's manifest of a checkpoint folder, or {} (a checkpoint written by something else)."""
+    from mambatron.train.checkpoint import read_manifest
+
+    try:
+        return read_manifest(step_dir)
+    except (OSError, ValueError):
+        return {}
 
 
 def _as_fp32(state: StateDict) -> StateDict:

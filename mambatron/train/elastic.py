@@ -1,20 +1,25 @@
-"""Resume a checkpoint on another layout (TP, DP, ZeRO stage 0–3, bf16 or fp32; not bf16 without ZeRO): the one
-module that reads and writes optimizer state outside DeepSpeed's own same-layout ``load_checkpoint``.
+"""Resume a checkpoint on another layout (TP, DP, ZeRO stage 0–3, bf16 or fp32): the one module that reads and
+writes optimizer state outside DeepSpeed's own same-layout ``load_checkpoint``.
 
 Reading: DeepSpeed's universal-checkpoint converter (``deepspeed.checkpoint.ds_to_universal``) turns the saved ZeRO
 1/2/3 or bf16-optimizer files of each TP rank into whole (data-parallel-merged) tensors per parameter: fp32 master
 weight, Adam moments, step. It runs once per saved TP rank on a view holding only that rank's files, so it never
 merges TP slices itself; the TP merge and split are :mod:`mambatron.parallel.consolidate`'s, which knows every
-layer's layout. A checkpoint without optimizer shards (fp32 without ZeRO) holds the torch optimizer's state whole in
-its model-states file and is read from there.
+layer's layout. A checkpoint without optimizer shards holds its optimizer state whole in its model-states file and
+is read from there: fp32 without ZeRO, the torch optimizer's state per parameter; bf16 without ZeRO, DeepSpeed's
+fp16-style optimizer, whose fp32 master weights and moments are one flat tensor per parameter group, the group's
+parameters concatenated in order (the layout ``torch._utils._flatten_dense_tensors`` makes; the manifest names them).
 
 Writing: DeepSpeed's public ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` (ZeRO 1/2/3 and the
-bf16 optimizer), ``deepspeed.zero.GatheredParameters`` for ZeRO-3's partitioned module weights, and the torch
-optimizer's ``state`` without ZeRO. The optimizer states those functions write into exist only after a first step,
-so they are made here by a step that changes nothing (zero gradients, lr 0); for that, and for the step count, this
-module uses DeepSpeed internals: ``_lazy_init_hp_params_optimizer_state`` (ZeRO-1/2, bf16), ZeRO-3's
-``fp32_partitioned_groups_flat`` / ``sub_group_to_group_id``, and the inner torch optimizer's ``state``. They are
-all here, pinned by tests/train/test_reshard.py to the DeepSpeed versions pyproject.toml allows.
+bf16 optimizer), ``deepspeed.zero.GatheredParameters`` for ZeRO-3's partitioned module weights, the torch
+optimizer's ``state`` for fp32 without ZeRO, and the fp16-style optimizer's ``fp32_groups_flat`` and its inner
+optimizer's flat state for bf16 without ZeRO (slices located through its ``fp16_groups``). The optimizer states
+those write into exist only after a first step, so they are made here by a step that changes nothing (zero
+gradients, lr 0); for that, and for the step count, this module uses DeepSpeed internals:
+``_lazy_init_hp_params_optimizer_state`` (ZeRO-1/2, bf16), ZeRO-3's ``fp32_partitioned_groups_flat`` /
+``sub_group_to_group_id``, the fp16-style optimizer's ``fp16_groups`` / ``fp32_groups_flat`` and saved state-dict
+keys, and the inner torch optimizer's ``state``. They are all here, pinned by tests/train/test_reshard.py to the
+DeepSpeed versions pyproject.toml allows.
 
 Everything is exact: the resumed run's consolidated fp32 weights and moments equal the saved run's.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import shutil
 import types
 from collections.abc import Callable
@@ -38,18 +44,57 @@ from mambatron.serialization import safe_torch_load
 # Optimizer state tensors that have a parameter's shape (torch Adam/AdamW).
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 StateDict = dict[str, torch.Tensor]
+# Where a saved fp16-style optimizer state (bf16 without ZeRO) keeps its fp32 masters: flat per group, or per parameter.
+_FP16_STYLE_KEYS = {"fp32_groups_flat", "fp32_groups"}
 
 
-def refusal(saved_stage: int, saved_precision: str, stage: int, precision: str) -> str | None:
-    """Why a checkpoint cannot be resharded between these settings, or None. bf16 without ZeRO keeps its fp32
-    master weights in DeepSpeed's fp16-style optimizer, which neither the converter reads nor the state API writes."""
-    for where, (s, p) in (("saved", (saved_stage, saved_precision)), ("resumed", (stage, precision))):
-        if s == 0 and p == "bf16":
-            return (
-                f"a checkpoint cannot be resharded when the {where} run is bf16 without ZeRO: resume it on its own "
-                "layout, or use parallel.zero_stage 1, 2 or 3 for bf16 runs that may change layout"
-            )
-    return None
+def _fp16_style(optimizer: Any) -> bool:
+    """DeepSpeed's fp16-style optimizers (bf16 without ZeRO): bf16 module parameters ``fp16_groups`` with fp32
+    masters, one flat tensor per group (``FP16_Optimizer``, with a fused Adam) or one per parameter
+    (``FP16_UnfusedOptimizer``, with any other torch optimizer)."""
+    masters = hasattr(optimizer, "fp32_groups_flat") or hasattr(optimizer, "fp32_groups")
+    return hasattr(optimizer, "fp16_groups") and masters
+
+
+def optimizer_param_names(engine: Any) -> list[list[str]] | None:
+    """The names of the parameters of each optimizer group, in the group's order, for a checkpoint whose optimizer
+    state is saved whole and keyed by position (no ZeRO); None if a parameter is not the module's."""
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    optimizer = engine.optimizer
+    groups = optimizer.fp16_groups if _fp16_style(optimizer) else [g["params"] for g in optimizer.param_groups]
+    out = [[names.get(id(p)) for p in group] for group in groups]
+    return out if all(n is not None for group in out for n in group) else None
+
+
+def is_fp16_style_state(optimizer_state: dict[str, Any]) -> bool:
+    """Whether a saved optimizer state is an fp16-style optimizer's (bf16 without ZeRO)."""
+    return bool(_FP16_STYLE_KEYS & set(optimizer_state))
+
+
+def flat_master_state(optimizer_state: dict[str, Any], group_names: list[list[str]], shapes: dict[str, torch.Size]):
+    """{name: {"weights": fp32, and each moment}} from a saved fp16-style optimizer state (bf16 without ZeRO), and
+    its step. A group's masters are one flat tensor (cut into its parameters in order; their sizes must add up
+    exactly) or one tensor per parameter; the inner optimizer's state is keyed like its masters."""
+    inner = optimizer_state["optimizer_state_dict"]
+    flat = "fp32_groups_flat" in optimizer_state
+    groups = optimizer_state["fp32_groups_flat" if flat else "fp32_groups"]
+    out, step = {}, 0
+    for index, (masters, names) in enumerate(zip(groups, group_names, strict=True)):
+        keys = inner["param_groups"][index]["params"]
+        if flat:
+            masters, keys = [masters], keys[:1] * len(names)
+        offset = 0
+        for i, name in enumerate(names):
+            state = inner["state"].get(keys[i], {})
+            step = state.get("step", step)
+            tensors = {"weights": masters[0 if flat else i], **{k: state[k] for k in MOMENT_KEYS if k in state}}
+            numel = math.prod(shapes[name])
+            begin = offset if flat else 0
+            out[name] = {k: t.reshape(-1)[begin : begin + numel].float().view(shapes[name]) for k, t in tensors.items()}
+            offset += numel
+        if flat and offset != masters[0].numel():
+            raise ValueError(f"optimizer group {index} holds {masters[0].numel()} values, its parameters {offset}")
+    return out, step
 
 
 def convert(step_dir: Path, work_dir: Path) -> None:
@@ -67,8 +112,32 @@ def convert(step_dir: Path, work_dir: Path) -> None:
             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True,
         )  # fmt: skip
         quiet = io.StringIO()
-        with safe_torch_load(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with safe_torch_load(), _one_tp_rank(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             ds_to_universal.main(args)
+
+
+@contextlib.contextmanager
+def _one_tp_rank():
+    """The view holds one TP rank's files, so its model-state file must say TP 1: DeepSpeed (0.19+) records the run's
+    TP degree in each model-state file and checks the file count against it. Patched on load, nothing is written."""
+    try:
+        from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
+    except ImportError:  # older DeepSpeed infers the degree from the files present
+        yield
+        return
+    load = torch.load
+
+    def load_as_one_rank(f, *args, **kwargs):
+        state = load(f, *args, **kwargs)
+        if str(f).endswith("_model_states.pt") and isinstance(state.get(CHECKPOINT_PARALLEL_DIMS), dict):
+            state[CHECKPOINT_PARALLEL_DIMS] = {**state[CHECKPOINT_PARALLEL_DIMS], CHECKPOINT_TP_DEGREE: 1}
+        return state
+
+    torch.load = load_as_one_rank
+    try:
+        yield
+    finally:
+        torch.load = load
 
 
 class _SavedRank:
@@ -101,11 +170,15 @@ class _SavedRank:
 
         group_names = read_manifest(step_dir).get("optimizer_param_names")
         optimizer = model_states.get("optimizer")
-        if not group_names or not optimizer or "state" not in optimizer:
+        if not group_names or not optimizer or not ("state" in optimizer or is_fp16_style_state(optimizer)):
             raise FileNotFoundError(f"{step_dir} has neither optimizer shards nor a whole optimizer state")
         module = {k: v.float() for k, v in model_states["module"].items() if not k.endswith("_extra_state")}
         self.whole = {name: {"weights": t} for name, t in module.items()}
         self.names, self.step = set(module), 0
+        if is_fp16_style_state(optimizer):  # bf16 without ZeRO: the fp16-style optimizer's fp32 masters
+            masters, self.step = flat_master_state(optimizer, group_names, {n: t.shape for n, t in module.items()})
+            self.whole.update(masters)
+            return
         for group, names in zip(optimizer["param_groups"], group_names):
             for index, name in zip(group["params"], names):
                 state = optimizer["state"].get(index, {})
@@ -172,13 +245,15 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
     optimizer = engine.optimizer
     zero3 = engine.zero_optimization_partition_weights()
     fp32_without_zero = not engine.zero_optimization() and not engine.bfloat16_enabled()
+    flat = _flat_slices(optimizer) if not engine.zero_optimization() and engine.bfloat16_enabled() else None
     with torch.no_grad():
         # First the optimizer's state tensors, which its first step would create (that step also moves weights).
         if zero3:
             _materialize_zero3_state(optimizer)
         elif not fp32_without_zero:
             _materialize_state(optimizer.optimizer)
-            optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its optimizer fragments
+            if flat is None:
+                optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its optimizer fragments
         for name, param in named.items():
             parts = [rank.get(name) for rank in saved]
             local = {key: split_tp(merge_tp([{name: p[key]} for p in parts]))[name] for key in parts[0]}
@@ -192,6 +267,13 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
                 if moments:
                     optimizer.state[param] = {"step": _step_like(saved[0].step, None), **moments}
                 continue
+            if flat is not None:  # bf16 without ZeRO: this parameter's slice of its group's flat tensors
+                master, begin = flat[id(param)]
+                end = begin + param.numel()
+                master.view(-1)[begin:end].copy_(local["weights"].reshape(-1))
+                for key, value in moments.items():
+                    optimizer.optimizer.state[master][key].view(-1)[begin:end].copy_(value.reshape(-1))
+                continue
             safe_set_full_fp32_param(param, local["weights"])
             for key, value in moments.items():
                 safe_set_full_optimizer_state(param, value, key)
@@ -199,6 +281,23 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
             for state in optimizer.optimizer.state.values():
                 if "step" in state:
                     state["step"] = _step_like(saved[0].step, state["step"])
+
+
+def _flat_slices(optimizer: Any) -> dict[int, tuple[torch.Tensor, int]]:
+    """id(module parameter) -> (the fp32 master tensor holding it, the parameter's offset in it when flattened)."""
+    if not _fp16_style(optimizer):
+        raise TypeError(f"bf16 without ZeRO: expected DeepSpeed's fp16-style optimizer, got {type(optimizer).__name__}")
+    out = {}
+    if hasattr(optimizer, "fp32_groups_flat"):
+        for params, master in zip(optimizer.fp16_groups, optimizer.fp32_groups_flat, strict=True):
+            offset = 0
+            for param in params:
+                out[id(param)] = (master, offset)
+                offset += param.numel()
+    else:
+        for params, masters in zip(optimizer.fp16_groups, optimizer.fp32_groups, strict=True):
+            out.update({id(param): (master, 0) for param, master in zip(params, masters, strict=True)})
+    return out
 
 
 def _materialize_state(inner: torch.optim.Optimizer) -> None:

@@ -259,7 +259,7 @@ class Trainer:
         if same_ranks and ckpt.same_zero_format(saved_stage, self.config.parallel.zero_stage):
             ckpt.load_same_layout(self.engine, step_dir)
         else:
-            self._load_resharded(step_dir, manifest)
+            self._load_resharded(step_dir)
         if rank_state is not None:
             ckpt.restore_rng(rank_state["rng"])
         else:
@@ -305,18 +305,11 @@ class Trainer:
         if first:
             raise kind(first)
 
-    def _load_resharded(self, step_dir: Path, manifest: dict[str, Any]) -> None:
+    def _load_resharded(self, step_dir: Path) -> None:
         from mambatron.parallel import consolidate
         from mambatron.train import elastic
 
         model_cfg = self.config.model
-        saved = manifest.get("config", {}).get("train", {}).get("precision", self.config.train.precision)
-        why = elastic.refusal(
-            int(manifest.get("zero_stage", self.config.parallel.zero_stage)), saved, self.config.parallel.zero_stage,
-            self.config.train.precision,
-        )  # fmt: skip
-        if why:
-            raise ConfigError(f"{step_dir}: {why}")
         elastic.load_into_engine(
             self.engine,
             step_dir,
@@ -521,9 +514,10 @@ class Trainer:
         }
         if not self.engine.zero_optimization():
             # Without ZeRO the optimizer state is saved whole, keyed by position: name the parameters for resharding.
-            names = {id(p): n for n, p in self.engine.module.named_parameters()}
-            groups = [[names.get(id(p)) for p in g["params"]] for g in self.engine.optimizer.param_groups]
-            if all(n is not None for g in groups for n in g):
+            from mambatron.train import elastic
+
+            groups = elastic.optimizer_param_names(self.engine)
+            if groups is not None:
                 manifest["optimizer_param_names"] = groups
         rank_state = {
             "rng": ckpt.capture_rng(),

@@ -28,9 +28,33 @@ from mambatron.train import elastic
 from mambatron.train.trainer import Trainer
 
 
+def flat_states(engine) -> dict[int, dict[str, torch.Tensor]]:
+    """bf16 without ZeRO (DeepSpeed's fp16-style optimizers): {id(param): {"weights" | moment: fp32 tensor}}: the
+    per-parameter masters and their state, or (fused) cut out of each group's flat tensors the way the optimizer
+    itself maps its bf16 parameters onto its flat buffer (torch's _unflatten_dense_tensors)."""
+    from torch._utils import _unflatten_dense_tensors
+
+    opt, out = engine.optimizer, {}
+    if not hasattr(opt, "fp32_groups_flat"):
+        for params, masters in zip(opt.fp16_groups, opt.fp32_groups, strict=True):
+            for p, m in zip(params, masters, strict=True):
+                out[id(p)] = {"weights": m, **{k: opt.optimizer.state[m][k] for k in elastic.MOMENT_KEYS}}
+        return out
+    for params, master in zip(opt.fp16_groups, opt.fp32_groups_flat, strict=True):
+        state = opt.optimizer.state[master]
+        views = {"weights": _unflatten_dense_tensors(master, params)}
+        views.update({k: _unflatten_dense_tensors(state[k], params) for k in elastic.MOMENT_KEYS})
+        for i, p in enumerate(params):
+            out[id(p)] = {k: v[i] for k, v in views.items()}
+    return out
+
+
 def full_states(engine) -> dict[str, dict[str, torch.Tensor]]:
     """{"weights" | moment key: {name: whole-over-DP fp32 tensor}} of this TP rank."""
-    if engine.zero_optimization() or engine.bfloat16_enabled():
+    if not engine.zero_optimization() and engine.bfloat16_enabled():
+        flat = flat_states(engine)
+        master, moment = (lambda p: flat[id(p)]["weights"]), (lambda p, key: flat[id(p)][key])
+    elif engine.zero_optimization() or engine.bfloat16_enabled():
         if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
             engine.optimizer._lazy_init_hp_params_optimizer_state()
         master, moment = safe_get_full_fp32_param, safe_get_full_optimizer_state

@@ -12,7 +12,7 @@ import pytest
 
 from mambatron.data import merge_states
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_cmd, train_env
+from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_env
 
 
 def probe(mode: str, report: Path, nproc: int, overrides: list[str]) -> None:
@@ -67,6 +67,16 @@ CROSS = {
     ),
     "fp32-zero0-to-tp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0", "parallel.tp=2"])),
     "fp32-zero0-to-zero1": ((0, ["parallel.zero_stage=0"]), (0, ["parallel.zero_stage=1"])),
+    # bf16 without ZeRO: DeepSpeed's fp16-style optimizer, fp32 masters flat per group, on either side.
+    "bf16-zero0-to-bf16-zero1-dp2": (
+        (0, ["parallel.zero_stage=0", "train.precision=bf16"]),
+        (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
+    ),
+    # (bf16 without ZeRO at TP > 1 is refused by the config: DeepSpeed clips it by a wrong gradient norm.)
+    "bf16-zero1-tp2-to-bf16-zero0-dp2": (
+        (2, ["parallel.zero_stage=1", "train.precision=bf16", "parallel.tp=2"]),
+        (2, ["parallel.zero_stage=0", "train.precision=bf16"]),
+    ),
 }
 
 
@@ -116,18 +126,3 @@ def test_the_data_position_survives_a_data_parallel_change(tiny_data, tmp_path):
         got, want = position(run_dir, max_steps), position(ref, same_as)
         assert got["consumed"] == want["consumed"] == 12 + (max_steps - 6) * nproc
         assert got["streams"] == want["streams"], nproc
-
-
-def test_bf16_without_zero_is_refused_in_one_line(tiny_data, tmp_path):
-    """bf16 without ZeRO cannot be resharded: one line that says what to do, exit 2, and the checkpoint untouched."""
-    common = [*TINY, *tiny_data, "train.max_steps=1", "train.precision=bf16", f"train.out_dir={tmp_path}"]
-    run_train(0, [*common, "parallel.zero_stage=0"])
-    step_dir = ckpt.latest_checkpoint(tmp_path)
-    before = sorted(p.name for p in step_dir.iterdir())
-    proc = subprocess.run(train_cmd(0, [*common, "parallel.zero_stage=1", "train.max_steps=2"]), cwd=REPO,
-                          env=train_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [x for x in proc.stderr.splitlines() if "bf16 without ZeRO" in x]
-    assert len(lines) == 1 and "parallel.zero_stage 1, 2 or 3" in lines[0], proc.stderr[-2000:]
-    assert sorted(p.name for p in step_dir.iterdir()) == before
-    assert ckpt.latest_checkpoint(tmp_path) == step_dir
