@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     from mambatron.data.tokenizers import TokenizerError
     from mambatron.serialization import UnsafeCheckpointError
     from mambatron.train.checkpoint import CorruptCheckpointError
+    from mambatron.train.elastic import ReshardError
     from mambatron.train.runlock import RunLockedError
     from mambatron.train.trainer import Trainer
 
     try:
         return Trainer(config).run()
-    except (UnsafeCheckpointError, CorruptCheckpointError) as e:
+    except (UnsafeCheckpointError, CorruptCheckpointError, ReshardError) as e:
         return bad_input("checkpoint error", e)
     except RunLockedError as e:
         return bad_input("error", e)

@@ -41,6 +41,11 @@ from mambatron.parallel.consolidate import link_mp_rank, mp_rank_files, saved_mp
 from mambatron.serialization import load as safe_load
 from mambatron.serialization import safe_torch_load
 
+
+class ReshardError(RuntimeError):
+    """A checkpoint could not be converted for another layout (its files are left as they are)."""
+
+
 # Optimizer state tensors that have a parameter's shape (torch Adam/AdamW).
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 StateDict = dict[str, torch.Tensor]
@@ -225,7 +230,12 @@ def load_into_engine(
     try:
         problems = [p for p in gather(problem) if p]
         if problems:
-            raise RuntimeError(f"converting {step_dir} for another layout failed: {problems[0]}")
+            size_gb = sum(f.stat().st_size for f in step_dir.iterdir() if f.is_file()) / 1e9
+            raise ReshardError(
+                f"converting {step_dir} for another layout failed ({problems[0]}); the checkpoint is untouched: "
+                f"resume it on the layout it was saved with, or make sure {work_dir} can be created with about "
+                f"{size_gb:.1f} GB free beside it"
+            )
         saved = [_SavedRank(step_dir, work_dir, mp) for mp in saved_mp_ranks(step_dir)]
         _set_engine_state(engine, saved, merge_tp, split_tp)
     finally:

@@ -12,7 +12,7 @@ import pytest
 
 from mambatron.data import merge_states
 from mambatron.train import checkpoint as ckpt
-from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_env
+from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_cmd, train_env
 
 
 def probe(mode: str, report: Path, nproc: int, overrides: list[str]) -> None:
@@ -126,3 +126,21 @@ def test_the_data_position_survives_a_data_parallel_change(tiny_data, tmp_path):
         got, want = position(run_dir, max_steps), position(ref, same_as)
         assert got["consumed"] == want["consumed"] == 12 + (max_steps - 6) * nproc
         assert got["streams"] == want["streams"], nproc
+
+
+def test_a_failed_conversion_is_one_line_and_leaves_the_checkpoint(tiny_data, tmp_path):
+    """When the conversion for another layout fails (here its work folder cannot be created: a file holds the name),
+    the run stops with one line naming the checkpoint and the way out (exit 2), and the checkpoint is untouched."""
+    common = [*TINY, *tiny_data, f"train.out_dir={tmp_path}"]
+    run_train(0, [*common, "train.max_steps=1", "parallel.zero_stage=1"])
+    step_dir = ckpt.latest_checkpoint(tmp_path)
+    (step_dir.parent / f".reshard_{step_dir.name}").write_text("in the way")
+    before = {p.name: p.stat().st_size for p in step_dir.iterdir()}
+    proc = subprocess.run(train_cmd(0, [*common, "train.max_steps=2", "parallel.zero_stage=3"]), cwd=REPO,
+                          env=train_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("checkpoint error:")]
+    assert len(lines) == 1 and "for another layout failed" in lines[0] and "layout it was saved with" in lines[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert {p.name: p.stat().st_size for p in step_dir.iterdir()} == before
+    assert ckpt.latest_checkpoint(tmp_path) == step_dir
