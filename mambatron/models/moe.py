@@ -14,6 +14,12 @@ the language-model loss is unchanged and the trainer sets its scale), and its va
 and each expert's share of the routed tokens are kept for the metrics (:func:`moe_stats`). An optional router z-loss
 (``z_loss_coef``, ST-MoE's mean squared logsumexp of the logits) is attached to the logits the same way.
 
+Under context parallelism each rank routes the tokens of its slice; only the losses span the whole sequence. The
+z-loss is a mean over tokens, which the gradient average over data × context parallel ranks already makes whole.
+The load-balancing loss is not a mean: each rank computes it with the tokens per expert of the whole sequence (summed
+over the CP group, no gradient) and ``T`` its length, times the CP size (the gradient average divides by it), so the
+averaged gradient is the whole sequence's; the metrics are reduced over the group the same way.
+
 The experts' weights are stacked: ``experts.fc1`` (experts, hidden or 2·hidden for SwiGLU as [gate; up], d_model)
 and ``experts.fc2`` (experts, d_model, hidden). This module computes them on one process, one matmul per expert
 over its tokens; expert parallelism (``parallel.ep``) runs the same ``Experts`` inside megatron-core's MoE layer
@@ -135,12 +141,17 @@ def z_loss(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.square(torch.logsumexp(logits, dim=-1)).mean() * cfg.moe.z_loss_coef
 
 
-def load_balancing_loss(scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Switch-Transformer loss of one micro-batch, times aux_loss_coef (megatron's ``switch_load_balancing_loss``)."""
-    tokens = scores.shape[0]
-    per_expert = routing_map.sum(dim=0).to(scores.dtype)
-    scale = cfg.moe.num_experts * cfg.moe.aux_loss_coef / (cfg.moe.top_k * tokens * tokens)
-    return torch.sum(scores.sum(dim=0) * per_expert) * scale
+def load_balancing_loss(
+    scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig, cp_size: int = 1, per_expert=None
+) -> torch.Tensor:
+    """Switch-Transformer loss of one micro-batch, times aux_loss_coef (megatron's ``switch_load_balancing_loss``).
+    Under context parallelism (``cp_size`` > 1) this rank's share, in the sense of the module docstring:
+    ``per_expert`` is then the whole sequence's routed tokens per expert."""
+    tokens = scores.shape[0] * cp_size
+    if per_expert is None:
+        per_expert = routing_map.sum(dim=0)
+    scale = cp_size * cfg.moe.num_experts * cfg.moe.aux_loss_coef / (cfg.moe.top_k * tokens * tokens)
+    return torch.sum(scores.sum(dim=0) * per_expert.to(scores.dtype)) * scale
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -176,9 +187,8 @@ class MoEStats:
         self.tokens: torch.Tensor | None = None
 
     @torch.no_grad()
-    def record(self, routing_map: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
-        """One micro-batch: its routing map and its losses (each times its coefficient, or None when off)."""
-        counts = routing_map.sum(dim=0)
+    def record(self, counts: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
+        """One micro-batch: its routed tokens per expert and its losses (each times its coefficient, or None)."""
         self.tokens = counts if self.tokens is None else self.tokens + counts
         if aux is not None:
             self.aux_losses.append(aux.detach() / self.cfg.moe.aux_loss_coef)
@@ -186,11 +196,16 @@ class MoEStats:
             self.z_losses.append(z.detach() / self.cfg.moe.z_loss_coef)
 
 
-def router_losses(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(load-balancing loss, z-loss) of one micro-batch's router logits, each None when its coefficient is 0."""
+def router_losses(logits: torch.Tensor, cfg: ModelConfig, cp=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(load-balancing loss, z-loss) of one micro-batch's router logits, each None when its coefficient is 0; under
+    context parallelism (``cp``, a :class:`~mambatron.parallel.context.ContextParallel`) this rank's shares."""
     aux = z = None
     if cfg.moe.aux_loss_coef > 0:
-        aux = load_balancing_loss(*aux_loss_scores(logits, cfg), cfg)
+        scores, routing_map = aux_loss_scores(logits, cfg)
+        if cp is None:
+            aux = load_balancing_loss(scores, routing_map, cfg)
+        else:
+            aux = load_balancing_loss(scores, routing_map, cfg, cp.size, cp.sum(routing_map.sum(dim=0)))
     if cfg.moe.z_loss_coef > 0:
         z = z_loss(logits, cfg)
     return aux, z
@@ -204,8 +219,7 @@ class MoE(nn.Module):
         problem = _moe_tp_problem(cfg, getattr(proj, "tp_size", 1))
         if problem:
             raise ValueError(problem)
-        if getattr(proj, "cp", None) is not None:
-            raise ValueError("MoE layers do not run under context parallelism yet; set parallel.cp=1")
+        self.cp = getattr(proj, "cp", None)  # context parallelism: only the losses and metrics span the sequence
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
@@ -230,7 +244,7 @@ class MoE(nn.Module):
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
             logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
-        aux, z = router_losses(logits, self.cfg) if self.training else (None, None)
+        aux, z = router_losses(logits, self.cfg, self.cp) if self.training else (None, None)
         attach = self.training and torch.is_grad_enabled()
         if attach and z is not None:
             logits = AttachAuxLoss.apply(logits, z)
@@ -238,7 +252,7 @@ class MoE(nn.Module):
         if attach and aux is not None:
             probs = AttachAuxLoss.apply(probs, aux)
         if self.training:
-            self.stats.record(routing_map, aux, z)
+            self._record(routing_map, aux, z)
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
         token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
         order = torch.argsort(expert_idx, stable=True)
@@ -249,6 +263,21 @@ class MoE(nn.Module):
         if self.cfg.moe.shared_experts:
             y = y + self.shared_experts(x)
         return y.to(hidden.dtype).reshape(shape)
+
+    @torch.no_grad()
+    def _record(self, routing_map: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
+        """The metrics of the whole sequence: under CP, tokens per expert summed and the losses averaged over the
+        group (each rank's aux share averages to the whole loss, as its gradient does)."""
+        counts = routing_map.sum(dim=0)
+        if self.cp is not None:
+            packed = [counts.to(torch.float64)]
+            packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z) if t is not None]
+            total = self.cp.sum(torch.cat(packed))
+            counts = total[: counts.numel()].round().to(counts.dtype)
+            rest = iter(total[counts.numel() :] / self.cp.size)
+            aux = next(rest) if aux is not None else None
+            z = next(rest) if z is not None else None
+        self.stats.record(counts, aux, z)
 
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         return self.forward(hidden.unsqueeze(1)).squeeze(1)

@@ -100,7 +100,7 @@ class ExpertParallelMoE(MoELayer):
             x = args[0].reshape(-1, self.cfg.d_model)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), router.weight.float())
-                self.stats.record(out[1], *router_losses(logits, self.cfg))
+                self.stats.record(out[1].sum(dim=0), *router_losses(logits, self.cfg))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

@@ -47,6 +47,7 @@ def cp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], dt
     vocab under TP), the loss averaged over the CP group, every gradient averaged over CP (as the data-parallel × CP
     gradient average does) and consolidated over TP: the largest relative difference of each."""
     from mambatron.models import build_model
+    from mambatron.models.moe import moe_stats
     from mambatron.parallel import LocalProjections
     from mambatron.parallel.megatron import MegatronProjections
 
@@ -65,6 +66,7 @@ def cp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], dt
         ref_loss = ref.loss(ids, labels, seq_idx=seq_idx)
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        ref_moe = moe_stats(ref)  # MoE metrics (empty without E layers): whole-sequence values
         # fp32's own rounding: the CP=1 model in fp32 against itself in float64, per gradient.
         ref64 = w.reference_model(dataclasses.replace(cfg, kernels="reference"), state).to(torch.float64)
         ref64.loss(ids, labels, seq_idx=seq_idx).backward()
@@ -95,7 +97,10 @@ def cp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict, bool]], dt
             grads[name] = g / info.cp_size
         if info.tp_size > 1:
             grads = w.consolidate(w.gather_states(grads, info), cfg)
+        moe = moe_stats(model)
+        assert set(moe) == set(ref_moe), (moe, ref_moe)
         results[(arch, sp, tuple(sorted(overrides.items())), docs)] = {
+            "moe_stats": {k: abs(moe[k] - v) / max(abs(v), 1e-30) for k, v in ref_moe.items()},
             "logits": _rel(logits, ref_logits),
             "loss": abs(mean_loss.item() / info.cp_size - ref_loss.item()) / abs(ref_loss.item()),
             "grads": {name: _rel(grads[name], g) for name, g in ref_grads.items()},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from mambatron.config import MoEConfig
 from tests.parallel import _cp_workers as cw
 from tests.parallel._launch import run_distributed
 
@@ -26,7 +27,12 @@ F64_TOL = 1e-12
 # bound that still catches a wrong reduction.
 TP_ABS_TOL, TP_REL_TOL = 1e-6, 1e-5
 
+# MoE: experts route each slice's tokens; the load-balancing loss (a product of whole-sequence sums, coefficient
+# raised so that its gradient is a large part of the router's) and the z-loss must come out as on the whole sequence.
+MOE = {"hybrid_pattern": "ME*E", "moe": MoEConfig(num_experts=4, top_k=2, hidden=24, aux_loss_coef=0.5,
+                                                   z_loss_coef=0.1)}  # fmt: skip
 CASES = [
+    ("hybrid", False, MOE, True),
     ("mamba1", False, {}, True),
     ("mamba2", False, {"bias": True, "tie_embeddings": False}, True),
     ("mamba1", False, {}, False),
@@ -42,7 +48,8 @@ TP_CASES = [
 ]
 
 
-F64_CASES = [("mamba1", False, {}, True), ("mamba2", False, {}, True), ("hybrid", False, {}, True)]
+F64_CASES = [("mamba1", False, {}, True), ("mamba2", False, {}, True), ("hybrid", False, {}, True),
+             ("hybrid", False, MOE, True)]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["cp2", "cp4"])
@@ -67,6 +74,8 @@ def _check(results, case, tp=False):
     assert got["loss"] < rel_tol, got["loss"]
     for name, err in got["grads_norm"].items():
         assert err < max(TP_REL_TOL if tp else GRAD_REL_TOL, 2 * got["noise"][name]), (name, err, got["noise"][name])
+    for name, err in got["moe_stats"].items():  # aux and z-loss values, smallest and largest expert share
+        assert err < rel_tol, (name, err)
     if tp:
         worst_abs = max(got["grads_abs"].items(), key=lambda kv: kv[1])
         assert worst_abs[1] < TP_ABS_TOL, worst_abs
@@ -78,7 +87,7 @@ def test_layout(suite):
     assert {r["info"][:3] for r in results} == {(cp, 1, cp)}
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-docs{c[3]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}{'-moe' if 'moe' in c[2] else ''}-docs{c[3]}")
 def test_cp_matches_whole_sequence(suite, case):
     _, results = suite
     for rank_results in results:
@@ -91,7 +100,7 @@ def test_cp2_with_triton_kernels(triton_suite, case):
         _check(rank_results, case)
 
 
-@pytest.mark.parametrize("case", F64_CASES, ids=lambda c: c[0])
+@pytest.mark.parametrize("case", F64_CASES, ids=lambda c: c[0] + ("-moe" if "moe" in c[2] else ""))
 def test_cp_is_exact_in_float64(suite, case):
     _, results = suite
     for rank_results in results:
@@ -99,6 +108,7 @@ def test_cp_is_exact_in_float64(suite, case):
         assert got["logits"] < F64_TOL and got["loss"] < F64_TOL, got
         worst = max(got["grads"].items(), key=lambda kv: kv[1])
         assert worst[1] < F64_TOL, worst
+        assert all(err < F64_TOL for err in got["moe_stats"].values()), got["moe_stats"]
 
 
 @pytest.mark.parametrize("scan", ["selective_scan", "ssd"])

@@ -42,3 +42,23 @@ def test_expert_parallel_training_is_refused_in_one_line(tiny_data, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
     assert len(errors) == 1 and "parallel.ep=2: expert-parallel training is not wired" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_moe_hybrid_under_context_parallelism_trains_like_cp1(tiny_data, tmp_path):
+    """parallel.cp=2: each rank routes its slice's tokens; the losses (the load-balancing loss's gradient moves the
+    router, so a wrong share would change them from step 2 on) and the MoE metrics equal the CP=1 run's."""
+    common = [*TINY, *tiny_data, *MOE, "model.moe.aux_loss_coef=0.5", "train.max_steps=4", "train.save_every=0"]
+    run_train(0, [*common, f"train.out_dir={tmp_path / 'cp1'}"])
+    out = run_train(2, [*common, "parallel.cp=2", f"train.out_dir={tmp_path / 'cp2'}"])
+    assert "CP 2" in out.stdout
+    cp1, cp2 = losses(tmp_path / "cp1"), losses(tmp_path / "cp2")
+    assert sorted(cp1) == sorted(cp2) == [1, 2, 3, 4]
+    metrics = {}
+    for run in ("cp1", "cp2"):
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        metrics[run] = {r["step"]: r for r in lines if "moe_aux_loss" in r}
+    for step in cp1:
+        assert abs(cp2[step] - cp1[step]) <= 1e-5 * abs(cp1[step]), (step, cp1, cp2)
+        for key in ("moe_aux_loss", "moe_load_min", "moe_load_max"):
+            a, b = metrics["cp2"][step][key], metrics["cp1"][step][key]
+            assert abs(a - b) <= 1e-5 * abs(b), (step, key, a, b)
