@@ -83,7 +83,9 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     # Router z-loss (ST-MoE): coef * mean over tokens of logsumexp(router logits)²; 0 = off.
     z_loss_coef: float = 0.0
-    # Expert capacity as a multiple of the even share; null = dropless (every routed token is computed).
+    # Expert capacity in training, as a multiple of the even share (tokens · top_k / num_experts): an expert keeps the
+    # routed tokens with the highest probabilities up to it and drops the rest (megatron-core's drop policy "probs").
+    # null = dropless. Evaluation and generation are always dropless, as the Hugging Face targets are.
     capacity_factor: float | None = None
 
     def validate(self) -> None:
@@ -100,10 +102,12 @@ class MoEConfig:
             value = getattr(self, name)
             if not (math.isfinite(float(value)) and value >= 0):
                 raise ConfigError(f"model.moe.{name}={value} must be a finite number >= 0")
-        if self.capacity_factor is not None:
+        if self.capacity_factor is not None and not (
+            math.isfinite(float(self.capacity_factor)) and self.capacity_factor > 0
+        ):  # fmt: skip
             raise ConfigError(
-                f"model.moe.capacity_factor={self.capacity_factor}: only dropless routing is implemented; set "
-                "model.moe.capacity_factor=null"
+                f"model.moe.capacity_factor={self.capacity_factor} must be a finite number > 0 (1.0: each expert takes "
+                "its even share of the routed tokens), or null for dropless routing"
             )
 
 

@@ -7,7 +7,10 @@ routing is megatron-core's ``TopKRouter``'s, with the two Hugging Face targets' 
 - ``router: softmax`` (Jamba): probabilities = softmax over all experts, the top_k kept as they are;
 - ``router: sigmoid`` (Nemotron-H): scores = sigmoid, the top_k renormalised to sum to 1 (when top_k > 1).
 
-Routing is dropless: every routed token is computed (``capacity_factor: null``). Load balancing uses the Switch
+Routing is dropless (``capacity_factor: null``), or in training each expert takes at most ``ceil(T · top_k /
+num_experts · capacity_factor)`` of a micro-batch's T tokens, those routed to it with the highest probabilities
+(megatron-core's drop policy "probs"); a dropped token loses that expert's share of its output. Evaluation and
+generation are dropless, as the Hugging Face targets are. Load balancing uses the Switch
 Transformer loss, ``aux_loss_coef · E / (top_k · T²) · Σ_e tokens_e · Σ_t score_te`` over the T tokens of the
 micro-batch; as in megatron-core, its gradient is attached to the routing probabilities (:class:`AttachAuxLoss`, so
 the language-model loss is unchanged and the trainer sets its scale), and its value
@@ -124,6 +127,21 @@ def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.T
     return probs, routing_map
 
 
+def drop_over_capacity(
+    probs: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token dropping (``capacity_factor``): each expert keeps the ``ceil(tokens · top_k / num_experts ·
+    capacity_factor)`` routed tokens with the highest probabilities (megatron-core's ``apply_router_token_dropping``,
+    policy "probs", no padding); the others lose it (probability 0, not routed)."""
+    tokens, experts = probs.shape
+    capacity = math.ceil((tokens * cfg.moe.top_k / experts) * cfg.moe.capacity_factor)
+    if capacity > tokens:
+        return probs, routing_map
+    kept = torch.topk(probs, k=capacity, dim=0, sorted=False).indices
+    routing_map = routing_map & torch.zeros_like(routing_map).scatter(0, kept, True)
+    return probs * routing_map, routing_map
+
+
 def aux_loss_scores(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The scores (tokens, experts) and routing map the load-balancing loss is computed from."""
     if cfg.moe.router == "softmax":
@@ -185,10 +203,20 @@ class MoEStats:
         self.aux_losses: list[torch.Tensor] = []
         self.z_losses: list[torch.Tensor] = []
         self.tokens: torch.Tensor | None = None
+        self.dropped: torch.Tensor | None = None  # (token, expert) pairs dropped over capacity
 
     @torch.no_grad()
-    def record(self, counts: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
-        """One micro-batch: its routed tokens per expert and its losses (each times its coefficient, or None)."""
+    def record(
+        self,
+        counts: torch.Tensor,
+        aux: torch.Tensor | None,
+        z: torch.Tensor | None,
+        dropped: torch.Tensor | None = None,
+    ) -> None:
+        """One micro-batch: its routed tokens per expert, its losses (each times its coefficient, or None) and, with a
+        capacity, how many (token, expert) pairs it dropped."""
+        if dropped is not None:
+            self.dropped = dropped if self.dropped is None else self.dropped + dropped
         self.tokens = counts if self.tokens is None else self.tokens + counts
         if aux is not None:
             self.aux_losses.append(aux.detach() / self.cfg.moe.aux_loss_coef)
@@ -251,8 +279,11 @@ class MoE(nn.Module):
         probs, routing_map = route(logits, self.cfg)
         if attach and aux is not None:
             probs = AttachAuxLoss.apply(probs, aux)
+        routed = routing_map
+        if self.training and self.cfg.moe.capacity_factor is not None:
+            probs, routing_map = drop_over_capacity(probs, routing_map, self.cfg)
         if self.training:
-            self._record(routing_map, aux, z)
+            self._record(routed, routing_map, aux, z)
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
         token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
         order = torch.argsort(expert_idx, stable=True)
@@ -265,19 +296,22 @@ class MoE(nn.Module):
         return y.to(hidden.dtype).reshape(shape)
 
     @torch.no_grad()
-    def _record(self, routing_map: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None) -> None:
-        """The metrics of the whole sequence: under CP, tokens per expert summed and the losses averaged over the
-        group (each rank's aux share averages to the whole loss, as its gradient does)."""
-        counts = routing_map.sum(dim=0)
+    def _record(self, routed: torch.Tensor, kept: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None):
+        """The metrics of the whole sequence (routed tokens per expert before any dropping, the losses, the pairs
+        dropped over capacity): under CP, counts summed and the losses averaged over the group (each rank's aux share
+        averages to the whole loss, as its gradient does)."""
+        counts = routed.sum(dim=0)
+        dropped = (counts.sum() - kept.sum()).reshape(1) if self.cfg.moe.capacity_factor is not None else None
         if self.cp is not None:
             packed = [counts.to(torch.float64)]
-            packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z) if t is not None]
+            packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z, dropped) if t is not None]
             total = self.cp.sum(torch.cat(packed))
+            rest = iter(total[counts.numel() :])
             counts = total[: counts.numel()].round().to(counts.dtype)
-            rest = iter(total[counts.numel() :] / self.cp.size)
-            aux = next(rest) if aux is not None else None
-            z = next(rest) if z is not None else None
-        self.stats.record(counts, aux, z)
+            aux = next(rest) / self.cp.size if aux is not None else None
+            z = next(rest) / self.cp.size if z is not None else None
+            dropped = next(rest).round() if dropped is not None else None
+        self.stats.record(counts, aux, z, dropped)
 
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         return self.forward(hidden.unsqueeze(1)).squeeze(1)
@@ -288,8 +322,9 @@ class MoE(nn.Module):
 
 def moe_stats(model: nn.Module) -> dict[str, float]:
     """The MoE metrics since the last call, then reset: mean load-balancing loss and router z-loss (each without its
-    coefficient) over the E layers, and the smallest and largest share of routed tokens any expert of any E layer
-    got (1 / num_experts each when balanced). Empty for a model without E layers."""
+    coefficient) over the E layers, the smallest and largest share of routed tokens any expert of any E layer got
+    (1 / num_experts each when balanced) and, with a capacity, the share of routed (token, expert) pairs dropped.
+    Empty for a model without E layers."""
     layers = [m.stats for m in model.modules() if isinstance(getattr(m, "stats", None), MoEStats)]
     if not layers:
         return {}
@@ -304,6 +339,9 @@ def moe_stats(model: nn.Module) -> dict[str, float]:
     if shares:
         out["moe_load_min"] = min(float(sh.min()) for sh in shares)
         out["moe_load_max"] = max(float(sh.max()) for sh in shares)
+    dropped = [(float(s.dropped.sum()), float(s.tokens.sum())) for s in layers if s.dropped is not None]
+    if dropped:
+        out["moe_dropped"] = sum(d for d, _ in dropped) / max(sum(t for _, t in dropped), 1.0)
     for s in layers:
         s.reset()
     return out

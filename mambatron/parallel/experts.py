@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mambatron.config import ModelConfig
-from mambatron.models.moe import Experts, MoE, MoEStats, router_losses
+from mambatron.models.moe import Experts, MoE, MoEStats, route, router_losses
 from mambatron.parallel import cpu_shims
 
 # megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
@@ -59,7 +59,9 @@ def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
         moe_router_load_balancing_type="aux_loss" if m.aux_loss_coef > 0 else "none",
         moe_aux_loss_coeff=m.aux_loss_coef,
         moe_z_loss_coeff=m.z_loss_coef or None,
-        moe_expert_capacity_factor=None,
+        moe_expert_capacity_factor=m.capacity_factor,  # training only: forward() clears it in evaluation
+        moe_token_drop_policy="probs",
+        moe_pad_expert_input_to_capacity=False,
         moe_token_dispatcher_type="alltoall",
         moe_permute_fusion=False,
         moe_shared_expert_intermediate_size=m.shared_experts * cfg.moe_hidden if m.shared_experts else None,
@@ -100,7 +102,11 @@ class ExpertParallelMoE(MoELayer):
             x = args[0].reshape(-1, self.cfg.d_model)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), router.weight.float())
-                self.stats.record(out[1].sum(dim=0), *router_losses(logits, self.cfg))
+                _, routed = route(logits, self.cfg)  # before dropping; out[1] is after
+                dropped = None
+                if self.cfg.moe.capacity_factor is not None:
+                    dropped = (routed.sum() - out[1].sum()).reshape(1)
+                self.stats.record(routed.sum(dim=0), *router_losses(logits, self.cfg), dropped)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -117,6 +123,8 @@ class ExpertParallelMoE(MoELayer):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         shape = hidden.shape
+        # Tokens are dropped over capacity in training only (the router and dispatcher read this per call).
+        self.router.config.moe_expert_capacity_factor = self.cfg.moe.capacity_factor if self.training else None
         # Token-wise: megatron's (seqlen, batch, d_model) layout is any (tokens, 1, d_model).
         out, _ = super().forward(hidden.reshape(-1, 1, shape[-1]))
         return out.reshape(shape)

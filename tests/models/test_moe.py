@@ -134,6 +134,62 @@ def test_metrics_report_the_loss_and_the_load_once():
     assert moe_stats(model) == {}  # read once, then reset
 
 
+def reference_with_capacity(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The per-token reference with token dropping, written from the rule: an expert keeps at most
+    ceil(T · top_k / E · capacity_factor) of the T tokens routed to it, those with the highest probability; a dropped
+    token loses that expert's share (its other expert stays as it is)."""
+    cfg = layer.cfg
+    flat = x.reshape(-1, x.shape[-1])
+    logits = flat @ layer.router.weight.t()
+    if cfg.moe.router == "softmax":
+        weights, chosen = torch.topk(torch.softmax(logits, -1), cfg.moe.top_k)
+    else:
+        weights, chosen = torch.topk(torch.sigmoid(logits), cfg.moe.top_k)
+        weights = weights / weights.sum(-1, keepdim=True) if cfg.moe.top_k > 1 else weights
+    capacity = math.ceil(flat.shape[0] * cfg.moe.top_k / cfg.moe.num_experts * cfg.moe.capacity_factor)
+    kept = set()
+    for e in range(cfg.moe.num_experts):
+        routed = [(float(weights[t, j].detach()), t) for t in range(flat.shape[0]) for j in range(cfg.moe.top_k)
+                  if chosen[t, j] == e]  # fmt: skip
+        kept |= {(t, e) for _, t in sorted(routed, reverse=True)[:capacity]}
+    act = cfg.mlp.activation
+    out = []
+    for t, v in enumerate(flat):
+        y = torch.zeros_like(v)
+        for w, e in zip(weights[t], chosen[t], strict=True):
+            if (t, int(e)) in kept:
+                h = layer.experts.fc1[e] @ v
+                h = F.silu(h[: h.shape[0] // 2]) * h[h.shape[0] // 2 :] if act == "swiglu" else F.relu(h) ** 2
+                y = y + w * (layer.experts.fc2[e] @ h)
+        out.append(y)
+    return torch.stack(out).reshape(x.shape), flat.shape[0] * cfg.moe.top_k - len(kept)
+
+
+@pytest.mark.parametrize("router,top_k,factor", [("softmax", 2, 1.0), ("sigmoid", 2, 0.6), ("softmax", 1, 1.5)])
+def test_token_dropping_over_capacity_equals_the_rule(router, top_k, factor):
+    """capacity_factor in training: output and every gradient equal the rule's reference (float64), some pairs are
+    dropped and counted in the metrics; in evaluation the same layer is dropless."""
+    torch.manual_seed(0)
+    cfg = moe_cfg(router=router, top_k=top_k, aux_loss_coef=0.0, capacity_factor=factor)
+    layer = MoE(cfg, 1).double()
+    layer.init_weights(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        layer.router.weight.mul_(40)  # unbalanced routing, so that capacity binds
+    x = torch.randn(3, 7, cfg.d_model, dtype=torch.float64)
+    g = torch.randn_like(x)
+    want, dropped = reference_with_capacity(layer, x)
+    assert dropped > 0
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    ours = grads(layer, layer, x, g)
+    ref = grads(layer, lambda v: reference_with_capacity(layer, v)[0], x, g)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    stats = moe_stats(layer)  # two training forwards: the output and the gradients
+    assert stats["moe_dropped"] == pytest.approx(dropped / (x.shape[0] * x.shape[1] * top_k))
+    layer.eval()
+    torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-12, atol=1e-12)
+
+
 def test_planner_counts_total_and_active_parameters():
     cfg = moe_cfg(num_experts=8, top_k=2, shared_experts=1, hidden=24)
     d, h = cfg.d_model, 24
@@ -151,7 +207,8 @@ def test_planner_counts_total_and_active_parameters():
     "moe,match",
     [
         (dict(top_k=5), "top_k=5 exceeds model.moe.num_experts=4"),
-        (dict(capacity_factor=1.25), "only dropless routing is implemented"),
+        (dict(capacity_factor=0.0), "capacity_factor=0.0 must be a finite number > 0"),
+        (dict(capacity_factor=float("nan")), "capacity_factor=nan must be"),
         (dict(router="switch"), "model.moe.router"),
     ],
 )

@@ -10,9 +10,9 @@ from mambatron.models.moe import MoE, moe_stats
 from mambatron.parallel.experts import ExpertParallelMoE
 
 
-def _cfg(router: str, top_k: int, activation: str, shared: int, aux: float, z: float) -> ModelConfig:
+def _cfg(router: str, top_k: int, activation: str, shared: int, aux: float, z: float, capacity=None) -> ModelConfig:
     moe = MoEConfig(num_experts=4, top_k=top_k, hidden=24, shared_experts=shared, router=router, aux_loss_coef=aux,
-                    z_loss_coef=z)  # fmt: skip
+                    z_loss_coef=z, capacity_factor=capacity)  # fmt: skip
     return ModelConfig(arch="mamba2", hybrid_pattern="ME", n_layer=2, d_model=16, vocab_size=64, headdim=8, d_state=8,
                        mlp=MLPConfig(activation=activation), moe=moe, kernels="reference")  # fmt: skip
 
@@ -46,7 +46,7 @@ def ep_parity(info, cases):
         same_init = torch.equal(ep.router.weight, local.router.weight) and torch.equal(
             ep.experts.fc1, local.experts.fc1[first : first + n]
         )
-        training = case[4] > 0 or case[5] > 0
+        training = case[4] > 0 or case[5] > 0 or cfg.moe.capacity_factor is not None  # dropping: training only
         local.train(training)
         ep.train(training)
         x = torch.randn(3, 10, cfg.d_model, generator=torch.Generator().manual_seed(10 + rank))
@@ -61,5 +61,10 @@ def ep_parity(info, cases):
                 want = want[first : first + n]
             errors[name] = _rel(grad, want)
         stats = (moe_stats(local), {k: v for k, v in moe_stats(ep).items()}) if training else None
+        if cfg.moe.capacity_factor is not None:  # evaluation is dropless (tests/models/test_moe.py), here too
+            local.eval()
+            ep.eval()
+            with torch.no_grad():
+                errors["eval_out"] = _rel(ep(x), local(x))
         results[case] = {"errors": errors, "same_init": same_init, "local_experts": (first, n), "stats": stats}
     return results

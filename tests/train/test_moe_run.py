@@ -1,5 +1,6 @@
-"""A Mamba2 + MoE hybrid through the trainer on two data-parallel processes (ZeRO 1): the load-balancing loss and the
-experts' load reach metrics.jsonl, and a resumed run continues bit-exactly."""
+"""A Mamba2 + MoE hybrid through the trainer on two data-parallel processes (ZeRO 1), with a capacity: the
+load-balancing loss, the experts' load and the dropped share reach metrics.jsonl, and a resumed run continues
+bit-exactly; under context parallelism (dropless) it trains like CP=1."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ MOE = [
 
 def test_moe_hybrid_trains_logs_its_load_and_resumes_bit_exactly(tiny_data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    common = [*TINY, *tiny_data, *MOE]
+    common = [*TINY, *tiny_data, *MOE, "model.moe.capacity_factor=1.0"]  # and tokens dropped over capacity
     run_train(2, [*common, "train.max_steps=4", f"train.out_dir={full}"])
     reference = losses(full)
     assert sorted(reference) == [1, 2, 3, 4] and reference[4] < reference[1]
@@ -27,6 +28,7 @@ def test_moe_hybrid_trains_logs_its_load_and_resumes_bit_exactly(tiny_data, tmp_
         # Without its coefficient the Switch loss is 1 when balanced and at most num_experts / top_k = 2.
         assert 0.5 < r["moe_aux_loss"] <= 2.0, r
         assert 0 <= r["moe_load_min"] <= 0.25 <= r["moe_load_max"] <= 1, r
+        assert 0 <= r["moe_dropped"] < 0.5, r
     copy_checkpoint(full, 2, cut)
     run_train(2, [*common, "train.max_steps=4", f"train.out_dir={cut}"])
     resumed = losses(cut)
