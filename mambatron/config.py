@@ -87,6 +87,10 @@ class MoEConfig:
     # routed tokens with the highest probabilities up to it and drops the rest (megatron-core's drop policy "probs").
     # null = dropless. Evaluation and generation are always dropless, as the Hugging Face targets are.
     capacity_factor: float | None = None
+    # Auxiliary-loss-free balancing (DeepSeek-V3; Nemotron-H's e_score_correction_bias; sigmoid router): a per-expert
+    # bias added to the scores for choosing the top_k only, moved by this much after every optimizer step towards
+    # the even load (sign of the mean count minus the expert's count over the step). 0 = off.
+    bias_update_rate: float = 0.0
 
     def validate(self) -> None:
         _positive(self, "num_experts", "top_k")
@@ -98,10 +102,15 @@ class MoEConfig:
             raise ConfigError(f"model.moe.shared_experts={self.shared_experts} must be >= 0")
         if self.router not in ("softmax", "sigmoid"):
             raise ConfigError(f"model.moe.router={self.router!r}: use softmax (Jamba) or sigmoid (Nemotron-H)")
-        for name in ("aux_loss_coef", "z_loss_coef"):
+        for name in ("aux_loss_coef", "z_loss_coef", "bias_update_rate"):
             value = getattr(self, name)
             if not (math.isfinite(float(value)) and value >= 0):
                 raise ConfigError(f"model.moe.{name}={value} must be a finite number >= 0")
+        if self.bias_update_rate > 0 and self.router != "sigmoid":
+            raise ConfigError(
+                f"model.moe.bias_update_rate={self.bias_update_rate} balances sigmoid routers (Nemotron-H's score "
+                "correction bias); set model.moe.router=sigmoid or model.moe.bias_update_rate=0"
+            )
         if self.capacity_factor is not None and not (
             math.isfinite(float(self.capacity_factor)) and self.capacity_factor > 0
         ):  # fmt: skip

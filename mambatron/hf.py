@@ -40,6 +40,7 @@ _NEMOTRON_H_BLOCKS = {
 # A MoE layer's tensors: ours → NemotronH's (NemotronHMoE) and Jamba's (JambaSparseMoeBlock) names inside the layer.
 _NEMOTRON_H_MOE = {
     "router.weight": "gate.weight",
+    "expert_bias": "gate.e_score_correction_bias",  # auxiliary-loss-free balancing (model.moe.bias_update_rate)
     "experts.fc1": "experts.up_proj",
     "experts.fc2": "experts.down_proj",
     "shared_experts.linear_fc1.weight": "shared_experts.up_proj.weight",
@@ -526,27 +527,43 @@ def _stack_experts(state: dict[str, torch.Tensor]) -> None:
 
 def _nemotron_h_moe_extras(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """What NemotronH's MoE layers hold and ours do not, with the values that make them do nothing: the router's
-    score-correction bias (zero: no auxiliary-loss-free balancing) and, without shared experts, a width-1 shared
-    expert with zero weights."""
+    score-correction bias when ours does not balance by bias (zero: no auxiliary-loss-free balancing) and, without
+    shared experts, a width-1 shared expert with zero weights."""
     extras = {}
     for i, symbol in enumerate(cfg.hybrid_pattern):
         if symbol != "E":
             continue
         layer = f"backbone.layers.{i}.mixer"
-        extras[f"{layer}.gate.e_score_correction_bias"] = torch.zeros(cfg.moe.num_experts)
+        if cfg.moe.bias_update_rate <= 0:
+            extras[f"{layer}.gate.e_score_correction_bias"] = torch.zeros(cfg.moe.num_experts)
         if not cfg.moe.shared_experts:
             extras[f"{layer}.shared_experts.up_proj.weight"] = torch.zeros(1, cfg.d_model)
             extras[f"{layer}.shared_experts.down_proj.weight"] = torch.zeros(cfg.d_model, 1)
     return extras
 
 
-def _drop_nemotron_h_moe_extras(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    """Remove from an imported state what :func:`_nemotron_h_moe_extras` adds, after checking that it does nothing
-    (a non-zero score-correction bias is balancing we do not implement)."""
-    for key in [k for k in state if k.endswith(".mixer.gate.e_score_correction_bias")]:
-        if state[key].abs().max() > 0:
-            raise ValueError(f"{key} is not zero: NemotronH's auxiliary-loss-free bias routing does not import yet")
+# megatron-core's default moe_router_bias_update_rate: what an imported model with a score-correction bias goes on
+# training with (override with model.moe.bias_update_rate).
+IMPORTED_BIAS_UPDATE_RATE = 1e-3
+
+
+def _nemotron_h_bias(state: dict[str, torch.Tensor], cfg: ModelConfig) -> ModelConfig:
+    """NemotronH's score-correction biases (imported as ``expert_bias``): kept when the config balances by bias (our
+    export) or when any is non-zero (bias balancing turned on at megatron-core's default rate); otherwise dropped
+    (they do nothing)."""
+    keys = [k for k in state if k.endswith(".expert_bias")]
+    if cfg.moe.bias_update_rate > 0:  # our own export: the config says how it balances
+        return cfg
+    if any(state[k].abs().max() > 0 for k in keys):
+        return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, bias_update_rate=IMPORTED_BIAS_UPDATE_RATE))
+    for key in keys:
         del state[key]
+    return cfg
+
+
+def _drop_nemotron_h_moe_extras(state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """Remove from an imported state the zero-width-1 shared experts :func:`_nemotron_h_moe_extras` adds, after
+    checking that they do nothing."""
     if cfg.moe.shared_experts:
         return
     for key in [k for k in state if ".mixer.shared_experts." in k]:
@@ -632,6 +649,7 @@ def from_hf(hf_dir: str | Path) -> tuple[MambaLM, ModelConfig]:
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     if "E" in cfg.hybrid_pattern and cfg.arch != "mamba1":
+        cfg = _nemotron_h_bias(state, cfg)
         _drop_nemotron_h_moe_extras(state, cfg)
     model = build_model(cfg)
     load_full_state(model, state)

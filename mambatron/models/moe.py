@@ -112,14 +112,22 @@ class SharedExperts(nn.Module):
         return self.linear_fc2(activate(self.linear_fc1(x), self.cfg.mlp.activation))
 
 
-def route(logits: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, cfg: ModelConfig, expert_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens, experts) logits (fp32 or wider) → (routing probabilities (tokens, experts), zero off the top_k;
-    routing map)."""
+    routing map). ``expert_bias`` (sigmoid router) is added to the scores for choosing the top_k only, as Nemotron-H's
+    ``e_score_correction_bias``."""
     k = cfg.moe.top_k
     if cfg.moe.router == "softmax":
         top, idx = torch.topk(torch.softmax(logits, dim=-1), k, dim=1)
     else:
-        top, idx = torch.topk(torch.sigmoid(logits), k, dim=1)
+        scores = torch.sigmoid(logits)
+        if expert_bias is None:
+            top, idx = torch.topk(scores, k, dim=1)
+        else:
+            idx = torch.topk(scores + expert_bias.to(scores.dtype), k, dim=1).indices
+            top = scores.gather(1, idx)
         if k > 1:
             top = top / (top.sum(dim=-1, keepdim=True) + 1e-20)
     probs = torch.zeros_like(logits).scatter(1, idx, top)
@@ -255,10 +263,15 @@ class MoE(nn.Module):
         if cfg.moe.shared_experts:
             self.shared_experts = SharedExperts(cfg)
         self.stats = MoEStats(cfg)
+        if cfg.moe.bias_update_rate > 0:  # auxiliary-loss-free balancing: state, not a parameter (no gradient)
+            self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts, dtype=torch.float32))
+            self.step_tokens: torch.Tensor | None = None  # tokens per expert since the last update
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         self.router.weight.normal_(0.0, self.cfg.init_std, generator=generator)
+        if self.cfg.moe.bias_update_rate > 0:
+            self.expert_bias.zero_()
         self.experts.init_weights(generator)
         if self.cfg.moe.shared_experts:
             self.shared_experts.init_weights(generator)
@@ -276,7 +289,7 @@ class MoE(nn.Module):
         attach = self.training and torch.is_grad_enabled()
         if attach and z is not None:
             logits = AttachAuxLoss.apply(logits, z)
-        probs, routing_map = route(logits, self.cfg)
+        probs, routing_map = route(logits, self.cfg, getattr(self, "expert_bias", None))
         if attach and aux is not None:
             probs = AttachAuxLoss.apply(probs, aux)
         routed = routing_map
@@ -284,6 +297,9 @@ class MoE(nn.Module):
             probs, routing_map = drop_over_capacity(probs, routing_map, self.cfg)
         if self.training:
             self._record(routed, routing_map, aux, z)
+            if self.cfg.moe.bias_update_rate > 0:
+                counts = routing_map.sum(dim=0).detach()
+                self.step_tokens = counts if self.step_tokens is None else self.step_tokens + counts
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
         token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
         order = torch.argsort(expert_idx, stable=True)
@@ -320,6 +336,25 @@ class MoE(nn.Module):
         return {}
 
 
+@torch.no_grad()
+def update_expert_biases(model: nn.Module, group=None, skip: bool = False) -> None:
+    """After an optimizer step: each balanced E layer moves its expert bias by ``bias_update_rate`` towards the even
+    load, ``bias += rate · sign(mean count − count)`` over the tokens the step routed on every rank of ``group``
+    (the data × context parallel ranks; megatron-core's ``get_updated_expert_bias``). Every rank then holds the same
+    bias. ``skip``: the step was not taken, so its counts are dropped and the biases stay."""
+    for layer in model.modules():
+        if not isinstance(layer, MoE) or layer.cfg.moe.bias_update_rate <= 0:
+            continue
+        counts = layer.step_tokens
+        layer.step_tokens = None
+        if skip:
+            continue
+        counts = torch.zeros_like(layer.expert_bias) if counts is None else counts.to(layer.expert_bias.dtype)
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(counts, group=group)
+        layer.expert_bias += torch.sign(counts.mean() - counts) * layer.cfg.moe.bias_update_rate
+
+
 def moe_stats(model: nn.Module) -> dict[str, float]:
     """The MoE metrics since the last call, then reset: mean load-balancing loss and router z-loss (each without its
     coefficient) over the E layers, the smallest and largest share of routed tokens any expert of any E layer got
@@ -353,6 +388,7 @@ def moe_stats(model: nn.Module) -> dict[str, float]:
 def _moe_layouts(c: ModelConfig) -> dict[str, Layout]:
     return {
         "router.weight": REPLICATED,
+        "expert_bias": REPLICATED,
         "experts.fc1": REPLICATED,
         "experts.fc2": REPLICATED,
         "shared_experts.linear_fc1.weight": REPLICATED,

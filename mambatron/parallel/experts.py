@@ -80,6 +80,8 @@ class ExpertParallelMoE(MoELayer):
     as the one-process layer's."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, proj=None):
+        if cfg.moe.bias_update_rate > 0:
+            raise ValueError("model.moe.bias_update_rate > 0 runs with parallel.ep=1 for now (set either to default)")
         cpu_shims.apply_moe()
         ep = parallel_state.get_expert_model_parallel_world_size()
         shared = None

@@ -162,6 +162,10 @@ class _SavedRank:
             self.step = self._step()
         else:
             self._read_whole(step_dir, model_states)
+        # The module's persistent buffers (state that is not a parameter, e.g. MoE balancing biases), whole.
+        module = model_states.get("module") or {}
+        buffer_names = model_states.get("buffer_names") or [k for k in module if k not in self.names]
+        self.buffers = {k: module[k].float() for k in buffer_names if k in module and not k.endswith("_extra_state")}
 
     def _step(self) -> Any:
         for name in sorted(self.names):
@@ -291,6 +295,21 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
             for state in optimizer.optimizer.state.values():
                 if "step" in state:
                     state["step"] = _step_like(saved[0].step, state["step"])
+        for name, buffer in _persistent_buffers(engine.module):
+            if name not in saved[0].buffers:
+                raise KeyError(f"checkpoint lacks the module buffer {name}")
+            full = merge_tp([{name: rank.buffers[name]} for rank in saved])
+            buffer.copy_(split_tp(full)[name].to(buffer.dtype).view_as(buffer))
+
+
+def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of every buffer that the module's state dict holds."""
+    out = []
+    for prefix, sub in module.named_modules():
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buffer))
+    return out
 
 
 def _flat_slices(optimizer: Any) -> dict[int, tuple[torch.Tensor, int]]:

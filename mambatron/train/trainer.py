@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from mambatron.config import Config, ConfigError
-from mambatron.models.moe import AttachAuxLoss, moe_stats
+from mambatron.models.moe import AttachAuxLoss, moe_stats, update_expert_biases
 from mambatron.plan import count_params, flops_per_token
 from mambatron.serialization import UnsafeCheckpointError
 from mambatron.train import checkpoint as ckpt
@@ -378,6 +378,7 @@ class Trainer:
                 grad_norm = self._grad_norm()
             self.engine.step()
             total += loss.detach().double()
+        update_expert_biases(self.model, self._loss_group() if self.dist.world_size > 1 else None, skip=skipped)
         mean_loss = float("nan") if skipped else self._dp_mean(total / accum)
         if grad_norm is None and not skipped:
             grad_norm = self.engine.get_global_grad_norm()

@@ -16,6 +16,9 @@ def _perturbed(model):
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", "norm_f.weight", ".D")):
                 p.add_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):  # balancing biases large enough to change which experts are chosen
+                b.normal_(0.0, 0.3)
     return model.eval()
 
 
@@ -269,15 +272,18 @@ def test_jamba_export_names_what_it_cannot_express(overrides, message, tmp_path)
         to_hf(build_model(cfg), cfg, tmp_path)
 
 
-@pytest.mark.parametrize("shared", [0, 1])
-def test_moe_hybrid_export_loads_as_nemotron_h_and_imports_back(shared, tmp_path):
-    """Mamba2 + attention + MoE (sigmoid routing, top-2 of 4, with or without a shared expert) exports to
-    NemotronHForCausalLM (block type moe) with no missing or unexpected keys, fp32 logits within 1e-4 and the same
-    greedy tokens, and imports back exactly."""
-    moe = dict(num_experts=4, top_k=2, hidden=24, shared_experts=shared, router="sigmoid")
+@pytest.mark.parametrize("shared,bias_rate", [(0, 0.0), (1, 0.0), (0, 0.01)])
+def test_moe_hybrid_export_loads_as_nemotron_h_and_imports_back(shared, bias_rate, tmp_path):
+    """Mamba2 + attention + MoE (sigmoid routing, top-2 of 4, with or without a shared expert, with or without
+    balancing biases, which become NemotronH's e_score_correction_bias) exports to NemotronHForCausalLM (block type
+    moe) with no missing or unexpected keys, fp32 logits within 1e-4 and the same greedy tokens, and imports back
+    exactly."""
+    moe = dict(num_experts=4, top_k=2, hidden=24, shared_experts=shared, router="sigmoid", bias_update_rate=bias_rate)
     cfg = _hybrid(hybrid_pattern="ME*M-E", moe=moe)
     hf, ours, ids = _check_export(cfg, tmp_path, "NemotronHForCausalLM")
     assert hf.config.layers_block_type[1] == "moe"
+    bias = hf.state_dict()["model.layers.1.mixer.gate.e_score_correction_bias"]
+    assert (bias.abs().max() > 0) == (bias_rate > 0)
     _check_reimport(ours, cfg, tmp_path, ids)
 
 

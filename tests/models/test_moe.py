@@ -190,6 +190,48 @@ def test_token_dropping_over_capacity_equals_the_rule(router, top_k, factor):
     torch.testing.assert_close(layer(x), reference(layer, x), rtol=1e-12, atol=1e-12)
 
 
+def test_balancing_bias_chooses_experts_and_moves_towards_the_even_load():
+    """bias_update_rate: the bias is added to the sigmoid scores for choosing the top_k only (the weights are the
+    unbiased scores, renormalised), and after a step each bias moves by the rate towards the even load:
+    +rate below the mean count, -rate above, 0 at it; a skipped step drops its counts and moves nothing."""
+    from mambatron.models.moe import update_expert_biases
+
+    torch.manual_seed(0)
+    cfg = moe_cfg(router="sigmoid", top_k=2, aux_loss_coef=0.0, bias_update_rate=0.05)
+    layer = MoE(cfg, 1).double()
+    layer.init_weights(torch.Generator().manual_seed(1))
+    assert torch.equal(layer.expert_bias, torch.zeros(4, dtype=torch.float64)) and "expert_bias" in layer.state_dict()
+    x = torch.randn(4, 6, cfg.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        layer.expert_bias.copy_(torch.tensor([0.0, 5.0, 0.0, -5.0]))  # expert 1 always chosen, expert 3 never
+        out = layer(x)
+    scores = torch.sigmoid(x.reshape(-1, cfg.d_model) @ layer.router.weight.t())
+    assert bool(layer.step_tokens[1] == 24) and bool(layer.step_tokens[3] == 0)
+    other = torch.where(scores[:, 0] >= scores[:, 2], 0, 2)  # the second choice: the better of experts 0 and 2
+    chosen = torch.stack([torch.ones_like(other), other], 1)
+    weights = scores.gather(1, chosen)
+    weights = weights / weights.sum(1, keepdim=True)
+    want = torch.zeros_like(x.reshape(-1, cfg.d_model))
+    for t in range(want.shape[0]):
+        for w, e in zip(weights[t], chosen[t], strict=True):
+            h = F.relu(layer.experts.fc1[e] @ x.reshape(-1, cfg.d_model)[t]) ** 2
+            want[t] += w * (layer.experts.fc2[e] @ h)
+    torch.testing.assert_close(out, want.reshape(x.shape), rtol=1e-12, atol=1e-12)
+    counts = layer.step_tokens.clone().double()
+    before = layer.expert_bias.clone()
+    update_expert_biases(layer)
+    moved = layer.expert_bias - before
+    assert layer.step_tokens is None
+    torch.testing.assert_close(moved, torch.sign(counts.mean() - counts).double() * 0.05)
+    assert moved[1] < 0 < moved[3]
+    with torch.no_grad():
+        layer(x)
+    update_expert_biases(layer, skip=True)
+    torch.testing.assert_close(layer.expert_bias, before + moved)
+    with pytest.raises(ConfigError, match="bias_update_rate=0.1 balances sigmoid routers"):
+        moe_cfg(router="softmax", bias_update_rate=0.1).validate()
+
+
 def test_planner_counts_total_and_active_parameters():
     cfg = moe_cfg(num_experts=8, top_k=2, shared_experts=1, hidden=24)
     d, h = cfg.d_model, 24
@@ -224,7 +266,7 @@ def test_router_runs_in_fp32_under_bf16_autocast(monkeypatch):
 
     dtypes = []
     route = moe_module.route
-    monkeypatch.setattr(moe_module, "route", lambda logits, cfg: (dtypes.append(logits.dtype), route(logits, cfg))[1])
+    monkeypatch.setattr(moe_module, "route", lambda logits, *a: (dtypes.append(logits.dtype), route(logits, *a))[1])
     model = build_model(moe_cfg(router="sigmoid")).train()
     ids = torch.randint(0, 64, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):

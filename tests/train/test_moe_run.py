@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import torch
+
 from tests.train.conftest import REPO, TINY, copy_checkpoint, losses, run_train, train_cmd, train_env
 
 MOE = [
@@ -64,3 +66,34 @@ def test_moe_hybrid_under_context_parallelism_trains_like_cp1(tiny_data, tmp_pat
         for key in ("moe_aux_loss", "moe_load_min", "moe_load_max"):
             a, b = metrics["cp2"][step][key], metrics["cp1"][step][key]
             assert abs(a - b) <= 1e-5 * abs(b), (step, key, a, b)
+
+
+def test_balancing_biases_move_and_resume_on_another_layout(tiny_data, tmp_path):
+    """model.moe.bias_update_rate: the E layers' biases move by the rate after every step (all ranks' counts), are
+    saved with the checkpoint and restored exactly, also when a DP=2 checkpoint resumes on DP=1 (grad_accum 4, the
+    same global batch): the resumed run ends with the uninterrupted run's biases and losses."""
+    from mambatron.config import load_config
+    from mambatron.parallel.consolidate import consolidate_zero_checkpoint
+
+    common = [*TINY, *tiny_data, *MOE, "model.moe.router=sigmoid", "model.moe.bias_update_rate=0.1",
+              "train.max_steps=4", "train.keep_last=9"]  # fmt: skip
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train(2, [*common, f"train.out_dir={full}"])
+    cfg = load_config("configs/tiny.yaml", [*common, f"train.out_dir={full}"]).model
+
+    def biases(run_dir):
+        state = consolidate_zero_checkpoint(str(run_dir / "checkpoints"), cfg, tag="step_0000004")
+        return {k: v for k, v in state.items() if k.endswith("expert_bias")}
+
+    want = biases(full)
+    assert len(want) == 1 and all(v.abs().max() > 0 for v in want.values())
+    for v in want.values():  # four steps of +-0.1 (or 0 at the mean)
+        assert torch.allclose(v, (v / 0.1).round() * 0.1, atol=1e-6) and v.abs().max() <= 0.4 + 1e-6
+    copy_checkpoint(full, 2, cut)
+    out = run_train(0, [*common, "train.grad_accum=4", f"train.out_dir={cut}"])
+    assert "resumed from" in out.stdout
+    got = biases(cut)
+    assert all(torch.equal(got[k], want[k]) for k in want), (got, want)
+    ref, resumed = losses(full), losses(cut)
+    for step in (3, 4):
+        assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed, ref)
