@@ -23,6 +23,12 @@ The load-balancing loss is not a mean: each rank computes it with the tokens per
 over the CP group, no gradient) and ``T`` its length, times the CP size (the gradient average divides by it), so the
 averaged gradient is the whole sequence's; the metrics are reduced over the group the same way.
 
+Under tensor parallelism the layer is replicated on every TP rank (no expert is split). Without sequence parallelism
+every TP rank sees the same tokens and computes the same; with it each holds a block of the sequence, like a CP
+slice, except that its parameters' gradients are summed over TP as they are produced (as the norms' are): so there
+the load-balancing loss takes the whole sequence's counts and length without the TP factor, and the z-loss is
+divided by the TP size.
+
 The experts' weights are stacked: ``experts.fc1`` (experts, hidden or 2·hidden for SwiGLU as [gate; up], d_model)
 and ``experts.fc2`` (experts, d_model, hidden). This module computes them on one process, one matmul per expert
 over its tokens; expert parallelism (``parallel.ep``) runs the same ``Experts`` inside megatron-core's MoE layer
@@ -232,18 +238,40 @@ class MoEStats:
             self.z_losses.append(z.detach() / self.cfg.moe.z_loss_coef)
 
 
-def router_losses(logits: torch.Tensor, cfg: ModelConfig, cp=None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(load-balancing loss, z-loss) of one micro-batch's router logits, each None when its coefficient is 0; under
-    context parallelism (``cp``, a :class:`~mambatron.parallel.context.ContextParallel`) this rank's shares."""
+class SequenceSplit:
+    """How a micro-batch's tokens are split over ranks for the router's losses: over the context-parallel group
+    (``cp``, gradients averaged) and over the tensor-parallel group under sequence parallelism (``sp_group``,
+    gradients summed). ``sum`` adds a tensor over both, without gradient."""
+
+    def __init__(self, cp=None, sp_group=None):
+        self.cp, self.sp_group = cp, sp_group
+        self.cp_size = cp.size if cp is not None else 1
+        self.sp_size = torch.distributed.get_world_size(sp_group) if sp_group is not None else 1
+        self.size = self.cp_size * self.sp_size
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().clone()
+        if self.sp_group is not None:
+            torch.distributed.all_reduce(tensor, group=self.sp_group)
+        return self.cp.sum(tensor) if self.cp is not None else tensor
+
+
+def router_losses(
+    logits: torch.Tensor, cfg: ModelConfig, split: SequenceSplit | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(load-balancing loss, z-loss) of one micro-batch's router logits, each None when its coefficient is 0; with the
+    tokens split over ranks (``split``), this rank's shares (module docstring)."""
     aux = z = None
     if cfg.moe.aux_loss_coef > 0:
         scores, routing_map = aux_loss_scores(logits, cfg)
-        if cp is None:
+        if split is None:
             aux = load_balancing_loss(scores, routing_map, cfg)
         else:
-            aux = load_balancing_loss(scores, routing_map, cfg, cp.size, cp.sum(routing_map.sum(dim=0)))
+            counts = split.sum(routing_map.sum(dim=0))
+            # T and the counts of the whole sequence; x CP size (gradients averaged there), not x TP (summed).
+            aux = load_balancing_loss(scores, routing_map, cfg, split.size, counts) / split.sp_size
     if cfg.moe.z_loss_coef > 0:
-        z = z_loss(logits, cfg)
+        z = z_loss(logits, cfg) / (split.sp_size if split is not None else 1)
     return aux, z
 
 
@@ -252,10 +280,10 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, proj=None):
         super().__init__()
-        problem = _moe_tp_problem(cfg, getattr(proj, "tp_size", 1))
-        if problem:
-            raise ValueError(problem)
-        self.cp = getattr(proj, "cp", None)  # context parallelism: only the losses and metrics span the sequence
+        cp = getattr(proj, "cp", None)
+        sp_group = proj.tp_group if getattr(proj, "sequence_parallel", False) else None
+        # Tokens split over ranks (context or sequence parallel): only the losses and metrics span the sequence.
+        self.split = SequenceSplit(cp, sp_group) if cp is not None or sp_group is not None else None
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
@@ -266,6 +294,9 @@ class MoE(nn.Module):
         if cfg.moe.bias_update_rate > 0:  # auxiliary-loss-free balancing: state, not a parameter (no gradient)
             self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts, dtype=torch.float32))
             self.step_tokens: torch.Tensor | None = None  # tokens per expert since the last update
+        if sp_group is not None:  # replicated weights that see a block of the sequence: gradients summed over TP
+            for param in self.parameters():
+                proj.mark_sequence_parallel(param)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -285,7 +316,7 @@ class MoE(nn.Module):
         router_dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # autocast would run this matmul in bf16
             logits = F.linear(x.to(router_dtype), self.router.weight.to(router_dtype))
-        aux, z = router_losses(logits, self.cfg, self.cp) if self.training else (None, None)
+        aux, z = router_losses(logits, self.cfg, self.split) if self.training else (None, None)
         attach = self.training and torch.is_grad_enabled()
         if attach and z is not None:
             logits = AttachAuxLoss.apply(logits, z)
@@ -318,14 +349,14 @@ class MoE(nn.Module):
         averages to the whole loss, as its gradient does)."""
         counts = routed.sum(dim=0)
         dropped = (counts.sum() - kept.sum()).reshape(1) if self.cfg.moe.capacity_factor is not None else None
-        if self.cp is not None:
+        if self.split is not None:  # each rank's shares add up to the whole over TP and average over CP
             packed = [counts.to(torch.float64)]
             packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z, dropped) if t is not None]
-            total = self.cp.sum(torch.cat(packed))
+            total = self.split.sum(torch.cat(packed))
             rest = iter(total[counts.numel() :])
             counts = total[: counts.numel()].round().to(counts.dtype)
-            aux = next(rest) / self.cp.size if aux is not None else None
-            z = next(rest) / self.cp.size if z is not None else None
+            aux = next(rest) / self.split.cp_size if aux is not None else None
+            z = next(rest) / self.split.cp_size if z is not None else None
             dropped = next(rest).round() if dropped is not None else None
         self.stats.record(counts, aux, z, dropped)
 
@@ -350,6 +381,8 @@ def update_expert_biases(model: nn.Module, group=None, skip: bool = False) -> No
         if skip:
             continue
         counts = torch.zeros_like(layer.expert_bias) if counts is None else counts.to(layer.expert_bias.dtype)
+        if layer.split is not None and layer.split.sp_group is not None:  # sequence parallel: TP ranks' blocks
+            torch.distributed.all_reduce(counts, group=layer.split.sp_group)
         if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
             torch.distributed.all_reduce(counts, group=group)
         layer.expert_bias += torch.sign(counts.mean() - counts) * layer.cfg.moe.bias_update_rate
@@ -411,12 +444,6 @@ def moe_active_params(c: ModelConfig) -> int:
     return c.d_model * c.moe.num_experts + (c.moe.top_k + c.moe.shared_experts) * _expert_params(c)
 
 
-def _moe_tp_problem(c: ModelConfig, tp: int) -> str | None:
-    if tp > 1:
-        return f"MoE layers (E) do not run under tensor parallelism yet; set parallel.tp=1 (got {tp})"
-    return None
-
-
 def build_moe(cfg: ModelConfig, layer_idx: int, proj=None) -> nn.Module:
     """The E layer for this run: on one process (every expert here), or expert-parallel on megatron-core."""
     if getattr(proj, "ep_size", 1) > 1:
@@ -441,7 +468,7 @@ MOE_KIND = register(
         activation_width=lambda c: (
             c.moe.top_k * (2 * c.d_model + (3 if c.mlp.activation == "swiglu" else 2) * c.moe_hidden)
         ),  # fmt: skip
-        tp_problem=_moe_tp_problem,
+        tp_problem=lambda c, tp: None,  # replicated over TP (module docstring)
         symbol="E",
     )
 )

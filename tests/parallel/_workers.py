@@ -18,6 +18,7 @@ from mambatron.config import (
     TrainConfig,
 )
 from mambatron.models import build_model
+from mambatron.models.moe import moe_stats
 from mambatron.parallel.consolidate import consolidate, consolidate_zero_checkpoint, shard
 from mambatron.parallel.dist import DistInfo
 from mambatron.parallel.zero import param_groups
@@ -169,6 +170,7 @@ def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]], meta: bo
         ref_loss = ref.loss(ids, labels, seq_idx=seq_idx)
         ref_loss.backward()
         ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        ref_moe = moe_stats(ref)  # MoE metrics (empty without E layers)
 
         model, proj = tp_model(cfg, state, sp, info, meta=meta)
         logits_local = model(ids, seq_idx=seq_idx)
@@ -176,7 +178,9 @@ def tp_equivalence(info: DistInfo, cases: list[tuple[str, bool, dict]], meta: bo
         loss = model.loss(ids, labels, seq_idx=seq_idx)
         loss.backward()
         grads = consolidate(gather_states({n: p.grad for n, p in model.named_parameters()}, info), cfg)
+        moe = moe_stats(model)
         results[(arch, sp, tuple(sorted(overrides.items())))] = {
+            "moe_stats": {k: abs(moe[k] - v) for k, v in ref_moe.items()} if set(moe) == set(ref_moe) else None,
             "logits_shape": tuple(logits_local.shape),
             "logits": max_diff(logits, ref_logits),
             "loss": abs(loss.item() - ref_loss.item()),

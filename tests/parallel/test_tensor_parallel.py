@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mambatron.config import AttentionConfig, MLPConfig
+from mambatron.config import AttentionConfig, MLPConfig, MoEConfig
 from tests.parallel import _workers as w
 from tests.parallel._launch import run_distributed
 
@@ -37,6 +37,12 @@ CASES = [
         },
     ),
 ]
+# MoE layers replicated over TP: without SP every rank routes every token; with SP each routes its block of the
+# sequence, and the load-balancing loss (coefficient raised so that its gradient matters) and z-loss must still be
+# the whole sequence's.
+MOE = {"hybrid_pattern": "ME*E", "moe": MoEConfig(num_experts=4, top_k=2, hidden=24, aux_loss_coef=0.5,
+                                                   z_loss_coef=0.1)}  # fmt: skip
+CASES += [("hybrid", False, MOE), ("hybrid", True, MOE)]
 ROUNDTRIPS = [("mamba1", True), ("mamba2", False), ("hybrid", True)]
 # Built on the meta device and materialised, as the trainer does: the sequence-parallel gradient hooks and the
 # no-weight-decay tags set at construction must survive ``to_empty``.
@@ -73,6 +79,7 @@ def _check_equivalence(suite, kind, key):
         assert len(r["grads"]) == len(r["grad_names"]), "every parameter has a gradient"
         bad = {n: d for n, d in r["grads"].items() if d > TOL or d > REL_TOL * max(r["grad_scale"][n], 1e-12)}
         assert not bad, f"rank {rank}: gradients differ: {bad}"
+        assert r["moe_stats"] is not None and all(d <= TOL for d in r["moe_stats"].values()), r["moe_stats"]
 
 
 @pytest.mark.parametrize("arch,sp", ROUNDTRIPS)

@@ -97,3 +97,25 @@ def test_balancing_biases_move_and_resume_on_another_layout(tiny_data, tmp_path)
     ref, resumed = losses(full), losses(cut)
     for step in (3, 4):
         assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed, ref)
+
+
+def test_moe_hybrid_under_tensor_and_sequence_parallelism_trains_like_one_process(tiny_data, tmp_path):
+    """parallel.tp=2 with sequence parallelism: the E layer is replicated over TP and routes each rank's block of
+    the sequence; the losses and the MoE metrics equal the one-process run's."""
+    common = [*TINY, *tiny_data, *MOE, "model.moe.aux_loss_coef=0.5", "train.max_steps=3", "train.save_every=0"]
+    run_train(0, [*common, f"train.out_dir={tmp_path / 'tp1'}"])
+    out = run_train(
+        2, [*common, "parallel.tp=2", "parallel.sequence_parallel=true", f"train.out_dir={tmp_path / 'tp2'}"]
+    )
+    assert "TP 2" in out.stdout
+    tp1, tp2 = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
+    assert sorted(tp1) == sorted(tp2) == [1, 2, 3]
+    metrics = {}
+    for run in ("tp1", "tp2"):
+        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        metrics[run] = {r["step"]: r for r in lines if "moe_aux_loss" in r}
+    for step in tp1:
+        assert abs(tp2[step] - tp1[step]) <= 1e-5 * abs(tp1[step]), (step, tp1, tp2)
+        for key in ("moe_aux_loss", "moe_load_min", "moe_load_max"):
+            a, b = metrics["tp2"][step][key], metrics["tp1"][step][key]
+            assert abs(a - b) <= 1e-5 * abs(b), (step, key, a, b)
