@@ -55,16 +55,21 @@ def test_moe_hybrid_under_context_parallelism_trains_like_cp1(tiny_data, tmp_pat
     run_train(0, [*common, f"train.out_dir={tmp_path / 'cp1'}"])
     out = run_train(2, [*common, "parallel.cp=2", f"train.out_dir={tmp_path / 'cp2'}"])
     assert "CP 2" in out.stdout
-    cp1, cp2 = losses(tmp_path / "cp1"), losses(tmp_path / "cp2")
-    assert sorted(cp1) == sorted(cp2) == [1, 2, 3, 4]
+    _same_losses_and_metrics(tmp_path / "cp2", tmp_path / "cp1", [1, 2, 3, 4])
+
+
+def _same_losses_and_metrics(run_dir, ref_dir, steps) -> None:
+    """Both runs logged ``steps``, with the same losses and MoE metrics (relative 1e-5)."""
+    got, ref = losses(run_dir), losses(ref_dir)
+    assert sorted(got) == sorted(ref) == steps
     metrics = {}
-    for run in ("cp1", "cp2"):
-        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    for run in (run_dir, ref_dir):
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         metrics[run] = {r["step"]: r for r in lines if "moe_aux_loss" in r}
-    for step in cp1:
-        assert abs(cp2[step] - cp1[step]) <= 1e-5 * abs(cp1[step]), (step, cp1, cp2)
+    for step in steps:
+        assert abs(got[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, got, ref)
         for key in ("moe_aux_loss", "moe_load_min", "moe_load_max"):
-            a, b = metrics["cp2"][step][key], metrics["cp1"][step][key]
+            a, b = metrics[run_dir][step][key], metrics[ref_dir][step][key]
             assert abs(a - b) <= 1e-5 * abs(b), (step, key, a, b)
 
 
@@ -108,14 +113,4 @@ def test_moe_hybrid_under_tensor_and_sequence_parallelism_trains_like_one_proces
         2, [*common, "parallel.tp=2", "parallel.sequence_parallel=true", f"train.out_dir={tmp_path / 'tp2'}"]
     )
     assert "TP 2" in out.stdout
-    tp1, tp2 = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
-    assert sorted(tp1) == sorted(tp2) == [1, 2, 3]
-    metrics = {}
-    for run in ("tp1", "tp2"):
-        lines = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        metrics[run] = {r["step"]: r for r in lines if "moe_aux_loss" in r}
-    for step in tp1:
-        assert abs(tp2[step] - tp1[step]) <= 1e-5 * abs(tp1[step]), (step, tp1, tp2)
-        for key in ("moe_aux_loss", "moe_load_min", "moe_load_max"):
-            a, b = metrics["tp2"][step][key], metrics["tp1"][step][key]
-            assert abs(a - b) <= 1e-5 * abs(b), (step, key, a, b)
+    _same_losses_and_metrics(tmp_path / "tp2", tmp_path / "tp1", [1, 2, 3])
