@@ -174,15 +174,14 @@ def z_loss(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 
 
 def load_balancing_loss(
-    scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig, cp_size: int = 1, per_expert=None
+    scores: torch.Tensor, routing_map: torch.Tensor, cfg: ModelConfig, per_expert=None, tokens: int | None = None
 ) -> torch.Tensor:
     """Switch-Transformer loss of one micro-batch, times aux_loss_coef (megatron's ``switch_load_balancing_loss``).
-    Under context parallelism (``cp_size`` > 1) this rank's share, in the sense of the module docstring:
-    ``per_expert`` is then the whole sequence's routed tokens per expert."""
-    tokens = scores.shape[0] * cp_size
-    if per_expert is None:
-        per_expert = routing_map.sum(dim=0)
-    scale = cp_size * cfg.moe.num_experts * cfg.moe.aux_loss_coef / (cfg.moe.top_k * tokens * tokens)
+    When this rank holds only part of the micro-batch's tokens, ``per_expert`` and ``tokens`` are the whole
+    micro-batch's routed tokens per expert and token count (default: this rank's)."""
+    tokens = scores.shape[0] if tokens is None else tokens
+    per_expert = routing_map.sum(dim=0) if per_expert is None else per_expert
+    scale = cfg.moe.num_experts * cfg.moe.aux_loss_coef / (cfg.moe.top_k * tokens * tokens)
     return torch.sum(scores.sum(dim=0) * per_expert.to(scores.dtype)) * scale
 
 
@@ -267,9 +266,10 @@ def router_losses(
         if split is None:
             aux = load_balancing_loss(scores, routing_map, cfg)
         else:
-            counts = split.sum(routing_map.sum(dim=0))
-            # T and the counts of the whole sequence; x CP size (gradients averaged there), not x TP (summed).
-            aux = load_balancing_loss(scores, routing_map, cfg, split.size, counts) / split.sp_size
+            whole = load_balancing_loss(
+                scores, routing_map, cfg, split.sum(routing_map.sum(dim=0)), scores.shape[0] * split.size
+            )
+            aux = whole * split.cp_size  # gradients are averaged over CP (and summed over TP)
     if cfg.moe.z_loss_coef > 0:
         z = z_loss(logits, cfg) / (split.sp_size if split is not None else 1)
     return aux, z

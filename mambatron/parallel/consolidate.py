@@ -196,12 +196,11 @@ def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:
     module = model_states["module"]
     optimizer = model_states.get("optimizer") or {}
     names = _manifest(step_dir).get("optimizer_param_names")
-    from mambatron.train.elastic import flat_master_state, is_fp16_style_state
+    from mambatron.train.elastic import fp16_style_masters, is_fp16_style_state
 
     if is_fp16_style_state(optimizer) and names:
         # bf16 without ZeRO: the module holds bf16 copies; the fp32 master weights are in the optimizer's state.
-
-        masters, _ = flat_master_state(optimizer, names, {k: v.shape for k, v in module.items()})
+        masters, _ = fp16_style_masters(optimizer, names, {k: v.shape for k, v in module.items()})
         module = {**module, **{k: v["weights"] for k, v in masters.items()}}
     return _as_fp32(module)
 

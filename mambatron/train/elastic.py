@@ -76,7 +76,7 @@ def is_fp16_style_state(optimizer_state: dict[str, Any]) -> bool:
     return bool(_FP16_STYLE_KEYS & set(optimizer_state))
 
 
-def flat_master_state(optimizer_state: dict[str, Any], group_names: list[list[str]], shapes: dict[str, torch.Size]):
+def fp16_style_masters(optimizer_state: dict[str, Any], group_names: list[list[str]], shapes: dict[str, torch.Size]):
     """{name: {"weights": fp32, and each moment}} from a saved fp16-style optimizer state (bf16 without ZeRO), and
     its step. A group's masters are one flat tensor (cut into its parameters in order; their sizes must add up
     exactly) or one tensor per parameter; the inner optimizer's state is keyed like its masters."""
@@ -185,7 +185,7 @@ class _SavedRank:
         self.whole = {name: {"weights": t} for name, t in module.items()}
         self.names, self.step = set(module), 0
         if is_fp16_style_state(optimizer):  # bf16 without ZeRO: the fp16-style optimizer's fp32 masters
-            masters, self.step = flat_master_state(optimizer, group_names, {n: t.shape for n, t in module.items()})
+            masters, self.step = fp16_style_masters(optimizer, group_names, {n: t.shape for n, t in module.items()})
             self.whole.update(masters)
             return
         for group, names in zip(optimizer["param_groups"], group_names):
@@ -259,14 +259,14 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
     optimizer = engine.optimizer
     zero3 = engine.zero_optimization_partition_weights()
     fp32_without_zero = not engine.zero_optimization() and not engine.bfloat16_enabled()
-    flat = _flat_slices(optimizer) if not engine.zero_optimization() and engine.bfloat16_enabled() else None
+    masters = _master_slices(optimizer) if not engine.zero_optimization() and engine.bfloat16_enabled() else None
     with torch.no_grad():
         # First the optimizer's state tensors, which its first step would create (that step also moves weights).
         if zero3:
             _materialize_zero3_state(optimizer)
         elif not fp32_without_zero:
             _materialize_state(optimizer.optimizer)
-            if flat is None:
+            if masters is None:
                 optimizer._lazy_init_hp_params_optimizer_state()  # links each parameter to its optimizer fragments
         for name, param in named.items():
             parts = [rank.get(name) for rank in saved]
@@ -281,8 +281,8 @@ def _set_engine_state(engine: Any, saved: list[_SavedRank], merge_tp, split_tp) 
                 if moments:
                     optimizer.state[param] = {"step": _step_like(saved[0].step, None), **moments}
                 continue
-            if flat is not None:  # bf16 without ZeRO: this parameter's slice of its group's flat tensors
-                master, begin = flat[id(param)]
+            if masters is not None:  # bf16 without ZeRO: this parameter's slice of its fp32 master
+                master, begin = masters[id(param)]
                 end = begin + param.numel()
                 master.view(-1)[begin:end].copy_(local["weights"].reshape(-1))
                 for key, value in moments.items():
@@ -312,7 +312,7 @@ def _persistent_buffers(module: torch.nn.Module) -> list[tuple[str, torch.Tensor
     return out
 
 
-def _flat_slices(optimizer: Any) -> dict[int, tuple[torch.Tensor, int]]:
+def _master_slices(optimizer: Any) -> dict[int, tuple[torch.Tensor, int]]:
     """id(module parameter) -> (the fp32 master tensor holding it, the parameter's offset in it when flattened)."""
     if not _fp16_style(optimizer):
         raise TypeError(f"bf16 without ZeRO: expected DeepSpeed's fp16-style optimizer, got {type(optimizer).__name__}")
