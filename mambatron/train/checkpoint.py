@@ -261,6 +261,32 @@ class Checkpointer:
             error, self._error = self._error, None
             raise RuntimeError(f"writing the last checkpoint failed: {error}") from error
 
+    def reserve(self, engine: Any, out_dir: str | Path, rank_state: dict[str, Any], rank: int) -> None:
+        """Allocate the host buffers of an asynchronous save ahead of it, in a background thread (a collective).
+
+        Allocating gigabytes of pinned memory, not copying into it, is most of a first save's stall. DeepSpeed's
+        save runs once into a :class:`~mambatron.train.staging.SizeRecorder` (nothing copied; the only thing
+        written is an empty scratch folder, removed again) to learn the sizes. Call it once the optimizer state
+        exists (after a step)."""
+        from mambatron.train.staging import SizeRecorder, stage, staged_save
+
+        if not self.asynchronous:
+            return
+        root = checkpoint_root(out_dir)
+        scratch = root / f"{_TMP_PREFIX}sizing"
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+        _barrier()
+        recorder = SizeRecorder()
+        with staged_save(engine, recorder):
+            engine.save_checkpoint(str(root), tag=scratch.name, save_latest=False)
+        stage(rank_state, recorder)
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+        self.buffers.reserve(recorder.specs)
+
     def save(
         self,
         engine: Any,

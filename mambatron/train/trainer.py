@@ -384,6 +384,9 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        if self.config.train.async_save and self.checkpointer is None and not skipped:
+            # Once the optimizer state exists: the first save's host buffers are allocated in the background now.
+            self._checkpointer().reserve(self.engine, self.out_dir, self._rank_state(), self.dist.rank)
         return StepResult(
             step=self.step,
             loss=mean_loss,
@@ -520,25 +523,32 @@ class Trainer:
             groups = elastic.optimizer_param_names(self.engine)
             if groups is not None:
                 manifest["optimizer_param_names"] = groups
-        rank_state = {
+        path = self._checkpointer().save(
+            self.engine, self.out_dir, self.step, manifest, self._rank_state(), self.dist.rank, cfg.train.keep_last
+        )
+        self.last_saved_step = self.step
+        stall = self.checkpointer.last_stall_seconds
+        if cfg.train.async_save:
+            allocated = self.checkpointer.buffers.allocations
+            note = f" ({allocated} host buffers allocated)" if allocated else ""
+            self.metrics.print(f"staged step {self.step} in {stall:.1f}s{note}; writing {path} in the background")
+        else:
+            self.metrics.print(f"saved {path} in {stall:.1f}s")
+        return path
+
+    def _rank_state(self) -> dict:
+        return {
             "rng": ckpt.capture_rng(),
             "data": self.train_loader.state_dict(),
             "rank": self.dist.rank,
             "tp_rank": self.dist.tp_rank,
             "dp_rank": self.dist.dp_rank,
         }
+
+    def _checkpointer(self) -> ckpt.Checkpointer:
         if self.checkpointer is None:
-            self.checkpointer = ckpt.Checkpointer(cfg.train.async_save, log=self.metrics.print)
-        path = self.checkpointer.save(
-            self.engine, self.out_dir, self.step, manifest, rank_state, self.dist.rank, cfg.train.keep_last
-        )
-        self.last_saved_step = self.step
-        stall = self.checkpointer.last_stall_seconds
-        if cfg.train.async_save:
-            self.metrics.print(f"staged step {self.step} in {stall:.1f}s; writing {path} in the background")
-        else:
-            self.metrics.print(f"saved {path} in {stall:.1f}s")
-        return path
+            self.checkpointer = ckpt.Checkpointer(self.config.train.async_save, log=self.metrics.print)
+        return self.checkpointer
 
     def finish_saving(self) -> None:
         """Wait for the checkpoint being written in the background, if any (raises if writing it failed)."""

@@ -5,6 +5,8 @@
   contents (the contract mambatron.train.staging relies on);
 - the second save is held back in the writer: whether it was complete or in flight when save() returned, and whether
   its weights and Adam moments are those of save time once written, although a step ran in between;
+- ``reserved``/``first_save_allocations``/``scratch_left``: the first step reserved the host buffers, the first save
+  allocated none, and sizing them left nothing in the checkpoint folder;
 - with ``die``, a third save is started and the process SIGKILLs itself while the writer is held.
 """
 
@@ -66,8 +68,14 @@ def main() -> None:
     trainer = Trainer(load_config("configs/tiny.yaml", overrides))
     trainer.build()
     report: dict = {}
-    trainer.train_step()
+    trainer.train_step()  # the first step reserves the host buffers of a save, in the background
+    buffers = trainer.checkpointer.buffers
+    buffers.wait_reserved()
+    report["reserved"] = len(buffers._buffers)
+    report["reserve_error"] = repr(buffers.reserve_error) if buffers.reserve_error else None
+    report["scratch_left"] = [p.name for p in ckpt.checkpoint_root(trainer.out_dir).glob(".tmp_*")]
     first = trainer.save()
+    report["first_save_allocations"] = buffers.allocations
     trainer.finish_saving()
     # The same state written by DeepSpeed itself, into another folder.
     with tempfile.TemporaryDirectory() as other:
