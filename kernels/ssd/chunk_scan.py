@@ -40,7 +40,7 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # Launch tiles of the two largest kernels, upper bounds (the block helpers fit them to the shapes): output positions
 # per program, positions per step of the inner loop, dstate per step of the entering-state product, and (forward
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
-TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64)}
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (128, 32, 64)}
 
 
 @triton.jit
@@ -252,9 +252,44 @@ def _chunk_scan_bwd_dx_kernel(
     dy_base = dy_ptr + ((batch * seqlen + chunk_start) * nheads + head) * headdim
     dot_dtype = x_ptr.dtype.element_ty
 
-    # Diagonal block: G[s] = sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l].
-    CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
+    # chunk_state's share first: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
+    # It starts the accumulator that the diagonal block adds to (one accumulator: fewer live registers, one epilogue);
+    # its own contribution to ddt (for chunk_state's dA_cumsum gradient) is taken before the diagonal block.
+    B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
+    state_base = ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
     acc = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+    for n0 in range(0, dstate, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        B = tl.load(
+            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
+            mask=in_s[:, None] & (offs_n[None, :] < dstate),
+            other=0.0,
+        )
+        dstatesT = tl.load(
+            dstates_ptr + state_base + offs_p[None, :] * dstate + offs_n[:, None],
+            mask=in_p[None, :] & (offs_n[:, None] < dstate),
+            other=0.0,
+        )
+        acc += tl.dot(B.to(dot_dtype), dstatesT.to(dot_dtype))
+    state_weight = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_s)
+    if HAS_SEQ_IDX:
+        doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
+        doc_s = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_s, mask=in_s, other=-1)
+        state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
+    acc *= state_weight[:, None]
+
+    x = tl.load(
+        x_ptr
+        + batch * stride_x_b
+        + (chunk_start + offs_s[:, None]) * stride_x_l
+        + head * stride_x_h
+        + offs_p[None, :] * stride_x_p,
+        mask=tile_mask,
+        other=0.0,
+    ).to(tl.float32)
+    ddt_state = tl.sum(x * acc, axis=1)
+    # Diagonal block: G[s] += sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l].
+    CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
     for l0 in range(pid_s * BLOCK_L // BLOCK_K * BLOCK_K, chunk_len, BLOCK_K):
         offs_l = l0 + tl.arange(0, BLOCK_K)
         in_l = offs_l < chunk_len
@@ -270,42 +305,8 @@ def _chunk_scan_bwd_dx_kernel(
         )
         acc += tl.dot(tl.where(causal, CBT * decay, 0.0).to(dot_dtype), dy_l.to(dot_dtype))
 
-    # chunk_state's share: exp(dA_cumsum[last] - dA_cumsum[s]) dstates B[s], for the document ending the chunk.
-    B_base = B_ptr + batch * stride_B_b + chunk_start * stride_B_l + group * stride_B_g
-    state_base = ((batch * nchunks + chunk) * nheads + head) * headdim * dstate
-    acc_state = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
-    for n0 in range(0, dstate, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        B = tl.load(
-            B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
-            mask=in_s[:, None] & (offs_n[None, :] < dstate),
-            other=0.0,
-        )
-        dstatesT = tl.load(
-            dstates_ptr + state_base + offs_p[None, :] * dstate + offs_n[:, None],
-            mask=in_p[None, :] & (offs_n[:, None] < dstate),
-            other=0.0,
-        )
-        acc_state += tl.dot(B.to(dot_dtype), dstatesT.to(dot_dtype))
-    state_weight = tl.exp(tl.load(dA_cumsum_ptr + row + chunk_size - 1) - dA_cumsum_s)
-    if HAS_SEQ_IDX:
-        doc_last = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + chunk_len - 1)
-        doc_s = tl.load(seq_idx_ptr + batch * seqlen + chunk_start + offs_s, mask=in_s, other=-1)
-        state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
-    acc_state *= state_weight[:, None]
-
-    x = tl.load(
-        x_ptr
-        + batch * stride_x_b
-        + (chunk_start + offs_s[:, None]) * stride_x_l
-        + head * stride_x_h
-        + offs_p[None, :] * stride_x_p,
-        mask=tile_mask,
-        other=0.0,
-    ).to(tl.float32)
-    ddt_state = tl.sum(x * acc_state, axis=1)
-    ddt = tl.sum(x * acc, axis=1) + ddt_state
-    dx = dt_s[:, None] * (acc + acc_state)
+    ddt = tl.sum(x * acc, axis=1)
+    dx = dt_s[:, None] * acc
     if HAS_D:
         dy = tl.load(dy_base + offs_s[:, None] * (nheads * headdim) + offs_p[None, :], mask=tile_mask, other=0.0)
         dy = dy.to(tl.float32)
