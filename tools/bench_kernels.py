@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-SECTIONS = ("scan", "conv1d", "rmsnorm", "gated_rmsnorm", "ssd")
+SECTIONS = ("scan", "conv1d", "rmsnorm", "gated_rmsnorm", "ssd", "grouped_gemm")
 BF16 = torch.bfloat16
 TOL = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
@@ -302,6 +302,30 @@ def ssd_section(copy_GBps):
     )  # fmt: skip
 
 
+def grouped_gemm_section(copy_GBps):
+    """An expert layer's fc1 at configs/hybrid-moe-3b.yaml's shape: 4096 tokens × top-4 routed to 64 experts (uneven
+    counts), d_model 2048 → width 1024, bf16 rows and fp32 weights; theirs: one matmul per expert (the layer before)."""
+    from mambatron.kernels.grouped_gemm import grouped_linear_fn, grouped_linear_fn_ref
+
+    def make(rows, experts, d_model, width):
+        g = torch.Generator().manual_seed(3)
+        share = torch.rand(experts, generator=g) + 0.25
+        counts = (share / share.sum() * rows).floor().long()
+        counts[0] += rows - int(counts.sum())
+        return dict(x=randn(rows, d_model, dtype=BF16, seed=1), weight=randn(experts, width, d_model, scale=0.02,
+                    seed=2), counts=counts.tolist())  # fmt: skip
+
+    rows, experts, d_model, width = 4096 * 4, 64, 2048, 1024
+    flops = 2 * rows * d_model * width
+    bytes_fwd = 2 * rows * d_model + 4 * experts * width * d_model + 2 * rows * width
+    bytes_fwd_bwd = bytes_fwd + 2 * (2 * rows * d_model + 4 * experts * width * d_model + 2 * rows * width)
+    return section(
+        "grouped_gemm", grouped_linear_fn, grouped_linear_fn_ref, lambda: make(1000, 8, 256, 128),
+        lambda: make(rows, experts, d_model, width), BF16, bytes_fwd, bytes_fwd_bwd, copy_GBps, grouped_linear_fn_ref,
+        flops_fwd=flops,
+    )  # fmt: skip
+
+
 def print_table(rows):
     cols = ["what", "ok", "max_rel_error", "fwd_ms", "fwd_bwd_ms", "fwd_GBps", "fwd_bwd_frac_copy"]
     cols += ["theirs_fwd_ms", "theirs_fwd_bwd_ms", "fwd_ratio", "fwd_bwd_ratio", "fwd_TFLOPs"]
@@ -333,7 +357,7 @@ def main(argv=None):
     rows = [result(what="copy_bandwidth", GBps=copy_GBps)]
     runners = dict(
         scan=scan_section, conv1d=conv1d_section, rmsnorm=rmsnorm_section, gated_rmsnorm=gated_rmsnorm_section,
-        ssd=ssd_section,
+        ssd=ssd_section, grouped_gemm=grouped_gemm_section,
     )  # fmt: skip
     for name in only:
         try:

@@ -45,6 +45,7 @@ from torch import nn
 
 from mambatron.config import ModelConfig
 from mambatron.models.layers import LayerKind, register
+from mambatron.models.ops import get_op
 from mambatron.parallel.layout import REPLICATED, Layout
 
 
@@ -89,12 +90,11 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert, probs: torch.Tensor):
         counts = [int(c) for c in tokens_per_expert]
-        outs = []
-        for e, (xe, pe) in enumerate(zip(x.split(counts), probs.split(counts), strict=True)):
-            hidden = activate(F.linear(xe, self.fc1[e].to(xe.dtype)), self.cfg.mlp.activation)
-            hidden = hidden * pe.unsqueeze(-1).to(hidden.dtype)
-            outs.append(F.linear(hidden, self.fc2[e].to(hidden.dtype)))
-        return torch.cat(outs) if outs else x.new_zeros(0, self.cfg.d_model), None
+        # Every expert's fc1 (then fc2) as one grouped GEMM (`model.kernels` chooses Triton or a matmul per expert).
+        grouped_linear = get_op("grouped_linear", self.cfg.kernels, x)
+        hidden = activate(grouped_linear(x, self.fc1, counts), self.cfg.mlp.activation)
+        hidden = hidden * probs.unsqueeze(-1).to(hidden.dtype)
+        return grouped_linear(hidden, self.fc2, counts), None
 
 
 class SharedExperts(nn.Module):

@@ -23,6 +23,7 @@ _OPS = {
     "linear_cross_entropy": ("mambatron.kernels.cross_entropy", "linear_cross_entropy_fn"),
     "mamba1_conv_scan": ("mambatron.kernels.mamba1", "mamba1_conv_scan_fn"),
     "mamba2_split_conv_scan": ("mambatron.kernels.mamba2", "mamba2_split_conv_scan_fn"),
+    "grouped_linear": ("mambatron.kernels.grouped_gemm", "grouped_linear_fn"),
 }
 
 

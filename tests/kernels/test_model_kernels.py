@@ -1,12 +1,15 @@
-"""A tiny Mamba1 and Mamba2 LM: loss and every parameter gradient through the Triton kernels equal the reference path.
+"""A tiny Mamba1, Mamba2 and Mamba2+MoE LM: loss and every parameter gradient through the Triton kernels equal the
+reference path.
 
 Packed documents (seq_idx) and a length that is not a multiple of the chunk size are included, so every op of both
-mixers (conv1d, selective scan / SSD, fused add+RMSNorm, gated RMSNorm) runs with its state resets.
+mixers (conv1d, selective scan / SSD, fused add+RMSNorm, gated RMSNorm) runs with its state resets; the MoE layer's
+experts run as grouped GEMMs.
 """
 
 import pytest
 import torch
 
+import mambatron.kernels.grouped_gemm as grouped_gemm
 import mambatron.kernels.selective_scan as scan_ops
 import mambatron.kernels.ssd as ssd_ops
 from mambatron.models import build_model
@@ -14,20 +17,25 @@ from mambatron.models.ops import get_op
 from tests.kernels.conftest import assert_close
 from tests.models.conftest import tiny_model_config
 
+MOE = dict(hybrid_pattern="ME", moe={"num_experts": 4, "top_k": 2, "hidden": 24, "shared_experts": 1},
+           mlp={"activation": "swiglu"})  # fmt: skip
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2"])
+
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2", "mamba2+moe"])
 def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter):
     x = torch.zeros(1, device=device)
     assert get_op("ssd", "triton", x) is ssd_ops.mamba_chunk_scan_combined
     assert get_op("selective_scan", "triton", x) is scan_ops.selective_scan_fn
     assert get_op("ssd", "reference", x) is ssd_ops.mamba_chunk_scan_combined_ref
+    assert get_op("grouped_linear", "triton", x) is grouped_gemm.grouped_linear_fn
     torch.manual_seed(0)
     ids = torch.randint(0, 61, (2, 21), device=device)
     labels = ids.roll(-1, 1)
     seq_idx = torch.tensor([[0] * 9 + [1] * 12, [0] * 21], dtype=torch.int32, device=device)
     results = {}
     for kernels in ("reference", "triton"):
-        cfg = tiny_model_config(arch, kernels=kernels, d_model=16, ngroups=2, headdim=8)
+        extra = MOE if arch.endswith("+moe") else {}
+        cfg = tiny_model_config(arch.split("+")[0], kernels=kernels, d_model=16, ngroups=2, headdim=8, **extra)
         model = build_model(cfg).to(device)
         model.init_weights(seed=1)
         with torch.no_grad():  # move the near-identity parameters off their init so every path matters
