@@ -68,7 +68,7 @@ def test_reference_is_one_linear_per_group():
 def test_weights_are_cast_to_the_input_dtype(triton_interpreter, small_tiles):
     """fp32 weights (the masters) with lower-precision rows: the product is in the rows' dtype, from the weights
     rounded to it, and the weight gradient comes back in the weights' dtype."""
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16 arithmetic
     counts = [7, 20]
     x, w, dy = _case(counts, 32, 16, dtype=dtype, seed=2)
     y, dx, dw = _run(grouped_linear_fn, x, w, dy, counts)
@@ -89,3 +89,19 @@ def test_bad_counts_are_refused():
 
 def test_exported_from_the_package():
     assert grouped_gemm.grouped_linear_fn is grouped_linear_fn
+
+
+def test_autocast_runs_in_the_autocast_dtype(triton_interpreter, small_tiles):
+    """fp32 rows under autocast: multiplied in the autocast dtype, as the reference's F.linear is (the interpreter
+    has no bf16 arithmetic, so CPU checks fp16)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    counts = [10, 0, 27]
+    x, w, dy = _case(counts, 32, 16, seed=3)
+    with torch.autocast(DEVICE, dtype=dtype):
+        y, dx, dw = _run(grouped_linear_fn, x, w, dy.to(dtype), counts)
+        y_ref, dx_ref, dw_ref = _run(grouped_linear_fn_ref, x, w, dy.to(dtype), counts)
+    assert y.dtype == y_ref.dtype == dtype
+    assert dx.dtype == torch.float32 and dw.dtype == torch.float32
+    assert_close(y, y_ref, "y", dtype)
+    assert_close(dx, dx_ref, "dx", dtype)
+    assert_close(dw, dw_ref, "dw", dtype)
