@@ -99,3 +99,24 @@ def test_a_failed_background_write_is_reported_and_never_completes_the_checkpoin
         writer.wait()
     assert ckpt.list_checkpoints(tmp_path) == []
     writer.wait()  # reported once
+
+
+def test_bench_checkpoint_reports_verified_saves_of_both_modes(tmp_path, tiny_data):
+    """tools/bench_checkpoint.py (the tool behind the save figures in docs/benchmarks.md), both modes in their own
+    processes: every save verified, the asynchronous saves copying into reserved buffers, the synchronous ones
+    blocking until their checkpoint is written."""
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "tools/bench_checkpoint.py", "--config", "configs/tiny.yaml", "--steps", "1", "--saves", "2",
+         "--json", str(out), "--set", *TINY, *tiny_data, "data.num_workers=0", "parallel.zero_stage=1"],
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows.keys() == {"sync", "async"}
+    for row in rows.values():
+        assert row["ok"] and row["checkpoint_GB"] > 0, row
+        assert [s["step"] for s in row["saves"]] == [3, 4], row  # the step each save was of (after 2 + 1 steps)
+        assert all(s["stall_s"] >= 0 and s["written_s"] > 0 for s in row["saves"]), row
+    assert rows["async"]["reserve_s"] is not None and [s["allocations"] for s in rows["async"]["saves"]] == [0, 0]
+    assert rows["sync"]["reserve_s"] is None and rows["sync"]["saves"][0]["allocations"] > 0
