@@ -31,7 +31,7 @@ LAUNCH = {"num_warps": 8, "num_stages": 3}
 def _segment_mm_kernel(
     a_ptr, b_ptr, c_ptr, tile_group_ptr, tile_row_ptr, group_end_ptr,
     kdim, ndim, stride_am, stride_ak, stride_bg, stride_bk, stride_bn, stride_cm, stride_cn,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C[rows of tile] = A[rows] · B[g] with B[g] read as a (kdim, ndim) matrix through its strides."""
     tile = tl.program_id(0)
@@ -51,10 +51,7 @@ def _segment_mm_kernel(
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
         b = tl.load(b_base + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=in_k[:, None] & in_n[None, :], other=0.0)  # fmt: skip
-        if FP32_DOT:
-            acc += tl.dot(a, b.to(a.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(a, b.to(a.dtype))
+        acc += tl.dot(a, b.to(a.dtype), input_precision=DOT_PRECISION)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
              mask=in_m[:, None] & in_n[None, :])  # fmt: skip
 
@@ -63,7 +60,7 @@ def _segment_mm_kernel(
 def _segment_wgrad_kernel(
     x_ptr, dy_ptr, dw_ptr, group_end_ptr, group_count_ptr,
     out_features, in_features, stride_xm, stride_xk, stride_dym, stride_dyn,
-    FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dW[g][n, k] = sum over g's rows m of dy[m, n] x[m, k]; dW is (groups, out_features, in_features) fp32."""
     group = tl.program_id(0)
@@ -81,13 +78,15 @@ def _segment_wgrad_kernel(
                       mask=in_m[None, :] & in_n[:, None], other=0.0)  # fmt: skip
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)  # fmt: skip
-        if FP32_DOT:
-            acc += tl.dot(dyT, x.to(dyT.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(dyT, x.to(dyT.dtype))
+        acc += tl.dot(dyT, x.to(dyT.dtype), input_precision=DOT_PRECISION)
     group_base = dw_ptr + group.to(tl.int64) * out_features * in_features
     tl.store(group_base + offs_n[:, None] * in_features + offs_k[None, :], acc,
              mask=in_n[:, None] & in_k[None, :])  # fmt: skip
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    """fp32 inputs multiply as fp32 (the op matches F.linear), not as TF32; the setting is moot for 16-bit inputs."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
 class _Schedule:
@@ -117,7 +116,7 @@ def _segment_mm(a: torch.Tensor, b: torch.Tensor, b_strides: tuple[int, int, int
     _segment_mm_kernel[grid](
         a, b, c, sched.tile_group, sched.tile_row, sched.group_end,
         kdim, ndim, *a.stride(), *b_strides, *c.stride(),
-        FP32_DOT=a.dtype == torch.float32, BLOCK_M=BLOCKS["m"], BLOCK_N=BLOCKS["n"], BLOCK_K=BLOCKS["k"],
+        DOT_PRECISION=_dot_precision(a), BLOCK_M=BLOCKS["m"], BLOCK_N=BLOCKS["n"], BLOCK_K=BLOCKS["k"],
         **({} if interpreting() else LAUNCH),
     )  # fmt: skip
     return c
@@ -130,7 +129,7 @@ def _segment_wgrad(x: torch.Tensor, dy: torch.Tensor, groups: int, sched: _Sched
     _segment_wgrad_kernel[grid](
         x, dy, dw, sched.group_end, sched.group_count,
         out_features, in_features, *x.stride(), *dy.stride(),
-        FP32_DOT=x.dtype == torch.float32, BLOCK_M=BLOCKS["m"], BLOCK_N=BLOCKS["n"], BLOCK_K=BLOCKS["k"],
+        DOT_PRECISION=_dot_precision(x), BLOCK_M=BLOCKS["m"], BLOCK_N=BLOCKS["n"], BLOCK_K=BLOCKS["k"],
         **({} if interpreting() else LAUNCH),
     )  # fmt: skip
     return dw
