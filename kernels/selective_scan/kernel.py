@@ -64,9 +64,10 @@ def _bcast_rows(ptr, offs_t, mask, BLOCK_D: tl.constexpr):
 
     Every row reads the same addresses (one transaction per warp), which costs less than loading a (CHUNK,) vector and
     moving it into the tile's layout through shared memory once per state index.
+    Returned in the tensor's own dtype: a load issued one state index ahead holds half the registers that way.
     """
     rows = tl.zeros((BLOCK_D,), dtype=tl.int32)
-    return tl.load(ptr + rows[:, None] + offs_t[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + rows[:, None] + offs_t[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -170,11 +171,17 @@ def _scan_fwd_kernel(
         nxt = offs_t * 0 + c + 1  # (as a tensor, so that the mask is one in the interpreter too)
         save = mask_d[:, None] & is_last & ((nxt % SAVE_EVERY == 0) & (nxt < nchunks))[None, :]
         h_save = cs_row + ((c + 1) // SAVE_EVERY) * dstate
-        # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks.
+        # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks. B and C of
+        # the next state index are loaded one iteration ahead, so their latency hides behind this one's scan.
+        B_next = _bcast_rows(B_bg, t * s_B_l, io_mask, BLOCK_D)
+        C_next = _bcast_rows(C_bg, t * s_C_l, io_mask, BLOCK_D)
         for n in range(dstate):
             A2_n = tl.load(A_row + n, mask=mask_d, other=0.0).to(tl.float32) * LOG2E
-            B_n = _bcast_rows(B_bg + n * s_B_n, t * s_B_l, io_mask, BLOCK_D)
-            C_n = _bcast_rows(C_bg + n * s_C_n, t * s_C_l, io_mask, BLOCK_D)
+            B_n = B_next.to(tl.float32)
+            C_n = C_next.to(tl.float32)
+            n_next = (n + 1) % dstate  # the last iteration reloads row 0 (an L1 hit) rather than branch
+            B_next = _bcast_rows(B_bg + n_next * s_B_n, t * s_B_l, io_mask, BLOCK_D)
+            C_next = _bcast_rows(C_bg + n_next * s_C_n, t * s_C_l, io_mask, BLOCK_D)
             a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
             a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
             h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
@@ -329,21 +336,34 @@ def _scan_bwd_kernel(
         h_here = cs_row + c * dstate
         dh_in = dh_row + ((c + 1) % 2) * half
         dh_out = dh_row + (c % 2) * half
+        # Everything a state index reads (B, C, A, the chunk's entering state and adjoint) is loaded one index
+        # ahead, as in the forward.
+        B_next = _bcast_rows(B_bg, t * s_B_l, io_mask, BLOCK_D)
+        C_next = _bcast_rows(C_bg, t * s_C_l, io_mask, BLOCK_D)
+        A_next = tl.load(A_row, mask=mask_d, other=0.0).to(tl.float32)
+        h_next = tl.load(h_here, mask=mask_d, other=0.0)
+        dh_next = tl.load(dh_in, mask=mask_d, other=0.0)
         for n in range(dstate):
-            A_n = tl.load(A_row + n, mask=mask_d, other=0.0).to(tl.float32)
-            B_n = _bcast_rows(B_bg + n * s_B_n, t * s_B_l, io_mask, BLOCK_D)
-            C_n = _bcast_rows(C_bg + n * s_C_n, t * s_C_l, io_mask, BLOCK_D)
+            A_n, h_n, dh_n = A_next, h_next, dh_next
+            B_n = B_next.to(tl.float32)
+            C_n = C_next.to(tl.float32)
+            n_next = (n + 1) % dstate  # the last iteration reloads index 0 (L1 hits) rather than branch
+            B_next = _bcast_rows(B_bg + n_next * s_B_n, t * s_B_l, io_mask, BLOCK_D)
+            C_next = _bcast_rows(C_bg + n_next * s_C_n, t * s_C_l, io_mask, BLOCK_D)
+            A_next = tl.load(A_row + n_next, mask=mask_d, other=0.0).to(tl.float32)
+            h_next = tl.load(h_here + n_next, mask=mask_d, other=0.0)
+            dh_next = tl.load(dh_in + n_next, mask=mask_d, other=0.0)
             # Recompute the chunk's states for this n.
             a = tl.where(starts, 0.0, tl.exp2(dt * (A_n * LOG2E)[:, None]))
             b = dtu * B_n
             a_cum, b_cum = tl.associative_scan((a, b), 1, _first_order)
-            hs = a_cum * tl.load(h_here + n, mask=mask_d, other=0.0)[:, None] + b_cum
+            hs = a_cum * h_n[:, None] + b_cum
             if HAS_Z:
                 y += hs * C_n
             # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
             a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
             a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n), 1, _first_order, reverse=True)
-            dhs = dy_rev + a_rev * tl.load(dh_in + n, mask=mask_d, other=0.0)[:, None]
+            dhs = dy_rev + a_rev * dh_n[:, None]
             tl.store(dh_out + n, tl.sum(tl.where(is_first, dhs, 0.0), axis=1), mask=mask_d)
 
             # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
