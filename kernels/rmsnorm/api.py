@@ -66,11 +66,14 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
 
 
 def norm_backward(
-    x, residual, z, weight, bias, rstd, norm_before_gate, dout, dresidual_out=None, dz=None, out_dtype=None
+    x, residual, z, weight, bias, rstd, norm_before_gate, dout, dresidual_out=None, dz=None, out_dtype=None,
+    summed_dtypes=None,
 ):  # fmt: skip
     """Gradients of :func:`norm_forward`; dz is written into ``dz`` (unit-stride rows, any row stride) when given.
     Returns dx, dresidual (or None), dz (or None), dweight, dbias (or None) in the inputs' dtypes. Given
-    ``out_dtype``, also the forward's output recomputed in that dtype (from the same kernel pass), as a sixth value."""
+    ``out_dtype``, also the forward's output recomputed in that dtype (from the same kernel pass), as a sixth value.
+    Given ``summed_dtypes`` = (x's dtype, residual's dtype or None), ``x`` is the forward's fp32 sum x + residual
+    (its residual_out) and ``residual`` is None: the gradients are the same, in those dtypes."""
     from .kernel import _norm_bwd_kernel
 
     shape, hidden = x.shape, x.shape[-1]
@@ -79,8 +82,12 @@ def norm_backward(
     dev = x.device
     dout = torch.zeros_like(x) if dout is None else dout.contiguous()
     dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
-    dx = new_output(shape, x.dtype, dev)
-    dresidual = new_output(shape, residual.dtype, dev) if residual is not None else None
+    if summed_dtypes is None:
+        summed_dtypes = (x.dtype, None if residual is None else residual.dtype)
+    else:
+        assert residual is None, "x is already the sum x + residual"
+    dx = new_output(shape, summed_dtypes[0], dev)
+    dresidual = new_output(shape, summed_dtypes[1], dev) if summed_dtypes[1] is not None else None
     if z is not None and dz is None:
         dz = new_output(shape, z.dtype, dev)
     dw_part = new_output((programs, hidden), torch.float32, dev)
@@ -92,6 +99,7 @@ def norm_backward(
         row_stride(z) if z is not None else 0, row_stride(dz) if dz is not None else 0,
         STORE_OUTPUT=out is not None,
         HAS_RESIDUAL=residual is not None,
+        STORE_DRESIDUAL=dresidual is not None,
         HAS_DRESIDUAL_OUT=dresidual_out is not None,
         HAS_Z=z is not None,
         NORM_BEFORE_GATE=norm_before_gate,
@@ -113,6 +121,13 @@ class _Norm(torch.autograd.Function):
         out, residual_out, rstd = norm_forward(
             x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype
         )
+        # The backward needs x + residual only. An fp32 residual_out is that sum exactly (added in fp32), and the
+        # next layer holds it anyway as its residual input: keeping it instead of x and residual saves one x-sized
+        # tensor per layer (the mixer's output, which is then freed as soon as this norm has read it).
+        ctx.summed_dtypes = None
+        if residual_out is not None and residual_out.dtype == torch.float32:
+            ctx.summed_dtypes = (x.dtype, None if residual is None else residual.dtype)
+            x, residual = residual_out, None
         ctx.save_for_backward(x, residual, z, weight, bias, rstd)
         ctx.norm_before_gate = norm_before_gate
         ctx.set_materialize_grads(False)
@@ -122,8 +137,9 @@ class _Norm(torch.autograd.Function):
     def backward(ctx, dout, dresidual_out=None):
         x, residual, z, weight, bias, rstd = ctx.saved_tensors
         dx, dresidual, dz, dweight, dbias = norm_backward(
-            x, residual, z, weight, bias, rstd, ctx.norm_before_gate, dout, dresidual_out
-        )
+            x, residual, z, weight, bias, rstd, ctx.norm_before_gate, dout, dresidual_out,
+            summed_dtypes=ctx.summed_dtypes,
+        )  # fmt: skip
         return dx, dresidual, dz, dweight, dbias, None, None, None, None, None
 
 

@@ -105,6 +105,7 @@ def _norm_bwd_kernel(
     stride_dz_row,
     STORE_OUTPUT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    STORE_DRESIDUAL: tl.constexpr,
     HAS_DRESIDUAL_OUT: tl.constexpr,
     HAS_Z: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr,
@@ -113,6 +114,8 @@ def _norm_bwd_kernel(
     BLOCK_GS: tl.constexpr,
 ):
     """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces.
+    x may be the forward's sum s = x + residual itself (its fp32 residual_out), with no residual to add: dresidual,
+    which equals dx, is then still written when STORE_DRESIDUAL.
     With STORE_OUTPUT, also the forward's output ``out`` again, from the values the gradients need anyway (cheaper
     than a second forward pass when a following linear layer needs it for its weight gradient)."""
     cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
@@ -167,7 +170,7 @@ def _norm_bwd_kernel(
         if HAS_DRESIDUAL_OUT:
             ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_RESIDUAL:
+        if STORE_DRESIDUAL:
             tl.store(dresidual_ptr + offs, ds.to(dresidual_ptr.dtype.element_ty), mask=mask)
     part = tl.program_id(0).to(tl.int64) * hidden + cols
     tl.store(dw_ptr + part, dw, mask=mask)

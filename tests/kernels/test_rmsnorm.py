@@ -183,3 +183,41 @@ def test_backward_writes_the_forward_output_again(norm_before_gate, gated, with_
     assert again.abs().max() > 0.1
     for got, want in zip(grads, plain):
         assert (got is None and want is None) or torch.equal(got, want)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_prenorm_keeps_only_the_fp32_sum_for_backward(with_residual, device):
+    """With an fp32 residual stream the norm keeps residual_out (= x + residual, exact in fp32) for its backward, not x
+    and residual: the mixer output x is then freed once the norm has read it (one x-sized tensor per layer less at
+    the memory peak). The gradients are bit-identical to the backward from x and residual, in x's and residual's
+    dtypes."""
+    from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward
+
+    x = rand(4, 48, seed=0, dtype=torch.float16, device=device)
+    residual = rand(4, 48, seed=1, dtype=torch.float32, device=device) if with_residual else None
+    w = rand(48, seed=2, dtype=torch.float32, device=device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, res = rms_norm_fn(x, w, residual=residual, eps=1e-5, prenorm=True, residual_in_fp32=True)
+    kept = {t.data_ptr() for t in saved if t is not None}
+    assert res.data_ptr() in kept
+    assert x.data_ptr() not in kept
+    if with_residual:
+        assert residual.data_ptr() not in kept
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, out.dtype)
+    grads = torch.autograd.grad((out.float() * dout.float()).sum(), [x, w] + ([residual] if with_residual else []))
+    assert grads[0].dtype == torch.float16 and (not with_residual or grads[2].dtype == torch.float32)
+    # The same backward from x and residual, as before.
+    _, _, rstd = norm_forward(x.detach(), None if residual is None else residual.detach(), None, w.detach(), None,
+                              1e-5, 48, True, True, torch.float32)  # fmt: skip
+    dx, dres, _, dw, _ = norm_backward(x.detach(), None if residual is None else residual.detach(), None, w.detach(),
+                                       None, rstd, True, dout, None)  # fmt: skip
+    assert torch.equal(grads[0], dx) and torch.equal(grads[1], dw)
+    if with_residual:
+        assert torch.equal(grads[2], dres)
+    assert dx.abs().max() > 0.01
