@@ -80,6 +80,11 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         )
     if parallel_cfg.tp > 1 or parallel_cfg.cp > 1:
         raise ConfigError("parallel.ep > 1 runs with parallel.tp=1 and parallel.cp=1 for now")
+    if model_cfg.moe.bias_update_rate > 0:
+        raise ConfigError(
+            f"model.moe.bias_update_rate={model_cfg.moe.bias_update_rate} (bias balancing) runs with parallel.ep=1 "
+            "for now; set model.moe.bias_update_rate=0 (the load-balancing loss works under EP) or parallel.ep=1"
+        )
     if world_size is not None and world_size % ep:
         raise ConfigError(f"WORLD_SIZE={world_size} is not a multiple of parallel.ep={ep}; launch a multiple of {ep}")
 

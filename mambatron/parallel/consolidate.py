@@ -92,6 +92,37 @@ def consolidate(shard_states: list[StateDict], model_cfg: ModelConfig) -> StateD
     return {name: unshard_tensor([s[name] for s in shard_states], param_layout(name, model_cfg)) for name in names}
 
 
+_EXPERT_PARAM = re.compile(r"(^|\.)mixer\.experts\.fc[12]$")
+
+
+def is_expert_param(name: str) -> bool:
+    """The routed experts' stacked weights (``layers.N.mixer.experts.fc1/fc2``, experts first): what expert
+    parallelism splits over ranks. Everything else, shared experts included, is replicated over an EP group."""
+    return _EXPERT_PARAM.search(name) is not None
+
+
+def expert_parallel_slice(full: StateDict, ep_size: int, ep_rank: int) -> StateDict:
+    """EP rank ``ep_rank``'s state from a full one: its consecutive share of every expert stack, the rest whole."""
+    out = {}
+    for name, value in full.items():
+        if is_expert_param(name):
+            if value.shape[0] % ep_size:
+                raise ValueError(f"{name}: {value.shape[0]} experts do not split over {ep_size} EP ranks")
+            value = value.chunk(ep_size, dim=0)[ep_rank]
+        out[name] = value.clone()
+    return out
+
+
+def merge_expert_parallel(ep_states: list[StateDict]) -> StateDict:
+    """The module states of an EP group's ranks (in rank order) → the full state: expert stacks concatenated,
+    everything else (replicated) from rank 0."""
+    names = [n for n in ep_states[0] if not n.endswith(_EXTRA_STATE)]
+    for rank, state in enumerate(ep_states[1:], start=1):
+        if {n for n in state if not n.endswith(_EXTRA_STATE)} != set(names):
+            raise ValueError(f"EP rank {rank}'s state has different parameter names than rank 0's")
+    return {n: torch.cat([s[n] for s in ep_states]) if is_expert_param(n) else ep_states[0][n] for n in names}
+
+
 def reshard(shard_states: list[StateDict], model_cfg: ModelConfig, tp_size: int) -> list[StateDict]:
     """Module states at one TP size → module states at ``tp_size`` (one per rank)."""
     full = consolidate(shard_states, model_cfg)
@@ -171,8 +202,16 @@ def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -
 
 
 def consolidate_zero_checkpoint(checkpoint_dir: str, model_cfg: ModelConfig, tag: str | None = None) -> StateDict:
-    """The full (TP=1) fp32 state dict of a (TP-sharded, ZeRO-partitioned) DeepSpeed checkpoint."""
-    return consolidate(zero_checkpoint_module_states(checkpoint_dir, tag), model_cfg)
+    """The full (TP=1, EP=1) fp32 state dict of a (TP-sharded or expert-parallel, ZeRO-partitioned) DeepSpeed
+    checkpoint. Under expert parallelism DeepSpeed's model-parallel ranks are the EP ranks (``ExpertParallelMPU``);
+    the run's manifest says which."""
+    if tag is None:
+        with open(os.path.join(checkpoint_dir, "latest")) as f:
+            tag = f.read().strip()
+    states = zero_checkpoint_module_states(checkpoint_dir, tag)
+    if int(_manifest(os.path.join(checkpoint_dir, tag)).get("ep", 1)) > 1:
+        return merge_expert_parallel(states)
+    return consolidate(states, model_cfg)
 
 
 def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:

@@ -27,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mambatron.config import ModelConfig
-from mambatron.models.moe import Experts, MoE, MoEStats, route, router_losses
+from mambatron.models.moe import AttachAuxLoss, Experts, MoE, MoEStats, route, router_losses
 from mambatron.parallel import cpu_shims
 
 # megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
@@ -73,6 +73,17 @@ def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
         use_cpu_initialization=True,
         perform_initialization=False,  # init_weights draws every weight
     )
+
+
+_AUX_SCALE_SET: list = [None]  # (scale, device) last handed to megatron-core, so that no step reads it back
+
+
+def _sync_aux_loss_scale(device: torch.device) -> None:
+    """megatron-core's router scales its auxiliary losses' gradient by its own class-level factor; keep it equal to
+    the one-process layer's (``AttachAuxLoss.scale``, 1 / grad_accum in training), so both train alike."""
+    if _AUX_SCALE_SET[0] != (AttachAuxLoss.scale, device):
+        moe_utils.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(AttachAuxLoss.scale, device=device))
+        _AUX_SCALE_SET[0] = (AttachAuxLoss.scale, device)
 
 
 class ExpertParallelMoE(MoELayer):
@@ -125,6 +136,7 @@ class ExpertParallelMoE(MoELayer):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         shape = hidden.shape
+        _sync_aux_loss_scale(hidden.device)
         # Tokens are dropped over capacity in training only (the router and dispatcher read this per call).
         self.router.config.moe_expert_capacity_factor = self.cfg.moe.capacity_factor if self.training else None
         # Token-wise: megatron's (seqlen, batch, d_model) layout is any (tokens, 1, d_model).

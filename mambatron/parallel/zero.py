@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mambatron.config import Config, ConfigError, ModelConfig
-from mambatron.parallel.consolidate import param_layout
+from mambatron.parallel.consolidate import is_expert_param, param_layout
 from mambatron.parallel.dist import DistInfo
 
 
@@ -68,6 +68,78 @@ class MegatronMPU:
 
     def get_data_parallel_group_ranks(self) -> list[int]:
         return dist.get_process_group_ranks(self.get_data_parallel_group())
+
+
+class ExpertParallelMPU(MegatronMPU):
+    """DeepSpeed's view of a run with ``parallel.ep`` > 1 (and TP = CP = 1).
+
+    The ranks of one expert-parallel group hold different experts: to DeepSpeed they are model parallel (its
+    checkpoint files are per EP rank, its gradient norm sums the experts over them). The ranks that hold the same
+    experts (megatron-core's expert-data-parallel group) are its data parallel: ZeRO partitions and averages over
+    them. What DeepSpeed cannot know, :func:`install_expert_parallel_grad_hooks` supplies: the weights outside the
+    experts are replicated over the EP group but see different tokens on each rank, so their gradients are averaged
+    over it first.
+    """
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_expert_model_parallel_world_size()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_expert_model_parallel_rank()
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._ps.get_expert_model_parallel_group()
+
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return dist.get_process_group_ranks(self.get_model_parallel_group())[0]
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_expert_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_expert_data_parallel_rank()
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._ps.get_expert_data_parallel_group()
+
+
+def install_expert_parallel_grad_hooks(model: nn.Module, ep_group: dist.ProcessGroup) -> tuple[int, int]:
+    """Gradient hooks that make DeepSpeed's average over the expert-data-parallel ranks the average over every
+    data-parallel rank. An expert's gradient already sums what every rank of the EP group's tokens contributed
+    (through the all-to-all), so it is divided by the EP size; every other gradient is averaged over the EP group.
+    Experts are tagged ``tensor_model_parallel`` so that the clipping norm counts each on its own rank, everything else
+    untagged so that it counts once. Tensor hooks
+    run before the gradient is accumulated and before any ZeRO hook. Returns (expert, other) parameter counts."""
+    ep = dist.get_world_size(ep_group)
+    counts = [0, 0]
+    for name, param in model.named_parameters():
+        if not param.requires_grad or getattr(param, "_ep_grad_hook", False):
+            continue
+        # Counted by DeepSpeed's clipping norm on every EP rank (experts) or once (the rest; megatron-core's layers
+        # tag their weights tensor-parallel even at TP = 1, which would count the shared experts once per EP rank).
+        param.tensor_model_parallel = is_expert_param(name)
+        if is_expert_param(name):
+            param.partition_dim = 0
+            param.partition_stride = 1
+            param.register_hook(lambda grad: grad * (1.0 / ep))
+            counts[0] += 1
+        else:
+
+            def average_over_ep(grad: torch.Tensor) -> torch.Tensor:
+                total = grad.float()  # summed in fp32 (a copy either way), as DeepSpeed reduces bf16 gradients
+                if total is grad:
+                    total = grad.clone()
+                dist.all_reduce(total, group=ep_group)
+                return total.mul_(1.0 / ep).to(grad.dtype)
+
+            param.register_hook(average_over_ep)
+            counts[1] += 1
+        param._ep_grad_hook = True
+    return counts[0], counts[1]
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -115,7 +187,7 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
     """The DeepSpeed JSON for this run, generated from the YAML config; ``extra`` (default
     ``parallel.deepspeed_extra``) is deep-merged on top."""
     p, t = config.parallel, config.train
-    if p.zero_stage == 0 and t.precision == "bf16" and dist_info.tp_size > 1:
+    if p.zero_stage == 0 and t.precision == "bf16" and (dist_info.tp_size > 1 or p.ep > 1):
         # Without ZeRO, DeepSpeed's bf16 optimizer tests is_model_parallel_parameter on the gradients (which carry
         # no tensor_model_parallel tag), so TP ranks > 0 leave out their shards: the clipping norm is too small.
         raise ConfigError(
@@ -134,8 +206,9 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
         "train_micro_batch_size_per_gpu": config.data.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         # DeepSpeed counts every model replica (data × context parallel); the CP ranks of one data-parallel rank
-        # hold slices of the same sequences, so the tokens of a step are those of dp_size replicas.
-        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size * dist_info.cp_size,
+        # hold slices of the same sequences, so the tokens of a step are those of dp_size replicas. Under EP its
+        # data parallel is the expert-data-parallel group (ExpertParallelMPU): dp_size / ep replicas.
+        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size * dist_info.cp_size // p.ep,
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -173,6 +246,12 @@ def build_engine(
     if dist_info.tp_size > 1:
         mark_tensor_parallel_params(model, config.model)
         install_sequence_parallel_grad_hooks(model)
+    mpu = MegatronMPU()
+    if config.parallel.ep > 1:
+        from megatron.core import parallel_state
+
+        install_expert_parallel_grad_hooks(model, parallel_state.get_expert_model_parallel_group())
+        mpu = ExpertParallelMPU()
     ds_config = deepspeed_config(config, dist_info, extra)
     if config.parallel.zero_stage == 3:
         register_direct_reads(model)
@@ -181,7 +260,7 @@ def build_engine(
         model=model,
         optimizer=optimizer,
         config=ds_config,
-        mpu=MegatronMPU(),
+        mpu=mpu,
         dist_init_required=False,
     )
     return engine

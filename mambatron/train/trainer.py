@@ -81,12 +81,6 @@ class Trainer:
         from mambatron.parallel import dist as pdist
 
         cfg = self.config
-        if cfg.parallel.ep > 1:
-            raise ConfigError(
-                f"parallel.ep={cfg.parallel.ep}: expert-parallel training is not wired into DeepSpeed's gradient "
-                "reduction yet (the layer itself runs, mambatron.parallel.experts); set parallel.ep=1, which keeps "
-                "every expert on every rank"
-            )
         self.dist = pdist.setup(cfg.parallel)
         validate_parallel(cfg.model, cfg.parallel, self.dist.world_size, seq_len=cfg.data.seq_len)
         self.is_main = self.dist.rank == 0
@@ -181,6 +175,8 @@ class Trainer:
 
         full = load_file(str(Path(model_dir) / "model.safetensors"))
         local = consolidate.shard(full, self.config.model, self.dist.tp_size, self.dist.tp_rank)
+        if self.config.parallel.ep > 1:
+            local = consolidate.expert_parallel_slice(local, self.config.parallel.ep, self._ep_rank())
         own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         missing, unexpected = sorted(set(own) - set(local)), sorted(set(local) - set(own))
         if missing or unexpected:
@@ -246,6 +242,13 @@ class Trainer:
         same_ranks = (manifest["tp"], manifest["dp"], int(manifest.get("cp", 1))) == (
             self.dist.tp_size, self.dist.dp_size, self.dist.cp_size,
         )  # fmt: skip
+        saved_ep, ep = int(manifest.get("ep", 1)), self.config.parallel.ep
+        if (saved_ep > 1 or ep > 1) and not (same_ranks and saved_ep == ep):
+            raise ConfigError(
+                f"{step_dir} was saved with parallel.ep={saved_ep} on {manifest['world_size']} processes; an "
+                "expert-parallel checkpoint resumes only on its own layout for now: resume with "
+                f"parallel.ep={saved_ep} on {manifest['world_size']} processes (tools/export_hf.py reads it on any)"
+            )
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
         # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the
         # engine's load, and rank 0 names it. (Every rank reads the same DeepSpeed files, so they fail together.)
@@ -340,7 +343,13 @@ class Trainer:
     def _layout(self) -> str:
         d = self.dist
         cp = f" x CP {d.cp_size}" if d.cp_size > 1 else ""
-        return f"TP {d.tp_size}{cp} x DP {d.dp_size}"
+        ep = f" (EP {self.config.parallel.ep} within it)" if self.config.parallel.ep > 1 else ""
+        return f"TP {d.tp_size}{cp} x DP {d.dp_size}{ep}"
+
+    def _ep_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_expert_model_parallel_rank()
 
     def _loss_group(self):
         """The ranks whose losses average to the global one: data parallel, and context parallel within it."""
@@ -513,6 +522,7 @@ class Trainer:
             "tp": self.dist.tp_size,
             "dp": self.dist.dp_size,
             "cp": self.dist.cp_size,
+            "ep": cfg.parallel.ep,
             "zero_stage": cfg.parallel.zero_stage,
             "precision": cfg.train.precision,
         }

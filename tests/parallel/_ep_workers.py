@@ -1,6 +1,8 @@
-"""Worker of tests/parallel/test_expert_parallel.py (runs on every rank of an EP=2 gloo group)."""
+"""Workers of tests/parallel/test_expert_parallel.py (run on every rank of a 2-process gloo group)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -68,3 +70,95 @@ def ep_parity(info, cases):
                 errors["eval_out"] = _rel(ep(x), local(x))
         results[case] = {"errors": errors, "same_init": same_init, "local_experts": (first, n), "stats": stats}
     return results
+
+
+EP_TRAIN_STEPS = 4
+
+
+def ep_training_config(stage: int, ep: int, precision: str = "fp32"):
+    """A Mamba2 + MoE LM (4 experts, top-2, dropless, a shared expert, the load-balancing loss) trained by DeepSpeed
+    with a clip threshold small enough to clip on every step."""
+    from mambatron.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainConfig
+
+    model = dataclasses.replace(_cfg("softmax", 2, "swiglu", 1, 0.1, 0.0), vocab_size=60, pad_vocab_multiple=16)
+    extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
+    return Config(
+        model=model,
+        parallel=ParallelConfig(ep=ep, zero_stage=stage, deepspeed_extra=extra),
+        data=DataConfig(micro_batch=2, seq_len=8),
+        optim=OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, grad_clip=0.05, warmup_steps=0),
+        train=TrainConfig(precision=precision, grad_accum=2),
+    )
+
+
+def ep_training(info, stages: list[int], ep: int) -> dict:
+    """DeepSpeed training of :func:`ep_training_config` for each ZeRO stage on this launch's EP size, from the same
+    initial full state: per-step losses and clipping norms, and every parameter after the last step, experts
+    gathered over the EP group (so EP=2 and EP=1 runs compare name by name)."""
+    from megatron.core import parallel_state
+
+    from mambatron.models import build_model
+    from mambatron.parallel import build_projections
+    from mambatron.parallel.zero import build_engine, forward_loss, is_expert_param
+
+    results = {}
+    for stage in stages:
+        config = ep_training_config(stage, ep)
+        torch.manual_seed(0)
+        full = build_model(config.model).state_dict()  # EP=1 weights from seed 0, every expert
+        model = build_model(config.model, projections=build_projections(config.parallel))
+        first = 0
+        if ep > 1:
+            first = parallel_state.get_expert_model_parallel_rank() * (config.model.moe.num_experts // ep)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                value = full[name]
+                param.copy_(value[first : first + param.shape[0]] if is_expert_param(name) else value)
+        engine = build_engine(model, config, info)
+        gen = torch.Generator().manual_seed(5)
+        data = torch.randint(0, 60, (EP_TRAIN_STEPS, info.dp_size, 2, 2, 9), generator=gen)
+        losses, norms = [], []
+        for step in range(EP_TRAIN_STEPS):
+            total = 0.0
+            for a in range(config.train.grad_accum):
+                x = data[step, info.dp_rank, a]
+                loss = forward_loss(engine, x[:, :-1], x[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+            mean = torch.tensor(total / config.train.grad_accum, dtype=torch.float64)
+            dist.all_reduce(mean)
+            losses.append(mean.item() / dist.get_world_size())
+            norm = engine.get_global_grad_norm()
+            norms.append(float("nan") if norm is None else float(norm))
+        params = {}
+        gathered_params = _gathered(engine, stage)
+        for name, value in gathered_params.items():
+            if is_expert_param(name) and ep > 1:
+                parts = [torch.empty_like(value) for _ in range(ep)]
+                dist.all_gather(parts, value.contiguous(), group=parallel_state.get_expert_model_parallel_group())
+                value = torch.cat(parts)
+            params[name] = value.detach().clone()
+        results[stage] = {"losses": losses, "norms": norms, "params": params}
+        del engine
+    return results
+
+
+def _gathered(engine, stage: int) -> dict:
+    if stage != 3:
+        return dict(engine.module.named_parameters())
+    import deepspeed
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param]):
+            out[name] = param.detach().clone()
+    return out
+
+
+def ep_initial_params() -> dict:
+    """The EP=1 initial weights that :func:`ep_training` starts from."""
+    from mambatron.models import build_model
+
+    torch.manual_seed(0)
+    return {k: v for k, v in build_model(ep_training_config(1, 1).model).named_parameters()}

@@ -47,6 +47,49 @@ def test_context_parallel_layout_is_checked():
     validate_parallel(cfg, ParallelConfig(tp=2, cp=2, sequence_parallel=True), 8, seq_len=16)
 
 
+def test_expert_parallel_layout_is_checked():
+    """EP needs MoE layers whose experts it divides, TP = CP = 1, a world of whole EP groups and no bias balancing;
+    each error names the fix."""
+    from mambatron.config import MoEConfig
+
+    moe = tiny_model_config("mamba2", hybrid_pattern="ME", moe=MoEConfig(num_experts=4, top_k=2, hidden=16))
+    with pytest.raises(ConfigError, match="the model has no MoE layers"):
+        validate_parallel(tiny_model_config("mamba2"), ParallelConfig(ep=2), 2)
+    with pytest.raises(ConfigError, match="parallel.ep=8 does not divide model.moe.num_experts=4"):
+        validate_parallel(moe, ParallelConfig(ep=8), 8)
+    with pytest.raises(ConfigError, match="parallel.tp=1 and parallel.cp=1"):
+        validate_parallel(moe, ParallelConfig(ep=2, tp=2), 4)
+    with pytest.raises(ConfigError, match="WORLD_SIZE=3 is not a multiple of parallel.ep=2"):
+        validate_parallel(moe, ParallelConfig(ep=2), 3)
+    biased = tiny_model_config(
+        "mamba2", hybrid_pattern="ME",
+        moe=MoEConfig(num_experts=4, top_k=2, hidden=16, router="sigmoid", bias_update_rate=0.1),
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="bias_update_rate=0.1 \\(bias balancing\\) runs with parallel.ep=1"):
+        validate_parallel(biased, ParallelConfig(ep=2), 2)
+    validate_parallel(moe, ParallelConfig(ep=2), 4)
+
+
+def test_expert_parallel_slices_and_merges_the_expert_stacks():
+    """An EP rank's state holds its consecutive share of every routed-expert stack and the rest whole; merging the
+    ranks' states gives the full state back (shared experts and routers are replicated, not split)."""
+    from mambatron.config import MoEConfig
+    from mambatron.parallel.consolidate import expert_parallel_slice, is_expert_param, merge_expert_parallel
+
+    cfg = tiny_model_config("mamba2", hybrid_pattern="ME", moe=MoEConfig(num_experts=4, top_k=2, hidden=16,
+                                                                           shared_experts=1))  # fmt: skip
+    full = full_state(cfg)
+    split = {n for n in full if is_expert_param(n)}
+    assert split == {"layers.1.mixer.experts.fc1", "layers.1.mixer.experts.fc2"}
+    parts = [expert_parallel_slice(full, 2, r) for r in range(2)]
+    assert torch.equal(parts[1]["layers.1.mixer.experts.fc2"], full["layers.1.mixer.experts.fc2"][2:])
+    assert torch.equal(parts[1]["layers.1.mixer.router.weight"], full["layers.1.mixer.router.weight"])
+    merged = merge_expert_parallel(parts)
+    assert merged.keys() == full.keys() and all(torch.equal(merged[n], full[n]) for n in full)
+    with pytest.raises(ValueError, match="4 experts do not split over 3 EP ranks"):
+        expert_parallel_slice(full, 3, 0)
+
+
 def test_sequence_parallel_needs_seq_len_multiple_of_tp():
     with pytest.raises(ConfigError, match="data.seq_len=2049 is not a multiple of 2"):
         validate_parallel(tiny_model_config("mamba1"), ParallelConfig(tp=2, sequence_parallel=True), 2, seq_len=2049)
