@@ -124,7 +124,8 @@ def convert(step_dir: Path, work_dir: Path) -> None:
 @contextlib.contextmanager
 def _one_tp_rank():
     """The view holds one TP rank's files, so its model-state file must say TP 1: DeepSpeed (0.19+) records the run's
-    TP degree in each model-state file and checks the file count against it. Patched on load, nothing is written."""
+    TP degree in each model-state file and checks the file count against it. Its module state loses the entries that
+    hold no tensor. Patched on load, nothing is written."""
     try:
         from deepspeed.checkpoint.constants import CHECKPOINT_PARALLEL_DIMS, CHECKPOINT_TP_DEGREE
     except ImportError:  # older DeepSpeed infers the degree from the files present
@@ -136,6 +137,10 @@ def _one_tp_rank():
         state = load(f, *args, **kwargs)
         if str(f).endswith("_model_states.pt") and isinstance(state.get(CHECKPOINT_PARALLEL_DIMS), dict):
             state[CHECKPOINT_PARALLEL_DIMS] = {**state[CHECKPOINT_PARALLEL_DIMS], CHECKPOINT_TP_DEGREE: 1}
+        if str(f).endswith("_model_states.pt") and isinstance(state.get("module"), dict):
+            # megatron-core modules (the expert-parallel MoE layer's shared experts) save an empty ``_extra_state``
+            # (None), which the converter would try to write as a tensor.
+            state["module"] = {k: v for k, v in state["module"].items() if v is not None}
         return state
 
     torch.load = load_as_one_rank

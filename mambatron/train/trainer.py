@@ -242,13 +242,9 @@ class Trainer:
         same_ranks = (manifest["tp"], manifest["dp"], int(manifest.get("cp", 1))) == (
             self.dist.tp_size, self.dist.dp_size, self.dist.cp_size,
         )  # fmt: skip
-        saved_ep, ep = int(manifest.get("ep", 1)), self.config.parallel.ep
-        if (saved_ep > 1 or ep > 1) and not (same_ranks and saved_ep == ep):
-            raise ConfigError(
-                f"{step_dir} was saved with parallel.ep={saved_ep} on {manifest['world_size']} processes; an "
-                "expert-parallel checkpoint resumes only on its own layout for now: resume with "
-                f"parallel.ep={saved_ep} on {manifest['world_size']} processes (tools/export_hf.py reads it on any)"
-            )
+        # Expert parallelism changes which experts each file holds: another EP size is another layout.
+        saved_ep = int(manifest.get("ep", 1))
+        same_ranks = same_ranks and saved_ep == self.config.parallel.ep
         saved_stage = int(manifest.get("zero_stage", self.config.parallel.zero_stage))
         # Each rank reads its own rank file first; a refused one stops every rank here, before any collective of the
         # engine's load, and rank 0 names it. (Every rank reads the same DeepSpeed files, so they fail together.)
@@ -309,16 +305,30 @@ class Trainer:
             raise kind(first)
 
     def _load_resharded(self, step_dir: Path) -> None:
+        """Another TP, DP, CP or EP size, or ZeRO format: every weight and Adam moment merged to the full (TP 1,
+        EP 1) tensor and cut again for this rank. The saved files' model-parallel ranks are TP ranks, or EP ranks
+        when the run was expert-parallel (TP 1 then)."""
         from mambatron.parallel import consolidate
         from mambatron.train import elastic
 
-        model_cfg = self.config.model
+        model_cfg, ep = self.config.model, self.config.parallel.ep
+        saved_ep = int(ckpt.read_manifest(step_dir).get("ep", 1))
+
+        def merge(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+            if saved_ep > 1:
+                return consolidate.merge_expert_parallel(states)
+            return consolidate.consolidate(states, model_cfg)
+
+        def split(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            local = consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank)
+            return consolidate.expert_parallel_slice(local, ep, self._ep_rank()) if ep > 1 else local
+
         elastic.load_into_engine(
             self.engine,
             step_dir,
             work_dir=step_dir.parent / f".reshard_{step_dir.name}",
-            merge_tp=lambda states: consolidate.consolidate(states, model_cfg),
-            split_tp=lambda full: consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank),
+            merge_tp=merge,
+            split_tp=split,
             gather=ckpt.gather_objects,
         )
 
