@@ -111,9 +111,9 @@ def install_expert_parallel_grad_hooks(model: nn.Module, ep_group: dist.ProcessG
     """Gradient hooks that make DeepSpeed's average over the expert-data-parallel ranks the average over every
     data-parallel rank. An expert's gradient already sums what every rank of the EP group's tokens contributed
     (through the all-to-all), so it is divided by the EP size; every other gradient is averaged over the EP group.
-    Experts are tagged ``tensor_model_parallel`` so that the clipping norm counts each on its own rank, everything else
-    untagged so that it counts once. Tensor hooks
-    run before the gradient is accumulated and before any ZeRO hook. Returns (expert, other) parameter counts."""
+    Experts are tagged ``tensor_model_parallel`` so that the clipping norm counts each on its own rank, everything
+    else untagged so that it counts once. Tensor hooks run before the gradient is accumulated and before any ZeRO
+    hook. Returns (expert, other) parameter counts."""
     ep = dist.get_world_size(ep_group)
     counts = [0, 0]
     for name, param in model.named_parameters():
@@ -189,10 +189,12 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
     p, t = config.parallel, config.train
     if p.zero_stage == 0 and t.precision == "bf16" and (dist_info.tp_size > 1 or p.ep > 1):
         # Without ZeRO, DeepSpeed's bf16 optimizer tests is_model_parallel_parameter on the gradients (which carry
-        # no tensor_model_parallel tag), so TP ranks > 0 leave out their shards: the clipping norm is too small.
+        # no tensor_model_parallel tag), so TP (or EP) ranks > 0 leave out their shards: the clipping norm is too
+        # small.
+        layout = f"parallel.tp={dist_info.tp_size}" if dist_info.tp_size > 1 else f"parallel.ep={p.ep}"
         raise ConfigError(
-            f"parallel.zero_stage=0 with train.precision=bf16 and parallel.tp={dist_info.tp_size} clips by a wrong "
-            "gradient norm in DeepSpeed; set parallel.zero_stage to 1 or more (or train.precision=fp32)"
+            f"parallel.zero_stage=0 with train.precision=bf16 and {layout} clips by a wrong gradient norm in "
+            "DeepSpeed; set parallel.zero_stage to 1 or more (or train.precision=fp32)"
         )
     on_gpu = dist_info.device.type == "cuda"
     zero: dict[str, Any] = {"stage": p.zero_stage}

@@ -216,7 +216,9 @@ def test_launch_env_torchrun_slurm_single():
 
 def test_slurm_master_port_per_job_below_ephemeral_range():
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "gpu-[01-03,07]"}
-    ports = {read_launch_env({**env, "SLURM_JOB_ID": str(job)}).master_port for job in range(123_456, 133_456)}
+    # MASTER_ADDR set: the port alone is under test, without 10,000 calls of scontrol for the first host.
+    addr = {"MASTER_ADDR": "gpu-01"}
+    ports = {read_launch_env({**env, **addr, "SLURM_JOB_ID": str(j)}).master_port for j in range(123_456, 133_456)}
     assert len(ports) == 10_000 and min(ports) >= 1024 and max(ports) < 29500  # 29500+: torchrun's rendezvous
     slurm = read_launch_env({**env, "SLURM_JOB_ID": "123456"})
     assert (slurm.master_addr, slurm.master_port) == ("gpu-01", 18456)

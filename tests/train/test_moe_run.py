@@ -73,7 +73,9 @@ def test_expert_parallel_training_equals_ep1_resumes_and_exports(tiny_data, tmp_
 def test_expert_parallel_checkpoint_resumes_on_other_ep_sizes(tiny_data, tmp_path):
     """A checkpoint saved at EP=2 resumes at EP=1 (ZeRO 2) and one saved at EP=1 at EP=2 (ZeRO 3): every weight and
     Adam moment is merged over the EP ranks and cut again, so the resumed losses stay within summation-order noise of
-    the uninterrupted run's, and the resumed run's consolidated weights match it."""
+    the uninterrupted run's, and the resumed run's consolidated weights match it. A full model directory seeds an
+    EP=2 run (``train.init_from``) with each rank's share of its experts."""
+    from mambatron.hf import save_model_dir
     from mambatron.train.checkpoint import load_full_model_state
 
     common = [*TINY, *tiny_data, *MOE, "train.max_steps=4", "train.save_every=2"]
@@ -87,11 +89,20 @@ def test_expert_parallel_checkpoint_resumes_on_other_ep_sizes(tiny_data, tmp_pat
         want, got = losses(tmp_path / src), losses(dst)
         for step in (3, 4):
             assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (src, step, got[step], want[step])
-        full_want, _ = load_full_model_state(tmp_path / src)
+        full_want, config = load_full_model_state(tmp_path / src)
         full_got, _ = load_full_model_state(dst)
         for name, value in full_want.items():
             err = ((full_got[name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
             assert err < 1e-5, (src, name, err)
+    # train.init_from at EP=2: each rank takes its share of the experts of a full model directory.
+    model_dir = save_model_dir(full_want, config, tmp_path / "model")
+    seeded = tmp_path / "seeded"
+    out = run_train(2, [*common, "parallel.ep=2", "train.max_steps=1", "optim.lr=1e-12", "optim.min_lr=0",
+                        f"train.init_from={model_dir}", f"train.out_dir={seeded}"])  # fmt: skip
+    assert f"initial weights from {model_dir}" in out.stdout
+    restarted, _ = load_full_model_state(seeded)
+    for name, value in full_want.items():
+        torch.testing.assert_close(restarted[name], value, rtol=0, atol=1e-6, msg=name)
 
 
 def test_moe_hybrid_under_context_parallelism_trains_like_cp1(tiny_data, tmp_path):
