@@ -207,13 +207,12 @@ def make_plan(config: Config, world_size: int) -> Plan:
     replicas = dp * cp  # ZeRO partitions over every model replica: the data- and context-parallel ranks
     pc = count_params(m)
     # Sharded over TP: every block projection and the vocab dimension; replicated: norms and per-channel vectors
-    # are small enough that dividing everything by TP is within a percent.
-    local = -(-pc.total // tp)
+    # are small enough that dividing everything by TP is within a percent. Routed experts are never split by TP:
+    # each rank holds 1/ep of them (EP over data-parallel ranks, or over the TP group when EP = TP).
     ep = par.ep
-    experts = sum(k.expert_params(m) for k in layer_kinds(m))  # split over EP ranks, replicated over DP / EP
+    experts = sum(k.expert_params(m) for k in layer_kinds(m))
     experts_local = experts // ep
-    if ep > 1:
-        local = local - experts + experts_local
+    local = -(-(pc.total - experts) // tp) + experts_local
     bf16 = train.precision == "bf16"
     weight_b = 2 if bf16 else 4
     grad_b = 2 if bf16 else 4
@@ -222,13 +221,15 @@ def make_plan(config: Config, world_size: int) -> Plan:
     # (fp32 too) add an fp32 copy of the weights and an fp32 gradient for the update (4 + 4); only fp32 without ZeRO
     # steps the torch optimizer on the parameters themselves.
     optim_b = 8 if not bf16 and stage == 0 else 16
-    # ZeRO partitions each rank's experts over the ranks that hold the same ones (replicas / ep), the rest over all.
+    # ZeRO partitions each rank's experts over the ranks that hold the same ones (replicas / ep when EP spans data
+    # parallel ranks, every replica when EP = TP), the rest over all.
     dense = local - experts_local
+    expert_replicas = max(replicas // ep, 1) if tp == 1 else replicas
 
     def zero_split(nbytes: int, from_stage: int) -> int:
         if stage < from_stage:
             return (dense + experts_local) * nbytes
-        return dense * nbytes // replicas + experts_local * nbytes // max(replicas // ep, 1)
+        return dense * nbytes // replicas + experts_local * nbytes // expert_replicas
 
     weights = zero_split(weight_b, 3)
     grads = zero_split(grad_b, 2)
@@ -281,7 +282,7 @@ def make_plan(config: Config, world_size: int) -> Plan:
         )  # fmt: skip
     ep_exchange = 0
     if ep > 1:
-        tokens = data.micro_batch * data.seq_len // cp
+        tokens = data.micro_batch * data.seq_len // cp // (tp if par.sequence_parallel else 1)  # this rank's tokens
         ep_exchange = sum(k.ep_exchange_bytes(m, tokens, ep, act_b) for k in layer_kinds(m))
     fpt = flops_per_token(m, data.seq_len)
     return Plan(

@@ -78,8 +78,17 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             f"parallel.ep={ep} does not divide model.moe.num_experts={model_cfg.moe.num_experts}; each EP rank holds "
             "an equal share of the experts"
         )
-    if parallel_cfg.tp > 1 or parallel_cfg.cp > 1:
-        raise ConfigError("parallel.ep > 1 runs with parallel.tp=1 and parallel.cp=1 for now")
+    if parallel_cfg.cp > 1:
+        raise ConfigError("parallel.ep > 1 runs with parallel.cp=1 for now; set either to 1")
+    tp = parallel_cfg.tp
+    if tp > 1 and (ep != tp or not parallel_cfg.sequence_parallel):
+        # Megatron-core's expert layout with experts not split by TP: EP groups are consecutive ranks, so with EP = TP
+        # each TP group holds every expert once, over ranks that see different tokens (sequence parallel).
+        raise ConfigError(
+            f"parallel.ep={ep} with parallel.tp={tp} needs parallel.ep equal to parallel.tp and "
+            "parallel.sequence_parallel=true (the experts are split over each TP group); set parallel.ep="
+            f"{tp} and parallel.sequence_parallel=true, or parallel.tp=1"
+        )
     if model_cfg.moe.bias_update_rate > 0:
         raise ConfigError(
             f"model.moe.bias_update_rate={model_cfg.moe.bias_update_rate} (bias balancing) runs with parallel.ep=1 "
@@ -99,4 +108,4 @@ def build_projections(
         return LocalProjections(cp, ep=parallel_cfg.ep)
     from mambatron.parallel.megatron import MegatronProjections
 
-    return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std, cp=cp)
+    return MegatronProjections(parallel_cfg.sequence_parallel, init_std=init_std, cp=cp, ep=parallel_cfg.ep)

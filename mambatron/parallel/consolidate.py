@@ -123,6 +123,22 @@ def merge_expert_parallel(ep_states: list[StateDict]) -> StateDict:
     return {n: torch.cat([s[n] for s in ep_states]) if is_expert_param(n) else ep_states[0][n] for n in names}
 
 
+def merge_model_parallel(mp_states: list[StateDict], model_cfg: ModelConfig, tp: int, ep: int) -> StateDict:
+    """The module states of a run's DeepSpeed model-parallel ranks (in rank order) → the full (TP 1, EP 1) state.
+    Those ranks are TP ranks (``ep`` 1), EP ranks (``tp`` 1), or both at once (EP = TP: each TP rank holds its
+    share of the expert stacks, which are concatenated, and its TP block of everything else)."""
+    if ep == 1:
+        return consolidate(mp_states, model_cfg)
+    merged = merge_expert_parallel(mp_states)
+    if tp == 1:
+        return merged
+    if tp != ep or len(mp_states) != tp:
+        raise ValueError(f"{len(mp_states)} model-parallel states of a run at TP {tp} × EP {ep}: expected EP = TP")
+    full = consolidate(mp_states, model_cfg)
+    full.update({name: value for name, value in merged.items() if is_expert_param(name)})
+    return full
+
+
 def reshard(shard_states: list[StateDict], model_cfg: ModelConfig, tp_size: int) -> list[StateDict]:
     """Module states at one TP size → module states at ``tp_size`` (one per rank)."""
     full = consolidate(shard_states, model_cfg)
@@ -130,9 +146,12 @@ def reshard(shard_states: list[StateDict], model_cfg: ModelConfig, tp_size: int)
 
 
 @torch.no_grad()
-def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, tp_size: int, tp_rank: int) -> None:
+def init_weights_like_tp1(
+    model: nn.Module, model_cfg: ModelConfig, seed: int, tp_size: int, tp_rank: int, ep_size: int = 1, ep_rank: int = 0
+) -> None:  # fmt: skip
     """Initialise a (TP-sharded) ``MambaLM`` in place with this rank's shard of exactly the weights that a TP=1
-    model gets from ``init_weights(seed)`` on CPU, so a run starts identically at every TP size.
+    model gets from ``init_weights(seed)`` on CPU, so a run starts identically at every TP size (and, with experts
+    split over the TP group, ``ep_size`` > 1, this rank's share of every expert stack).
 
     The full weights are drawn one block at a time in the TP=1 model's order (embedding, then every block, then
     the untied head); no full model is ever held.
@@ -142,6 +161,8 @@ def init_weights_like_tp1(model: nn.Module, model_cfg: ModelConfig, seed: int, t
 
     def load(name: str, full: torch.Tensor) -> None:
         local = shard_tensor(full, param_layout(name, model_cfg), tp_size, tp_rank)
+        if ep_size > 1 and is_expert_param(name):
+            local = local.chunk(ep_size, dim=0)[ep_rank]
         model.get_parameter(name).copy_(local)
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -203,15 +224,15 @@ def zero_checkpoint_module_states(checkpoint_dir: str, tag: str | None = None) -
 
 def consolidate_zero_checkpoint(checkpoint_dir: str, model_cfg: ModelConfig, tag: str | None = None) -> StateDict:
     """The full (TP=1, EP=1) fp32 state dict of a (TP-sharded or expert-parallel, ZeRO-partitioned) DeepSpeed
-    checkpoint. Under expert parallelism DeepSpeed's model-parallel ranks are the EP ranks (``ExpertParallelMPU``);
-    the run's manifest says which."""
+    checkpoint. DeepSpeed's model-parallel ranks are TP ranks, EP ranks (``ExpertParallelMPU``) or both (EP = TP);
+    the run's manifest says which (:func:`merge_model_parallel`)."""
     if tag is None:
         with open(os.path.join(checkpoint_dir, "latest")) as f:
             tag = f.read().strip()
     states = zero_checkpoint_module_states(checkpoint_dir, tag)
-    if int(_manifest(os.path.join(checkpoint_dir, tag)).get("ep", 1)) > 1:
-        return merge_expert_parallel(states)
-    return consolidate(states, model_cfg)
+    manifest = _manifest(os.path.join(checkpoint_dir, tag))
+    ep = int(manifest.get("ep", 1))
+    return merge_model_parallel(states, model_cfg, int(manifest.get("tp", 1 if ep > 1 else len(states))), ep)
 
 
 def _module_state_for_mp_rank(step_dir: str, mp_rank: int) -> StateDict:

@@ -192,7 +192,7 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
     if world % tp:
         raise ConfigError(f"WORLD_SIZE={world} is not a multiple of {_tp_cp(parallel_cfg)}; launch a multiple of {tp}")
     dp = world // (parallel_cfg.tp * parallel_cfg.cp)
-    if dp % parallel_cfg.ep:
+    if parallel_cfg.tp == 1 and dp % parallel_cfg.ep:
         raise ConfigError(
             f"parallel.ep={parallel_cfg.ep} must divide the {dp} data-parallel ranks (WORLD_SIZE={world} over "
             f"{_tp_cp(parallel_cfg)}); the experts are split over data-parallel ranks"
@@ -212,6 +212,7 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
             tensor_model_parallel_size=parallel_cfg.tp,
             context_parallel_size=parallel_cfg.cp,
             expert_model_parallel_size=parallel_cfg.ep,
+            expert_tensor_parallel_size=1,  # experts are never split by TP: EP groups are consecutive ranks
             distributed_timeout_minutes=timeout_minutes,
             create_gloo_process_groups=False,
         )

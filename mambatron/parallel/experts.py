@@ -1,8 +1,9 @@
 """Expert parallelism on megatron-core: the E layer as megatron-core's ``MoELayer`` (its ``TopKRouter`` and its
 all-to-all token dispatcher) around our :class:`~mambatron.models.moe.Experts`.
 
-With ``parallel.ep`` = N each rank of an expert-parallel group (N consecutive data-parallel ranks, megatron-core's
-``expert_model_parallel`` group) holds num_experts / N experts. A rank routes its own tokens, sends each to the rank
+With ``parallel.ep`` = N each rank of an expert-parallel group (N consecutive ranks, megatron-core's
+``expert_model_parallel`` group: data-parallel ranks at TP 1, the TP group itself when EP = TP under sequence
+parallelism) holds num_experts / N experts. A rank routes its own tokens, sends each to the rank
 holding its expert (all-to-all), computes its experts on what it received, and sends the results back; in backward
 the same exchange runs in reverse, so an expert's gradient sums the contributions of every rank's tokens.
 
@@ -10,7 +11,9 @@ The layer has the parameter names of the one-process :class:`~mambatron.models.m
 ``experts.fc1`` / ``experts.fc2`` holding this rank's slice of the experts, ``shared_experts.linear_fc1/2.weight``)
 and the same math: megatron-core's router is configured as ours (fp32, pre-softmax top-k for ``softmax``,
 renormalised sigmoid top-k, the Switch loss attached to the probabilities), and :func:`init_weights` draws the same
-numbers from the same generator as the one-process layer and keeps this rank's experts.
+numbers from the same generator as the one-process layer and keeps this rank's experts. Under EP = TP each rank
+routes its block of the sequence; the router and the shared experts are replicated (whole linears) and their
+gradients summed over TP by sequence-parallel hooks, as the one-process layer's are under sequence parallelism.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mambatron.config import ModelConfig
-from mambatron.models.moe import AttachAuxLoss, Experts, MoE, MoEStats, route, router_losses
+from mambatron.models.moe import AttachAuxLoss, Experts, MoE, MoEStats, SequenceSplit, route, router_losses
 from mambatron.parallel import cpu_shims
 
 # megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
@@ -42,13 +45,25 @@ class _MegatronExperts(Experts):
         super().__init__(num_local_experts, model_cfg)
 
 
-def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
+class _ReplicatedLinear(torch.nn.Module):
+    """A shared expert's linear as megatron-core's MLP calls its TP linears, ``(out, bias) = layer(x)``, but whole on
+    every rank: under EP = TP the layer keeps the one-process layer's replicated shared experts (and names)."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, **kwargs):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+
+    def forward(self, x: torch.Tensor):
+        return F.linear(x, self.weight), None
+
+
+def _transformer_config(cfg: ModelConfig, ep: int, tp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
     m = cfg.moe
     swiglu = cfg.mlp.activation == "swiglu"
     return TransformerConfig(
         num_layers=cfg.n_layer,
         hidden_size=cfg.d_model,
-        num_attention_heads=1,  # unused: the layer is only the MoE
+        num_attention_heads=tp,  # unused (the layer is only the MoE); megatron-core wants a multiple of TP
         ffn_hidden_size=cfg.moe_hidden,
         num_moe_experts=m.num_experts,
         moe_ffn_hidden_size=cfg.moe_hidden,
@@ -66,6 +81,9 @@ def _transformer_config(cfg: ModelConfig, ep: int) -> TransformerConfig:
         moe_permute_fusion=False,
         moe_shared_expert_intermediate_size=m.shared_experts * cfg.moe_hidden if m.shared_experts else None,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else (lambda h: torch.square(F.relu(h))),
         add_bias_linear=False,
@@ -95,18 +113,26 @@ class ExpertParallelMoE(MoELayer):
             raise ValueError("model.moe.bias_update_rate > 0 runs with parallel.ep=1 for now (set either to default)")
         cpu_shims.apply_moe()
         ep = parallel_state.get_expert_model_parallel_world_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        sequence_parallel = bool(getattr(proj, "sequence_parallel", False))
         shared = None
         if cfg.moe.shared_experts:
-            mlp = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+            linear = (ColumnParallelLinear, RowParallelLinear) if tp == 1 else (_ReplicatedLinear, _ReplicatedLinear)
+            mlp = MLPSubmodules(linear_fc1=linear[0], linear_fc2=linear[1])
             shared = ModuleSpec(module=SharedExpertMLP, submodules=mlp)
         experts = ModuleSpec(module=_MegatronExperts, params={"model_cfg": cfg})
-        super().__init__(_transformer_config(cfg, ep), MoESubmodules(experts=experts, shared_experts=shared),
-                         layer_number=layer_idx + 1)  # fmt: skip
+        super().__init__(_transformer_config(cfg, ep, tp, sequence_parallel),
+                         MoESubmodules(experts=experts, shared_experts=shared), layer_number=layer_idx + 1)  # fmt: skip
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.first_expert = self.local_expert_indices[0]
         self.stats = MoEStats(cfg)
+        self.split = SequenceSplit(None, proj.tp_group) if sequence_parallel else None
         self.router.register_forward_hook(self._record)
+        if sequence_parallel:  # replicated weights that see a block of the sequence: gradients summed over TP
+            for name, param in self.named_parameters():
+                if not name.startswith("experts."):
+                    proj.mark_sequence_parallel(param)
 
     def _record(self, router, args, out) -> None:
         """The metrics of the one-process layer; megatron's router keeps its logits to itself, so they are
@@ -116,10 +142,9 @@ class ExpertParallelMoE(MoELayer):
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), router.weight.float())
                 _, routed = route(logits, self.cfg)  # before dropping; out[1] is after
-                dropped = None
-                if self.cfg.moe.capacity_factor is not None:
-                    dropped = (routed.sum() - out[1].sum()).reshape(1)
-                self.stats.record(routed.sum(dim=0), *router_losses(logits, self.cfg), dropped)
+                # Under sequence parallelism each TP rank holds a block of the sequence: the metrics add up the
+                # group's shares, as the one-process layer's do.
+                MoE._record(self, routed, out[1], *router_losses(logits, self.cfg, self.split))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:

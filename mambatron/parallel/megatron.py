@@ -166,10 +166,12 @@ class MegatronProjections:
         params_dtype: torch.dtype = torch.float32,
         tp_group: dist.ProcessGroup | None = None,
         cp: ContextParallel | None = None,
+        ep: int = 1,
     ) -> None:
         if cpu_shims.needed():
             cpu_shims.apply()
         self.cp = cp  # context parallel, for the layers that mix along the sequence (None: no CP)
+        self.ep_size = ep  # expert parallel: MoE layers split their experts over each TP group (EP = TP)
         self.tp_group = tp_group or parallel_state.get_tensor_model_parallel_group()
         self.tp_size = dist.get_world_size(self.tp_group)
         self.tp_rank = dist.get_rank(self.tp_group)

@@ -71,7 +71,8 @@ class MegatronMPU:
 
 
 class ExpertParallelMPU(MegatronMPU):
-    """DeepSpeed's view of a run with ``parallel.ep`` > 1 (and TP = CP = 1).
+    """DeepSpeed's view of a run with ``parallel.ep`` > 1 over data-parallel ranks (TP = CP = 1; under EP = TP the
+    plain :class:`MegatronMPU` is right, see :func:`build_engine`).
 
     The ranks of one expert-parallel group hold different experts: to DeepSpeed they are model parallel (its
     checkpoint files are per EP rank, its gradient norm sums the experts over them). The ranks that hold the same
@@ -208,9 +209,14 @@ def deepspeed_config(config: Config, dist_info: DistInfo, extra: dict[str, Any] 
         "train_micro_batch_size_per_gpu": config.data.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         # DeepSpeed counts every model replica (data × context parallel); the CP ranks of one data-parallel rank
-        # hold slices of the same sequences, so the tokens of a step are those of dp_size replicas. Under EP its
-        # data parallel is the expert-data-parallel group (ExpertParallelMPU): dp_size / ep replicas.
-        "train_batch_size": config.data.micro_batch * t.grad_accum * dist_info.dp_size * dist_info.cp_size // p.ep,
+        # hold slices of the same sequences, so the tokens of a step are those of dp_size replicas. Under EP over
+        # data-parallel ranks its data parallel is the expert-data-parallel group (ExpertParallelMPU): dp_size / ep
+        # replicas; under EP = TP it is the data-parallel group itself.
+        "train_batch_size": config.data.micro_batch
+        * t.grad_accum
+        * dist_info.dp_size
+        * dist_info.cp_size
+        // (p.ep if dist_info.tp_size == 1 else 1),
         "gradient_clipping": config.optim.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": t.precision == "bf16"},
@@ -249,7 +255,15 @@ def build_engine(
         mark_tensor_parallel_params(model, config.model)
         install_sequence_parallel_grad_hooks(model)
     mpu = MegatronMPU()
-    if config.parallel.ep > 1:
+    if config.parallel.ep > 1 and dist_info.tp_size > 1:
+        # EP = TP (validate_parallel): each TP group holds every expert once, so to DeepSpeed an expert stack is one
+        # more TP-split weight (model parallel = TP, data parallel as without EP). Its gradient already sums the
+        # group's tokens (all-to-all), as a TP weight's does; the replicated ones are summed over TP by their
+        # sequence-parallel hooks.
+        for name, param in model.named_parameters():
+            if is_expert_param(name):
+                param.tensor_model_parallel, param.partition_dim, param.partition_stride = True, 0, 1
+    elif config.parallel.ep > 1:
         from megatron.core import parallel_state
 
         install_expert_parallel_grad_hooks(model, parallel_state.get_expert_model_parallel_group())

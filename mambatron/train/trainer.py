@@ -156,8 +156,9 @@ class Trainer:
             from mambatron.parallel.consolidate import init_weights_like_tp1
 
             # Each shard gets exactly its slice of the TP=1 initialisation: a run starts the same at every TP size.
-            d = self.dist
-            init_weights_like_tp1(model, self.config.model, self.config.train.seed, d.tp_size, d.tp_rank)
+            d, ep = self.dist, self.config.parallel.ep
+            init_weights_like_tp1(model, self.config.model, self.config.train.seed, d.tp_size, d.tp_rank, ep,
+                                  self._ep_rank() if ep > 1 else 0)  # fmt: skip
         else:
             model.init_weights(seed=self.config.train.seed)
         init_from = self.config.train.init_from
@@ -306,18 +307,17 @@ class Trainer:
 
     def _load_resharded(self, step_dir: Path) -> None:
         """Another TP, DP, CP or EP size, or ZeRO format: every weight and Adam moment merged to the full (TP 1,
-        EP 1) tensor and cut again for this rank. The saved files' model-parallel ranks are TP ranks, or EP ranks
-        when the run was expert-parallel (TP 1 then)."""
+        EP 1) tensor and cut again for this rank. The saved files' model-parallel ranks are TP ranks, EP ranks (an
+        expert-parallel run at TP 1) or both (EP = TP)."""
         from mambatron.parallel import consolidate
         from mambatron.train import elastic
 
         model_cfg, ep = self.config.model, self.config.parallel.ep
-        saved_ep = int(ckpt.read_manifest(step_dir).get("ep", 1))
+        manifest = ckpt.read_manifest(step_dir)
+        saved_tp, saved_ep = int(manifest["tp"]), int(manifest.get("ep", 1))
 
         def merge(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-            if saved_ep > 1:
-                return consolidate.merge_expert_parallel(states)
-            return consolidate.consolidate(states, model_cfg)
+            return consolidate.merge_model_parallel(states, model_cfg, saved_tp, saved_ep)
 
         def split(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             local = consolidate.shard(full, model_cfg, self.dist.tp_size, self.dist.tp_rank)
@@ -353,8 +353,10 @@ class Trainer:
     def _layout(self) -> str:
         d = self.dist
         cp = f" x CP {d.cp_size}" if d.cp_size > 1 else ""
-        ep = f" (EP {self.config.parallel.ep} within it)" if self.config.parallel.ep > 1 else ""
-        return f"TP {d.tp_size}{cp} x DP {d.dp_size}{ep}"
+        ep = self.config.parallel.ep
+        over_tp = f" (EP {ep} over it)" if ep > 1 and d.tp_size > 1 else ""
+        within_dp = f" (EP {ep} within it)" if ep > 1 and d.tp_size == 1 else ""
+        return f"TP {d.tp_size}{over_tp}{cp} x DP {d.dp_size}{within_dp}"
 
     def _ep_rank(self) -> int:
         from megatron.core import parallel_state

@@ -31,6 +31,14 @@ def test_moe_preset_plans_its_active_parameters():
     assert ep8.optimizer_bytes == plan.optimizer_bytes  # ZeRO-1: the same total state, split another way
     assert ep8.weights_bytes == plan.weights_bytes - (routed - routed // 8) * 2
     assert ep8.ep_exchange_bytes == 8 * 2 * 4096 * 4 * 2048 * 2 * 7 // 8
+    # Under TP 2 the routed experts are whole on each rank (EP 1) or split over the TP group (EP = TP = 2, sequence
+    # parallel: each rank sends its half of the tokens, half of those to the other rank); the rest is split by TP.
+    sp = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+    tp2 = make_plan(load_config("configs/hybrid-moe-3b.yaml", sp), 16)
+    eptp = make_plan(load_config("configs/hybrid-moe-3b.yaml", [*sp, "parallel.ep=2"]), 16)
+    assert tp2.params_per_gpu == -(-(pc.total - routed) // 2) + routed
+    assert eptp.params_per_gpu == -(-(pc.total - routed) // 2) + routed // 2
+    assert eptp.ep_exchange_bytes == 8 * 2 * 2048 * 4 * 2048 * 2 // 2
 
 
 def test_every_size_has_a_preset():

@@ -36,12 +36,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def ep_parity(info, cases):
     """Per case: the EP=2 layer against the one-process layer (same init) on this rank's tokens. Returns the relative
     errors of the output and of every gradient (an expert's against the sum over ranks of the one-process layer's
-    gradient, which is what routing every rank's tokens to one holder produces), and whether the weights agree."""
+    gradient, which is what routing every rank's tokens to one holder produces), and whether the weights agree.
+    At TP = EP = 2 (sequence parallel) both layers see this rank's block of the sequence through megatron-core's
+    projections, and the one-process layer's gradients are already summed over TP (its sequence-parallel hooks)."""
     rank = dist.get_rank()
+    proj = ep_proj = None
+    if info.tp_size > 1:
+        from mambatron.parallel.megatron import MegatronProjections
+
+        proj, ep_proj = MegatronProjections(sequence_parallel=True), MegatronProjections(sequence_parallel=True, ep=2)
     results = {}
     for case in cases:
         cfg = _cfg(*case)
-        local, ep = MoE(cfg, 1), ExpertParallelMoE(cfg, 1)
+        local, ep = MoE(cfg, 1, proj), ExpertParallelMoE(cfg, 1, ep_proj)
         local.init_weights(torch.Generator().manual_seed(3))
         ep.init_weights(torch.Generator().manual_seed(3))
         first, n = ep.first_expert, ep.num_local_experts
@@ -59,7 +66,8 @@ def ep_parity(info, cases):
         for name, grad in grads_ep.items():
             want = grads_local[name]
             if name.startswith("experts."):
-                dist.all_reduce(want)  # every rank's tokens reach the holder of an expert
+                if proj is None:
+                    dist.all_reduce(want)  # every rank's tokens reach the holder of an expert
                 want = want[first : first + n]
             errors[name] = _rel(grad, want)
         stats = (moe_stats(local), {k: v for k, v in moe_stats(ep).items()}) if training else None
@@ -75,16 +83,17 @@ def ep_parity(info, cases):
 EP_TRAIN_STEPS = 4
 
 
-def ep_training_config(stage: int, ep: int, precision: str = "fp32"):
+def ep_training_config(stage: int, ep: int, precision: str = "fp32", tp: int = 1):
     """A Mamba2 + MoE LM (4 experts, top-2, dropless, a shared expert, the load-balancing loss) trained by DeepSpeed
-    with a clip threshold small enough to clip on every step."""
+    with a clip threshold small enough to clip on every step (sequence parallel at TP > 1)."""
     from mambatron.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainConfig
 
-    model = dataclasses.replace(_cfg("softmax", 2, "swiglu", 1, 0.1, 0.0), vocab_size=60, pad_vocab_multiple=16)
+    model = dataclasses.replace(_cfg("softmax", 2, "swiglu", 1, 0.1, 0.0), vocab_size=60, pad_vocab_multiple=16,
+                                ngroups=tp)  # fmt: skip
     extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
     return Config(
         model=model,
-        parallel=ParallelConfig(ep=ep, zero_stage=stage, deepspeed_extra=extra),
+        parallel=ParallelConfig(tp=tp, ep=ep, sequence_parallel=tp > 1, zero_stage=stage, deepspeed_extra=extra),
         data=DataConfig(micro_batch=2, seq_len=8),
         optim=OptimConfig(lr=1e-2, min_lr=0.0, weight_decay=0.1, grad_clip=0.05, warmup_steps=0),
         train=TrainConfig(precision=precision, grad_accum=2),
@@ -98,22 +107,21 @@ def ep_training(info, stages: list[int], ep: int) -> dict:
     from megatron.core import parallel_state
 
     from mambatron.models import build_model
-    from mambatron.parallel import build_projections
+    from mambatron.parallel import build_projections, consolidate
     from mambatron.parallel.zero import build_engine, forward_loss, is_expert_param
 
     results = {}
     for stage in stages:
-        config = ep_training_config(stage, ep)
+        config = ep_training_config(stage, ep, tp=info.tp_size)
         torch.manual_seed(0)
-        full = build_model(config.model).state_dict()  # EP=1 weights from seed 0, every expert
+        full = build_model(config.model).state_dict()  # TP=1, EP=1 weights from seed 0, every expert
         model = build_model(config.model, projections=build_projections(config.parallel))
-        first = 0
+        local = consolidate.shard(full, config.model, info.tp_size, info.tp_rank)
         if ep > 1:
-            first = parallel_state.get_expert_model_parallel_rank() * (config.model.moe.num_experts // ep)
+            local = consolidate.expert_parallel_slice(local, ep, parallel_state.get_expert_model_parallel_rank())
         with torch.no_grad():
             for name, param in model.named_parameters():
-                value = full[name]
-                param.copy_(value[first : first + param.shape[0]] if is_expert_param(name) else value)
+                param.copy_(local[name])
         engine = build_engine(model, config, info)
         gen = torch.Generator().manual_seed(5)
         data = torch.randint(0, 60, (EP_TRAIN_STEPS, info.dp_size, 2, 2, 9), generator=gen)

@@ -26,8 +26,13 @@ def results():
     return run_distributed(ew.ep_parity, 2, 1, CASES, ep=2)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_ep2_equals_one_process(results, case):
+@pytest.fixture(scope="module")
+def results_tp2():
+    """The same cases at TP = EP = 2 with sequence parallelism: the two ranks of the TP group split the experts."""
+    return run_distributed(ew.ep_parity, 2, 2, CASES, ep=2)
+
+
+def _check_parity(results, case):
     for rank, per_rank in enumerate(results):
         got = per_rank[case]
         assert got["same_init"], "init_weights must draw the one-process layer's numbers"
@@ -48,6 +53,19 @@ def test_ep2_equals_one_process(results, case):
             assert local["moe_dropped"] > 0.1 and ep["moe_dropped"] == local["moe_dropped"], (local, ep)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ep2_equals_one_process(results, case):
+    _check_parity(results, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ep2_tp2_equals_one_process_under_sequence_parallel(results_tp2, case):
+    """EP = TP = 2: each rank routes its block of the sequence and the experts are split over the TP group; outputs,
+    gradients (router and shared experts summed over TP, experts over the group's tokens) and metrics as the
+    one-process layer's under the same sequence parallelism."""
+    _check_parity(results_tp2, case)
+
+
 TRAIN_STAGES = [0, 1, 2, 3]
 
 
@@ -65,7 +83,36 @@ def test_ep2_training_equals_ep1(trained, stage):
     """Per step: the mean loss and DeepSpeed's clipping norm (clipping is on every step) within 1e-6; after four AdamW
     steps every weight within 1e-5 (the experts gathered over the EP ranks). The remaining difference is the order of
     one sum: an expert's gradient adds the two ranks' tokens inside one product under EP, after it at EP=1."""
-    ep1, ep2 = trained[0][0][stage], trained[1][0][stage]
+    _check_training(trained[0][0][stage], trained[1][0][stage], stage)
+    # Both runs trained (the comparison is not between two untouched initialisations).
+    first = ew.ep_initial_params()
+    moved = max(((trained[0][0][stage]["params"][n] - v).abs().max()).item() for n, v in first.items())
+    assert moved > 1e-3
+
+
+TP_STAGES = [1, 3]
+
+
+@pytest.fixture(scope="module")
+def trained_tp2():
+    """The same LM at TP = 2 with sequence parallelism on two processes: EP 1 (every expert on both TP ranks) and
+    EP 2 (the TP group splits the experts), ZeRO 1 and 3."""
+    return run_distributed(ew.ep_training, 2, 2, TP_STAGES, 1, ep=1), run_distributed(
+        ew.ep_training, 2, 2, TP_STAGES, 2, ep=2
+    )
+
+
+@pytest.mark.parametrize("stage", TP_STAGES)
+def test_ep2_tp2_training_equals_ep1_tp2(trained_tp2, stage):
+    """EP = TP = 2 trains as TP = 2 does with every expert on both ranks (same checks as at TP 1, each rank's TP
+    block compared)."""
+    for rank in range(2):
+        _check_training(trained_tp2[0][rank][stage], trained_tp2[1][rank][stage], stage)
+    losses = trained_tp2[0][0][stage]["losses"]
+    assert losses[-1] < losses[0] - 1e-3, losses  # it trained
+
+
+def _check_training(ep1, ep2, stage):
     for a, b in zip(ep1["losses"], ep2["losses"]):
         assert abs(a - b) <= 1e-6 * abs(a), (ep1["losses"], ep2["losses"])
     if stage > 0:  # DeepSpeed reports the norm under ZeRO only
@@ -76,7 +123,3 @@ def test_ep2_training_equals_ep1(trained, stage):
     for name, value in ep1["params"].items():
         err = ((ep2["params"][name] - value).abs().max() / value.abs().max().clamp_min(1e-12)).item()
         assert err < 1e-5, (stage, name, err)
-    # Both runs trained (the comparison is not between two untouched initialisations).
-    first = ew.ep_initial_params()
-    moved = max(((ep1["params"][n] - v).abs().max()).item() for n, v in first.items())
-    assert moved > 1e-3

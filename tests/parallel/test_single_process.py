@@ -48,8 +48,8 @@ def test_context_parallel_layout_is_checked():
 
 
 def test_expert_parallel_layout_is_checked():
-    """EP needs MoE layers whose experts it divides, TP = CP = 1, a world of whole EP groups and no bias balancing;
-    each error names the fix."""
+    """EP needs MoE layers whose experts it divides, CP = 1, TP = 1 or EP = TP with sequence parallelism, a world of
+    whole EP groups and no bias balancing; each error names the fix."""
     from mambatron.config import MoEConfig
 
     moe = tiny_model_config("mamba2", hybrid_pattern="ME", moe=MoEConfig(num_experts=4, top_k=2, hidden=16))
@@ -57,8 +57,12 @@ def test_expert_parallel_layout_is_checked():
         validate_parallel(tiny_model_config("mamba2"), ParallelConfig(ep=2), 2)
     with pytest.raises(ConfigError, match="parallel.ep=8 does not divide model.moe.num_experts=4"):
         validate_parallel(moe, ParallelConfig(ep=8), 8)
-    with pytest.raises(ConfigError, match="parallel.tp=1 and parallel.cp=1"):
-        validate_parallel(moe, ParallelConfig(ep=2, tp=2), 4)
+    with pytest.raises(ConfigError, match="parallel.ep > 1 runs with parallel.cp=1"):
+        validate_parallel(moe, ParallelConfig(ep=2, cp=2), 4, seq_len=16)
+    for layout in (ParallelConfig(ep=2, tp=2), ParallelConfig(ep=4, tp=2, sequence_parallel=True)):
+        with pytest.raises(ConfigError, match="needs parallel.ep equal to parallel.tp and parallel.sequence_parallel"):
+            validate_parallel(moe, layout, 8)
+    validate_parallel(moe, ParallelConfig(ep=2, tp=2, sequence_parallel=True), 4, seq_len=16)
     with pytest.raises(ConfigError, match="WORLD_SIZE=3 is not a multiple of parallel.ep=2"):
         validate_parallel(moe, ParallelConfig(ep=2), 3)
     biased = tiny_model_config(
@@ -72,9 +76,16 @@ def test_expert_parallel_layout_is_checked():
 
 def test_expert_parallel_slices_and_merges_the_expert_stacks():
     """An EP rank's state holds its consecutive share of every routed-expert stack and the rest whole; merging the
-    ranks' states gives the full state back (shared experts and routers are replicated, not split)."""
+    ranks' states gives the full state back (shared experts and routers are replicated, not split), also when the EP
+    ranks are TP ranks (EP = TP) holding TP blocks of the rest."""
     from mambatron.config import MoEConfig
-    from mambatron.parallel.consolidate import expert_parallel_slice, is_expert_param, merge_expert_parallel
+    from mambatron.parallel.consolidate import (
+        expert_parallel_slice,
+        is_expert_param,
+        merge_expert_parallel,
+        merge_model_parallel,
+        shard,
+    )  # fmt: skip
 
     cfg = tiny_model_config("mamba2", hybrid_pattern="ME", moe=MoEConfig(num_experts=4, top_k=2, hidden=16,
                                                                            shared_experts=1))  # fmt: skip
@@ -88,6 +99,14 @@ def test_expert_parallel_slices_and_merges_the_expert_stacks():
     assert merged.keys() == full.keys() and all(torch.equal(merged[n], full[n]) for n in full)
     with pytest.raises(ValueError, match="4 experts do not split over 3 EP ranks"):
         expert_parallel_slice(full, 3, 0)
+    # EP = TP: each TP rank's block with its share of the experts; merged back over both at once.
+    mp = [expert_parallel_slice(shard(full, cfg, 2, r), 2, r) for r in range(2)]
+    assert mp[1]["embedding.weight"].shape[0] == full["embedding.weight"].shape[0] // 2
+    for tp, ep, states in ((2, 2, mp), (1, 2, parts), (2, 1, [shard(full, cfg, 2, r) for r in range(2)])):
+        merged = merge_model_parallel(states, cfg, tp, ep)
+        assert merged.keys() == full.keys() and all(torch.equal(merged[n], full[n]) for n in full), (tp, ep)
+    with pytest.raises(ValueError, match="expected EP = TP"):
+        merge_model_parallel(mp, cfg, 2, 4)
 
 
 def test_sequence_parallel_needs_seq_len_multiple_of_tp():
