@@ -373,8 +373,8 @@ def update_expert_biases(model: nn.Module, group=None, skip: bool = False) -> No
     load, ``bias += rate · sign(mean count − count)`` over the tokens the step routed on every rank of ``group``
     (the data × context parallel ranks; megatron-core's ``get_updated_expert_bias``). Every rank then holds the same
     bias. ``skip``: the step was not taken, so its counts are dropped and the biases stay."""
-    for layer in model.modules():
-        if not isinstance(layer, MoE) or layer.cfg.moe.bias_update_rate <= 0:
+    for layer in model.modules():  # the one-process and the expert-parallel layer
+        if not hasattr(layer, "step_tokens") or layer.cfg.moe.bias_update_rate <= 0:
             continue
         counts = layer.step_tokens
         layer.step_tokens = None

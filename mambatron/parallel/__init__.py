@@ -89,11 +89,6 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             "parallel.sequence_parallel=true (the experts are split over each TP group); set parallel.ep="
             f"{tp} and parallel.sequence_parallel=true, or parallel.tp=1"
         )
-    if model_cfg.moe.bias_update_rate > 0:
-        raise ConfigError(
-            f"model.moe.bias_update_rate={model_cfg.moe.bias_update_rate} (bias balancing) runs with parallel.ep=1 "
-            "for now; set model.moe.bias_update_rate=0 (the load-balancing loss works under EP) or parallel.ep=1"
-        )
     if world_size is not None and world_size % ep:
         raise ConfigError(f"WORLD_SIZE={world_size} is not a multiple of parallel.ep={ep}; launch a multiple of {ep}")
 

@@ -109,8 +109,6 @@ class ExpertParallelMoE(MoELayer):
     as the one-process layer's."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, proj=None):
-        if cfg.moe.bias_update_rate > 0:
-            raise ValueError("model.moe.bias_update_rate > 0 runs with parallel.ep=1 for now (set either to default)")
         cpu_shims.apply_moe()
         ep = parallel_state.get_expert_model_parallel_world_size()
         tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -128,6 +126,9 @@ class ExpertParallelMoE(MoELayer):
         self.first_expert = self.local_expert_indices[0]
         self.stats = MoEStats(cfg)
         self.split = SequenceSplit(None, proj.tp_group) if sequence_parallel else None
+        if cfg.moe.bias_update_rate > 0:  # auxiliary-loss-free balancing, as the one-process layer's (same name)
+            self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts, dtype=torch.float32))
+            self.step_tokens: torch.Tensor | None = None
         self.router.register_forward_hook(self._record)
         if sequence_parallel:  # replicated weights that see a block of the sequence: gradients summed over TP
             for name, param in self.named_parameters():
@@ -141,10 +142,13 @@ class ExpertParallelMoE(MoELayer):
             x = args[0].reshape(-1, self.cfg.d_model)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), router.weight.float())
-                _, routed = route(logits, self.cfg)  # before dropping; out[1] is after
+                _, routed = route(logits, self.cfg, getattr(self, "expert_bias", None))  # out[1]: after dropping
                 # Under sequence parallelism each TP rank holds a block of the sequence: the metrics add up the
                 # group's shares, as the one-process layer's do.
                 MoE._record(self, routed, out[1], *router_losses(logits, self.cfg, self.split))
+                if self.cfg.moe.bias_update_rate > 0:  # the tokens each expert took, for update_expert_biases
+                    counts = out[1].sum(dim=0).detach()
+                    self.step_tokens = counts if self.step_tokens is None else self.step_tokens + counts
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -155,6 +159,8 @@ class ExpertParallelMoE(MoELayer):
         full.init_weights(generator)
         experts = slice(self.first_expert, self.first_expert + self.num_local_experts)
         state = full.state_dict()
+        if self.cfg.moe.bias_update_rate > 0:
+            self.expert_bias.zero_()
         for name, param in self.named_parameters():
             value = state[name]
             param.copy_(value[experts] if name.startswith("experts.") else value)
@@ -164,6 +170,10 @@ class ExpertParallelMoE(MoELayer):
         _sync_aux_loss_scale(hidden.device)
         # Tokens are dropped over capacity in training only (the router and dispatcher read this per call).
         self.router.config.moe_expert_capacity_factor = self.cfg.moe.capacity_factor if self.training else None
+        # megatron-core's routing adds its router's expert_bias (when not None) to the sigmoid scores for the top-k
+        # choice, as ours does; it is this layer's buffer, handed over per call (``.to()`` replaces buffers), while
+        # megatron's own bias bookkeeping stays off (its counts and updates are update_expert_biases').
+        self.router.expert_bias = getattr(self, "expert_bias", None)
         # Token-wise: megatron's (seqlen, batch, d_model) layout is any (tokens, 1, d_model).
         out, _ = super().forward(hidden.reshape(-1, 1, shape[-1]))
         return out.reshape(shape)

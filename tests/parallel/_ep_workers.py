@@ -8,13 +8,15 @@ import torch
 import torch.distributed as dist
 
 from mambatron.config import MLPConfig, ModelConfig, MoEConfig
-from mambatron.models.moe import MoE, moe_stats
+from mambatron.models.moe import MoE, moe_stats, update_expert_biases
 from mambatron.parallel.experts import ExpertParallelMoE
 
 
-def _cfg(router: str, top_k: int, activation: str, shared: int, aux: float, z: float, capacity=None) -> ModelConfig:
+def _cfg(
+    router: str, top_k: int, activation: str, shared: int, aux: float, z: float, capacity=None, bias: float = 0.0
+) -> ModelConfig:  # fmt: skip
     moe = MoEConfig(num_experts=4, top_k=top_k, hidden=24, shared_experts=shared, router=router, aux_loss_coef=aux,
-                    z_loss_coef=z, capacity_factor=capacity)  # fmt: skip
+                    z_loss_coef=z, capacity_factor=capacity, bias_update_rate=bias)  # fmt: skip
     return ModelConfig(arch="mamba2", hybrid_pattern="ME", n_layer=2, d_model=16, vocab_size=64, headdim=8, d_state=8,
                        mlp=MLPConfig(activation=activation), moe=moe, kernels="reference")  # fmt: skip
 
@@ -55,9 +57,13 @@ def ep_parity(info, cases):
         same_init = torch.equal(ep.router.weight, local.router.weight) and torch.equal(
             ep.experts.fc1, local.experts.fc1[first : first + n]
         )
-        training = case[4] > 0 or case[5] > 0 or cfg.moe.capacity_factor is not None  # dropping: training only
+        # Dropping and the balancing biases' token counts happen in training only.
+        training = case[4] > 0 or case[5] > 0 or cfg.moe.capacity_factor is not None or cfg.moe.bias_update_rate > 0
         local.train(training)
         ep.train(training)
+        if cfg.moe.bias_update_rate > 0:  # biases that change the top-k choice
+            for layer in (local, ep):
+                layer.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.1, 0.0]))
         x = torch.randn(3, 10, cfg.d_model, generator=torch.Generator().manual_seed(10 + rank))
         g = torch.randn(3, 10, cfg.d_model, generator=torch.Generator().manual_seed(20 + rank))
         out_local, grads_local = _run(local, x, g)
@@ -71,6 +77,13 @@ def ep_parity(info, cases):
                 want = want[first : first + n]
             errors[name] = _rel(grad, want)
         stats = (moe_stats(local), {k: v for k, v in moe_stats(ep).items()}) if training else None
+        if cfg.moe.bias_update_rate > 0:
+            errors["step_tokens"] = _rel(ep.step_tokens.float(), local.step_tokens.float())
+            group = dist.group.WORLD if proj is None else None  # data parallel: the world at TP 1, nothing at TP 2
+            for layer in (local, ep):
+                update_expert_biases(layer, group)
+            errors["expert_bias"] = _rel(ep.expert_bias, local.expert_bias)
+            assert not torch.equal(local.expert_bias, torch.tensor([0.3, -0.2, 0.1, 0.0])), "the biases must move"
         if cfg.moe.capacity_factor is not None:  # evaluation is dropless (tests/models/test_moe.py), here too
             local.eval()
             ep.eval()

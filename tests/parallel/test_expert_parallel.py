@@ -1,7 +1,8 @@
 """Expert parallelism (gloo, EP=2): megatron-core's MoE layer with its all-to-all dispatcher, each rank holding half
 of the experts, against the one-process MoE layer: fp32 outputs and every gradient within 1e-6 (an expert's gradient
 is the sum over ranks of what the one-process layer computes for each rank's tokens), dropless, top-1 and top-2,
-softmax and sigmoid routing, with a shared expert, with the load-balancing loss and the router z-loss attached."""
+softmax and sigmoid routing, with a shared expert, with the load-balancing loss and the router z-loss attached, and
+with auxiliary-loss-free balancing biases (counted and moved alike)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ CASES = [
     ("softmax", 2, "swiglu", 0, 0.1, 0.01),
     # Token dropping: megatron-core's router drops over each rank's capacity as the one-process layer does.
     ("sigmoid", 2, "relu2", 0, 0.1, 0.0, 0.5),
+    # Auxiliary-loss-free balancing: biases in the top-k choice, the tokens counted and the biases moved alike.
+    ("sigmoid", 2, "relu2", 1, 0.0, 0.0, None, 0.1),
 ]
 
 
@@ -38,8 +41,11 @@ def _check_parity(results, case):
         assert got["same_init"], "init_weights must draw the one-process layer's numbers"
         assert got["local_experts"] == (2 * rank, 2)
         names = {"out", "x", "router.weight", "experts.fc1", "experts.fc2"}
-        if len(case) > 6:
+        capacity = len(case) > 6 and case[6] is not None
+        if capacity:
             names.add("eval_out")  # evaluation with a capacity: dropless, as the one-process layer
+        if len(case) > 7:
+            names |= {"step_tokens", "expert_bias"}
         if case[3]:
             names |= {"shared_experts.linear_fc1.weight", "shared_experts.linear_fc2.weight"}
         assert set(got["errors"]) == names
@@ -48,7 +54,7 @@ def _check_parity(results, case):
         if case[4]:
             local, ep = got["stats"]
             assert ep.keys() == local.keys() and abs(ep["moe_aux_loss"] - local["moe_aux_loss"]) < 1e-6
-        if len(case) > 6:
+        if capacity:
             local, ep = got["stats"]
             assert local["moe_dropped"] > 0.1 and ep["moe_dropped"] == local["moe_dropped"], (local, ep)
 

@@ -166,7 +166,8 @@ def _same_losses_and_metrics(run_dir, ref_dir, steps) -> None:
 def test_balancing_biases_move_and_resume_on_another_layout(tiny_data, tmp_path):
     """model.moe.bias_update_rate: the E layers' biases move by the rate after every step (all ranks' counts), are
     saved with the checkpoint and restored exactly, also when a DP=2 checkpoint resumes on DP=1 (grad_accum 4, the
-    same global batch): the resumed run ends with the uninterrupted run's biases and losses."""
+    same global batch): the resumed run ends with the uninterrupted run's biases and losses; at EP=2 the run trains
+    as at EP=1."""
     from mambatron.config import load_config
     from mambatron.parallel.consolidate import consolidate_zero_checkpoint
 
@@ -192,6 +193,13 @@ def test_balancing_biases_move_and_resume_on_another_layout(tiny_data, tmp_path)
     ref, resumed = losses(full), losses(cut)
     for step in (3, 4):
         assert abs(resumed[step] - ref[step]) <= 1e-5 * abs(ref[step]), (step, resumed, ref)
+    # Under expert parallelism (EP 2 on the same two ranks) the biases move alike and the losses follow.
+    ep2 = tmp_path / "ep2"
+    run_train(2, [*common, "parallel.ep=2", f"train.out_dir={ep2}"])
+    got = biases(ep2)
+    assert all(torch.equal(got[k], want[k]) for k in want), (got, want)
+    for step, value in losses(ep2).items():
+        assert abs(value - ref[step]) <= 1e-5 * abs(ref[step]), (step, value, ref[step])
 
 
 def test_moe_hybrid_under_tensor_and_sequence_parallelism_trains_like_one_process(tiny_data, tmp_path):
