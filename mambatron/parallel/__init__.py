@@ -78,9 +78,9 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
             f"parallel.ep={ep} does not divide model.moe.num_experts={model_cfg.moe.num_experts}; each EP rank holds "
             "an equal share of the experts"
         )
-    if parallel_cfg.cp > 1:
-        raise ConfigError("parallel.ep > 1 runs with parallel.cp=1 for now; set either to 1")
     tp = parallel_cfg.tp
+    if parallel_cfg.cp > 1 and tp > 1:
+        raise ConfigError("parallel.ep > 1 with parallel.cp > 1 runs with parallel.tp=1 for now; set one of them to 1")
     if tp > 1 and (ep != tp or not parallel_cfg.sequence_parallel):
         # Megatron-core's expert layout with experts not split by TP: EP groups are consecutive ranks, so with EP = TP
         # each TP group holds every expert once, over ranks that see different tokens (sequence parallel).
@@ -91,6 +91,7 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         )
     if world_size is not None and world_size % ep:
         raise ConfigError(f"WORLD_SIZE={world_size} is not a multiple of parallel.ep={ep}; launch a multiple of {ep}")
+
 
 
 def build_projections(

@@ -192,10 +192,10 @@ def setup(parallel_cfg: ParallelConfig | None = None, *, timeout_minutes: int = 
     if world % tp:
         raise ConfigError(f"WORLD_SIZE={world} is not a multiple of {_tp_cp(parallel_cfg)}; launch a multiple of {tp}")
     dp = world // (parallel_cfg.tp * parallel_cfg.cp)
-    if parallel_cfg.tp == 1 and dp % parallel_cfg.ep:
+    if parallel_cfg.tp == 1 and (dp * parallel_cfg.cp) % parallel_cfg.ep:
         raise ConfigError(
-            f"parallel.ep={parallel_cfg.ep} must divide the {dp} data-parallel ranks (WORLD_SIZE={world} over "
-            f"{_tp_cp(parallel_cfg)}); the experts are split over data-parallel ranks"
+            f"parallel.ep={parallel_cfg.ep} must divide the {dp * parallel_cfg.cp} data x context parallel ranks "
+            f"(WORLD_SIZE={world} over {_tp_cp(parallel_cfg)}); the experts are split over those ranks"
         )
 
     from megatron.core import parallel_state

@@ -57,7 +57,9 @@ class _ReplicatedLinear(torch.nn.Module):
         return F.linear(x, self.weight), None
 
 
-def _transformer_config(cfg: ModelConfig, ep: int, tp: int = 1, sequence_parallel: bool = False) -> TransformerConfig:
+def _transformer_config(
+    cfg: ModelConfig, ep: int, tp: int = 1, sequence_parallel: bool = False, cp: int = 1
+) -> TransformerConfig:  # fmt: skip
     m = cfg.moe
     swiglu = cfg.mlp.activation == "swiglu"
     return TransformerConfig(
@@ -83,6 +85,7 @@ def _transformer_config(cfg: ModelConfig, ep: int, tp: int = 1, sequence_paralle
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=1,
         tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else (lambda h: torch.square(F.relu(h))),
@@ -96,12 +99,16 @@ def _transformer_config(cfg: ModelConfig, ep: int, tp: int = 1, sequence_paralle
 _AUX_SCALE_SET: list = [None]  # (scale, device) last handed to megatron-core, so that no step reads it back
 
 
-def _sync_aux_loss_scale(device: torch.device) -> None:
+def _sync_aux_loss_scale(device: torch.device, cp: int = 1) -> None:
     """megatron-core's router scales its auxiliary losses' gradient by its own class-level factor; keep it equal to
-    the one-process layer's (``AttachAuxLoss.scale``, 1 / grad_accum in training), so both train alike."""
-    if _AUX_SCALE_SET[0] != (AttachAuxLoss.scale, device):
-        moe_utils.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(AttachAuxLoss.scale, device=device))
-        _AUX_SCALE_SET[0] = (AttachAuxLoss.scale, device)
+    the one-process layer's (``AttachAuxLoss.scale``, 1 / grad_accum in training), so both train alike. Under context
+    parallelism it is ``cp`` times that: megatron-core's load-balancing loss is each rank's share of the whole
+    sequence's and its z-loss is divided by the CP size, where ours are ``cp`` times those (our gradients are
+    averaged over CP, megatron's summed)."""
+    scale = AttachAuxLoss.scale * cp
+    if _AUX_SCALE_SET[0] != (scale, device):
+        moe_utils.MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=device))
+        _AUX_SCALE_SET[0] = (scale, device)
 
 
 class ExpertParallelMoE(MoELayer):
@@ -113,19 +120,23 @@ class ExpertParallelMoE(MoELayer):
         ep = parallel_state.get_expert_model_parallel_world_size()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         sequence_parallel = bool(getattr(proj, "sequence_parallel", False))
+        cp = getattr(proj, "cp", None)  # context parallel: each rank routes its slice of the sequence
+        cp_size = cp.size if cp is not None else 1
         shared = None
         if cfg.moe.shared_experts:
             linear = (ColumnParallelLinear, RowParallelLinear) if tp == 1 else (_ReplicatedLinear, _ReplicatedLinear)
             mlp = MLPSubmodules(linear_fc1=linear[0], linear_fc2=linear[1])
             shared = ModuleSpec(module=SharedExpertMLP, submodules=mlp)
         experts = ModuleSpec(module=_MegatronExperts, params={"model_cfg": cfg})
-        super().__init__(_transformer_config(cfg, ep, tp, sequence_parallel),
+        super().__init__(_transformer_config(cfg, ep, tp, sequence_parallel, cp_size),
                          MoESubmodules(experts=experts, shared_experts=shared), layer_number=layer_idx + 1)  # fmt: skip
         self.cfg = cfg
+        self.cp_size = cp_size
         self.layer_idx = layer_idx
         self.first_expert = self.local_expert_indices[0]
         self.stats = MoEStats(cfg)
-        self.split = SequenceSplit(None, proj.tp_group) if sequence_parallel else None
+        split = (cp, proj.tp_group if sequence_parallel else None)
+        self.split = SequenceSplit(*split) if split != (None, None) else None
         if cfg.moe.bias_update_rate > 0:  # auxiliary-loss-free balancing, as the one-process layer's (same name)
             self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts, dtype=torch.float32))
             self.step_tokens: torch.Tensor | None = None
@@ -167,7 +178,7 @@ class ExpertParallelMoE(MoELayer):
 
     def forward(self, hidden: torch.Tensor, seq_idx: torch.Tensor | None = None, cache: dict | None = None):
         shape = hidden.shape
-        _sync_aux_loss_scale(hidden.device)
+        _sync_aux_loss_scale(hidden.device, self.cp_size)
         # Tokens are dropped over capacity in training only (the router and dispatcher read this per call).
         self.router.config.moe_expert_capacity_factor = self.cfg.moe.capacity_factor if self.training else None
         # megatron-core's routing adds its router's expert_bias (when not None) to the sigmoid scores for the top-k

@@ -355,7 +355,7 @@ class Trainer:
         cp = f" x CP {d.cp_size}" if d.cp_size > 1 else ""
         ep = self.config.parallel.ep
         over_tp = f" (EP {ep} over it)" if ep > 1 and d.tp_size > 1 else ""
-        within_dp = f" (EP {ep} within it)" if ep > 1 and d.tp_size == 1 else ""
+        within_dp = f" (EP {ep} within {'DP x CP' if d.cp_size > 1 else 'it'})" if ep > 1 and d.tp_size == 1 else ""
         return f"TP {d.tp_size}{over_tp}{cp} x DP {d.dp_size}{within_dp}"
 
     def _ep_rank(self) -> int:

@@ -40,13 +40,20 @@ def ep_parity(info, cases):
     errors of the output and of every gradient (an expert's against the sum over ranks of the one-process layer's
     gradient, which is what routing every rank's tokens to one holder produces), and whether the weights agree.
     At TP = EP = 2 (sequence parallel) both layers see this rank's block of the sequence through megatron-core's
-    projections, and the one-process layer's gradients are already summed over TP (its sequence-parallel hooks)."""
+    projections, and the one-process layer's gradients are already summed over TP (its sequence-parallel hooks); at
+    CP = EP = 2 each holds a slice of the sequence."""
     rank = dist.get_rank()
     proj = ep_proj = None
     if info.tp_size > 1:
         from mambatron.parallel.megatron import MegatronProjections
 
         proj, ep_proj = MegatronProjections(sequence_parallel=True), MegatronProjections(sequence_parallel=True, ep=2)
+    elif info.cp_size > 1:  # each rank holds a slice of the sequence: the losses and metrics span the CP group
+        from mambatron.parallel import LocalProjections
+        from mambatron.parallel.dist import context_parallel
+
+        cp = context_parallel(info)
+        proj, ep_proj = LocalProjections(cp), LocalProjections(cp, ep=2)
     results = {}
     for case in cases:
         cfg = _cfg(*case)
@@ -72,14 +79,14 @@ def ep_parity(info, cases):
         for name, grad in grads_ep.items():
             want = grads_local[name]
             if name.startswith("experts."):
-                if proj is None:
+                if info.tp_size == 1:  # (under TP the one-process layer's own hooks already summed it)
                     dist.all_reduce(want)  # every rank's tokens reach the holder of an expert
                 want = want[first : first + n]
             errors[name] = _rel(grad, want)
         stats = (moe_stats(local), {k: v for k, v in moe_stats(ep).items()}) if training else None
         if cfg.moe.bias_update_rate > 0:
             errors["step_tokens"] = _rel(ep.step_tokens.float(), local.step_tokens.float())
-            group = dist.group.WORLD if proj is None else None  # data parallel: the world at TP 1, nothing at TP 2
+            group = dist.group.WORLD if info.tp_size == 1 else None  # data x context parallel: the world at TP 1
             for layer in (local, ep):
                 update_expert_biases(layer, group)
             errors["expert_bias"] = _rel(ep.expert_bias, local.expert_bias)

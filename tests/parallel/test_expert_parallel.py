@@ -30,6 +30,12 @@ def results():
 
 
 @pytest.fixture(scope="module")
+def results_cp2():
+    """The same cases at CP = EP = 2: the two ranks holding slices of the same sequences split the experts."""
+    return run_distributed(ew.ep_parity, 2, 1, CASES, cp=2, ep=2)
+
+
+@pytest.fixture(scope="module")
 def results_tp2():
     """The same cases at TP = EP = 2 with sequence parallelism: the two ranks of the TP group split the experts."""
     return run_distributed(ew.ep_parity, 2, 2, CASES, ep=2)
@@ -62,6 +68,13 @@ def _check_parity(results, case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_ep2_equals_one_process(results, case):
     _check_parity(results, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ep2_cp2_equals_one_process_under_context_parallel(results_cp2, case):
+    """EP over the CP group: each rank routes its slice; megatron-core's losses (its share of the load-balancing
+    loss, the z-loss divided by CP) are scaled by CP as ours are, so outputs, gradients and metrics match."""
+    _check_parity(results_cp2, case)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))

@@ -48,8 +48,8 @@ def test_context_parallel_layout_is_checked():
 
 
 def test_expert_parallel_layout_is_checked():
-    """EP needs MoE layers whose experts it divides, CP = 1, TP = 1 or EP = TP with sequence parallelism and a world
-    of whole EP groups; each error names the fix."""
+    """EP needs MoE layers whose experts it divides, TP = 1 (then any CP) or EP = TP with sequence parallelism (then
+    CP = 1) and a world of whole EP groups; each error names the fix."""
     from mambatron.config import MoEConfig
 
     moe = tiny_model_config("mamba2", hybrid_pattern="ME", moe=MoEConfig(num_experts=4, top_k=2, hidden=16))
@@ -57,8 +57,9 @@ def test_expert_parallel_layout_is_checked():
         validate_parallel(tiny_model_config("mamba2"), ParallelConfig(ep=2), 2)
     with pytest.raises(ConfigError, match="parallel.ep=8 does not divide model.moe.num_experts=4"):
         validate_parallel(moe, ParallelConfig(ep=8), 8)
-    with pytest.raises(ConfigError, match="parallel.ep > 1 runs with parallel.cp=1"):
-        validate_parallel(moe, ParallelConfig(ep=2, cp=2), 4, seq_len=16)
+    with pytest.raises(ConfigError, match="parallel.ep > 1 with parallel.cp > 1 runs with parallel.tp=1"):
+        validate_parallel(moe, ParallelConfig(ep=2, cp=2, tp=2, sequence_parallel=True), 8, seq_len=16)
+    validate_parallel(moe, ParallelConfig(ep=2, cp=2), 4, seq_len=16)  # EP over data x context parallel ranks
     for layout in (ParallelConfig(ep=2, tp=2), ParallelConfig(ep=4, tp=2, sequence_parallel=True)):
         with pytest.raises(ConfigError, match="needs parallel.ep equal to parallel.tp and parallel.sequence_parallel"):
             validate_parallel(moe, layout, 8)

@@ -107,12 +107,17 @@ def test_expert_parallel_checkpoint_resumes_on_other_ep_sizes(tiny_data, tmp_pat
 
 def test_moe_hybrid_under_context_parallelism_trains_like_cp1(tiny_data, tmp_path):
     """parallel.cp=2: each rank routes its slice's tokens; the losses (the load-balancing loss's gradient moves the
-    router, so a wrong share would change them from step 2 on) and the MoE metrics equal the CP=1 run's."""
+    router, so a wrong share would change them from step 2 on) and the MoE metrics equal the CP=1 run's, also with the
+    experts split over the CP group (parallel.ep=2)."""
     common = [*TINY, *tiny_data, *MOE, "model.moe.aux_loss_coef=0.5", "train.max_steps=4", "train.save_every=0"]
     run_train(0, [*common, f"train.out_dir={tmp_path / 'cp1'}"])
     out = run_train(2, [*common, "parallel.cp=2", f"train.out_dir={tmp_path / 'cp2'}"])
     assert "CP 2" in out.stdout
     _same_losses_and_metrics(tmp_path / "cp2", tmp_path / "cp1", [1, 2, 3, 4])
+    # With the experts split over the CP group (EP 2, ZeRO 1) too.
+    out = run_train(2, [*common, "parallel.cp=2", "parallel.ep=2", f"train.out_dir={tmp_path / 'cp2ep2'}"])
+    assert "CP 2 x DP 1 (EP 2 within DP x CP)" in out.stdout
+    _same_losses_and_metrics(tmp_path / "cp2ep2", tmp_path / "cp1", [1, 2, 3, 4])
 
 
 def test_expert_parallel_over_the_tp_group_trains_resumes_and_exports(tiny_data, tmp_path):
