@@ -93,7 +93,6 @@ def _check_expert_parallel(model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
         raise ConfigError(f"WORLD_SIZE={world_size} is not a multiple of parallel.ep={ep}; launch a multiple of {ep}")
 
 
-
 def build_projections(
     parallel_cfg: ParallelConfig, *, init_std: float = 0.02, cp=None
 ) -> LocalProjections | MegatronProjections:
