@@ -33,6 +33,19 @@ _GPU_FWD = dict(CHUNK=64, BLOCK_D=4, num_warps=1, maxnreg=128)
 _GPU_BWD = dict(CHUNK=256, BLOCK_D=1, num_warps=1, maxnreg=128)
 
 
+def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether the backward runs its inline-PTX adjoint (kernel.py): only at the GPU tiling where each lane holds 8
+    consecutive steps, which the compiler picks for 16-bit tiles (their loads are 16-byte vectors of 8), and at
+    lengths that fill whole 8-step groups. ``MAMBATRON_SCAN_ASM=0`` turns it off (the Triton scan, same results)."""
+    return (
+        os.environ.get("TRITON_INTERPRET") != "1"
+        and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
+        and (cfg["CHUNK"], cfg["BLOCK_D"], cfg["num_warps"]) == (256, 1, 1)
+        and seqlen % 8 == 0
+        and all(t is None or t.element_size() == 2 for t in tensors)
+    )
+
+
 def _time_major(t: torch.Tensor | None) -> torch.Tensor | None:
     """t itself when its time axis (the last) has unit stride, else a time-contiguous copy.
 
@@ -124,6 +137,7 @@ def scan_backward(
         DELTA_SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None,
         HAS_SEQ_IDX=seq_idx is not None,
+        USE_ASM=_use_asm(cfg, seqlen, u, delta, B, C, z, dout),
         **cfg,
     )  # fmt: skip
     dD = dD_part.sum(0) if D is not None else None

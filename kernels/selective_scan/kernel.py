@@ -22,6 +22,92 @@ import triton.language as tl
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+# Inline PTX for the backward's adjoint at its GPU tiling (one warp, one channel, 256 steps: 8 consecutive steps per
+# lane). ``pack=8`` hands each lane's 8 registers of a (1, 256) tile to one asm block in time order; outputs come
+# first, then each input's 8 registers. Triton lowers a reverse ``tl.associative_scan`` by reversing the lanes of its
+# inputs and outputs (32 shuffles per state index on top of the scan's own) and needs a_{t+1} as a second tile (a
+# second exponential per step). This block scans in-lane backwards, then over lanes with ``shfl.down``, takes a_{t+1}
+# from the neighbouring lane's a_t, and has lane 0 store the adjoint at the tile's first step for the previous chunk.
+# The lane's position comes from the time offsets ($48: 8 * lane), not from %laneid: that special-register read sat
+# on the dependency chain of every state index and made the first version slower than Triton's scan
+# (docs/benchmarks.md, 2026-12-03).
+#   $0-$7 dh (out); $8-$15 a_t; $16-$23 c_t = C_t * dy_t; $24-$31 a past the tile's end; $32-$39 dh past the end;
+#   $40-$47 the address for dh at the first step; $48-$55 the time offsets 0..255.
+_ADJOINT_PTX = tl.constexpr("""{
+.reg .f32 A<8>, B<8>, sa, sb, ta, tb, x, e;
+.reg .pred last, ok, first;
+setp.eq.u32 last, $48, 248;
+setp.eq.u32 first, $48, 0;
+shfl.sync.down.b32 x, $8, 1, 31, -1;
+selp.f32 A7, $24, x, last;
+mov.f32 B7, $23;
+fma.rn.f32 B6, $15, B7, $22;
+mul.f32 A6, $15, A7;
+fma.rn.f32 B5, $14, B6, $21;
+mul.f32 A5, $14, A6;
+fma.rn.f32 B4, $13, B5, $20;
+mul.f32 A4, $13, A5;
+fma.rn.f32 B3, $12, B4, $19;
+mul.f32 A3, $12, A4;
+fma.rn.f32 B2, $11, B3, $18;
+mul.f32 A2, $11, A3;
+fma.rn.f32 B1, $10, B2, $17;
+mul.f32 A1, $10, A2;
+fma.rn.f32 B0, $9, B1, $16;
+mul.f32 A0, $9, A1;
+mov.f32 sa, A0;
+mov.f32 sb, B0;
+shfl.sync.down.b32 ta|ok, sa, 1, 31, -1;
+shfl.sync.down.b32 tb, sb, 1, 31, -1;
+@ok fma.rn.f32 sb, sa, tb, sb;
+@ok mul.f32 sa, sa, ta;
+shfl.sync.down.b32 ta|ok, sa, 2, 31, -1;
+shfl.sync.down.b32 tb, sb, 2, 31, -1;
+@ok fma.rn.f32 sb, sa, tb, sb;
+@ok mul.f32 sa, sa, ta;
+shfl.sync.down.b32 ta|ok, sa, 4, 31, -1;
+shfl.sync.down.b32 tb, sb, 4, 31, -1;
+@ok fma.rn.f32 sb, sa, tb, sb;
+@ok mul.f32 sa, sa, ta;
+shfl.sync.down.b32 ta|ok, sa, 8, 31, -1;
+shfl.sync.down.b32 tb, sb, 8, 31, -1;
+@ok fma.rn.f32 sb, sa, tb, sb;
+@ok mul.f32 sa, sa, ta;
+shfl.sync.down.b32 ta|ok, sa, 16, 31, -1;
+shfl.sync.down.b32 tb, sb, 16, 31, -1;
+@ok fma.rn.f32 sb, sa, tb, sb;
+@ok mul.f32 sa, sa, ta;
+shfl.sync.down.b32 ta|ok, sa, 1, 31, -1;
+shfl.sync.down.b32 tb, sb, 1, 31, -1;
+fma.rn.f32 e, ta, $32, tb;
+selp.f32 e, e, $32, ok;
+fma.rn.f32 $0, A0, e, B0;
+fma.rn.f32 $1, A1, e, B1;
+fma.rn.f32 $2, A2, e, B2;
+fma.rn.f32 $3, A3, e, B3;
+fma.rn.f32 $4, A4, e, B4;
+fma.rn.f32 $5, A5, e, B5;
+fma.rn.f32 $6, A6, e, B6;
+fma.rn.f32 $7, A7, e, B7;
+@first st.global.f32 [$40], $0;
+}""")
+_ADJOINT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 32 + ["l"] * 8 + ["r"] * 8))
+
+
+@triton.jit
+def _adjoint_asm(a, c, a_edge, dh_seed, dh_first_ptr, offs):
+    """dh_t = c_t + a_{t+1} * dh_{t+1} over a (1, 256) tile, seeded with dh_seed one step past the end, where a_{t+1}
+    past the tile's last step is a_edge. Lane 0 also stores dh at the tile's first step to dh_first_ptr."""
+    return tl.inline_asm_elementwise(
+        _ADJOINT_PTX,
+        _ADJOINT_CONSTRAINTS,
+        [a, c, a_edge, dh_seed, dh_first_ptr, offs],
+        dtype=tl.float32,
+        is_pure=False,
+        pack=8,
+    )
+
+
 @triton.jit
 def _softplus(x):
     # log1p(exp(x)) written with exp2/log2; above 20 softplus(x) == x in fp32, and exp would overflow.
@@ -250,6 +336,7 @@ def _scan_bwd_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one (batch row, group, channel block).
 
@@ -259,6 +346,9 @@ def _scan_bwd_kernel(
     in two halves so that no lane overwrites a value another lane of the same chunk still has to read.
     Values that are cheap to load again (u, z, dout, the pre-softplus dt) are reloaded after the loop over state
     indices instead of being held in registers across it.
+    USE_ASM (GPU only: one warp, BLOCK_D 1, CHUNK 256, 16-bit inputs so that each lane holds 8 consecutive steps,
+    seqlen a multiple of 8) runs the adjoint scan as the inline PTX above; a_{t+1} is then a
+    neighbour's a_t (one shuffle) instead of a second exponential of a second dt tile.
     """
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -318,11 +408,19 @@ def _scan_bwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt_ptrs = dt_row[:, None] + t[None, :] * s_dt_l
         dt, _ = _load_dt(dt_ptrs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
-        next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
-        dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
-        starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
+        if USE_ASM:
+            # dt at the next chunk's first step (0 past the end, so the last step receives dlast unchanged).
+            t_edge = (c + 1) * CHUNK + tl.zeros((1,), dtype=tl.int32)
+            edge_mask = mask_d[:, None] & (t_edge < seqlen)[None, :]
+            dt_edge, _ = _load_dt(dt_row[:, None] + t_edge[None, :] * s_dt_l, edge_mask, bias, HAS_DELTA_BIAS,
+                                  DELTA_SOFTPLUS)  # fmt: skip
+            starts_edge = _doc_start(seq_ptr, t_edge, seqlen, HAS_SEQ_IDX)[None, :]
+        else:
+            # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
+            next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
+            dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         dtu = dt * u
         dy = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
@@ -360,13 +458,17 @@ def _scan_bwd_kernel(
             hs = a_cum * h_n[:, None] + b_cum
             if HAS_Z:
                 y += hs * C_n
-            # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh.
-            a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
-            a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n), 1, _first_order, reverse=True)
-            dhs = dy_rev + a_rev * dh_n[:, None]
-            tl.store(dh_out + n, tl.sum(tl.where(is_first, dhs, 0.0), axis=1), mask=mask_d)
-
-            # Channel blocks of a group share B and C: their gradients meet in fp32 atomics.
+            # Adjoint: dh_t = C_t * dy_t + a_{t+1} * dh_{t+1}, a reverse scan seeded with the next chunk's dh; the
+            # adjoint at the chunk's first step is handed to the previous chunk. Channel blocks of a group share B
+            # and C: their gradients meet in fp32 atomics.
+            if USE_ASM:
+                a_edge = tl.where(starts_edge, 0.0, tl.exp2(dt_edge * (A_n * LOG2E)[:, None]))
+                dhs = _adjoint_asm(a, dy * C_n, a_edge, dh_n[:, None], (dh_out + n).to(tl.int64), offs_t[None, :])
+            else:
+                a_next = tl.where(starts_next, 0.0, tl.exp2(dt_next * (A_n * LOG2E)[:, None]))
+                a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n), 1, _first_order, reverse=True)
+                dhs = dy_rev + a_rev * dh_n[:, None]
+                tl.store(dh_out + n, tl.sum(tl.where(is_first, dhs, 0.0), axis=1), mask=mask_d)
             bc_offs = n * seqlen + t
             tl.atomic_add(dC_bg + bc_offs, tl.sum(dy * hs, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(dB_bg + bc_offs, tl.sum(dhs * dtu, axis=0), mask=mask_t, sem="relaxed")

@@ -140,6 +140,35 @@ def test_strided_channel_last_views(device):
         assert_close(leaves[name].grad, contiguous[name].grad, f"d{name}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the backward's inline PTX runs only on a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_inline_ptx_backward(dtype, monkeypatch):
+    """16-bit inputs at a length divisible by 8 take the backward's inline-PTX adjoint scan and dB/dC adds: against
+    the same kernel with the PTX off (fp32 arithmetic in both, so they agree to about a unit in the last place of the
+    gradients' dtype) and, in fp16, against the reference. Four backward chunks (the last partial), two groups, an
+    initial state, dlast, and documents that start on a chunk edge (256), one step after it and inside a chunk.
+    In bf16 the reference comparison is left out at this length: dout reaches both kernels rounded to bf16, and
+    ddelta_bias sums that rounding over 776 steps beyond the bf16 tolerance (with or without the PTX)."""
+    from kernels.selective_scan import api
+
+    seqlen = 776
+    inputs = make_inputs(batch=2, dim=8, seqlen=seqlen, dstate=16, groups=2, dtype=dtype, device="cuda")
+    cfg = api._launch_config(4, 16, backward=True)
+    assert api._use_asm(cfg, seqlen, inputs["u"], inputs["delta"], inputs["B"], inputs["C"], inputs["z"])
+    seq_idx = packed_seq_idx([[256, 1, 300], [257, 130]], seqlen, "cuda")
+    if dtype == torch.float16:
+        check(inputs, dtype, delta_softplus=True, seq_idx=seq_idx)
+    with_ptx = run(selective_scan_fn, inputs, delta_softplus=True, seq_idx=seq_idx)
+    monkeypatch.setenv("MAMBATRON_SCAN_ASM", "0")
+    assert not api._use_asm(cfg, seqlen, inputs["u"])
+    without = run(selective_scan_fn, inputs, delta_softplus=True, seq_idx=seq_idx)
+    tolerance = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # about one unit in the last place
+    for name, grad in with_ptx[2].items():
+        ref = without[2][name].float()
+        err = ((grad.float() - ref).abs().max() / ref.abs().max()).item()
+        assert err < tolerance[grad.dtype], (name, err)
+
+
 def test_output_only(device):
     inputs = make_inputs(batch=1, dim=3, seqlen=9, dstate=2, groups=None, dtype=torch.float32, device=device)
     pos = [inputs.pop(k) for k in ("u", "delta", "A", "B", "C")]
