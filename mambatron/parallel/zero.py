@@ -71,8 +71,8 @@ class MegatronMPU:
 
 
 class ExpertParallelMPU(MegatronMPU):
-    """DeepSpeed's view of a run with ``parallel.ep`` > 1 over data-parallel ranks (TP = CP = 1; under EP = TP the
-    plain :class:`MegatronMPU` is right, see :func:`build_engine`).
+    """DeepSpeed's view of a run with ``parallel.ep`` > 1 over data- and context-parallel ranks (TP = 1; under
+    EP = TP the plain :class:`MegatronMPU` is right, see :func:`build_engine`).
 
     The ranks of one expert-parallel group hold different experts: to DeepSpeed they are model parallel (its
     checkpoint files are per EP rank, its gradient norm sums the experts over them). The ranks that hold the same
