@@ -33,64 +33,42 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # (docs/benchmarks.md, 2026-12-03).
 #   $0-$7 dh (out); $8-$15 a_t; $16-$23 c_t = C_t * dy_t; $24-$31 a past the tile's end; $32-$39 dh past the end;
 #   $40-$47 the address for dh at the first step; $48-$55 the time offsets 0..255.
-_ADJOINT_PTX = tl.constexpr("""{
-.reg .f32 A<8>, B<8>, sa, sb, ta, tb, x, e;
-.reg .pred last, ok, first;
-setp.eq.u32 last, $48, 248;
-setp.eq.u32 first, $48, 0;
-shfl.sync.down.b32 x, $8, 1, 31, -1;
-selp.f32 A7, $24, x, last;
-mov.f32 B7, $23;
-fma.rn.f32 B6, $15, B7, $22;
-mul.f32 A6, $15, A7;
-fma.rn.f32 B5, $14, B6, $21;
-mul.f32 A5, $14, A6;
-fma.rn.f32 B4, $13, B5, $20;
-mul.f32 A4, $13, A5;
-fma.rn.f32 B3, $12, B4, $19;
-mul.f32 A3, $12, A4;
-fma.rn.f32 B2, $11, B3, $18;
-mul.f32 A2, $11, A3;
-fma.rn.f32 B1, $10, B2, $17;
-mul.f32 A1, $10, A2;
-fma.rn.f32 B0, $9, B1, $16;
-mul.f32 A0, $9, A1;
-mov.f32 sa, A0;
-mov.f32 sb, B0;
-shfl.sync.down.b32 ta|ok, sa, 1, 31, -1;
-shfl.sync.down.b32 tb, sb, 1, 31, -1;
-@ok fma.rn.f32 sb, sa, tb, sb;
-@ok mul.f32 sa, sa, ta;
-shfl.sync.down.b32 ta|ok, sa, 2, 31, -1;
-shfl.sync.down.b32 tb, sb, 2, 31, -1;
-@ok fma.rn.f32 sb, sa, tb, sb;
-@ok mul.f32 sa, sa, ta;
-shfl.sync.down.b32 ta|ok, sa, 4, 31, -1;
-shfl.sync.down.b32 tb, sb, 4, 31, -1;
-@ok fma.rn.f32 sb, sa, tb, sb;
-@ok mul.f32 sa, sa, ta;
-shfl.sync.down.b32 ta|ok, sa, 8, 31, -1;
-shfl.sync.down.b32 tb, sb, 8, 31, -1;
-@ok fma.rn.f32 sb, sa, tb, sb;
-@ok mul.f32 sa, sa, ta;
-shfl.sync.down.b32 ta|ok, sa, 16, 31, -1;
-shfl.sync.down.b32 tb, sb, 16, 31, -1;
-@ok fma.rn.f32 sb, sa, tb, sb;
-@ok mul.f32 sa, sa, ta;
-shfl.sync.down.b32 ta|ok, sa, 1, 31, -1;
-shfl.sync.down.b32 tb, sb, 1, 31, -1;
-fma.rn.f32 e, ta, $32, tb;
-selp.f32 e, e, $32, ok;
-fma.rn.f32 $0, A0, e, B0;
-fma.rn.f32 $1, A1, e, B1;
-fma.rn.f32 $2, A2, e, B2;
-fma.rn.f32 $3, A3, e, B3;
-fma.rn.f32 $4, A4, e, B4;
-fma.rn.f32 $5, A5, e, B5;
-fma.rn.f32 $6, A6, e, B6;
-fma.rn.f32 $7, A7, e, B7;
-@first st.global.f32 [$40], $0;
-}""")
+def _adjoint_ptx() -> str:
+    """The block's text: A_r, B_r hold the in-lane suffix (the map from the adjoint past the lane's last step to the one
+    at its step r), (sa, sb) the suffix over lanes, e the adjoint entering the lane from its right."""
+    in_lane = [
+        f"fma.rn.f32 B{r}, ${9 + r}, B{r + 1}, ${16 + r};\nmul.f32 A{r}, ${9 + r}, A{r + 1};" for r in range(6, -1, -1)
+    ]
+    over_lanes = [
+        f"shfl.sync.down.b32 ta|ok, sa, {d}, 31, -1;\nshfl.sync.down.b32 tb, sb, {d}, 31, -1;\n"
+        "@ok fma.rn.f32 sb, sa, tb, sb;\n@ok mul.f32 sa, sa, ta;"
+        for d in (1, 2, 4, 8, 16)
+    ]
+    lines = [
+        "{",
+        ".reg .f32 A<8>, B<8>, sa, sb, ta, tb, x, e;",
+        ".reg .pred last, ok, first;",
+        "setp.eq.u32 last, $48, 248;",
+        "setp.eq.u32 first, $48, 0;",
+        "shfl.sync.down.b32 x, $8, 1, 31, -1;",  # a_{t+1} at the lane's last step: the next lane's first a
+        "selp.f32 A7, $24, x, last;",
+        "mov.f32 B7, $23;",
+        *in_lane,
+        "mov.f32 sa, A0;",
+        "mov.f32 sb, B0;",
+        *over_lanes,
+        "shfl.sync.down.b32 ta|ok, sa, 1, 31, -1;",  # exclusive: the suffix of the lanes to the right
+        "shfl.sync.down.b32 tb, sb, 1, 31, -1;",
+        "fma.rn.f32 e, ta, $32, tb;",
+        "selp.f32 e, e, $32, ok;",
+        *(f"fma.rn.f32 ${r}, A{r}, e, B{r};" for r in range(8)),
+        "@first st.global.f32 [$40], $0;",
+        "}",
+    ]
+    return "\n".join(lines)
+
+
+_ADJOINT_PTX = tl.constexpr(_adjoint_ptx())
 _ADJOINT_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 32 + ["l"] * 8 + ["r"] * 8))
 
 

@@ -255,6 +255,36 @@ class SequenceSplit:
         return self.cp.sum(tensor) if self.cp is not None else tensor
 
 
+def sequence_split(cp=None, sp_group=None) -> SequenceSplit | None:
+    """How an E layer's tokens are split over ranks (context and/or sequence parallel), None when it sees them all."""
+    return SequenceSplit(cp, sp_group) if cp is not None or sp_group is not None else None
+
+
+@torch.no_grad()
+def record_routing(layer: nn.Module, routed: torch.Tensor, kept: torch.Tensor, aux, z) -> None:
+    """What an E layer (``cfg``, ``split``, ``stats``; the one-process or the expert-parallel one) keeps of one
+    training micro-batch's routing: the metrics of the whole sequence (routed tokens per expert before any dropping,
+    the losses, the pairs dropped over capacity; under CP, counts summed and the losses averaged over the group, each
+    rank's aux share averaging to the whole loss as its gradient does) and, with bias balancing, the tokens each
+    expert took (``step_tokens``, for :func:`update_expert_biases`)."""
+    cfg, split = layer.cfg, layer.split
+    counts = routed.sum(dim=0)
+    dropped = (counts.sum() - kept.sum()).reshape(1) if cfg.moe.capacity_factor is not None else None
+    if split is not None:  # each rank's shares add up to the whole over TP and average over CP
+        packed = [counts.to(torch.float64)]
+        packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z, dropped) if t is not None]
+        total = split.sum(torch.cat(packed))
+        rest = iter(total[counts.numel() :])
+        counts = total[: counts.numel()].round().to(counts.dtype)
+        aux = next(rest) / split.cp_size if aux is not None else None
+        z = next(rest) / split.cp_size if z is not None else None
+        dropped = next(rest).round() if dropped is not None else None
+    layer.stats.record(counts, aux, z, dropped)
+    if cfg.moe.bias_update_rate > 0:
+        taken = kept.sum(dim=0)
+        layer.step_tokens = taken if layer.step_tokens is None else layer.step_tokens + taken
+
+
 def router_losses(
     logits: torch.Tensor, cfg: ModelConfig, split: SequenceSplit | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -283,7 +313,7 @@ class MoE(nn.Module):
         cp = getattr(proj, "cp", None)
         sp_group = proj.tp_group if getattr(proj, "sequence_parallel", False) else None
         # Tokens split over ranks (context or sequence parallel): only the losses and metrics span the sequence.
-        self.split = SequenceSplit(cp, sp_group) if cp is not None or sp_group is not None else None
+        self.split = sequence_split(cp, sp_group)
         self.cfg = cfg
         self.layer_idx = layer_idx
         self.router = nn.Linear(cfg.d_model, cfg.moe.num_experts, bias=False)
@@ -327,10 +357,7 @@ class MoE(nn.Module):
         if self.training and self.cfg.moe.capacity_factor is not None:
             probs, routing_map = drop_over_capacity(probs, routing_map, self.cfg)
         if self.training:
-            self._record(routed, routing_map, aux, z)
-            if self.cfg.moe.bias_update_rate > 0:
-                counts = routing_map.sum(dim=0).detach()
-                self.step_tokens = counts if self.step_tokens is None else self.step_tokens + counts
+            record_routing(self, routed, routing_map, aux, z)
         # Dropless dispatch: (token, expert) pairs sorted by expert, each expert's tokens one contiguous block.
         token_idx, expert_idx = routing_map.nonzero(as_tuple=True)
         order = torch.argsort(expert_idx, stable=True)
@@ -341,24 +368,6 @@ class MoE(nn.Module):
         if self.cfg.moe.shared_experts:
             y = y + self.shared_experts(x)
         return y.to(hidden.dtype).reshape(shape)
-
-    @torch.no_grad()
-    def _record(self, routed: torch.Tensor, kept: torch.Tensor, aux: torch.Tensor | None, z: torch.Tensor | None):
-        """The metrics of the whole sequence (routed tokens per expert before any dropping, the losses, the pairs
-        dropped over capacity): under CP, counts summed and the losses averaged over the group (each rank's aux share
-        averages to the whole loss, as its gradient does)."""
-        counts = routed.sum(dim=0)
-        dropped = (counts.sum() - kept.sum()).reshape(1) if self.cfg.moe.capacity_factor is not None else None
-        if self.split is not None:  # each rank's shares add up to the whole over TP and average over CP
-            packed = [counts.to(torch.float64)]
-            packed += [t.detach().reshape(1).to(torch.float64) for t in (aux, z, dropped) if t is not None]
-            total = self.split.sum(torch.cat(packed))
-            rest = iter(total[counts.numel() :])
-            counts = total[: counts.numel()].round().to(counts.dtype)
-            aux = next(rest) / self.split.cp_size if aux is not None else None
-            z = next(rest) / self.split.cp_size if z is not None else None
-            dropped = next(rest).round() if dropped is not None else None
-        self.stats.record(counts, aux, z, dropped)
 
     def step(self, hidden: torch.Tensor, cache: dict) -> torch.Tensor:
         return self.forward(hidden.unsqueeze(1)).squeeze(1)

@@ -30,7 +30,16 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mambatron.config import ModelConfig
-from mambatron.models.moe import AttachAuxLoss, Experts, MoE, MoEStats, SequenceSplit, route, router_losses
+from mambatron.models.moe import (
+    AttachAuxLoss,
+    Experts,
+    MoE,
+    MoEStats,
+    record_routing,
+    route,
+    router_losses,
+    sequence_split,
+)  # fmt: skip
 from mambatron.parallel import cpu_shims
 
 # megatron-core refers to Transformer Engine's router GEMM by a name that exists only when TE is installed.
@@ -135,8 +144,7 @@ class ExpertParallelMoE(MoELayer):
         self.layer_idx = layer_idx
         self.first_expert = self.local_expert_indices[0]
         self.stats = MoEStats(cfg)
-        split = (cp, proj.tp_group if sequence_parallel else None)
-        self.split = SequenceSplit(*split) if split != (None, None) else None
+        self.split = sequence_split(cp, proj.tp_group if sequence_parallel else None)
         if cfg.moe.bias_update_rate > 0:  # auxiliary-loss-free balancing, as the one-process layer's (same name)
             self.register_buffer("expert_bias", torch.zeros(cfg.moe.num_experts, dtype=torch.float32))
             self.step_tokens: torch.Tensor | None = None
@@ -156,10 +164,7 @@ class ExpertParallelMoE(MoELayer):
                 _, routed = route(logits, self.cfg, getattr(self, "expert_bias", None))  # out[1]: after dropping
                 # Under sequence parallelism each TP rank holds a block of the sequence: the metrics add up the
                 # group's shares, as the one-process layer's do.
-                MoE._record(self, routed, out[1], *router_losses(logits, self.cfg, self.split))
-                if self.cfg.moe.bias_update_rate > 0:  # the tokens each expert took, for update_expert_biases
-                    counts = out[1].sum(dim=0).detach()
-                    self.step_tokens = counts if self.step_tokens is None else self.step_tokens + counts
+                record_routing(self, routed, out[1], *router_losses(logits, self.cfg, self.split))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
