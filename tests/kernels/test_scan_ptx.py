@@ -1,11 +1,19 @@
-"""The selective-scan backward as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
-with its bundled ptxas, in a subprocess without the interpreter. The backward's inline PTX runs only on a GPU; here a
-syntax slip in it, a register blow-up past the cap, or a regression to what it replaced fails without one.
+"""The selective-scan kernels as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
+with its bundled ptxas, in a subprocess without the interpreter. The inline PTX runs only on a GPU; here a syntax slip
+in it, a register blow-up past the cap, a layout it was not written for, or a regression to what it replaced fails
+without one.
 
 What the PTX is for (kernels/selective_scan/kernel.py, docs/benchmarks.md 2026-12-03): Triton lowers the adjoint's
-reverse ``tl.associative_scan`` by reversing the lanes of its inputs and outputs (``shfl.sync.bfly`` with lane mask
-31); the inline block scans with ``shfl.sync.down`` instead, and must not read ``%laneid`` (a special-register read on
-every state index's dependency chain made the first version slower than Triton's scan).
+reverse ``tl.associative_scan`` by reversing the lanes of its inputs and outputs; the backward's block scans with
+``shfl.sync.down`` instead, and must not read ``%laneid`` (a special-register read on every state index's dependency
+chain made the first version slower than Triton's scan). The forward's block stores the chunk's last state from the
+lane that holds it, where Triton's scan needed a masked tile store. Both blocks assume each lane holds 8 consecutive
+steps of one row: the compiler picks that layout for launches that ``api._use_asm`` admits (16-bit tiles, time
+strides 1, every other integer and pointer divisible by 16), so the kernels are compiled here specialized that way
+and the layout of the blocks' operands is checked; at run time the blocks check it again and trap.
+
+The counts asserted are those of the blocks themselves; what Triton emits for its own scan differs between Triton
+versions and is only compared where the difference is the point (exponentials).
 """
 
 import json
@@ -14,58 +22,86 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
-import json, re
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.selective_scan.kernel import _scan_bwd_kernel
+from kernels.selective_scan.kernel import _prefix_ptx, _scan_bwd_kernel, _scan_fwd_kernel
 
-fn = _scan_bwd_kernel
-types = {name: "*bf16" for name in ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr",
-                                    "dz_ptr")}
-constants = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_DLAST=False, HAS_SEQ_IDX=True,
-                 CHUNK=256, BLOCK_D=1, BLOCK_N=16)
+which = sys.argv[1]
+flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_N=16)
+if which == "forward":
+    fn = _scan_fwd_kernel
+    bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"}
+    variants = {str(p): dict(flags, HAS_H0=False, CHUNK=64, BLOCK_D=4, SAVE_EVERY=4, PREFIX_PTX=_prefix_ptx(8) if p
+                             else "") for p in (False, True)}
+else:
+    fn = _scan_bwd_kernel
+    bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
+    variants = {str(p): dict(flags, HAS_DLAST=False, CHUNK=256, BLOCK_D=1, USE_ASM=p) for p in (False, True)}
 out = {}
-for use_asm in (False, True):
-    cx = dict(constants, USE_ASM=use_asm)
-    signature = {}
-    for name in fn.arg_names:
+for key, constants in variants.items():
+    signature, attrs, cx = {}, {}, dict(constants)
+    for i, name in enumerate(fn.arg_names):
         if name in cx:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = types.get(name, "*i32" if name == "seq_idx_ptr" else "*fp32")
+        elif name.startswith("s_") and name.endswith("_l"):  # time strides: 1, as api.py hands them over
+            signature[name] = "constexpr"
+            cx[name] = 1
         else:
-            signature[name] = "i32"
-    src = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in cx.items()})
+            if name.endswith("_ptr"):
+                signature[name] = "*bf16" if name in bf16 else ("*i32" if name == "seq_idx_ptr" else "*fp32")
+            else:
+                signature[name] = "i32"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in cx.items()}, attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1, maxnreg=128))
-    ptx = kernel.asm["ptx"]
-    out[str(use_asm)] = {
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, flags=re.M))
+    out[key] = {
         "cubin_bytes": len(kernel.asm["cubin"]),
-        "lane_reversals": len(re.findall(r"shfl\.sync\.bfly\.b32\s+%r\d+, %r\d+, 31, 31", ptx)),
+        "asm_layouts": [layouts.get(n, n) for n in re.findall(r"inline_asm.*-> tensor<\w+, (#\w+)>", ttgir)],
+        "shuffles_up": ptx.count("shfl.sync.up.b32"),
         "shuffles_down": ptx.count("shfl.sync.down.b32"),
         "laneid_reads": ptx.count("%laneid"),
+        "traps": ptx.count("trap;"),
         "exponentials": len(re.findall(r"ex2\.approx", ptx)),
     }
 print(json.dumps(out))
 """
 
 
-def test_backward_compiles_for_sm90_with_and_without_its_ptx():
+def compile_in_subprocess(which: str) -> tuple[dict, dict]:
+    """(Triton's scan, the inline PTX) compile summaries of the forward or the backward."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, which], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     triton_scan, ptx_scan = got["False"], got["True"]
     assert triton_scan["cubin_bytes"] > 0 and ptx_scan["cubin_bytes"] > 0  # ptxas accepted both
-    # Triton's reverse scan: 2 inputs and 2 outputs of 8 registers, each reversed over the lanes.
-    assert triton_scan["lane_reversals"] == 32 and triton_scan["shuffles_down"] == 0, triton_scan
-    # The inline block: no lane reversal, its own shuffles down (5 levels x 2 + 2 exclusive + 1 for a_{t+1}), no
-    # %laneid, and one exponential per step fewer (a_{t+1} is the neighbour's a_t).
-    assert ptx_scan["lane_reversals"] == 0 and ptx_scan["shuffles_down"] == 13, ptx_scan
-    assert ptx_scan["laneid_reads"] == 0
-    assert ptx_scan["exponentials"] < triton_scan["exponentials"], (ptx_scan, triton_scan)
+    assert triton_scan["asm_layouts"] == [] and triton_scan["traps"] == 0
+    # One block, on operands that hold 8 consecutive steps per lane, and checked again at run time.
+    assert len(ptx_scan["asm_layouts"]) == 1 and "sizePerThread = [1, 8]" in ptx_scan["asm_layouts"][0], ptx_scan
+    assert ptx_scan["traps"] == 1 and ptx_scan["laneid_reads"] == 0, ptx_scan
+    return triton_scan, ptx_scan
+
+
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_compiles_for_sm90_with_and_without_its_ptx(which):
+    triton_scan, ptx_scan = compile_in_subprocess(which)
+    if which == "forward":
+        # 4 rows of 8 lanes: 3 levels x 2 shuffles up + 2 for the exclusive prefix, none down; the same exponentials.
+        assert ptx_scan["shuffles_up"] == 8 and ptx_scan["shuffles_down"] == 0, ptx_scan
+        assert ptx_scan["exponentials"] == triton_scan["exponentials"]
+    else:
+        # 5 levels x 2 shuffles down + 2 exclusive + 1 for a_{t+1}; one exponential per step fewer (a_{t+1} is the
+        # neighbouring lane's a_t instead of a second tile's exponential).
+        assert ptx_scan["shuffles_down"] == 13, ptx_scan
+        assert ptx_scan["exponentials"] < triton_scan["exponentials"], (ptx_scan, triton_scan)
