@@ -33,20 +33,15 @@ _GPU_FWD = dict(CHUNK=64, BLOCK_D=4, num_warps=1, maxnreg=128)
 _GPU_BWD = dict(CHUNK=256, BLOCK_D=1, num_warps=1, maxnreg=128)
 
 
-def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None, backward: bool = False) -> bool:
-    """Whether a kernel runs its inline-PTX scan (kernel.py): only at GPU tilings where each lane holds 8 consecutive
-    steps of one row and a row lies inside one warp (the backward's PTX: one row of 256 steps per warp). The compiler
-    picks 8 steps per lane for 16-bit tiles whose rows it can prove 16-byte aligned, which it derives from the
-    arguments it specializes: data pointers aligned to 16 bytes, strides and the length divisible by 16. Elsewhere,
-    and with ``MAMBATRON_SCAN_ASM=0``, the kernels run Triton's scan (same results). The PTX itself stops the kernel
-    (``trap``) if a lane's 8 values are not consecutive steps, rather than scan them wrongly."""
-    chunk, rows, warps = cfg["CHUNK"], cfg["BLOCK_D"], cfg["num_warps"]
-    if backward:
-        tiling = (chunk, rows, warps) == (256, 1, 1)
-    else:
-        tiling = chunk in (64, 128, 256) and rows * chunk == 256 * warps
+def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether the backward runs its inline-PTX adjoint (kernel.py): only at the GPU tiling where each lane holds 8
+    consecutive steps of the one row of 256 (one warp, BLOCK_D 1). The compiler picks 8 steps per lane for 16-bit
+    tiles whose rows it can prove 16-byte aligned, which it derives from the arguments it specializes: data pointers
+    aligned to 16 bytes, strides and the length divisible by 16 (without that, Triton 3.9 gives each lane 8 steps 32
+    apart). Elsewhere, and with ``MAMBATRON_SCAN_ASM=0``, the backward runs Triton's scan (same results). The PTX
+    itself stops the kernel (``trap``) if a lane's 8 values are not consecutive steps, rather than scan them wrongly."""
     return (
-        tiling
+        (cfg["CHUNK"], cfg["BLOCK_D"], cfg["num_warps"]) == (256, 1, 1)
         and os.environ.get("TRITON_INTERPRET") != "1"
         and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
         and seqlen % 16 == 0
@@ -78,7 +73,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     every chunk start, which is all :func:`scan_backward` needs besides the inputs."""
     # Triton is imported on first use, not with the package: the interpreter only works if TRITON_INTERPRET is
     # set before triton itself is imported, and CPU-only users of the reference should not pay for the import.
-    from .kernel import _prefix_ptx, _scan_fwd_kernel
+    from .kernel import _scan_fwd_kernel
 
     batch, dim, seqlen = u.shape
     groups, dstate = B.shape[1], A.shape[1]
@@ -104,7 +99,6 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         HAS_H0=initial_state is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         SAVE_EVERY=bwd_chunk // cfg["CHUNK"],
-        PREFIX_PTX=_prefix_ptx(cfg["CHUNK"] // 8) if _use_asm(cfg, seqlen, u, delta, B, C, z, out) else "",
         **cfg,
     )  # fmt: skip
     return out, last_state, chunk_states
@@ -150,7 +144,7 @@ def scan_backward(
         DELTA_SOFTPLUS=delta_softplus,
         HAS_DLAST=dlast is not None,
         HAS_SEQ_IDX=seq_idx is not None,
-        USE_ASM=_use_asm(cfg, seqlen, u, delta, B, C, z, dout, du, ddelta, backward=True),
+        USE_ASM=_use_asm(cfg, seqlen, u, delta, B, C, z, dout, du, ddelta),
         **cfg,
     )  # fmt: skip
     dD = dD_part.sum(0) if D is not None else None

@@ -16,8 +16,6 @@ slower); A is (dim, dstate) contiguous. Channel d of group g is g * P + p with P
 is computed in fp32 and cast on store.
 """
 
-import functools
-
 import triton
 import triton.language as tl
 
@@ -51,7 +49,7 @@ def _adjoint_ptx() -> str:
         ".reg .f32 A<8>, B<8>, sa, sb, ta, tb, x, e;",
         ".reg .pred last, ok, first, apart;",
         ".reg .u32 span;",
-        "sub.u32 span, $55, $48;",  # 8 consecutive steps per lane, or stop (as in _prefix_ptx)
+        "sub.u32 span, $55, $48;",  # a lane's 8 values are consecutive steps, or the kernel stops (api._use_asm)
         "setp.ne.u32 apart, span, 7;",
         "@apart trap;",
         "setp.eq.u32 last, $48, 248;",
@@ -90,68 +88,6 @@ def _adjoint_asm(a, c, a_edge, dh_seed, dh_first_ptr, offs):
         is_pure=False,
         pack=8,
     )
-
-
-# The forward's scan as inline PTX, at tilings where each lane holds 8 consecutive steps of one row and a row spans
-# ``width`` lanes (CHUNK // 8): an in-lane prefix, a prefix over the row's lanes with ``shfl.up`` inside segments of
-# ``width`` lanes, then the state entering the chunk applied. Triton's scan does the same shuffles but adds a select per
-# element and level, and the chunk's last state had to leave through a masked tile store, which Triton lowered to a
-# shared-memory layout conversion and a barrier per state index; here the lane holding the row's last step stores it.
-#   $0-$7 hs (out); $8-$15 a_t; $16-$23 b_t; $24-$31 the state entering the chunk; $32-$39 the address for the state
-#   after the chunk's last step; $40-$47 the time offsets in the chunk.
-@functools.lru_cache
-def _prefix_ptx(width: int) -> str:
-    """The block's text for rows of ``width`` lanes: A_r, B_r hold the in-lane prefix (the map from the state
-    entering the lane's first step to the one after its step r), (sa, sb) the prefix over lanes, e the state entering
-    the lane."""
-    segment = (32 - width) << 8  # shfl.up's segment mask: a lane only reads lanes of its own row
-    in_lane = [
-        f"mul.f32 A{r}, ${8 + r}, A{r - 1};\nfma.rn.f32 B{r}, ${8 + r}, B{r - 1}, ${16 + r};" for r in range(1, 8)
-    ]
-    over_lanes = [
-        f"shfl.sync.up.b32 ta|ok, sa, {d}, {segment}, -1;\nshfl.sync.up.b32 tb, sb, {d}, {segment}, -1;\n"
-        "@ok fma.rn.f32 sb, sa, tb, sb;\n@ok mul.f32 sa, sa, ta;"
-        for d in (1, 2, 4, 8, 16)
-        if d < width
-    ]
-    lines = [
-        "{",
-        ".reg .f32 A<8>, B<8>, sa, sb, ta, tb, e;",
-        ".reg .pred last, ok, apart;",
-        ".reg .u32 span;",
-        # A lane whose 8 values are not consecutive steps (a layout this block was not written for) stops the kernel
-        # rather than return a wrong scan.
-        "sub.u32 span, $47, $40;",
-        "setp.ne.u32 apart, span, 7;",
-        "@apart trap;",
-        f"setp.eq.u32 last, $47, {8 * width - 1};",
-        "mov.f32 A0, $8;",
-        "mov.f32 B0, $16;",
-        *in_lane,
-        "mov.f32 sa, A7;",
-        "mov.f32 sb, B7;",
-        *over_lanes,
-        f"shfl.sync.up.b32 ta|ok, sa, 1, {segment}, -1;",  # exclusive: the prefix of the lanes to the left
-        f"shfl.sync.up.b32 tb, sb, 1, {segment}, -1;",
-        "fma.rn.f32 e, ta, $24, tb;",
-        "selp.f32 e, e, $24, ok;",
-        *(f"fma.rn.f32 ${r}, A{r}, e, B{r};" for r in range(8)),
-        "@last st.global.f32 [$32], $7;",
-        "}",
-    ]
-    return "\n".join(lines)
-
-
-_PREFIX_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["f"] * 24 + ["l"] * 8 + ["r"] * 8))
-
-
-@triton.jit
-def _prefix_asm(a, b, h_in, h_last_ptr, offs, PTX: tl.constexpr):
-    """h_t = a_t * h_{t-1} + b_t over a (rows, CHUNK) tile from h_in (the state entering the chunk, broadcast along
-    time) with PTX = ``_prefix_ptx(CHUNK // 8)``; the lane holding a row's last step also stores h there to
-    h_last_ptr."""
-    return tl.inline_asm_elementwise(PTX, _PREFIX_CONSTRAINTS, [a, b, h_in, h_last_ptr, offs], dtype=tl.float32,
-                                     is_pure=False, pack=8)  # fmt: skip
 
 
 @triton.jit
@@ -239,7 +175,6 @@ def _scan_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SAVE_EVERY: tl.constexpr,
-    PREFIX_PTX: tl.constexpr,
 ):  # fmt: skip
     """chunk_states (batch, dim, cdiv(nchunks, SAVE_EVERY), dstate) fp32 receives the state entering every
     SAVE_EVERY-th chunk (the backward's chunks), last_state (batch, dim, dstate) the final one. The state passes from
@@ -295,12 +230,15 @@ def _scan_fwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        if HAS_SEQ_IDX:
-            starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         h_here = hbuf_row + (c % 2) * half
         h_next = hbuf_row + ((c + 1) % 2) * half
+        # The backward reads the state entering each of its chunks, SAVE_EVERY of ours.
+        nxt = offs_t * 0 + c + 1  # (as a tensor, so that the mask is one in the interpreter too)
+        save = mask_d[:, None] & is_last & ((nxt % SAVE_EVERY == 0) & (nxt < nchunks))[None, :]
+        h_save = cs_row + ((c + 1) // SAVE_EVERY) * dstate
         # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks. B and C of
         # the next state index are loaded one iteration ahead, so their latency hides behind this one's scan.
         B_next = _bcast_rows(B_bg, t * s_B_l, io_mask, BLOCK_D)
@@ -312,27 +250,16 @@ def _scan_fwd_kernel(
             n_next = (n + 1) % dstate  # the last iteration reloads row 0 (an L1 hit) rather than branch
             B_next = _bcast_rows(B_bg + n_next * s_B_n, t * s_B_l, io_mask, BLOCK_D)
             C_next = _bcast_rows(C_bg + n_next * s_C_n, t * s_C_l, io_mask, BLOCK_D)
-            a = tl.exp2(dt * A2_n[:, None])
-            if HAS_SEQ_IDX:
-                a = tl.where(starts, 0.0, a)
+            a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
+            a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
             h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
-            if PREFIX_PTX != "":
-                # The lane holding each row's last step stores the state after the chunk (padded steps have a = 1
-                # and b = 0, so that is the last column).
-                hs = _prefix_asm(a, dtu * B_n, h_n[:, None], (h_next + n).to(tl.int64)[:, None], offs_t[None, :],
-                                 PREFIX_PTX)  # fmt: skip
-            else:
-                a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
-                hs = a_cum * h_n[:, None] + b_cum
-                # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
-                # Only the lanes holding the last step store; a tile store is cheaper than reducing the tile to it.
-                tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=mask_d[:, None] & is_last)
+            hs = a_cum * h_n[:, None] + b_cum
             y += hs * C_n
+            # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
+            # Only the lanes holding the last step store; a tile store is cheaper than reducing the tile to it.
+            tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=mask_d[:, None] & is_last)
+            tl.store(h_save[:, None] + n + offs_t[None, :] * 0, hs, mask=save)
         tl.debug_barrier()  # the states just stored are read by other lanes in the next chunk
-        # The backward reads the state entering each of its chunks, SAVE_EVERY of ours: copied once per such chunk.
-        if ((c + 1) % SAVE_EVERY == 0) & (c + 1 < nchunks):
-            h = tl.load(h_next[:, None] + offs_n[None, :], mask=mask_dn, other=0.0)
-            tl.store(cs_row[:, None] + ((c + 1) // SAVE_EVERY) * dstate + offs_n[None, :], h, mask=mask_dn)
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:

@@ -1,4 +1,4 @@
-"""The selective-scan kernels as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
+"""The selective-scan backward as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
 with its bundled ptxas, in a subprocess without the interpreter. The inline PTX runs only on a GPU; here a syntax slip
 in it, a register blow-up past the cap, a layout it was not written for, or a regression to what it replaced fails
 without one.
@@ -6,13 +6,12 @@ without one.
 What the PTX is for (kernels/selective_scan/kernel.py, docs/benchmarks.md 2026-12-03): Triton lowers the adjoint's
 reverse ``tl.associative_scan`` by reversing the lanes of its inputs and outputs; the backward's block scans with
 ``shfl.sync.down`` instead, and must not read ``%laneid`` (a special-register read on every state index's dependency
-chain made the first version slower than Triton's scan). The forward's block stores the chunk's last state from the
-lane that holds it, where Triton's scan needed a masked tile store. Both blocks assume each lane holds 8 consecutive
-steps of one row: the compiler picks that layout for launches that ``api._use_asm`` admits (16-bit tiles, time
-strides 1, every other integer and pointer divisible by 16), so the kernels are compiled here specialized that way
-and the layout of the blocks' operands is checked; at run time the blocks check it again and trap.
+chain made the first version slower than Triton's scan). The block assumes each lane holds 8 consecutive steps: the
+compiler picks that layout for launches that ``api._use_asm`` admits (16-bit tiles, time strides 1, every other
+integer and pointer divisible by 16), so the kernel is compiled here specialized that way and the layout of the
+block's operands is checked; at run time the block checks it again and traps.
 
-The counts asserted are those of the blocks themselves; what Triton emits for its own scan differs between Triton
+The counts asserted are those of the block itself; what Triton emits for its own scan differs between Triton
 versions and is only compared where the difference is the point (exponentials).
 """
 
@@ -22,8 +21,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r"""
@@ -31,19 +28,13 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.selective_scan.kernel import _prefix_ptx, _scan_bwd_kernel, _scan_fwd_kernel
+from kernels.selective_scan.kernel import _scan_bwd_kernel
 
-which = sys.argv[1]
-flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_N=16)
-if which == "forward":
-    fn = _scan_fwd_kernel
-    bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "out_ptr"}
-    variants = {str(p): dict(flags, HAS_H0=False, CHUNK=64, BLOCK_D=4, SAVE_EVERY=4, PREFIX_PTX=_prefix_ptx(8) if p
-                             else "") for p in (False, True)}
-else:
-    fn = _scan_bwd_kernel
-    bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
-    variants = {str(p): dict(flags, HAS_DLAST=False, CHUNK=256, BLOCK_D=1, USE_ASM=p) for p in (False, True)}
+fn = _scan_bwd_kernel
+bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
+flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_N=16,
+             HAS_DLAST=False, CHUNK=256, BLOCK_D=1)
+variants = {str(p): dict(flags, USE_ASM=p) for p in (False, True)}
 out = {}
 for key, constants in variants.items():
     signature, attrs, cx = {}, {}, dict(constants)
@@ -76,11 +67,10 @@ print(json.dumps(out))
 """
 
 
-def compile_in_subprocess(which: str) -> tuple[dict, dict]:
-    """(Triton's scan, the inline PTX) compile summaries of the forward or the backward."""
+def test_backward_compiles_for_sm90_with_and_without_its_ptx():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, which], capture_output=True, text=True, env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
                           timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -90,18 +80,7 @@ def compile_in_subprocess(which: str) -> tuple[dict, dict]:
     # One block, on operands that hold 8 consecutive steps per lane, and checked again at run time.
     assert len(ptx_scan["asm_layouts"]) == 1 and "sizePerThread = [1, 8]" in ptx_scan["asm_layouts"][0], ptx_scan
     assert ptx_scan["traps"] == 1 and ptx_scan["laneid_reads"] == 0, ptx_scan
-    return triton_scan, ptx_scan
-
-
-@pytest.mark.parametrize("which", ["forward", "backward"])
-def test_compiles_for_sm90_with_and_without_its_ptx(which):
-    triton_scan, ptx_scan = compile_in_subprocess(which)
-    if which == "forward":
-        # 4 rows of 8 lanes: 3 levels x 2 shuffles up + 2 for the exclusive prefix, none down; the same exponentials.
-        assert ptx_scan["shuffles_up"] == 8 and ptx_scan["shuffles_down"] == 0, ptx_scan
-        assert ptx_scan["exponentials"] == triton_scan["exponentials"]
-    else:
-        # 5 levels x 2 shuffles down + 2 exclusive + 1 for a_{t+1}; one exponential per step fewer (a_{t+1} is the
-        # neighbouring lane's a_t instead of a second tile's exponential).
-        assert ptx_scan["shuffles_down"] == 13, ptx_scan
-        assert ptx_scan["exponentials"] < triton_scan["exponentials"], (ptx_scan, triton_scan)
+    # 5 levels x 2 shuffles down + 2 exclusive + 1 for a_{t+1}; one exponential per step fewer (a_{t+1} is the
+    # neighbouring lane's a_t instead of a second tile's exponential).
+    assert ptx_scan["shuffles_down"] == 13, ptx_scan
+    assert ptx_scan["exponentials"] < triton_scan["exponentials"], (ptx_scan, triton_scan)
