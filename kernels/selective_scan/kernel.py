@@ -230,15 +230,12 @@ def _scan_fwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        if HAS_SEQ_IDX:
+            starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         h_here = hbuf_row + (c % 2) * half
         h_next = hbuf_row + ((c + 1) % 2) * half
-        # The backward reads the state entering each of its chunks, SAVE_EVERY of ours.
-        nxt = offs_t * 0 + c + 1  # (as a tensor, so that the mask is one in the interpreter too)
-        save = mask_d[:, None] & is_last & ((nxt % SAVE_EVERY == 0) & (nxt < nchunks))[None, :]
-        h_save = cs_row + ((c + 1) // SAVE_EVERY) * dstate
         # One state index at a time: (BLOCK_D, CHUNK) tiles keep registers low enough for long chunks. B and C of
         # the next state index are loaded one iteration ahead, so their latency hides behind this one's scan.
         B_next = _bcast_rows(B_bg, t * s_B_l, io_mask, BLOCK_D)
@@ -250,16 +247,22 @@ def _scan_fwd_kernel(
             n_next = (n + 1) % dstate  # the last iteration reloads row 0 (an L1 hit) rather than branch
             B_next = _bcast_rows(B_bg + n_next * s_B_n, t * s_B_l, io_mask, BLOCK_D)
             C_next = _bcast_rows(C_bg + n_next * s_C_n, t * s_C_l, io_mask, BLOCK_D)
-            a = tl.where(starts, 0.0, tl.exp2(dt * A2_n[:, None]))
-            a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
+            a = tl.exp2(dt * A2_n[:, None])
+            if HAS_SEQ_IDX:
+                a = tl.where(starts, 0.0, a)
             h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
+            a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
             hs = a_cum * h_n[:, None] + b_cum
-            y += hs * C_n
             # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
             # Only the lanes holding the last step store; a tile store is cheaper than reducing the tile to it.
             tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=mask_d[:, None] & is_last)
-            tl.store(h_save[:, None] + n + offs_t[None, :] * 0, hs, mask=save)
+            y += hs * C_n
         tl.debug_barrier()  # the states just stored are read by other lanes in the next chunk
+        # The backward reads the state entering each of its chunks, SAVE_EVERY of ours: copied from the state buffer
+        # once per such chunk (a masked tile store per state index cost more, measured on an H200).
+        if ((c + 1) % SAVE_EVERY == 0) & (c + 1 < nchunks):
+            h = tl.load(h_next[:, None] + offs_n[None, :], mask=mask_dn, other=0.0)
+            tl.store(cs_row[:, None] + ((c + 1) // SAVE_EVERY) * dstate + offs_n[None, :], h, mask=mask_dn)
         if HAS_D:
             y += Dv[:, None] * u
         if HAS_Z:
