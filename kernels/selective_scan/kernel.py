@@ -116,7 +116,7 @@ def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.
 
 @triton.jit
 def _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX: tl.constexpr):
-    """(CHUNK,) whether a document starts at t (its state must not see the previous token's)."""
+    """(CHUNK,) whether a document starts at t (its state must not see the previous token's); never without seq_idx."""
     if HAS_SEQ_IDX:
         in_seq = (t > 0) & (t < seqlen)
         doc = tl.load(seq_ptr + t, mask=in_seq, other=0)
@@ -124,6 +124,16 @@ def _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX: tl.constexpr):
         return doc != prev
     else:
         return t < 0
+
+
+@triton.jit
+def _decay(x2, starts, HAS_SEQ_IDX: tl.constexpr):
+    """2^x2, zero where a document starts. Without seq_idx there is no select at all (``starts`` is then unused and
+    compiled away): a select per element and state index the compiler cannot drop by itself."""
+    a = tl.exp2(x2)
+    if HAS_SEQ_IDX:
+        a = tl.where(starts, 0.0, a)
+    return a
 
 
 @triton.jit
@@ -230,8 +240,7 @@ def _scan_fwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
-        if HAS_SEQ_IDX:
-            starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         h_here = hbuf_row + (c % 2) * half
@@ -247,9 +256,7 @@ def _scan_fwd_kernel(
             n_next = (n + 1) % dstate  # the last iteration reloads row 0 (an L1 hit) rather than branch
             B_next = _bcast_rows(B_bg + n_next * s_B_n, t * s_B_l, io_mask, BLOCK_D)
             C_next = _bcast_rows(C_bg + n_next * s_C_n, t * s_C_l, io_mask, BLOCK_D)
-            a = tl.exp2(dt * A2_n[:, None])
-            if HAS_SEQ_IDX:
-                a = tl.where(starts, 0.0, a)
+            a = _decay(dt * A2_n[:, None], starts, HAS_SEQ_IDX)
             h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
             a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
             hs = a_cum * h_n[:, None] + b_cum
@@ -393,22 +400,19 @@ def _scan_bwd_kernel(
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt_ptrs = dt_row[:, None] + t[None, :] * s_dt_l
         dt, _ = _load_dt(dt_ptrs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        if HAS_SEQ_IDX:
-            starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
+        starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         if USE_ASM:
             # dt at the next chunk's first step (0 past the end, so the last step receives dlast unchanged).
             t_edge = (c + 1) * CHUNK + tl.zeros((1,), dtype=tl.int32)
             edge_mask = mask_d[:, None] & (t_edge < seqlen)[None, :]
             dt_edge, _ = _load_dt(dt_row[:, None] + t_edge[None, :] * s_dt_l, edge_mask, bias, HAS_DELTA_BIAS,
                                   DELTA_SOFTPLUS)  # fmt: skip
-            if HAS_SEQ_IDX:
-                starts_edge = _doc_start(seq_ptr, t_edge, seqlen, HAS_SEQ_IDX)[None, :]
+            starts_edge = _doc_start(seq_ptr, t_edge, seqlen, HAS_SEQ_IDX)[None, :]
         else:
             # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
             next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
             dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-            if HAS_SEQ_IDX:
-                starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
+            starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         dtu = dt * u
         dy = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
@@ -440,9 +444,7 @@ def _scan_bwd_kernel(
             h_next = tl.load(h_here + n_next, mask=mask_d, other=0.0)
             dh_next = tl.load(dh_in + n_next, mask=mask_d, other=0.0)
             # Recompute the chunk's states for this n.
-            a = tl.exp2(dt * (A_n * LOG2E)[:, None])
-            if HAS_SEQ_IDX:
-                a = tl.where(starts, 0.0, a)
+            a = _decay(dt * (A_n * LOG2E)[:, None], starts, HAS_SEQ_IDX)
             b = dtu * B_n
             a_cum, b_cum = tl.associative_scan((a, b), 1, _first_order)
             hs = a_cum * h_n[:, None] + b_cum
@@ -452,14 +454,10 @@ def _scan_bwd_kernel(
             # adjoint at the chunk's first step is handed to the previous chunk. Channel blocks of a group share B
             # and C: their gradients meet in fp32 atomics.
             if USE_ASM:
-                a_edge = tl.exp2(dt_edge * (A_n * LOG2E)[:, None])
-                if HAS_SEQ_IDX:
-                    a_edge = tl.where(starts_edge, 0.0, a_edge)
+                a_edge = _decay(dt_edge * (A_n * LOG2E)[:, None], starts_edge, HAS_SEQ_IDX)
                 dhs = _adjoint_asm(a, dy * C_n, a_edge, dh_n[:, None], (dh_out + n).to(tl.int64), offs_t[None, :])
             else:
-                a_next = tl.exp2(dt_next * (A_n * LOG2E)[:, None])
-                if HAS_SEQ_IDX:
-                    a_next = tl.where(starts_next, 0.0, a_next)
+                a_next = _decay(dt_next * (A_n * LOG2E)[:, None], starts_next, HAS_SEQ_IDX)
                 a_rev, dy_rev = tl.associative_scan((a_next, dy * C_n), 1, _first_order, reverse=True)
                 dhs = dy_rev + a_rev * dh_n[:, None]
                 tl.store(dh_out + n, tl.sum(tl.where(is_first, dhs, 0.0), axis=1), mask=mask_d)

@@ -57,7 +57,6 @@ for key, constants in variants.items():
     out[key] = {
         "cubin_bytes": len(kernel.asm["cubin"]),
         "asm_layouts": [layouts.get(n, n) for n in re.findall(r"inline_asm.*-> tensor<\w+, (#\w+)>", ttgir)],
-        "shuffles_up": ptx.count("shfl.sync.up.b32"),
         "shuffles_down": ptx.count("shfl.sync.down.b32"),
         "laneid_reads": ptx.count("%laneid"),
         "traps": ptx.count("trap;"),
