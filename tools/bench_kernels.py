@@ -153,21 +153,26 @@ def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
     return torch.randn(*shape, device="cuda", dtype=torch.float32, generator=g).mul_(scale).to(dtype)
 
 
+def scan_inputs(batch, dim, seqlen, dstate):
+    """bf16 selective-scan inputs with z, D and Δ bias (+ softplus), as the Mamba1 mixer passes them
+    (tools/sweep_scan.py times its variants on the same)."""
+    return dict(
+        u=randn(batch, dim, seqlen, dtype=BF16, seed=1),
+        delta=randn(batch, dim, seqlen, dtype=BF16, scale=0.5, seed=2),
+        A=-torch.rand(dim, dstate, device="cuda") * 4 - 0.5,
+        B=randn(batch, dstate, seqlen, dtype=BF16, seed=3),
+        C=randn(batch, dstate, seqlen, dtype=BF16, seed=4),
+        D=randn(dim, seed=5),
+        z=randn(batch, dim, seqlen, dtype=BF16, seed=6),
+        delta_bias=randn(dim, scale=0.5, seed=7),
+        delta_softplus=True,
+    )
+
+
 def scan_section(copy_GBps):
     from mambatron.kernels.selective_scan import selective_scan_fn, selective_scan_fn_ref
 
-    def make(batch, dim, seqlen, dstate):
-        return dict(
-            u=randn(batch, dim, seqlen, dtype=BF16, seed=1),
-            delta=randn(batch, dim, seqlen, dtype=BF16, scale=0.5, seed=2),
-            A=-torch.rand(dim, dstate, device="cuda") * 4 - 0.5,
-            B=randn(batch, dstate, seqlen, dtype=BF16, seed=3),
-            C=randn(batch, dstate, seqlen, dtype=BF16, seed=4),
-            D=randn(dim, seed=5),
-            z=randn(batch, dim, seqlen, dtype=BF16, seed=6),
-            delta_bias=randn(dim, scale=0.5, seed=7),
-            delta_softplus=True,
-        )
+    make = scan_inputs
 
     theirs = try_import("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")
     rows = []

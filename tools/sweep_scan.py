@@ -14,35 +14,21 @@ with ``MAMBATRON_SCAN_ASM=0`` (Triton's scan where the backward would use its in
 """
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+from bench_kernels import BF16, scan_inputs  # tools/ is on the path when a tool runs as a script
+from sweep_ssd import results_writer
 
 DEFAULT_SHAPES = ["8,4096,2048,16", "8,4096,8192,16", "8,5120,2048,16"]  # Mamba1-1.4B, long, Mamba1-2.8B's d_inner
 DEFAULT_FWD = ["64,4,1,128", "64,4,1,96", "128,2,1,128", "256,1,1,128", "64,8,2,128", "32,8,1,128"]
 DEFAULT_BWD = ["256,1,1,128", "256,1,1,144", "256,2,2,128"]
-BF16 = torch.bfloat16
 
 
 def config_arg(text: str) -> dict:
     chunk, block_d, warps, maxnreg = (int(v) for v in text.split(","))
     return dict(CHUNK=chunk, BLOCK_D=block_d, num_warps=warps, maxnreg=maxnreg)
-
-
-def make_inputs(batch, dim, seqlen, dstate, device="cuda"):
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape, scale=1.0, dtype=BF16):
-        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
-
-    return dict(
-        u=randn(batch, dim, seqlen), delta=randn(batch, dim, seqlen, scale=0.5),
-        A=-torch.rand(dim, dstate, device=device, generator=g) * 4 - 0.5, B=randn(batch, dstate, seqlen),
-        C=randn(batch, dstate, seqlen), D=randn(dim, dtype=torch.float32), z=randn(batch, dim, seqlen),
-        delta_bias=randn(dim, scale=0.5, dtype=torch.float32),
-    )  # fmt: skip
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,21 +41,23 @@ def sweep_shape(shape, args, emit, theirs) -> None:
 
     from mambatron.kernels.selective_scan import api, selective_scan_fn
 
-    inputs = make_inputs(*shape)
+    inputs = scan_inputs(*shape)
+    softplus = inputs.pop("delta_softplus")
     leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
     dout = torch.randn(shape[:3], device="cuda", generator=torch.Generator("cuda").manual_seed(1)).to(BF16)
 
     def forward(fn=selective_scan_fn):
-        return fn(**inputs, delta_softplus=True)
+        return fn(**inputs, delta_softplus=softplus)
 
     def forward_backward(fn=selective_scan_fn):
-        out = fn(**leaves, delta_softplus=True)
+        out = fn(**leaves, delta_softplus=softplus)
         return (out, *torch.autograd.grad(out, list(leaves.values()), dout))
 
     if theirs is not None:
         emit(what="mamba_ssm_scan", shape=shape, fwd_ms=do_bench(lambda: forward(theirs), return_mode="median"),
              fwd_bwd_ms=do_bench(lambda: forward_backward(theirs), return_mode="median"))  # fmt: skip
     expected_fwd, expected_all = forward(), forward_backward()
+    user_asm = os.environ.get("MAMBATRON_SCAN_ASM")
     for kind, texts, table in (("fwd", args.fwd, api._GPU_FWD), ("bwd", args.bwd, api._GPU_BWD)):
         default = dict(table)
         for text in texts:
@@ -93,6 +81,8 @@ def sweep_shape(shape, args, emit, theirs) -> None:
         table.clear()
         table.update(default)
         os.environ.pop("MAMBATRON_SCAN_ASM", None)
+        if user_asm is not None:
+            os.environ["MAMBATRON_SCAN_ASM"] = user_asm
 
 
 def main(argv=None) -> int:
@@ -112,11 +102,7 @@ def main(argv=None) -> int:
     sys.path[:0] = [d for d in args.extra_path.split(":") if d]
     from mambatron.kernels.selective_scan import api
 
-    def emit(**row):
-        print("RESULT " + json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
+    emit = results_writer(args.out)
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as theirs
     except ImportError as e:

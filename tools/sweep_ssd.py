@@ -58,6 +58,17 @@ def make_inputs(device="cuda"):
                 prev_states=prev_states, dstates=dstates)  # fmt: skip
 
 
+def results_writer(path: str):
+    """emit(**row): print a ``RESULT`` JSON line and append it to path (tools/sweep_scan.py writes the same way)."""
+
+    def emit(**row):
+        print("RESULT " + json.dumps(row), flush=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return emit
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="append RESULT JSON lines here")
@@ -75,10 +86,7 @@ def main(argv=None) -> int:
 
     from mambatron.kernels.ssd import chunk_scan
 
-    def emit(**row):
-        print("RESULT " + json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    emit = results_writer(args.out)
 
     def bench(fn):
         return do_bench(fn, warmup=25, rep=150, return_mode="median")
