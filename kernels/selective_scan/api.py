@@ -49,6 +49,13 @@ def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None) -> bool:
     )
 
 
+def _fwd_ptx() -> bool:
+    """Whether the forward runs its inline PTX (kernel._store_where, _log2, _silu): on a GPU unless
+    ``MAMBATRON_SCAN_ASM=0``. Unlike the backward's block it is correct at any tiling (each instruction works per
+    element)."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
+
+
 def _aligned_16bit(t: torch.Tensor) -> bool:
     return t.element_size() == 2 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1])
 
@@ -99,6 +106,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         HAS_H0=initial_state is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         SAVE_EVERY=bwd_chunk // cfg["CHUNK"],
+        PTX=_fwd_ptx(),
         **cfg,
     )  # fmt: skip
     return out, last_state, chunk_states

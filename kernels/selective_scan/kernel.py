@@ -91,9 +91,51 @@ def _adjoint_asm(a, c, a_edge, dh_seed, dh_first_ptr, offs):
 
 
 @triton.jit
-def _softplus(x):
+def _store_where(ptrs, values, keep):
+    """``@keep st.global.f32 [ptrs], values`` per element, in the values' own register layout (GPU only).
+
+    The forward stores a chunk's last state through a tile whose addresses repeat along each row (every step of a row
+    points at the same slot, only the last is kept). Given to ``tl.store`` with a mask, Triton assigns that store a
+    layout of its own and moves the tile into it through shared memory, with a barrier per state index; here each
+    element is stored where it is. ``keep`` is checked per element, so the result does not depend on how the compiler
+    lays out the tile (where it can prove an element never kept, the store is compiled away)."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p st.global.f32 [$3], $1; mov.u32 $0, 0; }",
+        "=r,f,r,l",
+        [values, keep, ptrs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _softplus(x, PTX: tl.constexpr = False):
     # log1p(exp(x)) written with exp2/log2; above 20 softplus(x) == x in fp32, and exp would overflow.
-    return tl.where(x > 20.0, x, tl.log2(1.0 + tl.exp2(x * 1.4426950408889634)) * 0.6931471805599453)
+    return tl.where(x > 20.0, x, _log2(1.0 + tl.exp2(x * 1.4426950408889634), PTX) * 0.6931471805599453)
+
+
+@triton.jit
+def _log2(x, PTX: tl.constexpr):
+    """log2 of x > 0. ``tl.log2`` compiles to libdevice's accurate log2 (about 12 FMAs after range reduction); with PTX
+    (GPU only) it is the SFU's ``lg2.approx`` (relative error ~2^-22), one instruction."""
+    if PTX:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def _silu(z, PTX: tl.constexpr):
+    """z * sigmoid(z). ``tl.sigmoid`` divides with ``div.full`` (a reciprocal and a correction); with PTX (GPU only)
+    ``div.approx`` (2 ulp; 0 once 1 + exp(-z) passes 2^126, where the exact value is below 2^-126 * |z|)."""
+    e = tl.exp2(z * -1.4426950408889634)
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "div.approx.f32 $0, $1, $2;", "=f,f,f", [z, 1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return z / (1.0 + e)
 
 
 @triton.jit
@@ -103,14 +145,14 @@ def _first_order(a1, b1, a2, b2):
 
 
 @triton.jit
-def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, PTX: tl.constexpr = False):
     """dt (and the pre-softplus value) at ptrs; zero where masked, so that a = 1 and b = 0 there."""
     raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
         raw += bias[:, None]
     dt = raw
     if DELTA_SOFTPLUS:
-        dt = _softplus(raw)
+        dt = _softplus(raw, PTX)
     return tl.where(mask, dt, 0.0), raw
 
 
@@ -185,12 +227,14 @@ def _scan_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SAVE_EVERY: tl.constexpr,
+    PTX: tl.constexpr,
 ):  # fmt: skip
     """chunk_states (batch, dim, cdiv(nchunks, SAVE_EVERY), dstate) fp32 receives the state entering every
     SAVE_EVERY-th chunk (the backward's chunks), last_state (batch, dim, dstate) the final one. The state passes from
     one chunk to the next through h_buf (2, batch, dim, dstate) fp32: stored by the lanes that hold the chunk's last
     step, read back by all of them after a barrier, in two halves so that no lane overwrites a value another lane
-    of the same chunk still has to read."""
+    of the same chunk still has to read. PTX (GPU only) stores those states with :func:`_store_where` and takes
+    softplus' log2 and the gate's division from the SFU's approximations (:func:`_log2`, :func:`_silu`)."""
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -233,12 +277,12 @@ def _scan_fwd_kernel(
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    is_last = (offs_t == CHUNK - 1)[None, :]
+    keep_last = (mask_d[:, None] & (offs_t == CHUNK - 1)[None, :]).to(tl.int32)
     for c in range(nchunks):
         t = c * CHUNK + offs_t
         mask_t = t < seqlen
         io_mask = mask_d[:, None] & mask_t[None, :]
-        dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        dt, _ = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, PTX)
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         dtu = dt * u
@@ -260,9 +304,12 @@ def _scan_fwd_kernel(
             h_n = tl.load(h_here + n, mask=mask_d, other=0.0)
             a_cum, b_cum = tl.associative_scan((a, dtu * B_n), 1, _first_order)
             hs = a_cum * h_n[:, None] + b_cum
-            # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk.
-            # Only the lanes holding the last step store; a tile store is cheaper than reducing the tile to it.
-            tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=mask_d[:, None] & is_last)
+            # Padded steps have a = 1 and b = 0, so the last column is the state after the chunk. Only the lanes
+            # holding the last step store; a tile store is cheaper than reducing the tile to it.
+            if PTX:
+                _store_where((h_next[:, None] + n + offs_t[None, :] * 0).to(tl.int64), hs, keep_last)
+            else:
+                tl.store(h_next[:, None] + n + offs_t[None, :] * 0, hs, mask=keep_last != 0)
             y += hs * C_n
         tl.debug_barrier()  # the states just stored are read by other lanes in the next chunk
         # The backward reads the state entering each of its chunks, SAVE_EVERY of ours: copied from the state buffer
@@ -274,7 +321,7 @@ def _scan_fwd_kernel(
             y += Dv[:, None] * u
         if HAS_Z:
             z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
-            y *= z * tl.sigmoid(z)
+            y *= _silu(z, PTX)
         tl.store(o_row[:, None] + t[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty), mask=io_mask)
     h = tl.load(hbuf_row[:, None] + (nchunks % 2) * half + offs_n[None, :], mask=mask_dn, other=0.0)
     tl.store(last_state_ptr + state_offs, h, mask=mask_dn)

@@ -1,4 +1,4 @@
-"""The selective-scan backward as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
+"""The selective-scan kernels as compiled for a GPU (sm_90), on any machine: Triton's own pipeline down to a cubin
 with its bundled ptxas, in a subprocess without the interpreter. The inline PTX runs only on a GPU; here a syntax slip
 in it, a register blow-up past the cap, a layout it was not written for, or a regression to what it replaced fails
 without one.
@@ -28,13 +28,12 @@ import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.selective_scan.kernel import _scan_bwd_kernel
+from kernels.selective_scan import kernel as kernels
 
-fn = _scan_bwd_kernel
-bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
-flags = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_N=16,
-             HAS_DLAST=False, CHUNK=256, BLOCK_D=1)
-variants = {str(p): dict(flags, USE_ASM=p) for p in (False, True)}
+# argv: the kernel, its constexpr flags, the flag that switches its PTX on and off
+fn, flags, switch = getattr(kernels, sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+bf16 = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "out_ptr"}
+variants = {str(p): dict(flags, **{switch: p}) for p in (False, True)}
 out = {}
 for key, constants in variants.items():
     signature, attrs, cx = {}, {}, dict(constants)
@@ -61,19 +60,49 @@ for key, constants in variants.items():
         "laneid_reads": ptx.count("%laneid"),
         "traps": ptx.count("trap;"),
         "exponentials": len(re.findall(r"ex2\.approx", ptx)),
+        "barriers": ptx.count("bar.sync"),
+        "shared_stores": len(re.findall(r"st\.shared|stmatrix", ptx)),
+        "sfu_log2": ptx.count("lg2.approx"),
+        "divisions": len(re.findall(r"div\.(?:full|rn)\.f32", ptx)),
     }
 print(json.dumps(out))
 """
 
 
-def test_backward_compiles_for_sm90_with_and_without_its_ptx():
+FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, HAS_SEQ_IDX=True, BLOCK_N=16)
+
+
+def compile_both(kernel: str, flags: dict, switch: str) -> tuple[dict, dict]:
+    """What the kernel compiles to for sm_90 without and with its PTX (the switch off and on)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, kernel, json.dumps(flags), switch], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    triton_scan, ptx_scan = got["False"], got["True"]
+    return got["False"], got["True"]
+
+
+def test_forward_ptx_stores_in_place_and_uses_the_sfu():
+    """The forward's chunk-state store (kernel._store_where) keeps the scanned tile where it is: a masked ``tl.store``
+    of it went through shared memory with a barrier once per state index (docs/benchmarks.md, 2026-12-03). Its asm
+    writes nothing through shared memory and adds no barrier. softplus' log2 and the gate's division are one SFU
+    instruction each instead of libdevice's log2 and a full-range division."""
+    flags = dict(FLAGS, HAS_H0=True, CHUNK=64, BLOCK_D=4, SAVE_EVERY=4)
+    triton_store, ptx_store = compile_both("_scan_fwd_kernel", flags, "PTX")
+    assert ptx_store["cubin_bytes"] > 0 and triton_store["cubin_bytes"] > 0
+    assert len(ptx_store["asm_layouts"]) == 3 and triton_store["asm_layouts"] == []  # store, log2, division
+    assert ptx_store["sfu_log2"] > 0 and ptx_store["divisions"] == 0, ptx_store
+    assert triton_store["sfu_log2"] == 0 and triton_store["divisions"] > 0, triton_store
+    # The tile store inside the loop over state indices is the one that goes: its barrier and its shared stores.
+    assert ptx_store["barriers"] == triton_store["barriers"] - 1, (ptx_store, triton_store)
+    assert ptx_store["shared_stores"] < triton_store["shared_stores"], (ptx_store, triton_store)
+    assert ptx_store["exponentials"] == triton_store["exponentials"]
+
+
+def test_backward_compiles_for_sm90_with_and_without_its_ptx():
+    flags = dict(FLAGS, HAS_DLAST=False, CHUNK=256, BLOCK_D=1)
+    triton_scan, ptx_scan = compile_both("_scan_bwd_kernel", flags, "USE_ASM")
     assert triton_scan["cubin_bytes"] > 0 and ptx_scan["cubin_bytes"] > 0  # ptxas accepted both
     assert triton_scan["asm_layouts"] == [] and triton_scan["traps"] == 0
     # One block, on operands that hold 8 consecutive steps per lane, and checked again at run time.
