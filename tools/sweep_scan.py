@@ -9,7 +9,7 @@ softplus, as in ``tools/bench_kernels.py``. Forward variants are timed forward o
 backward (gradients of every input) with the default forward. Every variant is checked against the default
 configuration's outputs and gradients first and gets no time if it differs by more than 2% (the defaults themselves
 are checked against the fp32 reference by ``bench_kernels.py --only scan``). ``--no-asm`` also times each variant
-with ``MAMBATRON_SCAN_ASM=0`` (Triton's scan where the backward would use its inline PTX). mamba_ssm's
+with ``MAMBATRON_SCAN_ASM=0`` (plain Triton where the kernels would use their inline PTX). mamba_ssm's
 ``selective_scan_fn`` is timed on the same inputs when importable. Prints and appends ``RESULT`` JSON lines.
 """
 
