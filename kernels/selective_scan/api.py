@@ -49,10 +49,10 @@ def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None) -> bool:
     )
 
 
-def _fwd_ptx() -> bool:
-    """Whether the forward runs its inline PTX (kernel._store_where, _log2, _silu): on a GPU unless
-    ``MAMBATRON_SCAN_ASM=0``. Unlike the backward's block it is correct at any tiling (each instruction works per
-    element)."""
+def _elementwise_ptx() -> bool:
+    """Whether the kernels run their per-element inline PTX (kernel._store_where, _log2, _silu, _sigmoid): on a GPU
+    unless ``MAMBATRON_SCAN_ASM=0``. Unlike the backward's adjoint block it is correct at any tiling (each instruction
+    works per element)."""
     return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
 
 
@@ -106,7 +106,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
         HAS_H0=initial_state is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         SAVE_EVERY=bwd_chunk // cfg["CHUNK"],
-        PTX=_fwd_ptx(),
+        PTX=_elementwise_ptx(),
         **cfg,
     )  # fmt: skip
     return out, last_state, chunk_states
@@ -153,6 +153,7 @@ def scan_backward(
         HAS_DLAST=dlast is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         USE_ASM=_use_asm(cfg, seqlen, u, delta, B, C, z, dout, du, ddelta),
+        PTX=_elementwise_ptx(),
         **cfg,
     )  # fmt: skip
     dD = dD_part.sum(0) if D is not None else None

@@ -126,6 +126,19 @@ def _log2(x, PTX: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(x, PTX: tl.constexpr):
+    """1 / (1 + exp(-x)); with PTX (GPU only) the reciprocal is the SFU's ``rcp.approx.ftz`` (1 ulp; 0 where the exact
+    value is below 2^-126) instead of ``tl.sigmoid``'s full-range division."""
+    if PTX:
+        e = tl.exp2(x * -1.4426950408889634)
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [1.0 + e], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.sigmoid(x)
+
+
+@triton.jit
 def _silu(z, PTX: tl.constexpr):
     """z * sigmoid(z). ``tl.sigmoid`` divides with ``div.full`` (a reciprocal and a correction); with PTX (GPU only)
     ``div.approx`` (2 ulp; 0 once 1 + exp(-z) passes 2^126, where the exact value is below 2^-126 * |z|)."""
@@ -376,6 +389,7 @@ def _scan_bwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_ASM: tl.constexpr,
+    PTX: tl.constexpr,
 ):  # fmt: skip
     """Gradients of one (batch row, group, channel block).
 
@@ -387,7 +401,8 @@ def _scan_bwd_kernel(
     indices instead of being held in registers across it.
     USE_ASM (GPU only: one warp, BLOCK_D 1, CHUNK 256, 16-bit inputs so that each lane holds 8 consecutive steps,
     seqlen a multiple of 8) runs the adjoint scan as the inline PTX above; a_{t+1} is then a
-    neighbour's a_t (one shuffle) instead of a second exponential of a second dt tile.
+    neighbour's a_t (one shuffle) instead of a second exponential of a second dt tile. PTX (GPU only) takes softplus'
+    log2 and the sigmoids from the SFU, as in the forward (so the recomputed dt is the forward's).
     """
     pid_b = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -446,26 +461,26 @@ def _scan_bwd_kernel(
         mask_t = t < seqlen
         io_mask = mask_d[:, None] & mask_t[None, :]
         dt_ptrs = dt_row[:, None] + t[None, :] * s_dt_l
-        dt, _ = _load_dt(dt_ptrs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        dt, _ = _load_dt(dt_ptrs, io_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, PTX)
         starts = _doc_start(seq_ptr, t, seqlen, HAS_SEQ_IDX)[None, :]
         if USE_ASM:
             # dt at the next chunk's first step (0 past the end, so the last step receives dlast unchanged).
             t_edge = (c + 1) * CHUNK + tl.zeros((1,), dtype=tl.int32)
             edge_mask = mask_d[:, None] & (t_edge < seqlen)[None, :]
             dt_edge, _ = _load_dt(dt_row[:, None] + t_edge[None, :] * s_dt_l, edge_mask, bias, HAS_DELTA_BIAS,
-                                  DELTA_SOFTPLUS)  # fmt: skip
+                                  DELTA_SOFTPLUS, PTX)  # fmt: skip
             starts_edge = _doc_start(seq_ptr, t_edge, seqlen, HAS_SEQ_IDX)[None, :]
         else:
             # a_{t+1}: the next step's decay (1 past the end, so the last step receives dlast unchanged).
             next_mask = mask_d[:, None] & (t + 1 < seqlen)[None, :]
-            dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            dt_next, _ = _load_dt(dt_ptrs + s_dt_l, next_mask, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, PTX)
             starts_next = _doc_start(seq_ptr, t + 1, seqlen, HAS_SEQ_IDX)[None, :]
         u = tl.load(u_row[:, None] + t[None, :] * s_u_l, mask=io_mask, other=0.0).to(tl.float32)
         dtu = dt * u
         dy = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
-            dy *= z * tl.sigmoid(z)
+            dy *= z * _sigmoid(z, PTX)
 
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         dhB = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # sum_n dh * B
@@ -524,7 +539,7 @@ def _scan_bwd_kernel(
         dout = tl.load(g_row[:, None] + t[None, :] * s_g_l, mask=io_mask, other=0.0).to(tl.float32)
         if HAS_Z:
             z = tl.load(z_row[:, None] + t[None, :] * s_z_l, mask=io_mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
+            sig = _sigmoid(z, PTX)
             if HAS_D:
                 y += Dv[:, None] * u
             dz = dout * y * sig * (1.0 + z * (1.0 - sig))
@@ -537,7 +552,7 @@ def _scan_bwd_kernel(
         ddt = dhB * u + ddt_decay
         if DELTA_SOFTPLUS:
             _, dt_raw = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, False)
-            ddt = ddt * tl.sigmoid(dt_raw)
+            ddt = ddt * _sigmoid(dt_raw, PTX)
         ddt = tl.where(io_mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_row[:, None] + t[None, :] * s_du_l, du.to(du_ptr.dtype.element_ty), mask=io_mask)
@@ -546,7 +561,7 @@ def _scan_bwd_kernel(
     # The initial state reaches step 0 through a_0.
     A2 = tl.load(A_ptr + d[:, None] * dstate + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32) * LOG2E
     dt0, _ = _load_dt(dt_row[:, None] + offs_t[None, :] * s_dt_l, mask_d[:, None] & (offs_t == 0)[None, :], bias,
-                      HAS_DELTA_BIAS, DELTA_SOFTPLUS)  # fmt: skip
+                      HAS_DELTA_BIAS, DELTA_SOFTPLUS, PTX)  # fmt: skip
     a0 = tl.exp2(tl.sum(dt0, axis=1)[:, None] * A2)
     dh = tl.load(dh_row[:, None] + offs_n[None, :], mask=mask_dn, other=0.0)  # chunk 0 wrote the first half
     tl.store(dh0_ptr + state_offs, dh * a0, mask=mask_dn)

@@ -56,6 +56,7 @@ for key, constants in variants.items():
     out[key] = {
         "cubin_bytes": len(kernel.asm["cubin"]),
         "asm_layouts": [layouts.get(n, n) for n in re.findall(r"inline_asm.*-> tensor<\w+, (#\w+)>", ttgir)],
+        "scan_asm_layouts": [layouts.get(n, n) for n in re.findall(r"inline_asm.*shfl.*-> tensor<\w+, (#\w+)>", ttgir)],
         "shuffles_down": ptx.count("shfl.sync.down.b32"),
         "laneid_reads": ptx.count("%laneid"),
         "traps": ptx.count("trap;"),
@@ -101,14 +102,24 @@ def test_forward_ptx_stores_in_place_and_uses_the_sfu():
 
 
 def test_backward_compiles_for_sm90_with_and_without_its_ptx():
-    flags = dict(FLAGS, HAS_DLAST=False, CHUNK=256, BLOCK_D=1)
+    flags = dict(FLAGS, HAS_DLAST=False, CHUNK=256, BLOCK_D=1, PTX=True)  # PTX: the per-element forms, as on a GPU
     triton_scan, ptx_scan = compile_both("_scan_bwd_kernel", flags, "USE_ASM")
     assert triton_scan["cubin_bytes"] > 0 and ptx_scan["cubin_bytes"] > 0  # ptxas accepted both
-    assert triton_scan["asm_layouts"] == [] and triton_scan["traps"] == 0
+    assert triton_scan["scan_asm_layouts"] == [] and triton_scan["traps"] == 0
     # One block, on operands that hold 8 consecutive steps per lane, and checked again at run time.
-    assert len(ptx_scan["asm_layouts"]) == 1 and "sizePerThread = [1, 8]" in ptx_scan["asm_layouts"][0], ptx_scan
+    layouts = ptx_scan["scan_asm_layouts"]
+    assert len(layouts) == 1 and "sizePerThread = [1, 8]" in layouts[0], ptx_scan
     assert ptx_scan["traps"] == 1 and ptx_scan["laneid_reads"] == 0, ptx_scan
     # 5 levels x 2 shuffles down + 2 exclusive + 1 for a_{t+1}; one exponential per step fewer (a_{t+1} is the
     # neighbouring lane's a_t instead of a second tile's exponential).
     assert ptx_scan["shuffles_down"] == 13, ptx_scan
     assert ptx_scan["exponentials"] < triton_scan["exponentials"], (ptx_scan, triton_scan)
+
+
+def test_backward_uses_the_sfu_like_the_forward():
+    """With PTX the backward recomputes softplus with the forward's lg2.approx (so its dt is the forward's) and
+    takes its sigmoids as SFU reciprocals, without a full-range division."""
+    flags = dict(FLAGS, HAS_DLAST=False, CHUNK=256, BLOCK_D=1, USE_ASM=True)
+    plain, ptx = compile_both("_scan_bwd_kernel", flags, "PTX")
+    assert ptx["sfu_log2"] > 0 and ptx["divisions"] == 0, ptx
+    assert plain["sfu_log2"] == 0 and plain["divisions"] > 0, plain
