@@ -42,17 +42,16 @@ def _use_asm(cfg: dict, seqlen: int, *tensors: torch.Tensor | None) -> bool:
     itself stops the kernel (``trap``) if a lane's 8 values are not consecutive steps, rather than scan them wrongly."""
     return (
         (cfg["CHUNK"], cfg["BLOCK_D"], cfg["num_warps"]) == (256, 1, 1)
-        and os.environ.get("TRITON_INTERPRET") != "1"
-        and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
+        and _elementwise_ptx()
         and seqlen % 16 == 0
         and all(t is None or _aligned_16bit(t) for t in tensors)
     )
 
 
 def _elementwise_ptx() -> bool:
-    """Whether the kernels run their per-element inline PTX (kernel._store_where, _log2, _silu, _sigmoid): on a GPU
-    unless ``MAMBATRON_SCAN_ASM=0``. Unlike the backward's adjoint block it is correct at any tiling (each instruction
-    works per element)."""
+    """Whether the kernels may run inline PTX at all, and so their per-element PTX (kernel._store_where, _log2, _silu,
+    _sigmoid): on a GPU unless ``MAMBATRON_SCAN_ASM=0``. Unlike the backward's adjoint block (:func:`_use_asm`) it
+    is correct at any tiling (each instruction works per element)."""
     return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("MAMBATRON_SCAN_ASM", "1") != "0"
 
 

@@ -110,7 +110,7 @@ def _store_where(ptrs, values, keep):
 
 
 @triton.jit
-def _softplus(x, PTX: tl.constexpr = False):
+def _softplus(x, PTX: tl.constexpr):
     # log1p(exp(x)) written with exp2/log2; above 20 softplus(x) == x in fp32, and exp would overflow.
     return tl.where(x > 20.0, x, _log2(1.0 + tl.exp2(x * 1.4426950408889634), PTX) * 0.6931471805599453)
 
@@ -158,7 +158,7 @@ def _first_order(a1, b1, a2, b2):
 
 
 @triton.jit
-def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, PTX: tl.constexpr = False):
+def _load_dt(ptrs, mask, bias, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, PTX: tl.constexpr):
     """dt (and the pre-softplus value) at ptrs; zero where masked, so that a = 1 and b = 0 there."""
     raw = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
@@ -551,7 +551,7 @@ def _scan_bwd_kernel(
             dD_acc += tl.sum(dy * u, axis=1)
         ddt = dhB * u + ddt_decay
         if DELTA_SOFTPLUS:
-            _, dt_raw = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, False)
+            _, dt_raw = _load_dt(dt_row[:, None] + t[None, :] * s_dt_l, io_mask, bias, HAS_DELTA_BIAS, False, PTX)
             ddt = ddt * _sigmoid(dt_raw, PTX)
         ddt = tl.where(io_mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
