@@ -70,7 +70,7 @@ def check_kernels(cfg, device: str) -> float:
     return worst
 
 
-def profile_step(step, what: str) -> dict:
+def profile_step(step, what: str, top: int = 15) -> dict:
     """One step under torch.profiler: total device (CUDA self) time, CPU time, and the top kernels by device time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -84,13 +84,15 @@ def profile_step(step, what: str) -> dict:
     events = on_device or events
     dev = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
     total = sum(dev(e) for e in events)
-    top = sorted(events, key=dev, reverse=True)[:15]
+    top = sorted(events, key=dev, reverse=True)[:top]
     kernels = [dict(name=e.key[:90], ms=dev(e) / 1e3, calls=e.count) for e in top if dev(e) > 0]
     cpu_ms = max((e.cpu_time_total for e in prof.key_averages()), default=0.0) / 1e3
     return result(what=f"profile_{what}", device_ms=total / 1e3, cpu_ms=cpu_ms, top_kernels=kernels)
 
 
-def time_step(model, ids, steps: int, loss_fn, profile_as: str | None = None) -> tuple[float, float, float]:
+def time_step(
+    model, ids, steps: int, loss_fn, profile_as: str | None = None, top: int = 15
+) -> tuple[float, float, float]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
@@ -112,7 +114,7 @@ def time_step(model, ids, steps: int, loss_fn, profile_as: str | None = None) ->
     dt, mem = (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / 1e9
     if profile_as:
         try:
-            profile_step(step, profile_as)
+            profile_step(step, profile_as, top)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the timing
             result(what=f"profile_{profile_as}", error=repr(e)[:300])
     return dt, mem, float(loss)
@@ -134,7 +136,7 @@ def ours(preset: str, args) -> dict:
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
     profile_as = f"mambatron_{preset}" if args.profile else None
-    dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]), profile_as)
+    dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]), profile_as, args.top)
     return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss)
 
 
@@ -162,7 +164,8 @@ def mamba_ssm_step(preset: str, args) -> dict:
         logits = m(x[:, :-1]).logits
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
 
-    dt, mem, loss = time_step(model, ids, args.steps, loss_fn, f"mamba_ssm_{preset}" if args.profile else None)
+    profile_as = f"mamba_ssm_{preset}" if args.profile else None
+    dt, mem, loss = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss)
 
 
@@ -187,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-mamba-ssm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each implementation")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed per profile")
     ap.add_argument("--json", help="append every RESULT record (checks, profiles, steps) to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

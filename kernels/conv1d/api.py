@@ -12,21 +12,27 @@ from .reference import _check_args, causal_conv1d_fn_ref, causal_conv1d_update_r
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# GPU launch configurations (BLOCK_D channels, BLOCK_L positions, warps, slot kernel or not) by pass and by layout
-# (channel-last or time-contiguous), the fastest of the sweeps in docs/benchmarks.md (2026-12-02, conv1d). The
-# backward always runs the slot kernel; the forward runs it on time-contiguous tensors only.
-_GPU_FWD = {False: (8, 128, 2, True), True: (128, 16, 4, False)}
-_GPU_BWD = {False: (4, 256, 2, True), True: (64, 16, 2, True)}
+# GPU launch configurations by pass and by layout (channel-last or time-contiguous): (BLOCK_D channels, BLOCK_L
+# positions, warps, kernel, rows per load group), the fastest of the sweeps in docs/benchmarks.md (conv1d sections).
+# Kernels: "shifted" reads each tap as a shifted load (forward only), "slots" shifts aligned tiles in registers,
+# "rows" walks a channel-last tile one row of channels at a time (widths up to ROWS_MAX_WIDTH; the group size is
+# only its own).
+_GPU_FWD = {False: (8, 128, 2, "slots", 0), True: (128, 64, 2, "rows", 4)}
+_GPU_BWD = {False: (4, 256, 2, "slots", 0), True: (64, 64, 1, "rows", 8)}
 MAX_WIDTH = 9  # the slot kernels shift by at most one slot tile (8 positions)
+ROWS_MAX_WIDTH = 4  # the row kernels keep three earlier (and later) rows
 
 
-def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool) -> tuple[int, int, int, bool]:
-    """(BLOCK_D, BLOCK_L, warps, whether the slot kernel runs). The interpreter pays per program, so it takes the
-    whole tensor in as few programs as it can, with the GPU's choice of kernel."""
-    block_d, block_l, warps, slots = table[channel_last]
+def _blocks(table: dict, dim: int, seqlen: int, channel_last: bool, width: int) -> tuple[int, int, int, str, int]:
+    """(BLOCK_D, BLOCK_L, warps, kernel, group). The interpreter pays per program, so it takes the whole tensor in as
+    few programs as it can, with the GPU's choice of kernel."""
+    block_d, block_l, warps, kernel, group = table[channel_last]
+    if kernel == "rows" and width > ROWS_MAX_WIDTH:
+        kernel = "slots"
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return min(triton.next_power_of_2(dim), 64), max(min(triton.next_power_of_2(seqlen), 64), 8), 4, slots
-    return block_d, block_l, warps, slots
+        block_l = max(min(triton.next_power_of_2(seqlen), 64), 8)
+        return min(triton.next_power_of_2(dim), 64), block_l, 4, kernel, min(group, block_l) if group else 0
+    return block_d, block_l, warps, kernel, group
 
 
 def _check_width(width: int) -> None:
@@ -43,15 +49,16 @@ def _silu(activation) -> bool:
 def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
     """The Triton forward on x (batch, dim, seqlen) of any strides; out takes x's layout (channel-last or not)."""
     # Triton is imported on first use: the interpreter only works if TRITON_INTERPRET is set before triton is.
-    from .kernel import _conv_fwd_kernel, _conv_fwd_slots_kernel
+    from . import kernel as k
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     _check_width(width)
-    block_d, block_l, warps, slots = _blocks(_GPU_FWD, dim, seqlen, channel_last(x))
+    block_d, block_l, warps, name, group = _blocks(_GPU_FWD, dim, seqlen, channel_last(x), width)
     out = new_output_like_layout(x, x.dtype)
     grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(seqlen, block_l))
-    kernel = _conv_fwd_slots_kernel if slots else _conv_fwd_kernel
+    kernel = {"shifted": k._conv_fwd_kernel, "slots": k._conv_fwd_slots_kernel, "rows": k._conv_fwd_rows_kernel}[name]
+    extra = dict(GROUP=group) if name == "rows" else {}
     kernel[grid](
         x,
         weight,
@@ -71,6 +78,7 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
         BLOCK_D=block_d,
         BLOCK_L=block_l,
         num_warps=warps,
+        **extra,
     )
     return out
 
@@ -78,19 +86,21 @@ def conv_forward(x, weight, bias, seq_idx, initial_states, silu):
 def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None):
     """Gradients of :func:`conv_forward`, one kernel launch; dx is written into ``dx`` (any strides) when given.
     Returns dx, dweight, dbias (or None), dinitial_states (or None)."""
-    from .kernel import _conv_bwd_slots_kernel
+    from . import kernel as k
 
     batch, dim, seqlen = x.shape
     width = weight.shape[1]
     _check_width(width)
-    block_d, block_l, warps, _ = _blocks(_GPU_BWD, dim, seqlen, channel_last(x))
+    block_d, block_l, warps, name, group = _blocks(_GPU_BWD, dim, seqlen, channel_last(x), width)
     nblocks_l = triton.cdiv(seqlen, block_l)
     dev, f32 = x.device, torch.float32
     dw_part = new_output((batch, nblocks_l, dim, width), f32, dev)
     dbias_part = new_output((batch, nblocks_l, dim), f32, dev) if bias is not None else None
     dx = new_output_like_layout(x, x.dtype) if dx is None else dx
     dinit = new_output(initial_states.shape, initial_states.dtype, dev) if initial_states is not None else None
-    _conv_bwd_slots_kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
+    kernel = {"slots": k._conv_bwd_slots_kernel, "rows": k._conv_bwd_rows_kernel}[name]
+    extra = dict(GROUP=group) if name == "rows" else dict(BLOCK_W=triton.next_power_of_2(width))
+    kernel[(batch, triton.cdiv(dim, block_d), nblocks_l)](
         x,
         weight,
         bias,
@@ -113,8 +123,8 @@ def conv_backward(x, weight, bias, seq_idx, initial_states, silu, dout, dx=None)
         WIDTH=width,
         BLOCK_D=block_d,
         BLOCK_L=block_l,
-        BLOCK_W=triton.next_power_of_2(width),
         num_warps=warps,
+        **extra,
     )
     dweight = dw_part.sum((0, 1)).to(weight.dtype)
     dbias = dbias_part.sum((0, 1)).to(bias.dtype) if bias is not None else None

@@ -7,16 +7,19 @@ seq_idx (batch, seqlen). A program owns a (BLOCK_D channels, BLOCK_L positions) 
 initial_states[..., WIDTH - 1 + p]. A tap from s to t counts iff seq_idx is constant on [s, t], with seq_idx[p < 0]
 taken as seq_idx[0] (initial states belong to the first document).
 
-Two forward kernels: _conv_fwd_kernel reads each tap as a shifted load, which is aligned (vectorised, an L1 hit)
+Three forward kernels: _conv_fwd_kernel reads each tap as a shifted load, which is aligned (vectorised, an L1 hit)
 when positions are rows of a channel-last tensor; _conv_fwd_slots_kernel loads only aligned tiles and shifts by
 register renaming (below), which is what a time-contiguous tensor needs: there a tap shifted by one position is a
-misaligned load that Triton splits into one 2-byte load per element, and the kernel turns L1-bound.
+misaligned load that Triton splits into one 2-byte load per element, and the kernel turns L1-bound;
+_conv_fwd_rows_kernel (channel-last, widths up to 4) walks the positions one row of channels at a time and loads
+every element once (below).
 
-The backward (_conv_bwd_slots_kernel, every layout) is one pass over x and dout; nothing but x is saved. It recomputes
-the pre-activation and g = d loss / d pre-activation (dout times SiLU's derivative; dout itself without SiLU) at its
-own positions, which give the tile's weight and bias gradients, and at the WIDTH - 1 positions after the tile, and
-gathers dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j] in registers. Nothing is written to memory but dx and the
-per-tile weight/bias partial sums.
+The backward is one pass over x and dout; nothing but x is saved. It recomputes the pre-activation and g = d loss /
+d pre-activation (dout times SiLU's derivative; dout itself without SiLU) at its own positions, which give the tile's
+weight and bias gradients, and at the WIDTH - 1 positions after the tile, and gathers
+dx[s] = sum_j weight[WIDTH - 1 - j] * g[s + j] in registers. Nothing is written to memory but dx and the per-tile
+weight/bias partial sums. _conv_bwd_slots_kernel does it for any layout from aligned tiles; _conv_bwd_rows_kernel
+(channel-last) one row at a time from the tile's end. Which kernel runs per layout is api.py's launch table.
 """
 
 import triton
@@ -485,3 +488,386 @@ def _conv_bwd_slots_kernel(
             )  # fmt: skip
             ptrs = dinit_ptr + init_row[:, None] + (p + WIDTH - 1)[None, :]
             tl.store(ptrs, dinit.to(dinit_ptr.dtype.element_ty), mask=mask_d[:, None] & (p < 0)[None, :])
+
+
+# Row kernels, for channel-last tensors: a program owns BLOCK_D channels over BLOCK_L positions and walks the
+# positions one row at a time (a row is BLOCK_D contiguous channels, one vector load per thread), keeping the last
+# WIDTH - 1 rows of x, and in the backward the next WIDTH - 1 rows of g, in registers. Every element of x and dout is
+# loaded once, and the weight and bias gradients are per-thread sums over the tile, with no reduction across threads.
+# Rows are loaded GROUP at a time, one group ahead of the rows being computed, so that a thread has loads in flight
+# while it computes and stores (a load cannot be moved above a store that might alias it).
+#
+# A lag j in [0, WIDTH) is the tap that reads x[t - j] for out[t]: weight[:, WIDTH - 1 - j]. It counts iff seq_idx
+# is constant on [t - j, t]; e_t = (seq_idx[t] == seq_idx[t - 1]) and lag j's validity is e_t & ... & e_{t - j + 1}.
+
+
+@triton.jit
+def _load_row(ptr, row, pos, s_l, seqlen, mask_d):
+    """The row at position pos (a scalar in [0, seqlen) or past the end: zero there), as stored."""
+    # The position's condition is a scalar: it selects the channel mask rather than being and-ed into it.
+    return tl.load(ptr + row + pos * s_l, mask=tl.where(pos < seqlen, mask_d, False), other=0.0)
+
+
+@triton.jit
+def _row(x_ptr, init_ptr, row, init_row, pos, s_l, seqlen, mask_d, HAS_INIT: tl.constexpr, WIDTH: tl.constexpr):
+    """x at position pos (a scalar, possibly negative) for rows (BLOCK_D,), fp32; initial_states where pos < 0."""
+    ok = (pos >= 0) & (pos < seqlen)
+    val = tl.load(x_ptr + row + pos * s_l, mask=tl.where(ok, mask_d, False), other=0.0).to(tl.float32)
+    if HAS_INIT:
+        in_init = (pos < 0) & (pos >= 1 - WIDTH)
+        val += tl.load(init_ptr + init_row + (pos + WIDTH - 1), mask=tl.where(in_init, mask_d, False), other=0.0).to(
+            tl.float32
+        )
+    return val
+
+
+@triton.jit
+def _rows(ptr, row, pos, s_l, seqlen, mask_d, G: tl.constexpr):
+    """G rows at positions pos .. pos + G - 1 (all >= 0), as loaded (not converted); zero past seqlen."""
+    r0 = _load_row(ptr, row, pos, s_l, seqlen, mask_d)
+    r1 = _load_row(ptr, row, pos + 1, s_l, seqlen, mask_d)
+    r2 = _load_row(ptr, row, pos + 2, s_l, seqlen, mask_d)
+    r3 = _load_row(ptr, row, pos + 3, s_l, seqlen, mask_d)
+    if G == 4:
+        return r0, r1, r2, r3
+    else:
+        r4 = _load_row(ptr, row, pos + 4, s_l, seqlen, mask_d)
+        r5 = _load_row(ptr, row, pos + 5, s_l, seqlen, mask_d)
+        r6 = _load_row(ptr, row, pos + 6, s_l, seqlen, mask_d)
+        r7 = _load_row(ptr, row, pos + 7, s_l, seqlen, mask_d)
+        return r0, r1, r2, r3, r4, r5, r6, r7
+
+
+@triton.jit
+def _seq_at(seq_ptr, pos, seqlen):
+    """seq_idx at pos clamped into [0, seqlen) (positions before the start belong to the first document)."""
+    return tl.load(seq_ptr + tl.minimum(tl.maximum(pos, 0), seqlen - 1))
+
+
+@triton.jit
+def _lag_weight(w_ptr, d, mask_d, j: tl.constexpr, WIDTH: tl.constexpr):
+    """weight[:, WIDTH - 1 - j] (fp32), zero for lags past the kernel."""
+    if j < WIDTH:
+        return tl.load(w_ptr + d * WIDTH + (WIDTH - 1 - j), mask=mask_d, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros_like(d).to(tl.float32)
+
+
+@triton.jit
+def _pre_row(bias, w0, w1, w2, w3, x0, x1, x2, x3, v1, v2, v3, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
+    """bias + sum_j weight at lag j * x[t - j] over the valid lags (x0 = x[t], ..., v_j: lag j counts)."""
+    pre = bias + w0 * x0
+    if WIDTH > 1:
+        pre += w1 * (tl.where(v1, x1, 0.0) if HAS_SEQ_IDX else x1)
+    if WIDTH > 2:
+        pre += w2 * (tl.where(v2, x2, 0.0) if HAS_SEQ_IDX else x2)
+    if WIDTH > 3:
+        pre += w3 * (tl.where(v3, x3, 0.0) if HAS_SEQ_IDX else x3)
+    return pre
+
+
+@triton.jit
+def _conv_fwd_rows_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    out_ptr,
+    s_x_b, s_x_d, s_x_l,
+    s_o_b, s_o_d, s_o_l,
+    dim,
+    seqlen,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    SILU: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    GROUP: tl.constexpr,
+):  # fmt: skip
+    """:func:`_conv_fwd_kernel` one row at a time; needs WIDTH <= 4 and GROUP (4 or 8) dividing BLOCK_L."""
+    pid_b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = tl.program_id(2) * BLOCK_L
+    mask_d = d < dim
+    row = pid_b.to(tl.int64) * s_x_b + d.to(tl.int64) * s_x_d
+    out_row = pid_b.to(tl.int64) * s_o_b + d.to(tl.int64) * s_o_d
+    init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
+    seq_ptr = seq_idx_ptr
+    if HAS_SEQ_IDX:
+        seq_ptr += pid_b * seqlen
+    w0 = _lag_weight(w_ptr, d, mask_d, 0, WIDTH)
+    w1 = _lag_weight(w_ptr, d, mask_d, 1, WIDTH)
+    w2 = _lag_weight(w_ptr, d, mask_d, 2, WIDTH)
+    w3 = _lag_weight(w_ptr, d, mask_d, 3, WIDTH)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    # x[t - 1], x[t - 2], x[t - 3] for t = t0, and the validity flags e at t0 - 1, t0 - 2.
+    x1 = _row(x_ptr, init_ptr, row, init_row, t0 - 1, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    x2 = _row(x_ptr, init_ptr, row, init_row, t0 - 2, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    x3 = _row(x_ptr, init_ptr, row, init_row, t0 - 3, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    s1 = 0
+    e1 = t0 == t0
+    e2 = e1
+    if HAS_SEQ_IDX:
+        s1 = _seq_at(seq_ptr, t0 - 1, seqlen)
+        e1 = s1 == _seq_at(seq_ptr, t0 - 2, seqlen)
+        e2 = _seq_at(seq_ptr, t0 - 2, seqlen) == _seq_at(seq_ptr, t0 - 3, seqlen)
+    cur = _rows(x_ptr, row, t0, s_x_l, seqlen, mask_d, GROUP)
+    for gi in tl.static_range(BLOCK_L // GROUP):
+        if gi + 1 < BLOCK_L // GROUP:
+            nxt = _rows(x_ptr, row, t0 + (gi + 1) * GROUP, s_x_l, seqlen, mask_d, GROUP)
+        for i in tl.static_range(GROUP):
+            t = t0 + gi * GROUP + i
+            x0 = cur[i].to(tl.float32)
+            e0 = e1
+            if HAS_SEQ_IDX:
+                s0 = _seq_at(seq_ptr, t, seqlen)
+                e0 = s0 == s1
+                s1 = s0
+            v2 = e0 & e1
+            y = _pre_row(bias, w0, w1, w2, w3, x0, x1, x2, x3, e0, v2, v2 & e2, HAS_SEQ_IDX, WIDTH)
+            if SILU:
+                y = y * tl.sigmoid(y)
+            tl.store(
+                out_ptr + out_row + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=tl.where(t < seqlen, mask_d, False)
+            )
+            x3 = x2
+            x2 = x1
+            x1 = x0
+            e2 = e1
+            e1 = e0
+        if gi + 1 < BLOCK_L // GROUP:
+            cur = nxt
+
+
+@triton.jit
+def _conv_bwd_rows_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    init_ptr,
+    seq_idx_ptr,
+    dout_ptr,
+    dx_ptr,
+    dw_ptr,
+    dbias_ptr,
+    dinit_ptr,
+    s_x_b, s_x_d, s_x_l,
+    s_do_b, s_do_d, s_do_l,
+    s_dx_b, s_dx_d, s_dx_l,
+    dim,
+    seqlen,
+    HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr,
+    SILU: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    GROUP: tl.constexpr,
+):  # fmt: skip
+    """The backward one row at a time, from the tile's last position down to its first (WIDTH <= 4).
+
+    At position t it loads x[t - 3] and dout[t], recomputes the pre-activation and g[t], and forms
+    dx[t] = sum_j weight at lag j * g[t + j] over the lags that count at output t + j; gv_j below is g masked by lag
+    j's validity, kept for the WIDTH - 1 positions after t. g past the tile comes from a prologue at the tile's end.
+    """
+    pid_b = tl.program_id(0)
+    pid_l = tl.program_id(2)
+    nblocks_l = tl.num_programs(2)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t0 = pid_l * BLOCK_L
+    t_end = t0 + BLOCK_L
+    mask_d = d < dim
+    b64 = pid_b.to(tl.int64)
+    d64 = d.to(tl.int64)
+    row = b64 * s_x_b + d64 * s_x_d
+    do_row = b64 * s_do_b + d64 * s_do_d
+    dx_row = b64 * s_dx_b + d64 * s_dx_d
+    init_row = (pid_b * dim + d).to(tl.int64) * (WIDTH - 1)
+    seq_ptr = seq_idx_ptr
+    if HAS_SEQ_IDX:
+        seq_ptr += pid_b * seqlen
+    w0 = _lag_weight(w_ptr, d, mask_d, 0, WIDTH)
+    w1 = _lag_weight(w_ptr, d, mask_d, 1, WIDTH)
+    w2 = _lag_weight(w_ptr, d, mask_d, 2, WIDTH)
+    w3 = _lag_weight(w_ptr, d, mask_d, 3, WIDTH)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+
+    # Prologue: g at t_end, t_end + 1, t_end + 2 (zero past seqlen, where dout is), from x[t_end - 3 .. t_end + 2].
+    # xa..xf are x[t_end - 3] .. x[t_end + 2]; positions here are >= 0 except in a tile shorter than 3 rows.
+    xa = _row(x_ptr, init_ptr, row, init_row, t_end - 3, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    xb = _row(x_ptr, init_ptr, row, init_row, t_end - 2, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    xc = _row(x_ptr, init_ptr, row, init_row, t_end - 1, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    xd = _row(x_ptr, init_ptr, row, init_row, t_end, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    xe = _row(x_ptr, init_ptr, row, init_row, t_end + 1, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    xf = _row(x_ptr, init_ptr, row, init_row, t_end + 2, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
+    # e at t_end - 2 .. t_end + 2 (e_t compares t with t - 1).
+    ea = t0 == t0
+    eb = ea
+    ec = ea
+    ed = ea
+    ee = ea
+    s_hi = 0
+    if HAS_SEQ_IDX:
+        sa = _seq_at(seq_ptr, t_end - 3, seqlen)
+        sb = _seq_at(seq_ptr, t_end - 2, seqlen)
+        sc = _seq_at(seq_ptr, t_end - 1, seqlen)
+        sd = _seq_at(seq_ptr, t_end, seqlen)
+        se = _seq_at(seq_ptr, t_end + 1, seqlen)
+        sf = _seq_at(seq_ptr, t_end + 2, seqlen)
+        ea = sb == sa
+        eb = sc == sb
+        ec = sd == sc
+        ed = se == sd
+        ee = sf == se
+        s_hi = sa  # seq_idx at t - 2 when the loop reaches t = t_end - 1
+    # g at u = t_end + 2 (lags over e at u .. u - 2: ee, ed, ec), u = t_end + 1 (ed, ec, eb), u = t_end (ec, eb, ea).
+    gf = _g_row(dout_ptr, do_row, t_end + 2, s_do_l, seqlen, mask_d, bias, w0, w1, w2, w3, xf, xe, xd, xc, ee,
+                ee & ed, ee & ed & ec, HAS_SEQ_IDX, SILU, WIDTH)  # fmt: skip
+    ge = _g_row(dout_ptr, do_row, t_end + 1, s_do_l, seqlen, mask_d, bias, w0, w1, w2, w3, xe, xd, xc, xb, ed,
+                ed & ec, ed & ec & eb, HAS_SEQ_IDX, SILU, WIDTH)  # fmt: skip
+    gd = _g_row(dout_ptr, do_row, t_end, s_do_l, seqlen, mask_d, bias, w0, w1, w2, w3, xd, xc, xb, xa, ec,
+                ec & eb, ec & eb & ea, HAS_SEQ_IDX, SILU, WIDTH)  # fmt: skip
+    # gv_j at the positions after t, for t = t_end - 1: g1 = gv_1[t + 1]; g2a, g2b = gv_2[t + 1], gv_2[t + 2];
+    # g3a, g3b, g3c = gv_3[t + 1 .. t + 3].
+    g1 = tl.where(ec, gd, 0.0)
+    g2a = tl.where(ec & eb, gd, 0.0)
+    g2b = tl.where(ed & ec, ge, 0.0)
+    g3a = tl.where(ec & eb & ea, gd, 0.0)
+    g3b = tl.where(ed & ec & eb, ge, 0.0)
+    g3c = tl.where(ee & ed & ec, gf, 0.0)
+    # Rolling x[t], x[t - 1], x[t - 2] and e at t, t - 1 (e_{t - 2} comes with the new row) for t = t_end - 1.
+    x0 = xc
+    x1 = xb
+    x2 = xa
+    e0 = eb
+    e1 = ea
+    dw0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dw3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+
+    NG: tl.constexpr = BLOCK_L // GROUP
+    # Group k holds positions t_end - (k + 1) * GROUP .. t_end - k * GROUP - 1; it needs x 3 rows earlier.
+    cur_do = _rows(dout_ptr, do_row, t_end - GROUP, s_do_l, seqlen, mask_d, GROUP)
+    cur_x = _rows_x(x_ptr, init_ptr, row, init_row, t_end - GROUP - 3, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH,
+                    NG == 1, GROUP)  # fmt: skip
+    for k in tl.static_range(NG):
+        if k + 1 < NG:
+            nxt_do = _rows(dout_ptr, do_row, t_end - (k + 2) * GROUP, s_do_l, seqlen, mask_d, GROUP)
+            nxt_x = _rows_x(x_ptr, init_ptr, row, init_row, t_end - (k + 2) * GROUP - 3, s_x_l, seqlen, mask_d,
+                            HAS_INIT, WIDTH, k + 2 == NG, GROUP)  # fmt: skip
+        for i in tl.static_range(GROUP - 1, -1, -1):  # the group from its last row down
+            t = t_end - (k + 1) * GROUP + i
+            x3 = cur_x[i].to(tl.float32)
+            e2 = e1
+            if HAS_SEQ_IDX:
+                s3 = _seq_at(seq_ptr, t - 3, seqlen)
+                e2 = s_hi == s3
+                s_hi = s3
+            v2 = e0 & e1
+            v3 = v2 & e2
+            pre = _pre_row(bias, w0, w1, w2, w3, x0, x1, x2, x3, e0, v2, v3, HAS_SEQ_IDX, WIDTH)
+            g = cur_do[i].to(tl.float32)
+            if SILU:
+                sig = tl.sigmoid(pre)
+                g = g * sig * (1.0 + pre * (1.0 - sig))
+            dx = w0 * g
+            dw0 += g * x0
+            dbias += g
+            if WIDTH > 1:
+                dx += w1 * g1
+                g1 = tl.where(e0, g, 0.0) if HAS_SEQ_IDX else g
+                dw1 += g1 * x1
+            if WIDTH > 2:
+                dx += w2 * g2b
+                g2b = g2a
+                g2a = tl.where(v2, g, 0.0) if HAS_SEQ_IDX else g
+                dw2 += g2a * x2
+            if WIDTH > 3:
+                dx += w3 * g3c
+                g3c = g3b
+                g3b = g3a
+                g3a = tl.where(v3, g, 0.0) if HAS_SEQ_IDX else g
+                dw3 += g3a * x3
+            tl.store(
+                dx_ptr + dx_row + t * s_dx_l, dx.to(dx_ptr.dtype.element_ty), mask=tl.where(t < seqlen, mask_d, False)
+            )
+            x0 = x1
+            x1 = x2
+            x2 = x3
+            e0 = e1
+            e1 = e2
+        if k + 1 < NG:
+            cur_do = nxt_do
+            cur_x = nxt_x
+    part = (pid_b * nblocks_l + pid_l) * dim + d
+    tl.store(dw_ptr + part * WIDTH + (WIDTH - 1), dw0, mask=mask_d)
+    if WIDTH > 1:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 2), dw1, mask=mask_d)
+    if WIDTH > 2:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 3), dw2, mask=mask_d)
+    if WIDTH > 3:
+        tl.store(dw_ptr + part * WIDTH + (WIDTH - 4), dw3, mask=mask_d)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, dbias, mask=mask_d)
+    if HAS_INIT:
+        if pid_l == 0:
+            # Position p < 0 feeds outputs p + j >= 0 through lag j: gv_j at 0 .. 2 are g1, g2a, g2b, g3a .. g3c.
+            base = dinit_ptr + init_row
+            ty = dinit_ptr.dtype.element_ty
+            if WIDTH > 1:
+                dm1 = w1 * g1
+                if WIDTH > 2:
+                    dm1 += w2 * g2b
+                if WIDTH > 3:
+                    dm1 += w3 * g3c
+                tl.store(base + (WIDTH - 2), dm1.to(ty), mask=mask_d)
+            if WIDTH > 2:
+                dm2 = w2 * g2a
+                if WIDTH > 3:
+                    dm2 += w3 * g3b
+                tl.store(base + (WIDTH - 3), dm2.to(ty), mask=mask_d)
+            if WIDTH > 3:
+                tl.store(base + (WIDTH - 4), (w3 * g3a).to(ty), mask=mask_d)
+
+
+@triton.jit
+def _rows_x(x_ptr, init_ptr, row, init_row, pos, s_l, seqlen, mask_d, HAS_INIT: tl.constexpr, WIDTH: tl.constexpr,
+            MAY_BE_NEGATIVE: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """G rows of x from pos, the first three through :func:`_row` (initial states) where pos may be negative."""
+    if MAY_BE_NEGATIVE:
+        r0 = _row(x_ptr, init_ptr, row, init_row, pos, s_l, seqlen, mask_d, HAS_INIT, WIDTH)
+        r1 = _row(x_ptr, init_ptr, row, init_row, pos + 1, s_l, seqlen, mask_d, HAS_INIT, WIDTH)
+        r2 = _row(x_ptr, init_ptr, row, init_row, pos + 2, s_l, seqlen, mask_d, HAS_INIT, WIDTH)
+        r3 = _load_row(x_ptr, row, pos + 3, s_l, seqlen, mask_d).to(tl.float32)
+        if G == 4:
+            return r0, r1, r2, r3
+        else:
+            r4 = _load_row(x_ptr, row, pos + 4, s_l, seqlen, mask_d).to(tl.float32)
+            r5 = _load_row(x_ptr, row, pos + 5, s_l, seqlen, mask_d).to(tl.float32)
+            r6 = _load_row(x_ptr, row, pos + 6, s_l, seqlen, mask_d).to(tl.float32)
+            r7 = _load_row(x_ptr, row, pos + 7, s_l, seqlen, mask_d).to(tl.float32)
+            return r0, r1, r2, r3, r4, r5, r6, r7
+    else:
+        return _rows(x_ptr, row, pos, s_l, seqlen, mask_d, G)
+
+
+@triton.jit
+def _g_row(dout_ptr, do_row, pos, s_l, seqlen, mask_d, bias, w0, w1, w2, w3, x0, x1, x2, x3, v1, v2, v3,
+           HAS_SEQ_IDX: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+    """g = d loss / d pre-activation at position pos (zero where pos >= seqlen), fp32."""
+    g = _load_row(dout_ptr, do_row, pos, s_l, seqlen, mask_d).to(tl.float32)
+    if SILU:
+        pre = _pre_row(bias, w0, w1, w2, w3, x0, x1, x2, x3, v1, v2, v3, HAS_SEQ_IDX, WIDTH)
+        sig = tl.sigmoid(pre)
+        g = g * sig * (1.0 + pre * (1.0 - sig))
+    return g

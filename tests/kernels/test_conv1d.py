@@ -127,41 +127,77 @@ def test_clear_errors(device):
         causal_conv1d_fn(x, w, seq_idx=torch.zeros(1, 8, dtype=torch.long, device=device))
 
 
-@pytest.mark.parametrize("channel_last", [False, True])
-@pytest.mark.parametrize("slots", [False, True])
-def test_both_forward_kernels_on_both_layouts(channel_last, slots, device, monkeypatch):
-    """The launch table picks a forward kernel per layout; the other one must be right too (a sweep may pick it)."""
-    from mambatron.kernels.conv1d import api
+def _force_kernel(monkeypatch, table_names, channel_last, name, group=8):
+    """Make the launch tables pick kernel ``name`` for this layout, and record which kernels are launched."""
+    from mambatron.kernels.conv1d import api, kernel
 
-    table = dict(api._GPU_FWD)
-    table[channel_last] = (*table[channel_last][:3], slots)
-    monkeypatch.setattr(api, "_GPU_FWD", table)
+    for table_name in table_names:
+        table = dict(getattr(api, table_name))
+        table[channel_last] = (*table[channel_last][:3], name, group)
+        monkeypatch.setattr(api, table_name, table)
     launched = []
-    from mambatron.kernels.conv1d import kernel
+    for attr in dir(kernel):
+        if attr.startswith("_conv_") and attr.endswith("_kernel") and attr != "_conv_update_kernel":
+            real = getattr(kernel, attr)
 
-    name = "_conv_fwd_slots_kernel" if slots else "_conv_fwd_kernel"
-    real = getattr(kernel, name)
+            class Spy:
+                def __init__(self, real, attr):
+                    self.real, self.attr = real, attr
 
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(name)
-            return real[grid]
+                def __getitem__(self, grid):
+                    launched.append(self.attr)
+                    return self.real[grid]
 
-    monkeypatch.setattr(kernel, name, Spy())
-    batch, dim, seqlen, width = 2, 6, 37, 4
-    g = torch.Generator().manual_seed(3)
+            monkeypatch.setattr(kernel, attr, Spy(real, attr))
+    return launched
+
+
+def _layout_inputs(channel_last, batch, dim, seqlen, width, seed=3):
+    g = torch.Generator().manual_seed(seed)
     if channel_last:
         x = torch.randn(batch, seqlen, dim + 3, generator=g)[..., 1 : 1 + dim].transpose(1, 2)
     else:
         x = torch.randn(batch, dim, seqlen, generator=g)
-    inputs = dict(x=x.to(device), weight=torch.randn(dim, width, generator=g).to(device),
-                  bias=torch.randn(dim, generator=g).to(device),
-                  initial_states=torch.randn(batch, dim, width - 1, generator=g).to(device))  # fmt: skip
-    inputs = {k: v.requires_grad_() for k, v in inputs.items()}
+    return dict(x=x, weight=torch.randn(dim, width, generator=g), bias=torch.randn(dim, generator=g),
+                initial_states=torch.randn(batch, dim, width - 1, generator=g))  # fmt: skip
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("name", ["shifted", "slots", "rows"])
+def test_every_forward_kernel_on_both_layouts(channel_last, name, device, monkeypatch):
+    """The launch table picks a forward kernel per layout; every other one must be right too (a sweep may pick it)."""
+    launched = _force_kernel(monkeypatch, ["_GPU_FWD"], channel_last, name)
+    batch, dim, seqlen = 2, 6, 37
+    inputs = {k: v.to(device).requires_grad_() for k, v in _layout_inputs(channel_last, batch, dim, seqlen, 4).items()}
     seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
     seq_idx[1, 9:] = 1
     check(inputs, torch.float32, seq_idx=seq_idx.to(device), activation="silu")
-    assert launched == [name]
+    assert launched[0] == f"_conv_fwd_{name}_kernel".replace("_shifted", "")
+
+
+@pytest.mark.parametrize("channel_last", [False, True])
+@pytest.mark.parametrize("width", [2, 3, 4])
+@pytest.mark.parametrize("group", [4, 8])
+def test_row_kernels_documents_states_and_widths(channel_last, width, group, device, monkeypatch):
+    """The row kernels (forward and backward) against the reference over three 64-position tiles (the
+    interpreter's), the last one running past the end: documents that start inside the first three rows, last one
+    position, end one or two rows before or after a tile edge (the backward's prologue reads across it); initial
+    states; widths 2-4."""
+    launched = _force_kernel(monkeypatch, ["_GPU_FWD", "_GPU_BWD"], channel_last, "rows", group)
+    batch, dim, seqlen = 2, 3, 150
+    inputs = {
+        k: v.to(device).requires_grad_() for k, v in _layout_inputs(channel_last, batch, dim, seqlen, width).items()
+    }
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    for start in (1, 8, 9, 62, 66, 127):
+        seq_idx[0, start:] += 1
+    for start in (2, 63, 129):
+        seq_idx[1, start:] += 1
+    for activation in ("silu", None):
+        check(inputs, torch.float32, seq_idx=seq_idx.to(device), activation=activation)
+    without = {k: v for k, v in inputs.items() if k != "initial_states"}
+    check(without, torch.float32, activation="silu")
+    assert set(launched) == {"_conv_fwd_rows_kernel", "_conv_bwd_rows_kernel"}
 
 
 def test_wide_kernels_fall_back_to_the_reference(device):
