@@ -8,10 +8,16 @@ folded at once into the hidden-state gradient (g · W) and the weight gradient (
 those two gradients are kept for backward, which scales them by the incoming gradient. The GEMMs are the three of
 an unfused head (logits, dh, dW); the peak extra memory is one chunk's logits.
 
-Plain PyTorch, so it runs on any device; ``model.kernels`` chooses it like the other ops (``auto``: on CUDA).
+Where Triton runs (CUDA, or the interpreter) one kernel per chunk turns the logits into the loss and the gradient in
+place (kernel.py): the logits are read twice and written once, in their own dtype, instead of the ~10 passes over an
+fp32 copy that the PyTorch ops below take (they remain the path elsewhere). ``model.kernels`` chooses the op like the
+other ops (``auto``: on CUDA).
 """
 
 import torch
+import triton
+
+from mambatron.kernels._common import new_output, use_triton
 
 from .reference import check_args
 
@@ -23,6 +29,20 @@ CHUNK_BYTES = 1 << 30
 
 def default_chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, inv_count: torch.Tensor):
+    """The Triton kernel on one chunk: the logits' gradient, written over the logits, and each row's loss (fp32)."""
+    from .kernel import _ce_logits_grad_kernel
+
+    rows, vocab = logits.shape
+    loss = new_output((rows,), torch.float32, logits.device)
+    block_v = min(4096, triton.next_power_of_2(vocab))
+    _ce_logits_grad_kernel[(rows,)](
+        logits, logits, labels.contiguous(), inv_count.float().reshape(1), loss, vocab, logits.stride(0),
+        logits.stride(0), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+    )  # fmt: skip
+    return logits, loss
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -41,13 +61,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[start : start + chunk_rows]
             target = lab[start : start + chunk_rows].clamp_min(0).long()[:, None]
             scale = valid[start : start + chunk_rows].float() * inv_count
-            logits = (hc @ w.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += ((lse - logits.gather(1, target).squeeze(1)) * scale).sum()
-            # d loss / d logits = (softmax − one-hot) · valid / count, computed in place in the fp32 buffer.
-            grad = logits.sub_(lse[:, None]).exp_()
-            grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
-            grad = grad.mul_(scale[:, None]).to(h.dtype)
+            logits = hc @ w.t()
+            if use_triton(logits):
+                grad, chunk_loss = _logits_grad(logits, lab[start : start + chunk_rows], inv_count)
+                loss += chunk_loss.sum()
+            else:
+                logits = logits.float()
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, target).squeeze(1)) * scale).sum()
+                # d loss / d logits = (softmax − one-hot) · valid / count, computed in place in the fp32 buffer.
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
+                grad = grad.mul_(scale[:, None]).to(h.dtype)
             dh[start : start + chunk_rows] = grad @ w
             dw += grad.t() @ hc
         ctx.save_for_backward(dh, dw)

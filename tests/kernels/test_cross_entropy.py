@@ -50,6 +50,27 @@ def test_bf16_under_autocast_close_to_reference():
         assert rel(ours, t) <= 1.5 * rel(spec, t) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_path_equals_the_pytorch_ops(dtype, monkeypatch):
+    """The Triton kernel (logits → loss and gradient in place; it runs here in the interpreter) against the PyTorch ops
+    it replaces, with a vocabulary over one 4096-wide block (a padded last block), ignored rows and a label in it."""
+    from mambatron.kernels.cross_entropy import api
+
+    hidden, weight, labels = _inputs(dtype=dtype, rows=(3, 7), vocab=4100, d=8, seed=1)
+    labels[1, 0] = 4099  # the last entry, in the padded block
+    weight = weight.detach().to(dtype).requires_grad_()
+    calls, real = [], api._logits_grad
+    monkeypatch.setattr(api, "_logits_grad", lambda *a: calls.append(1) or real(*a))
+    kernel = _loss_and_grads(linear_cross_entropy_fn, hidden, weight, labels, chunk_rows=7)
+    assert calls == [1, 1, 1]
+    monkeypatch.setattr(api, "use_triton", lambda *t: False)
+    ops = _loss_and_grads(linear_cross_entropy_fn, hidden, weight, labels, chunk_rows=7)
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    assert kernel[0].item() == pytest.approx(ops[0].item(), rel=1e-6)
+    for a, b in zip(kernel[1], ops[1]):
+        torch.testing.assert_close(a, b, **tol)
+
+
 def test_all_positions_ignored_gives_zero():
     hidden, weight, labels = _inputs()
     labels[:] = -100
