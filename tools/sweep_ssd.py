@@ -1,16 +1,18 @@
-"""Sweep the launch tiles of the SSD chunk-scan forward and dx-backward kernels on one GPU, beside mamba_ssm's.
+"""Sweep the launch tiles of the SSD chunk-scan forward, dx-backward and chunk-state kernels on one GPU, beside
+mamba_ssm's.
 
     python tools/sweep_ssd.py --out sweep.jsonl [--best best.json] [--extra-path DIR:DIR]
-                              [--fwd 64,32,64 128,32,64 ...] [--dx 64,32,64 ...]
+                              [--fwd 64,32,64 128,32,64 ...] [--dx 64,32,64 ...] [--state 64,64 64,128 ...]
 
 At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64, dstate 128, chunk 256, one group), with x, B and C
 strided views of one conv output as in the fused Mamba2 op. A tile is (output positions, positions per inner-loop
 step, dstate per step), the forward's optionally with a fourth entry, headdim per program (see
-``kernels/ssd/chunk_scan.py`` ``TILES``). Every variant is checked against the default tiles' outputs first and gets
+``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state tile is (positions per inner-loop step, dstate per program)
+(``kernels/ssd/chunk_state.py`` ``TILES``). Every variant is checked against the default tiles' outputs first and gets
 no time if it differs by more than 2% (the defaults themselves are checked against the fp32 reference by
 ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels (``_chunk_scan_fwd``, the fused
-``_chunk_scan_chunk_state_bwd_dx``) are timed on the same inputs when importable. Prints and appends ``RESULT``
-JSON lines; ``--best`` writes the fastest tiles per kernel as JSON.
+``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_state_fwd``) are timed on the same inputs when importable. Prints and
+appends ``RESULT`` JSON lines; ``--best`` writes the fastest tiles per kernel as JSON.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import torch
 
 SHAPE = dict(batch=8, seqlen=2048, nheads=64, headdim=64, dstate=128, ngroups=1, chunk_size=256)
 DEFAULT_FWD = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
+DEFAULT_STATE = ["64,64", "64,128", "32,128", "128,64", "128,128", "32,64"]
 DEFAULT_DX = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
 
 
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--extra-path", default="", help="colon-separated folders put in front of sys.path")
     p.add_argument("--fwd", nargs="*", default=DEFAULT_FWD, type=str, help="forward tiles, e.g. 64,32,64")
     p.add_argument("--dx", nargs="*", default=DEFAULT_DX, type=str, help="dx-backward tiles, e.g. 64,32,64")
+    p.add_argument("--state", nargs="*", default=DEFAULT_STATE, type=str, help="chunk-state tiles, e.g. 64,128")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max relative difference from the default tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     sys.path[:0] = [d for d in args.extra_path.split(":") if d]
     from triton.testing import do_bench
 
-    from mambatron.kernels.ssd import chunk_scan
+    from mambatron.kernels.ssd import chunk_scan, chunk_state
 
     emit = results_writer(args.out)
 
@@ -107,6 +111,12 @@ def main(argv=None) -> int:
             what="mamba_ssm_chunk_scan_chunk_state_bwd_dx",
             ms=bench(lambda: _chunk_scan_chunk_state_bwd_dx(*args_dx, D=t["D"])),
         )
+        from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd
+
+        emit(
+            what="mamba_ssm_chunk_state_fwd",
+            ms=bench(lambda: _chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"], states_in_fp32=True)),
+        )
     except ImportError as e:
         emit(what="mamba_ssm_unavailable", error=repr(e)[:200])
 
@@ -117,16 +127,18 @@ def main(argv=None) -> int:
         "bwd_dx": lambda: chunk_scan.chunk_scan_bwd_dx(
             t["CB"], t["x"], t["dout"], t["dt"], t["dA_cumsum"], t["B"], t["dstates"], t["D"]
         )[:3],
+        "state": lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
     }
     best = {}
-    for kind, variants in (("fwd", args.fwd), ("bwd_dx", args.dx)):
-        default = chunk_scan.TILES[kind]
+    for kind, variants in (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state)):
+        table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
+        default = table[key]
         expected = runs[kind]()
         for text in variants:
             tiles = tiles_arg(text)
             if kind == "fwd" and len(tiles) == 3:
                 tiles += (default[3],)
-            chunk_scan.TILES[kind] = tiles
+            table[key] = tiles
             row = dict(what="ssd_tiles", kind=kind, tiles=list(tiles))
             try:
                 err = max(rel(a, b) for a, b in zip(runs[kind](), expected))
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
             except Exception as e:  # a tile the kernel cannot compile is a result, not the end of the sweep
                 row.update(ok=False, error=repr(e)[:200])
             emit(**row)
-        chunk_scan.TILES[kind] = default
+        table[key] = default
     emit(what="ssd_tiles_best", best=best)
     if args.best:
         with open(args.best, "w") as f:

@@ -12,8 +12,11 @@ import triton.language as tl
 
 from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, headdim_block, new_output
 
+# Tile upper bounds (positions per inner-loop step, dstate per program); tools/sweep_ssd.py --state sweeps them.
+TILES = {"fwd": (64, 64)}
 
-@autotune_warps(key=["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"])
+
+@autotune_warps(key=["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"], stages=(2, 3, 4))
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, states_ptr,
@@ -72,13 +75,14 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
     ngroups, dstate = B.shape[2:]
     _, _, nchunks, chunk_size = dt.shape
     states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, x.device)
-    block_p, block_n = headdim_block(headdim), dstate_block(dstate)
+    up_l, up_n = TILES["fwd"]
+    block_p, block_n = headdim_block(headdim), dstate_block(dstate, up_n)
     grid = (batch * nchunks * nheads, triton.cdiv(headdim, block_p), triton.cdiv(dstate, block_n))
     _chunk_state_fwd_kernel[grid](
         x, B, dt, dA_cumsum, seq_idx, states,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(),
         HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=chunk_block(chunk_size), BLOCK_P=block_p, BLOCK_N=block_n,
+        BLOCK_L=chunk_block(chunk_size, up_l), BLOCK_P=block_p, BLOCK_N=block_n,
     )  # fmt: skip
     return states
