@@ -554,6 +554,21 @@ def _lag_weight(w_ptr, d, mask_d, j: tl.constexpr, WIDTH: tl.constexpr):
 
 
 @triton.jit
+def _lag_weights_and_bias(w_ptr, bias_ptr, d, mask_d, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    """The weights at lags 0 .. 3 and the bias (zero without one), fp32 (BLOCK_D,) each."""
+    bias = tl.zeros_like(d).to(tl.float32)
+    if HAS_BIAS:
+        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    return (
+        _lag_weight(w_ptr, d, mask_d, 0, WIDTH),
+        _lag_weight(w_ptr, d, mask_d, 1, WIDTH),
+        _lag_weight(w_ptr, d, mask_d, 2, WIDTH),
+        _lag_weight(w_ptr, d, mask_d, 3, WIDTH),
+        bias,
+    )
+
+
+@triton.jit
 def _pre_row(bias, w0, w1, w2, w3, x0, x1, x2, x3, v1, v2, v3, HAS_SEQ_IDX: tl.constexpr, WIDTH: tl.constexpr):
     """bias + sum_j weight at lag j * x[t - j] over the valid lags (x0 = x[t], ..., v_j: lag j counts)."""
     pre = bias + w0 * x0
@@ -598,13 +613,7 @@ def _conv_fwd_rows_kernel(
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    w0 = _lag_weight(w_ptr, d, mask_d, 0, WIDTH)
-    w1 = _lag_weight(w_ptr, d, mask_d, 1, WIDTH)
-    w2 = _lag_weight(w_ptr, d, mask_d, 2, WIDTH)
-    w3 = _lag_weight(w_ptr, d, mask_d, 3, WIDTH)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _lag_weights_and_bias(w_ptr, bias_ptr, d, mask_d, HAS_BIAS, WIDTH)
     # x[t - 1], x[t - 2], x[t - 3] for t = t0, and the validity flags e at t0 - 1, t0 - 2.
     x1 = _row(x_ptr, init_ptr, row, init_row, t0 - 1, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
     x2 = _row(x_ptr, init_ptr, row, init_row, t0 - 2, s_x_l, seqlen, mask_d, HAS_INIT, WIDTH)
@@ -692,13 +701,7 @@ def _conv_bwd_rows_kernel(
     seq_ptr = seq_idx_ptr
     if HAS_SEQ_IDX:
         seq_ptr += pid_b * seqlen
-    w0 = _lag_weight(w_ptr, d, mask_d, 0, WIDTH)
-    w1 = _lag_weight(w_ptr, d, mask_d, 1, WIDTH)
-    w2 = _lag_weight(w_ptr, d, mask_d, 2, WIDTH)
-    w3 = _lag_weight(w_ptr, d, mask_d, 3, WIDTH)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_BIAS:
-        bias += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    w0, w1, w2, w3, bias = _lag_weights_and_bias(w_ptr, bias_ptr, d, mask_d, HAS_BIAS, WIDTH)
 
     # Prologue: g at t_end, t_end + 1, t_end + 2 (zero past seqlen, where dout is), from x[t_end - 3 .. t_end + 2].
     # xa..xf are x[t_end - 3] .. x[t_end + 2]; positions here are >= 0 except in a tile shorter than 3 rows.
