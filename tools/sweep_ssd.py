@@ -52,7 +52,7 @@ def make_inputs(device="cuda"):
     dt_bias = torch.randn(s["nheads"], device=device, generator=g) * 0.5
     dout = torch.randn(x.shape, device=device, generator=g).to(torch.bfloat16)
     Q = s["chunk_size"]
-    _, _, (_, dt_out, dA_cumsum) = ssd_forward(x, dt, A, B, C, Q, D, None, dt_bias, None, None, True, NO_DT_LIMIT)
+    _, _, (_, dt_out, dA_cumsum, _) = ssd_forward(x, dt, A, B, C, Q, D, None, dt_bias, None, None, True, NO_DT_LIMIT)
     states = chunk_state_fwd(B, x, dt_out, dA_cumsum)
     prev_states, _ = state_passing_fwd(states, dA_cumsum, None, None, _state_dtype(x))
     dprev = chunk_scan_bwd_dstates(dout, C, dA_cumsum)

@@ -46,7 +46,7 @@ def _xbc_heads(xbc: torch.Tensor, d_inner: int, ngroups: int, dstate: int, nhead
 class _Mamba2SplitConvScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, dims, out_w, out_b):
-        d_inner, ngroups, dstate, chunk_size, group_size, eps = dims
+        d_inner, ngroups, dstate, chunk_size, group_size, eps, keep_states = dims
         di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
         v = _Views(zxbcdt, di, conv_dim)
         batch, seqlen, _ = zxbcdt.shape
@@ -54,22 +54,22 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         xbc = conv_forward(v.xbc.transpose(1, 2), conv_weight, conv_bias, seq_idx, None, True).transpose(1, 2)
         x, B, C = _xbc_heads(xbc, di, ngroups, dstate, nheads)
         doc = document_index(seq_idx).contiguous() if seq_idx is not None else None
-        y, _, (_, dt_out, dA_cumsum) = ssd_forward(
-            x, v.dt, A, B, C, chunk_size, D, None, dt_bias, None, doc, True, NO_DT_LIMIT
+        y, _, (_, dt_out, dA_cumsum, prev_states) = ssd_forward(
+            x, v.dt, A, B, C, chunk_size, D, None, dt_bias, None, doc, True, NO_DT_LIMIT, keep_states
         )
         del xbc, x, B, C
         y = y.view(batch, seqlen, di)
         out, _, rstd = norm_forward(y, None, v.z, norm_weight, None, eps, group_size, False, False, None)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out,
-                              dA_cumsum, out_w, out_b)  # fmt: skip
+                              dA_cumsum, prev_states, out_w, out_b)  # fmt: skip
         ctx.dims = dims
         return out if out_w is None else F.linear(out, out_w, out_b)
 
     @staticmethod
     def backward(ctx, dout):
-        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out, dA_cumsum, out_w,
-         out_b) = ctx.saved_tensors  # fmt: skip
-        d_inner, ngroups, dstate, chunk_size, group_size, eps = ctx.dims
+        (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out, dA_cumsum, prev_states,
+         out_w, out_b) = ctx.saved_tensors  # fmt: skip
+        d_inner, ngroups, dstate, chunk_size, group_size, eps, _ = ctx.dims
         di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
         batch, seqlen, _ = zxbcdt.shape
         v = _Views(zxbcdt, di, conv_dim)
@@ -96,7 +96,8 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         dx, dB, dC = _xbc_heads(dxbc, di, ngroups, dstate, nheads)
         doc = document_index(seq_idx).contiguous() if seq_idx is not None else None
         _, _, dA, _, _, dD, _, ddt_bias, _ = ssd_backward(
-            x, v.dt, A, B, C, chunk_size, D, None, dt_bias, None, doc, True, NO_DT_LIMIT, (None, dt_out, dA_cumsum),
+            x, v.dt, A, B, C, chunk_size, D, None, dt_bias, None, doc, True, NO_DT_LIMIT,
+            (None, dt_out, dA_cumsum, prev_states),
             dy.view(x.shape), None, dx=dx, dB=dB, dC=dC, ddt=dv.dt,
         )  # fmt: skip
         del xbc, x, B, C, dy
@@ -120,9 +121,11 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
 
 def mamba2_split_conv_scan_fn(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
-    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None,
+    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None, keep_states=False,
 ):  # fmt: skip
-    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec). zxbcdt is read in place when it is
+    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec); ``keep_states`` (a memory/speed
+    choice, same results) keeps SSD's per-chunk entering states from the forward instead of recomputing them in
+    backward. zxbcdt is read in place when it is
     uniformly strided over (batch, seqlen) rows of unit-stride features (an in_proj output), else copied first (a
     tensor-parallel layer's sequence-major output). Runs the Triton kernels on CUDA tensors or under
     TRITON_INTERPRET=1 (fp16/bf16/fp32), the reference otherwise."""
@@ -138,7 +141,7 @@ def mamba2_split_conv_scan_fn(
     if row_stride(zxbcdt) is None:  # the norm reads z as (rows, d_inner) rows; megatron's output is seq-major
         zxbcdt = zxbcdt.contiguous()
     contig = lambda t: None if t is None else t.contiguous()
-    dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps)
+    dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps, keep_states)
     if out_proj_weight is not None:  # in the activations' dtype, as autocast would give F.linear
         out_proj_weight = out_proj_weight.to(zxbcdt.dtype)
         out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(zxbcdt.dtype)

@@ -22,7 +22,7 @@ def split_sizes(zxbcdt: torch.Tensor, d_inner: int, ngroups: int, dstate: int) -
 
 def mamba2_split_conv_scan_fn_ref(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
-    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None,
+    norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None, keep_states=False,
 ):  # fmt: skip
     """zxbcdt: (batch, seqlen, 2·d_inner + 2·ngroups·dstate + nheads), the in_proj output [z | x | B | C | dt];
     conv_weight: (conv_dim, width), conv_bias: (conv_dim,) or None; dt_bias, A, D: (nheads,); norm_weight: (d_inner,);
@@ -31,7 +31,7 @@ def mamba2_split_conv_scan_fn_ref(
     xBC = silu(causal_conv1d(xBC)); y = SSD(x, softplus(dt + dt_bias), A, B, C, D); out = RMSNorm(y · silu(z)) per
     group of norm_group_size channels. Returns out: (batch, seqlen, d_inner) in zxbcdt's dtype, or, given
     out_proj_weight (d_model, d_inner) and optional out_proj_bias (d_model,), the projection F.linear(out, W, b):
-    (batch, seqlen, d_model).
+    (batch, seqlen, d_model). keep_states (what the Triton op keeps for backward) does not change the result.
     """
     di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
     batch, seqlen, _ = zxbcdt.shape

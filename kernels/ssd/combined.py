@@ -1,7 +1,8 @@
 """`mamba_chunk_scan_combined`: the SSD scan as one autograd op over the Triton stages.
 
 Forward: chunk_cumsum → chunk_state → state_passing → bmm_chunk → chunk_scan (5 launches). Backward recomputes the
-chunk states and CB instead of saving them (they are the largest intermediates; 3 launches), then runs the fused
+chunk states and CB instead of saving them (they are the largest intermediates; 3 launches; the fused Mamba2 op can
+keep the states instead, ``keep_states``), then runs the fused
 gradient kernels of chunk_scan.py, state_passing's reverse recurrence and chunk_cumsum's backward (6 launches, 7 with
 z), plus small torch reductions of per-tile partial sums (kept instead of atomics, so results are deterministic).
 Saved for backward: the inputs, dt_out/dA_cumsum (batch·nheads·seqlen fp32 each), and with z the output before the
@@ -39,16 +40,19 @@ def _state_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit):
+def ssd_forward(
+    x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, keep_states=False
+):  # fmt: skip
     """The Triton forward (5 launches). Returns out, final_states (fp32) and ``saved``: what :func:`ssd_backward`
-    needs besides the inputs (out_x before the gate or None, dt_out and dA_cumsum, fp32 batch·nheads·seqlen each)."""
+    needs besides the inputs (out_x before the gate or None, dt_out and dA_cumsum, fp32 batch·nheads·seqlen each, and
+    with keep_states the states entering each chunk, which the backward otherwise recomputes; else None)."""
     dA_cumsum, dt_out = chunk_cumsum_fwd(dt, A, chunk_size, dt_bias, dt_softplus, dt_limit)
     states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
     prev_states, final_states = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
     del states
     CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
     out, out_x = chunk_scan_fwd(CB, x, dt_out, dA_cumsum, C, prev_states, D, z, seq_idx)
-    return out, final_states, (out_x, dt_out, dA_cumsum)
+    return out, final_states, (out_x, dt_out, dA_cumsum, prev_states if keep_states else None)
 
 
 def ssd_backward(
@@ -60,14 +64,15 @@ def ssd_backward(
 
     Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states (dA, dD, ddt_bias and dinitial_states fp32).
     """
-    out_x, dt_out, dA_cumsum = saved
+    out_x, dt_out, dA_cumsum, prev_states = saved
     # The gradient kernels index dy as a contiguous (batch, seqlen, nheads, headdim) tensor.
     dout = torch.zeros(x.shape, device=x.device, dtype=x.dtype) if dout is None else dout.contiguous()
     if dfinal_states is not None:
         dfinal_states = dfinal_states.contiguous()
-    states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
-    prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
-    del states
+    if prev_states is None:
+        states = chunk_state_fwd(B, x, dt_out, dA_cumsum, seq_idx)
+        prev_states, _ = state_passing_fwd(states, dA_cumsum, initial_states, seq_idx, _state_dtype(x))
+        del states
     CB = bmm_chunk_fwd(C, B, chunk_size, seq_idx)
     dy, dz = gate_bwd(dout, z, out_x, chunk_size) if z is not None else (dout, None)
     dprev_states = chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx)

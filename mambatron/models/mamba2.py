@@ -95,7 +95,7 @@ class Mamba2Mixer(nn.Module):
                 -torch.exp(self.A_log.to(sdt)), self.D.to(sdt), self.norm.weight, d_inner=self.d_inner_local,
                 ngroups=self.ngroups_local, dstate=cfg.d_state, chunk_size=cfg.chunk_size,
                 norm_group_size=self.d_inner_local // self.ngroups_local, eps=cfg.norm_eps, seq_idx=seq_idx,
-                out_proj_weight=out_w, out_proj_bias=out_b,
+                out_proj_weight=out_w, out_proj_bias=out_b, keep_states=cfg.ssd_keep_states,
             )  # fmt: skip
             return y if fold else self.out_proj(y)
         z, xbc, dt = self._split_in(zxbcdt)

@@ -105,3 +105,32 @@ def test_bad_widths_are_named(device):
     inputs = make_inputs(1, 4, device)
     with pytest.raises(ValueError, match="needs 2·d_inner"):
         mamba2_split_conv_scan_fn(*inputs.values(), **{**DIMS, "dstate": 8})
+
+
+def test_kept_chunk_states_are_not_recomputed_and_change_nothing(device, monkeypatch):
+    """keep_states: SSD's per-chunk entering states are kept from the forward (their words per token are what the op
+    keeps more) and the backward runs chunk_state once less; the output and every gradient are bit-identical."""
+    from mambatron.kernels.ssd import combined
+
+    batch, seqlen = 2, 16  # two chunks of 8
+    inputs = make_inputs(batch, seqlen, device, out_proj=True)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 11, [0] * 16], dtype=torch.int32, device=device)
+    calls, real = [], combined.chunk_state_fwd
+    monkeypatch.setattr(combined, "chunk_state_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results, saved = {}, {}
+    for keep in (False, True):
+        calls.clear()
+        out = call(mamba2_split_conv_scan_fn, inputs, seq_idx=seq_idx, keep_states=keep)
+        g = torch.Generator().manual_seed(3)
+        grads = torch.autograd.grad((out * torch.randn(out.shape, generator=g).to(device)).sum(), list(inputs.values()))
+        results[keep] = (out, grads, len(calls))
+        params = [v for k, v in inputs.items() if k != "zxbcdt"]
+        run = lambda keep=keep: call(mamba2_split_conv_scan_fn, inputs, seq_idx=seq_idx, keep_states=keep)
+        saved[keep] = saved_words_per_token(run, params, batch * seqlen)
+    assert results[False][2] == 2 and results[True][2] == 1
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    for name, a, b in zip(inputs, results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"d{name}")
+    headdim = DIMS["d_inner"] // NHEADS
+    words = NHEADS * headdim * DIMS["dstate"] / DIMS["chunk_size"]  # one fp32 state per chunk, per token
+    assert saved[True] == saved[False] + words, (saved, words)

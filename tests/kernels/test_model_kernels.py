@@ -21,8 +21,12 @@ MOE = dict(hybrid_pattern="ME", moe={"num_experts": 4, "top_k": 2, "hidden": 24,
            mlp={"activation": "swiglu"})  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2", "mamba2+moe"])
-def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter):
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2", "mamba2+moe", "mamba2+keep"])
+def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter, monkeypatch):
+    """+keep: with model.ssd_keep_states the Triton path computes each Mamba2 layer's chunk states once (forward),
+    not twice."""
+    from mambatron.kernels.ssd import combined
+
     x = torch.zeros(1, device=device)
     assert get_op("ssd", "triton", x) is ssd_ops.mamba_chunk_scan_combined
     assert get_op("selective_scan", "triton", x) is scan_ops.selective_scan_fn
@@ -33,8 +37,10 @@ def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter):
     labels = ids.roll(-1, 1)
     seq_idx = torch.tensor([[0] * 9 + [1] * 12, [0] * 21], dtype=torch.int32, device=device)
     results = {}
+    state_calls, real = [], combined.chunk_state_fwd
+    monkeypatch.setattr(combined, "chunk_state_fwd", lambda *a, **k: state_calls.append(1) or real(*a, **k))
     for kernels in ("reference", "triton"):
-        extra = MOE if arch.endswith("+moe") else {}
+        extra = {"mamba2+moe": MOE, "mamba2+keep": dict(ssd_keep_states=True)}.get(arch, {})
         cfg = tiny_model_config(arch.split("+")[0], kernels=kernels, d_model=16, ngroups=2, headdim=8, **extra)
         model = build_model(cfg).to(device)
         model.init_weights(seed=1)
@@ -45,6 +51,9 @@ def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter):
         loss = model.loss(ids, labels, seq_idx=seq_idx)
         loss.backward()
         results[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    if arch.startswith("mamba2"):
+        mamba_layers = sum(type(block.mixer).__name__ == "Mamba2Mixer" for block in model.layers)
+        assert len(state_calls) == mamba_layers * (1 if arch.endswith("+keep") else 2)
     ref_loss, ref_grads = results["reference"]
     loss, grads = results["triton"]
     assert_close(loss, ref_loss, "loss")
