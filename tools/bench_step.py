@@ -1,7 +1,7 @@
 """Full training-step throughput on one GPU: tokens/s, MFU and peak memory, beside mamba_ssm's MambaLMHeadModel.
 
     python tools/bench_step.py [--presets mamba1-1.4b,mamba2-1.3b] [--batch 8] [--seqlen 2048] [--steps 10]
-                               [--activation-checkpointing] [--profile] [--json PATH]
+                               [--activation-checkpointing] [--profile] [--top N] [--set KEY=VALUE ...] [--json PATH]
 
 One step = forward + backward + AdamW (fused) under bf16 autocast with fp32 weights, the same recipe for both
 implementations. Before timing, our model's loss and gradients with the Triton kernels are compared against the
@@ -124,7 +124,7 @@ def ours(preset: str, args) -> dict:
     from mambatron.config import load_config
     from mambatron.models import build_model
 
-    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["model.kernels=triton"]).model
+    cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["model.kernels=triton", *args.set]).model
     err = check_kernels(cfg, "cuda")
     ok = err < args.tolerance
     result(what=f"check_{preset}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
@@ -137,7 +137,7 @@ def ours(preset: str, args) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
     profile_as = f"mambatron_{preset}" if args.profile else None
     dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]), profile_as, args.top)
-    return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss)
+    return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss, config_overrides=args.set)
 
 
 def mamba_ssm_step(preset: str, args) -> dict:
@@ -169,13 +169,13 @@ def mamba_ssm_step(preset: str, args) -> dict:
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss)
 
 
-def report(what: str, model, args, dt: float, mem: float, loss: float) -> dict:
+def report(what: str, model, args, dt: float, mem: float, loss: float, **extra) -> dict:
     tokens = args.batch * args.seqlen
     flops = 6 * linear_params(model) * tokens
     return result(
         what=what, params=sum(p.numel() for p in model.parameters()), batch=args.batch, seqlen=args.seqlen,
         step_s=dt, tokens_per_s=tokens / dt, model_TFLOPs=flops / dt / 1e12, mfu=flops / dt / 1e12 / args.peak_tflops,
-        peak_mem_GB=mem, loss=loss, activation_checkpointing=args.activation_checkpointing,
+        peak_mem_GB=mem, loss=loss, activation_checkpointing=args.activation_checkpointing, **extra,
     )  # fmt: skip
 
 
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-mamba-ssm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each implementation")
     ap.add_argument("--top", type=int, default=15, help="kernels listed per profile")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="config overrides for our model, e.g. model.ssd_keep_states=true"
+    )
     ap.add_argument("--json", help="append every RESULT record (checks, profiles, steps) to this file")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
