@@ -14,10 +14,11 @@ appends ``RESULT`` JSON lines.
 """
 
 import argparse
-import json
 import sys
 
 import torch
+from bench_kernels import bench_graph  # tools/ is on the path when a tool runs as a script
+from sweep_ssd import results_writer
 
 TOLERANCE = 3e-2
 SHAPES = {
@@ -71,51 +72,38 @@ def rel(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
 
 
-def graph_ms(fn) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    return do_bench_cudagraph(fn, rep=200, return_mode="median")
-
-
 def sweep_shape(shape: str, fwd_cfgs, bwd_cfgs, theirs, emit) -> None:
     from mambatron.kernels.conv1d import api
 
     x, weight, bias, dout = make(shape)
     cl = api.channel_last(x)
     ref_out, ref_dx, ref_dw, ref_db = reference(x, weight, bias, dout)
-    for cfg in fwd_cfgs or FWD[cl]:
-        api._GPU_FWD = {**api._GPU_FWD, cl: parse(cfg)}
-        run = lambda: api.conv_forward(x, weight, bias, None, None, True)
-        try:
-            err = rel(run(), ref_out)
-        except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
-            emit(what="conv_fwd", shape=shape, cfg=cfg, error=repr(e)[:300])
-            continue
-        row = dict(what="conv_fwd", shape=shape, cfg=cfg, max_rel_error=err, ok=err <= TOLERANCE)
-        if row["ok"]:
-            row["ms"] = graph_ms(run)
-        emit(**row)
-    for cfg in bwd_cfgs or BWD[cl]:
-        api._GPU_BWD = {**api._GPU_BWD, cl: parse(cfg)}
-        run = lambda: api.conv_backward(x, weight, bias, None, None, True, dout)
-        try:
-            dx, dw, db, _ = run()
-            err = max(rel(dx, ref_dx), rel(dw, ref_dw), rel(db, ref_db))
-        except Exception as e:  # noqa: BLE001
-            emit(what="conv_bwd", shape=shape, cfg=cfg, error=repr(e)[:300])
-            continue
-        row = dict(what="conv_bwd", shape=shape, cfg=cfg, max_rel_error=err, ok=err <= TOLERANCE)
-        if row["ok"]:
-            row["ms"] = graph_ms(run)
-        emit(**row)
+    passes = [
+        ("conv_fwd", "_GPU_FWD", fwd_cfgs or FWD[cl], (ref_out,),
+         lambda: (api.conv_forward(x, weight, bias, None, None, True),)),
+        ("conv_bwd", "_GPU_BWD", bwd_cfgs or BWD[cl], (ref_dx, ref_dw, ref_db),
+         lambda: api.conv_backward(x, weight, bias, None, None, True, dout)[:3]),
+    ]  # fmt: skip
+    for what, table, cfgs, expected, run in passes:
+        for cfg in cfgs:
+            setattr(api, table, {**getattr(api, table), cl: parse(cfg)})
+            try:
+                err = max(rel(a, b) for a, b in zip(run(), expected))
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
+                emit(what=what, shape=shape, cfg=cfg, error=repr(e)[:300])
+                continue
+            row = dict(what=what, shape=shape, cfg=cfg, max_rel_error=err, ok=err <= TOLERANCE)
+            if row["ok"]:
+                row["ms"] = bench_graph(run)
+            emit(**row)
     if theirs is None:
         return
     xt, wt, bt = (t.detach().requires_grad_() for t in (x, weight, bias))
     fwd = lambda: theirs(xt, wt, bt, activation="silu")
     try:
         err = rel(fwd(), ref_out)
-        fwd_ms = graph_ms(fwd)
-        both_ms = graph_ms(lambda: torch.autograd.grad(fwd(), (xt, wt, bt), dout))
+        fwd_ms = bench_graph(fwd)
+        both_ms = bench_graph(lambda: torch.autograd.grad(fwd(), (xt, wt, bt), dout))
         emit(what="causal_conv1d", shape=shape, max_rel_error=err, fwd_ms=fwd_ms, fwd_bwd_ms=both_ms,
              bwd_ms=both_ms - fwd_ms)  # fmt: skip
     except Exception as e:  # noqa: BLE001
@@ -136,14 +124,7 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - optional competitor
         print(f"note: causal_conv1d not importable ({type(e).__name__}: {str(e)[:120]})", flush=True)
         theirs = None
-    out_file = open(args.out, "a")
-
-    def emit(**row):
-        line = json.dumps(row)
-        print("RESULT " + line, flush=True)
-        out_file.write(line + "\n")
-        out_file.flush()
-
+    emit = results_writer(args.out)
     for shape in args.shapes.split(","):
         sweep_shape(shape, args.fwd, args.bwd, theirs, emit)
         torch.cuda.empty_cache()
