@@ -39,8 +39,8 @@ def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, inv_count: torch.Te
     loss = new_output((rows,), torch.float32, logits.device)
     block_v = min(4096, triton.next_power_of_2(vocab))
     _ce_logits_grad_kernel[(rows,)](
-        logits, logits, labels.contiguous(), inv_count.float().reshape(1), loss, vocab, logits.stride(0),
-        logits.stride(0), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
+        logits, labels.contiguous(), inv_count.float().reshape(1), loss, vocab, logits.stride(0), BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
     )  # fmt: skip
     return logits, loss
 
@@ -59,13 +59,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_rows):
             hc = h[start : start + chunk_rows]
-            target = lab[start : start + chunk_rows].clamp_min(0).long()[:, None]
-            scale = valid[start : start + chunk_rows].float() * inv_count
             logits = hc @ w.t()
             if use_triton(logits):
                 grad, chunk_loss = _logits_grad(logits, lab[start : start + chunk_rows], inv_count)
                 loss += chunk_loss.sum()
             else:
+                target = lab[start : start + chunk_rows].clamp_min(0).long()[:, None]
+                scale = valid[start : start + chunk_rows].float() * inv_count
                 logits = logits.float()
                 lse = torch.logsumexp(logits, dim=-1)
                 loss += ((lse - logits.gather(1, target).squeeze(1)) * scale).sum()

@@ -3,9 +3,9 @@ pair over each row.
 
 A program owns one row of logits (vocab entries, any float dtype, unit stride). Pass 1 keeps a running max and sum
 of exponentials per lane (an online logsumexp), so the row is read once for its log-sum-exp; the target logit is one
-load. Pass 2 reads the row again (from L2 mostly) and writes (softmax − one-hot) · scale in the gradient's dtype,
-where scale = 1 / (valid tokens) for a valid label (>= 0) and 0 otherwise. The gradient may be the logits' own
-storage: each element is read before it is written, by the same program.
+load. Pass 2 reads the row again (from L2 mostly) and writes (softmax − one-hot) · scale over it, in the logits'
+dtype, where scale = 1 / (valid tokens) for a valid label (>= 0) and 0 otherwise: each element is read before it
+is written, by the same program.
 """
 
 import triton
@@ -14,15 +14,7 @@ import triton.language as tl
 
 @triton.jit
 def _ce_logits_grad_kernel(
-    logits_ptr,
-    grad_ptr,
-    labels_ptr,
-    inv_count_ptr,
-    loss_ptr,
-    vocab,
-    stride_logits,
-    stride_grad,
-    BLOCK_V: tl.constexpr,
+    logits_ptr, labels_ptr, inv_count_ptr, loss_ptr, vocab, stride_logits, BLOCK_V: tl.constexpr
 ):
     row = tl.program_id(0)
     label = tl.load(labels_ptr + row)
@@ -45,10 +37,9 @@ def _ce_logits_grad_kernel(
     lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
     target = tl.load(base + tl.maximum(label, 0)).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, (lse - target) * scale, 0.0))
-    out = grad_ptr + row.to(tl.int64) * stride_grad
     for start in range(0, vocab, BLOCK_V):
         inside = start + cols < vocab
         x = tl.load(base + start + cols, mask=inside, other=0.0).to(tl.float32)
         g = tl.exp(x - lse) * scale
         g = tl.where(start + cols == label, g - scale, g)
-        tl.store(out + start + cols, g.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(base + start + cols, g.to(logits_ptr.dtype.element_ty), mask=inside)
