@@ -158,8 +158,9 @@ class ModelConfig:
     A_init_range: tuple[float, float] = (1.0, 16.0)
     # Keep each chunk's entering SSM state (bf16, batch x nchunks x nheads x headdim x d_state per layer; 67 MB at
     # Mamba2-1.3B's 8 x 2048 tokens) from the forward for the backward instead of recomputing it there: one
-    # chunk-state and one state-passing launch less per layer in backward, for that much memory. Triton path only.
-    ssd_keep_states: bool = False
+    # chunk-state and one state-passing launch less per layer in backward, for that much memory (on one H200: 6.7%
+    # more tokens/s at Mamba2-1.3B for 3.2 GB, docs/benchmarks.md). False recomputes them. Triton path only.
+    ssd_keep_states: bool = True
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     residual_in_fp32: bool = True

@@ -12,10 +12,14 @@ from .reference import _check_affine, rms_norm_fn_ref, rmsnorm_fn_ref
 _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-# Programs per SM and warps (for rows of at least 4096 elements, and shorter) of each kernel. The backward walks
-# several rows per program so that the weight-gradient partial sums stay small. From the H200 sweep in
-# docs/benchmarks.md (16 warps: rows of 4096-5120 elements, e.g. the gated norm over d_inner).
+# Programs per SM (0: one row per program) and warps (for rows of at least 4096 elements, and shorter) of each
+# kernel. The backward walks several rows per program so that the weight-gradient partial sums stay small. From the
+# H200 sweep in docs/benchmarks.md (16 warps: rows of 4096-5120 elements, e.g. the gated norm over d_inner).
 LAUNCH = {"fwd": (16, 16, 8), "bwd": (4, 16, 8)}
+# Groups whose size is not a power of two (Mamba2-2.7B's d_inner 5120, its d_model 2560) are normalised in chunks of
+# this many columns, read twice (the second time from cache), instead of one register tile padded to the next power
+# of two; 0 pads.
+FWD_CHUNK = 0
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
@@ -23,9 +27,20 @@ def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[in
     if os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda":
         return 1, rows, 4
     per_sm, wide_warps, warps = LAUNCH[kind]
-    programs = min(rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = rows if per_sm == 0 else min(rows, per_sm * sms)
     per_program = triton.cdiv(rows, programs)
     return triton.cdiv(rows, per_program), per_program, wide_warps if hidden >= 4096 else warps
+
+
+def _fwd_kernel(group_size: int, chunk: int):
+    """The forward kernel and its column block for groups of ``group_size`` (see FWD_CHUNK)."""
+    from .kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
+
+    block = triton.next_power_of_2(group_size)
+    if chunk and block != group_size:
+        return _norm_fwd_chunked_kernel, min(chunk, block)
+    return _norm_fwd_kernel, block
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -41,16 +56,15 @@ def row_stride(t: torch.Tensor) -> int | None:
 def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype):
     """The Triton forward: x, residual, weight, bias contiguous; z with unit-stride rows (see :func:`row_stride`).
     Returns out, residual_out (or None) and rstd (rows, groups) fp32."""
-    from .kernel import _norm_fwd_kernel
-
     shape, hidden = x.shape, x.shape[-1]
     rows = x.numel() // hidden
     groups = hidden // group_size
     programs, per_program, warps = _launch(rows, hidden, x.device, "fwd")
+    kernel, block = _fwd_kernel(group_size, FWD_CHUNK)
     out = new_output(shape, x.dtype, x.device)
     residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
     rstd = new_output((rows, groups), torch.float32, x.device)
-    _norm_fwd_kernel[(programs,)](
+    kernel[(programs,)](
         x, residual, z, weight, bias, out, residual_out, rstd,
         rows, groups, group_size, eps, per_program, row_stride(z) if z is not None else 0,
         HAS_RESIDUAL=residual is not None,
@@ -59,7 +73,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
         NORM_BEFORE_GATE=norm_before_gate,
         HAS_BIAS=bias is not None,
         BLOCK_G=triton.next_power_of_2(groups),
-        BLOCK_GS=triton.next_power_of_2(group_size),
+        BLOCK_GS=block,
         num_warps=warps,
     )  # fmt: skip
     return out, residual_out, rstd

@@ -21,10 +21,10 @@ MOE = dict(hybrid_pattern="ME", moe={"num_experts": 4, "top_k": 2, "hidden": 24,
            mlp={"activation": "swiglu"})  # fmt: skip
 
 
-@pytest.mark.parametrize("arch", ["mamba1", "mamba2", "mamba2+moe", "mamba2+keep"])
+@pytest.mark.parametrize("arch", ["mamba1", "mamba2", "mamba2+moe", "mamba2+recompute"])
 def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter, monkeypatch):
-    """+keep: with model.ssd_keep_states the Triton path computes each Mamba2 layer's chunk states once (forward),
-    not twice."""
+    """Mamba2's Triton path computes each layer's chunk states once (forward; model.ssd_keep_states, the default);
+    +recompute (ssd_keep_states=false) computes them again in backward."""
     from mambatron.kernels.ssd import combined
 
     x = torch.zeros(1, device=device)
@@ -40,7 +40,7 @@ def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter, monke
     state_calls, real = [], combined.chunk_state_fwd
     monkeypatch.setattr(combined, "chunk_state_fwd", lambda *a, **k: state_calls.append(1) or real(*a, **k))
     for kernels in ("reference", "triton"):
-        extra = {"mamba2+moe": MOE, "mamba2+keep": dict(ssd_keep_states=True)}.get(arch, {})
+        extra = {"mamba2+moe": MOE, "mamba2+recompute": dict(ssd_keep_states=False)}.get(arch, {})
         cfg = tiny_model_config(arch.split("+")[0], kernels=kernels, d_model=16, ngroups=2, headdim=8, **extra)
         model = build_model(cfg).to(device)
         model.init_weights(seed=1)
@@ -53,7 +53,7 @@ def test_tiny_lm_triton_equals_reference(arch, device, triton_interpreter, monke
         results[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
     if arch.startswith("mamba2"):
         mamba_layers = sum(type(block.mixer).__name__ == "Mamba2Mixer" for block in model.layers)
-        assert len(state_calls) == mamba_layers * (1 if arch.endswith("+keep") else 2)
+        assert len(state_calls) == mamba_layers * (2 if arch.endswith("+recompute") else 1)
     ref_loss, ref_grads = results["reference"]
     loss, grads = results["triton"]
     assert_close(loss, ref_loss, "loss")

@@ -116,6 +116,43 @@ def test_gate_read_in_place_from_a_wider_tensor(norm_before_gate, device, monkey
     assert seen[1].is_contiguous() and seen[1].data_ptr() != z.data_ptr()
 
 
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_forward_in_column_chunks(chunk, device, monkeypatch):
+    """Groups whose size is not a power of two, walked in column chunks (api.FWD_CHUNK): the same outputs, residual
+    sums and rstd as the whole-row kernel and the reference, with a gate read from a wider tensor, several groups,
+    chunks that do not divide the group (a masked tail), and the pre-norm residual add."""
+    from mambatron.kernels.rmsnorm import api
+    from mambatron.kernels.rmsnorm.kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
+
+    assert api._fwd_kernel(12, chunk) == (_norm_fwd_chunked_kernel, chunk)
+    assert api._fwd_kernel(16, chunk) == (_norm_fwd_kernel, 16), "power-of-two groups keep the one-tile kernel"
+    x = rand(3, 4, 36, seed=0, dtype=torch.float32, device=device)
+    w, b = (rand(36, seed=s, dtype=torch.float32, device=device) for s in (2, 3))
+    z = rand(3, 4, 50, seed=1, dtype=torch.float32, device=device)[..., 7:43]
+    residual = rand(3, 4, 36, seed=4, dtype=torch.float32, device=device)
+    cases = [
+        ("gated groups of 12", lambda: rmsnorm_fn(x, w, b, z=z, eps=1e-5, group_size=12, norm_before_gate=False),
+         lambda: rmsnorm_fn_ref(x, w, b, z=z, eps=1e-5, group_size=12, norm_before_gate=False)),
+        ("gated after the norm, one group of 36", lambda: rmsnorm_fn(x, w, z=z, eps=1e-5),
+         lambda: rmsnorm_fn_ref(x, w, z=z, eps=1e-5)),
+        ("pre-norm residual add", lambda: rms_norm_fn(x, w, b, residual, 1e-5, prenorm=True, residual_in_fp32=True),
+         lambda: rms_norm_fn_ref(x, w, b, residual, 1e-5, prenorm=True, residual_in_fp32=True)),
+    ]  # fmt: skip
+    for name, run, ref in cases:
+        whole = run()
+        monkeypatch.setattr(api, "FWD_CHUNK", chunk)
+        chunked = run()
+        monkeypatch.setattr(api, "FWD_CHUNK", 0)
+        expected = ref()
+        for got, one_tile, want in zip(*(o if isinstance(o, tuple) else (o,) for o in (chunked, whole, expected))):
+            assert_close(got, want, name)
+            torch.testing.assert_close(got, one_tile, rtol=1e-6, atol=1e-6, msg=name)
+        grads, grads_ref = (torch.autograd.grad(o[0].square().sum() if isinstance(o, tuple) else o.square().sum(),
+                                                (x, w)) for o in (chunked, expected))  # fmt: skip
+        for g, g_ref, what in zip(grads, grads_ref, ("dx", "dweight")):
+            assert_close(g, g_ref, f"{name}: {what}")
+
+
 def test_gated_without_gate_or_bias(device):
     x, w = rand(2, 16, seed=0, dtype=torch.float32, device=device), rand(16, seed=1, dtype=torch.float32, device=device)
     out = rmsnorm_fn(x, w, group_size=4)

@@ -1,0 +1,135 @@
+"""Sweep the RMSNorm forward's launch on one GPU, beside mamba_ssm's Triton norms.
+
+    python tools/sweep_norm.py --out sweep.jsonl [--extra-path DIR:DIR] [--fwd CFG ...] [--shapes NAME,...]
+
+A configuration is ``programs_per_SM,wide_warps,warps,chunk`` as in ``kernels/rmsnorm/api.py`` (``LAUNCH["fwd"]``,
+``FWD_CHUNK``): programs per SM (0: one row per program), warps for rows of ≥ 4096 elements and for shorter ones, and
+the column chunk for groups whose size is not a power of two (0: one padded tile). Shapes are the forward norms of a
+Mamba2 step at 8 x 2048 tokens: the pre-norm residual add over d_model (bf16 x, fp32 residual) and the gated norm
+over d_inner (one group, gate applied before the norm, z read in place from the in_proj output), for Mamba2-1.3B
+(2048, 4096) and 2.7B (2560, 5120). Every configuration's outputs (out, residual_out, rstd) are checked against the
+fp32 reference first and get no time if their max relative error is above 0.03. Times are device times from a CUDA
+graph (median); mamba_ssm's ``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The
+last line, ``what: best``, is the configuration with the least total time over the shapes. Prints and appends
+``RESULT`` JSON lines.
+"""
+
+import argparse
+import sys
+
+import torch
+from bench_kernels import bench_graph  # tools/ is on the path when a tool runs as a script
+from sweep_ssd import results_writer
+
+TOLERANCE = 3e-2
+ROWS = 8 * 2048
+SHAPES = {
+    # name: (hidden, in_proj width holding z at column 0, or None for the pre-norm residual add)
+    "prenorm-2048": (2048, None),
+    "gated-4096": (4096, 8512),
+    "prenorm-2560": (2560, None),
+    "gated-5120": (5120, 10576),
+}
+FWD = ["16,16,8,0", "0,8,4,0", "0,16,8,0", "32,16,8,0", "0,4,4,0", "16,16,8,1024", "16,8,4,1024", "0,4,4,1024",
+       "0,8,8,1024", "0,4,4,512", "32,4,4,1024", "64,4,4,512", "16,8,8,2048", "0,8,4,2048"]  # fmt: skip
+
+
+def parse(cfg: str) -> tuple[tuple[int, int, int], int]:
+    per_sm, wide, warps, chunk = (int(v) for v in cfg.split(","))
+    return (per_sm, wide, warps), chunk
+
+
+def make(shape: str) -> dict:
+    hidden, width = SHAPES[shape]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    x = rnd(ROWS, hidden).to(torch.bfloat16)
+    weight = 1 + 0.1 * rnd(hidden)
+    if width is None:
+        return dict(x=x, residual=rnd(ROWS, hidden), z=None, weight=weight, prenorm=True)
+    return dict(x=x, residual=None, z=rnd(ROWS, width).to(torch.bfloat16)[:, :hidden], weight=weight, prenorm=False)
+
+
+def ours(inp: dict):
+    from mambatron.kernels.rmsnorm import api
+
+    return api.norm_forward(
+        inp["x"], inp["residual"], inp["z"], inp["weight"], None, 1e-5, inp["x"].shape[-1], False, inp["prenorm"],
+        torch.float32,
+    )  # fmt: skip
+
+
+def reference(inp: dict):
+    from mambatron.kernels.rmsnorm import rms_norm_fn_ref, rmsnorm_fn_ref
+
+    x, w = inp["x"].float(), inp["weight"]
+    if inp["prenorm"]:
+        return rms_norm_fn_ref(x, w, None, inp["residual"], 1e-5, prenorm=True, residual_in_fp32=True)
+    return rmsnorm_fn_ref(x, w, None, z=inp["z"].float(), eps=1e-5, norm_before_gate=False), None
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+def theirs_fn(inp: dict):
+    """mamba_ssm's forward for the same inputs, or None where it is not importable."""
+    try:
+        if inp["prenorm"]:
+            from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+            return lambda: rms_norm_fn(inp["x"], inp["weight"], None, residual=inp["residual"], eps=1e-5,
+                                       prenorm=True, residual_in_fp32=True)  # fmt: skip
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+        return lambda: rmsnorm_fn(inp["x"], inp["weight"], None, z=inp["z"], eps=1e-5, norm_before_gate=False)
+    except Exception as e:  # noqa: BLE001 - optional competitor
+        print(f"note: mamba_ssm norms not importable ({type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="append RESULT JSON lines here")
+    p.add_argument("--extra-path", default="", help="colon-separated folders put in front of sys.path")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--fwd", nargs="*", default=FWD, help="forward configurations")
+    args = p.parse_args(argv)
+    sys.path[:0] = [d for d in args.extra_path.split(":") if d]
+    from mambatron.kernels.rmsnorm import api
+
+    emit = results_writer(args.out)
+    default = (api.LAUNCH["fwd"], api.FWD_CHUNK)
+    totals: dict[str, float] = {}
+    shapes = args.shapes.split(",")
+    for shape in shapes:
+        inp = make(shape)
+        expected = reference(inp)
+        for cfg in args.fwd:
+            launch, chunk = parse(cfg)
+            api.LAUNCH["fwd"], api.FWD_CHUNK = launch, chunk
+            try:
+                out, residual_out, _ = ours(inp)
+                err = max(rel(a, b) for a, b in zip((out, residual_out), expected) if b is not None)
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
+                emit(what="norm_fwd", shape=shape, cfg=cfg, error=repr(e)[:300])
+                totals[cfg] = float("inf")
+                continue
+            row = dict(what="norm_fwd", shape=shape, cfg=cfg, max_rel_error=err, ok=err <= TOLERANCE)
+            if row["ok"]:
+                row["ms"] = bench_graph(lambda i=inp: ours(i))
+            totals[cfg] = totals.get(cfg, 0.0) + row.get("ms", float("inf"))
+            emit(**row)
+        api.LAUNCH["fwd"], api.FWD_CHUNK = default
+        theirs = theirs_fn(inp)
+        if theirs is not None:
+            err = rel(theirs()[0] if inp["prenorm"] else theirs(), expected[0])
+            emit(what="mamba_ssm_norm_fwd", shape=shape, max_rel_error=err, ms=bench_graph(theirs))
+        torch.cuda.empty_cache()
+    best = min(totals, key=totals.get)
+    emit(what="best", cfg=best, total_ms=totals[best], shapes=shapes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
