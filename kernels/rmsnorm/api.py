@@ -14,12 +14,12 @@ _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Programs per SM (0: one row per program) and warps (for rows of at least 4096 elements, and shorter) of each
 # kernel. The backward walks several rows per program so that the weight-gradient partial sums stay small. From the
-# H200 sweep in docs/benchmarks.md (16 warps: rows of 4096-5120 elements, e.g. the gated norm over d_inner).
-LAUNCH = {"fwd": (16, 16, 8), "bwd": (4, 16, 8)}
-# Groups whose size is not a power of two (Mamba2-2.7B's d_inner 5120, its d_model 2560) are normalised in chunks of
-# this many columns, read twice (the second time from cache), instead of one register tile padded to the next power
-# of two; 0 pads.
-FWD_CHUNK = 0
+# H200 sweeps in docs/benchmarks.md (tools/sweep_norm.py for the forward).
+LAUNCH = {"fwd": (0, 16, 8), "bwd": (4, 16, 8)}
+# A group whose register tile, padded to a power of two, would hold more than FWD_CHUNK_ABOVE elements (Mamba2-2.7B's
+# d_inner 5120 -> 8192) is normalised in FWD_CHUNK-column chunks instead, read twice (the second time from cache),
+# by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 always pads.
+FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
@@ -33,14 +33,15 @@ def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[in
     return triton.cdiv(rows, per_program), per_program, wide_warps if hidden >= 4096 else warps
 
 
-def _fwd_kernel(group_size: int, chunk: int):
-    """The forward kernel and its column block for groups of ``group_size`` (see FWD_CHUNK)."""
+def _fwd_kernel(group_size: int, chunk: int, above: int):
+    """The forward kernel, its column block and its warps (None: the launch table's) for groups of ``group_size``
+    (see FWD_CHUNK)."""
     from .kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
 
     block = triton.next_power_of_2(group_size)
-    if chunk and block != group_size:
-        return _norm_fwd_chunked_kernel, min(chunk, block)
-    return _norm_fwd_kernel, block
+    if chunk and block != group_size and block > above:
+        return _norm_fwd_chunked_kernel, min(chunk, block), max(1, min(chunk, block) // 256)
+    return _norm_fwd_kernel, block, None
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -60,7 +61,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
     rows = x.numel() // hidden
     groups = hidden // group_size
     programs, per_program, warps = _launch(rows, hidden, x.device, "fwd")
-    kernel, block = _fwd_kernel(group_size, FWD_CHUNK)
+    kernel, block, chunk_warps = _fwd_kernel(group_size, FWD_CHUNK, FWD_CHUNK_ABOVE)
     out = new_output(shape, x.dtype, x.device)
     residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
     rstd = new_output((rows, groups), torch.float32, x.device)
@@ -74,7 +75,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
         HAS_BIAS=bias is not None,
         BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_GS=block,
-        num_warps=warps,
+        num_warps=chunk_warps or warps,
     )  # fmt: skip
     return out, residual_out, rstd
 

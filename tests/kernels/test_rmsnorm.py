@@ -118,14 +118,18 @@ def test_gate_read_in_place_from_a_wider_tensor(norm_before_gate, device, monkey
 
 @pytest.mark.parametrize("chunk", [4, 8])
 def test_forward_in_column_chunks(chunk, device, monkeypatch):
-    """Groups whose size is not a power of two, walked in column chunks (api.FWD_CHUNK): the same outputs, residual
-    sums and rstd as the whole-row kernel and the reference, with a gate read from a wider tensor, several groups,
-    chunks that do not divide the group (a masked tail), and the pre-norm residual add."""
+    """Groups whose size is not a power of two and whose padded tile is large, walked in column chunks
+    (api.FWD_CHUNK): the same outputs and residual sums as the whole-row kernel and the reference, with a gate read
+    from a wider tensor, several groups, chunks that do not divide the group (a masked tail), and the pre-norm
+    residual add."""
     from mambatron.kernels.rmsnorm import api
     from mambatron.kernels.rmsnorm.kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
 
-    assert api._fwd_kernel(12, chunk) == (_norm_fwd_chunked_kernel, chunk)
-    assert api._fwd_kernel(16, chunk) == (_norm_fwd_kernel, 16), "power-of-two groups keep the one-tile kernel"
+    assert api._fwd_kernel(5120, 2048, 4096) == (_norm_fwd_chunked_kernel, 2048, 8), "Mamba2-2.7B's gated norm"
+    assert api._fwd_kernel(2560, 2048, 4096)[0] is _norm_fwd_kernel, "a padded tile of 4096 is still one tile"
+    assert api._fwd_kernel(12, chunk, 8)[:2] == (_norm_fwd_chunked_kernel, chunk)
+    assert api._fwd_kernel(16, chunk, 8)[:2] == (_norm_fwd_kernel, 16), "power-of-two groups keep the one-tile kernel"
+    monkeypatch.setattr(api, "FWD_CHUNK_ABOVE", 8)
     x = rand(3, 4, 36, seed=0, dtype=torch.float32, device=device)
     w, b = (rand(36, seed=s, dtype=torch.float32, device=device) for s in (2, 3))
     z = rand(3, 4, 50, seed=1, dtype=torch.float32, device=device)[..., 7:43]
@@ -139,10 +143,10 @@ def test_forward_in_column_chunks(chunk, device, monkeypatch):
          lambda: rms_norm_fn_ref(x, w, b, residual, 1e-5, prenorm=True, residual_in_fp32=True)),
     ]  # fmt: skip
     for name, run, ref in cases:
+        monkeypatch.setattr(api, "FWD_CHUNK", 0)
         whole = run()
         monkeypatch.setattr(api, "FWD_CHUNK", chunk)
         chunked = run()
-        monkeypatch.setattr(api, "FWD_CHUNK", 0)
         expected = ref()
         for got, one_tile, want in zip(*(o if isinstance(o, tuple) else (o,) for o in (chunked, whole, expected))):
             assert_close(got, want, name)
