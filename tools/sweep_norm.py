@@ -4,7 +4,8 @@
 
 A configuration is ``programs_per_SM,wide_warps,warps,chunk`` as in ``kernels/rmsnorm/api.py`` (``LAUNCH["fwd"]``,
 ``FWD_CHUNK``): programs per SM (0: one row per program), warps for rows of ≥ 4096 elements and for shorter ones, and
-the column chunk for groups whose size is not a power of two (0: one padded tile). Shapes are the forward norms of a
+the column chunk (0: one padded tile) for groups whose tile would be padded past ``FWD_CHUNK_ABOVE`` elements, which
+run with chunk / 256 warps. Shapes are the forward norms of a
 Mamba2 step at 8 x 2048 tokens: the pre-norm residual add over d_model (bf16 x, fp32 residual) and the gated norm
 over d_inner (one group, gate applied before the norm, z read in place from the in_proj output), for Mamba2-1.3B
 (2048, 4096) and 2.7B (2560, 5120). Every configuration's outputs (out, residual_out, rstd) are checked against the
