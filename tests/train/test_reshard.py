@@ -25,70 +25,82 @@ def probe(mode: str, report: Path, nproc: int, overrides: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def resume_elsewhere(src: Path, tmp_path: Path, saved: tuple[int, list[str]], new: tuple[int, list[str]],
-                     steps: int) -> list[dict]:  # fmt: skip
+def resume_elsewhere(src: Path, tmp_path: Path, saved: tuple[int, list[str]], targets: dict[str, tuple[int, list[str]]],
+                     steps: int) -> dict[str, list[dict]]:  # fmt: skip
     """The newest checkpoint of run ``src``: its state as DeepSpeed loads it on the saved layout (``saved``: nproc
-    and overrides) is the oracle; resumed on the ``new`` layout, every rank's weights, module weights, moments and
-    optimizer step must equal the oracle's re-split for it. Returns the per-rank reports of the new layout."""
-    report = tmp_path / "report"
-    report.mkdir()
-    for mode, (nproc, overrides) in (("dump", saved), ("check", new)):
-        run_dir = tmp_path / mode
+    and overrides) is the oracle, dumped once; resumed on each layout of ``targets`` (name: nproc and overrides),
+    every rank's weights, module weights, moments and optimizer step must equal the oracle's re-split for it.
+    Returns each target's per-rank reports."""
+    oracle = tmp_path / "oracle"
+    oracle.mkdir()
+    shutil.copytree(ckpt.checkpoint_root(src), ckpt.checkpoint_root(tmp_path / "dump"))
+    nproc, overrides = saved
+    probe("dump", oracle, nproc, [*overrides, f"train.out_dir={tmp_path / 'dump'}", f"train.max_steps={steps + 2}"])
+    results = {}
+    for name, (nproc, overrides) in targets.items():
+        report, run_dir = tmp_path / f"report_{name}", tmp_path / f"check_{name}"
+        shutil.copytree(oracle, report)
         shutil.copytree(ckpt.checkpoint_root(src), ckpt.checkpoint_root(run_dir))
-        probe(mode, report, nproc, [*overrides, f"train.out_dir={run_dir}", f"train.max_steps={steps + 2}"])
-    reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))]
-    assert len(reports) == max(new[0], 1)
-    for r in reports:
-        assert r["mismatches"] == [], r["mismatches"][:10]
-        assert r["finite"] and r["step"] == steps + 2
-    return reports
+        probe("check", report, nproc, [*overrides, f"train.out_dir={run_dir}", f"train.max_steps={steps + 2}"])
+        reports = [json.loads(p.read_text()) for p in sorted(report.glob("rank_*.json"))]
+        assert len(reports) == max(nproc, 1), name
+        for r in reports:
+            assert r["mismatches"] == [], (name, r["mismatches"][:10])
+            assert r["finite"] and r["step"] == steps + 2, name
+        results[name] = reports
+    return results
 
 
-@pytest.mark.parametrize("nproc,tp", [(1, 1), (2, 2)], ids=["dp2-to-dp1", "tp1-to-tp2"])
-def test_resume_on_another_layout(ref_run, tmp_path, nproc, tp):
+def test_resume_on_another_layout(ref_run, tmp_path):
+    """The 2-process (DP 2) reference run's step-20 checkpoint resumes exactly on 1 process and on TP 2."""
     ref_dir, overrides = ref_run
-    reports = resume_elsewhere(ref_dir, tmp_path, (2, overrides), (nproc, [*overrides, f"parallel.tp={tp}"]), 20)
-    for r in reports:
-        assert (r["tp"], r["dp"]) == (tp, nproc // tp)
-        # The global batch differs on a new layout, so the loss is not the reference's, but it continues from a
-        # trained model, not from scratch (~5.6 at init).
-        assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
+    layouts = {"dp1": (1, 1), "tp2": (2, 2)}
+    targets = {name: (nproc, [*overrides, f"parallel.tp={tp}"]) for name, (nproc, tp) in layouts.items()}
+    results = resume_elsewhere(ref_dir, tmp_path, (2, overrides), targets, 20)
+    for name, (nproc, tp) in layouts.items():
+        for r in results[name]:
+            assert (r["tp"], r["dp"]) == (tp, nproc // tp)
+            # The global batch differs on a new layout, so the loss is not the reference's, but it continues from a
+            # trained model, not from scratch (~5.6 at init).
+            assert abs(r["losses"][0] - losses(ref_dir)[20]) < 0.5
 
 
-# (saved: nproc, overrides), (resumed: nproc, overrides): ZeRO stages, precisions and TP sizes the same-layout path
-# cannot load into each other.
+# Saved layout (nproc, overrides) -> the layouts (nproc, overrides) it resumes on: ZeRO stages, precisions and TP
+# sizes the same-layout path cannot load into each other.
 CROSS = {
-    "zero3-dp2-to-zero1-dp1": ((2, ["parallel.zero_stage=3"]), (1, ["parallel.zero_stage=1"])),
-    "zero1-dp2-to-zero3-dp2": ((2, ["parallel.zero_stage=1"]), (2, ["parallel.zero_stage=3"])),
-    "zero3-to-tp2": ((2, ["parallel.zero_stage=3"]), (2, ["parallel.zero_stage=1", "parallel.tp=2"])),
-    "bf16-zero1-dp2-to-bf16-zero3-dp2": (
-        (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
-        (2, ["parallel.zero_stage=3", "train.precision=bf16"]),
-    ),
-    "fp32-zero0-to-tp2": ((0, ["parallel.zero_stage=0"]), (2, ["parallel.zero_stage=0", "parallel.tp=2"])),
-    "fp32-zero0-to-zero1": ((0, ["parallel.zero_stage=0"]), (0, ["parallel.zero_stage=1"])),
+    "zero3-dp2": ((2, ["parallel.zero_stage=3"]), {
+        "zero1-dp1": (1, ["parallel.zero_stage=1"]),
+        "zero1-tp2": (2, ["parallel.zero_stage=1", "parallel.tp=2"]),
+    }),
+    "zero1-dp2": ((2, ["parallel.zero_stage=1"]), {"zero3-dp2": (2, ["parallel.zero_stage=3"])}),
+    "bf16-zero1-dp2": ((2, ["parallel.zero_stage=1", "train.precision=bf16"]), {
+        "bf16-zero3-dp2": (2, ["parallel.zero_stage=3", "train.precision=bf16"]),
+    }),
+    "fp32-zero0": ((0, ["parallel.zero_stage=0"]), {
+        "zero0-tp2": (2, ["parallel.zero_stage=0", "parallel.tp=2"]),
+        "zero1": (0, ["parallel.zero_stage=1"]),
+    }),
     # bf16 without ZeRO: DeepSpeed's fp16-style optimizer, fp32 masters flat per group, on either side.
-    "bf16-zero0-to-bf16-zero1-dp2": (
-        (0, ["parallel.zero_stage=0", "train.precision=bf16"]),
-        (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
-    ),
+    "bf16-zero0": ((0, ["parallel.zero_stage=0", "train.precision=bf16"]), {
+        "bf16-zero1-dp2": (2, ["parallel.zero_stage=1", "train.precision=bf16"]),
+    }),
     # (bf16 without ZeRO at TP > 1 is refused by the config: DeepSpeed clips it by a wrong gradient norm.)
-    "bf16-zero1-tp2-to-bf16-zero0-dp2": (
-        (2, ["parallel.zero_stage=1", "train.precision=bf16", "parallel.tp=2"]),
-        (2, ["parallel.zero_stage=0", "train.precision=bf16"]),
-    ),
-}
+    "bf16-zero1-tp2": ((2, ["parallel.zero_stage=1", "train.precision=bf16", "parallel.tp=2"]), {
+        "bf16-zero0-dp2": (2, ["parallel.zero_stage=0", "train.precision=bf16"]),
+    }),
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("case", list(CROSS))
-def test_resume_across_zero_stages_and_precisions(tiny_data, tmp_path, case):
-    """A 2-step run saved on one layout resumes exactly on another: weights, moments and step equal the saved run's
+@pytest.mark.parametrize("saved", list(CROSS))
+def test_resume_across_zero_stages_and_precisions(tiny_data, tmp_path, saved):
+    """A 2-step run saved on one layout resumes exactly on others: weights, moments and step equal the saved run's
     (as DeepSpeed loads them on the saved layout), then it trains on."""
-    (saved_n, saved_o), (new_n, new_o) = CROSS[case]
+    (saved_n, saved_o), targets = CROSS[saved]
     common = [*TINY, *tiny_data, "train.max_steps=2"]
     src = tmp_path / "src"
     run_train(saved_n, [*common, *saved_o, f"train.out_dir={src}"])
-    resume_elsewhere(src, tmp_path, (saved_n, [*common, *saved_o]), (new_n, [*common, *new_o]), 2)
+    targets = {name: (n, [*common, *o]) for name, (n, o) in targets.items()}
+    resume_elsewhere(src, tmp_path, (saved_n, [*common, *saved_o]), targets, 2)
 
 
 def test_tensor_parallel_run_matches_single_process(tiny_data, tmp_path):
