@@ -33,15 +33,13 @@ def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[in
     return triton.cdiv(rows, per_program), per_program, wide_warps if hidden >= 4096 else warps
 
 
-def _fwd_kernel(group_size: int, chunk: int, above: int):
-    """The forward kernel, its column block and its warps (None: the launch table's) for groups of ``group_size``
+def _fwd_chunking(group_size: int, chunk: int, above: int) -> tuple[bool, int, int | None]:
+    """(chunked, column block, warps or None for the launch table's) of the forward for groups of ``group_size``
     (see FWD_CHUNK)."""
-    from .kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
-
     block = triton.next_power_of_2(group_size)
     if chunk and block != group_size and block > above:
-        return _norm_fwd_chunked_kernel, min(chunk, block), max(1, min(chunk, block) // 256)
-    return _norm_fwd_kernel, block, None
+        return True, min(chunk, block), max(1, min(chunk, block) // 256)
+    return False, block, None
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -57,15 +55,17 @@ def row_stride(t: torch.Tensor) -> int | None:
 def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate, prenorm, residual_dtype):
     """The Triton forward: x, residual, weight, bias contiguous; z with unit-stride rows (see :func:`row_stride`).
     Returns out, residual_out (or None) and rstd (rows, groups) fp32."""
+    from .kernel import _norm_fwd_kernel
+
     shape, hidden = x.shape, x.shape[-1]
     rows = x.numel() // hidden
     groups = hidden // group_size
     programs, per_program, warps = _launch(rows, hidden, x.device, "fwd")
-    kernel, block, chunk_warps = _fwd_kernel(group_size, FWD_CHUNK, FWD_CHUNK_ABOVE)
+    chunked, block, chunk_warps = _fwd_chunking(group_size, FWD_CHUNK, FWD_CHUNK_ABOVE)
     out = new_output(shape, x.dtype, x.device)
     residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
     rstd = new_output((rows, groups), torch.float32, x.device)
-    kernel[(programs,)](
+    _norm_fwd_kernel[(programs,)](
         x, residual, z, weight, bias, out, residual_out, rstd,
         rows, groups, group_size, eps, per_program, row_stride(z) if z is not None else 0,
         HAS_RESIDUAL=residual is not None,
@@ -73,6 +73,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
         HAS_Z=z is not None,
         NORM_BEFORE_GATE=norm_before_gate,
         HAS_BIAS=bias is not None,
+        CHUNKED=chunked,
         BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_GS=block,
         num_warps=chunk_warps or warps,

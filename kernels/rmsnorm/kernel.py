@@ -43,10 +43,13 @@ def _fwd_input(x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUA
 
 
 @triton.jit
-def _fwd_output(out_ptr, base, cols, mask, xg, gate, rstd, w, b, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS):
-    y = xg * rstd[:, None] * w
+def _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS):
+    """out = xg * rstd * weight (+ bias) (* gate); the weight and bias are read here, after the row's sum of squares
+    (from cache after the first row), not held across it: at 4096 columns and 8 warps that keeps a program at 32
+    registers per thread instead of 48, 8 programs per SM instead of 5."""
+    y = xg * rstd[:, None] * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        y += b
+        y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_Z:
         if NORM_BEFORE_GATE:
             y *= gate
@@ -74,90 +77,51 @@ def _norm_fwd_kernel(
     HAS_Z: tl.constexpr,
     NORM_BEFORE_GATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    CHUNKED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
 ):
-    """rstd: (M, GROUPS) fp32, kept for the backward. The whole row is one register tile; the weight and bias are
-    read after the row's sum of squares (from cache after the first row), not held across it: at 4096 columns and 8
-    warps that keeps a program at 32 registers per thread instead of 48, 8 programs per SM instead of 5."""
-    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
-    hidden = GROUPS * GROUP_SIZE
-    row_start = tl.program_id(0) * ROWS_PER_PROGRAM
-    for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
-        row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
-        base, z_base = row64 * hidden, row64 * stride_z_row
-        s, gate, xg = _fwd_input(
-            x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
-        )
-        if STORE_RESIDUAL:
-            tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
-        rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / GROUP_SIZE + eps)  # (BLOCK_G,)
-        tl.store(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), rstd, mask=tl.arange(0, BLOCK_G) < GROUPS)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        b = w
-        if HAS_BIAS:
-            b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        _fwd_output(out_ptr, base, cols, mask, xg, gate, rstd, w, b, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
-
-
-@triton.jit
-def _norm_fwd_chunked_kernel(
-    x_ptr,
-    residual_ptr,
-    z_ptr,
-    w_ptr,
-    b_ptr,
-    out_ptr,
-    residual_out_ptr,
-    rstd_ptr,
-    M,
-    GROUPS,
-    GROUP_SIZE,
-    eps,
-    ROWS_PER_PROGRAM,
-    stride_z_row,
-    HAS_RESIDUAL: tl.constexpr,
-    STORE_RESIDUAL: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    NORM_BEFORE_GATE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BLOCK_GS: tl.constexpr,
-):
-    """The same forward for groups whose size is not a power of two (a whole-row tile would be padded up to one):
-    each group is walked in BLOCK_GS-column chunks twice, first for the sum of squares, then for the output, the
-    second pass reading the row again from cache."""
+    """rstd: (M, GROUPS) fp32, kept for the backward. A group is one register tile of BLOCK_GS >= GROUP_SIZE columns,
+    or, CHUNKED (for groups whose tile would be padded far past their size), walked in BLOCK_GS-column chunks twice:
+    first for the sum of squares, then for the output, the second pass reading the row again from cache."""
     g = tl.arange(0, BLOCK_G)
     c = tl.arange(0, BLOCK_GS)
     g_mask = g < GROUPS
     hidden = GROUPS * GROUP_SIZE
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
-        row64 = tl.full((), 0, tl.int64) + row
+        row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
         base, z_base = row64 * hidden, row64 * stride_z_row
-        sum_sq = tl.zeros((BLOCK_G,), dtype=tl.float32)
-        for c0 in range(0, GROUP_SIZE, BLOCK_GS):
-            cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
-            mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
+        if CHUNKED:
+            sum_sq = tl.zeros((BLOCK_G,), dtype=tl.float32)
+            for c0 in range(0, GROUP_SIZE, BLOCK_GS):
+                cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
+                mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
+                s, gate, xg = _fwd_input(
+                    x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
+                )
+                if STORE_RESIDUAL:
+                    tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
+                sum_sq += tl.sum(xg * xg, axis=1)
+            rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
+            tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
+            for c0 in range(0, GROUP_SIZE, BLOCK_GS):
+                cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
+                mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
+                s, gate, xg = _fwd_input(
+                    x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
+                )
+                _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
+        else:
+            cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
             s, gate, xg = _fwd_input(
                 x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
             )
             if STORE_RESIDUAL:
                 tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
-            sum_sq += tl.sum(xg * xg, axis=1)
-        rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
-        tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
-        for c0 in range(0, GROUP_SIZE, BLOCK_GS):
-            cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
-            mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
-            s, gate, xg = _fwd_input(
-                x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
-            )
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            b = w
-            if HAS_BIAS:
-                b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            _fwd_output(out_ptr, base, cols, mask, xg, gate, rstd, w, b, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
+            rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / GROUP_SIZE + eps)  # (BLOCK_G,)
+            tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
+            _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
 
 
 @triton.jit

@@ -123,12 +123,11 @@ def test_forward_in_column_chunks(chunk, device, monkeypatch):
     from a wider tensor, several groups, chunks that do not divide the group (a masked tail), and the pre-norm
     residual add."""
     from mambatron.kernels.rmsnorm import api
-    from mambatron.kernels.rmsnorm.kernel import _norm_fwd_chunked_kernel, _norm_fwd_kernel
 
-    assert api._fwd_kernel(5120, 2048, 4096) == (_norm_fwd_chunked_kernel, 2048, 8), "Mamba2-2.7B's gated norm"
-    assert api._fwd_kernel(2560, 2048, 4096)[0] is _norm_fwd_kernel, "a padded tile of 4096 is still one tile"
-    assert api._fwd_kernel(12, chunk, 8)[:2] == (_norm_fwd_chunked_kernel, chunk)
-    assert api._fwd_kernel(16, chunk, 8)[:2] == (_norm_fwd_kernel, 16), "power-of-two groups keep the one-tile kernel"
+    assert api._fwd_chunking(5120, 2048, 4096) == (True, 2048, 8), "Mamba2-2.7B's gated norm"
+    assert api._fwd_chunking(2560, 2048, 4096) == (False, 4096, None), "a padded tile of 4096 is still one tile"
+    assert api._fwd_chunking(12, chunk, 8)[:2] == (True, chunk)
+    assert api._fwd_chunking(16, chunk, 8) == (False, 16, None), "power-of-two groups keep one tile"
     monkeypatch.setattr(api, "FWD_CHUNK_ABOVE", 8)
     x = rand(3, 4, 36, seed=0, dtype=torch.float32, device=device)
     w, b = (rand(36, seed=s, dtype=torch.float32, device=device) for s in (2, 3))
