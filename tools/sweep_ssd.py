@@ -1,18 +1,20 @@
-"""Sweep the launch tiles of the SSD chunk-scan forward, dx-backward and chunk-state kernels on one GPU, beside
-mamba_ssm's.
+"""Sweep the launch tiles of the SSD chunk-scan forward, dx-backward, dstates-backward and chunk-state kernels on one
+GPU, beside mamba_ssm's.
 
     python tools/sweep_ssd.py --out sweep.jsonl [--best best.json] [--extra-path DIR:DIR]
                               [--fwd 64,32,64 128,32,64 ...] [--dx 64,32,64 ...] [--state 64,64 64,128 ...]
+                              [--dstates 64,64 32,128 ...]
 
 At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64, dstate 128, chunk 256, one group), with x, B and C
 strided views of one conv output as in the fused Mamba2 op. A tile is (output positions, positions per inner-loop
 step, dstate per step), the forward's optionally with a fourth entry, headdim per program (see
-``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state tile is (positions per inner-loop step, dstate per program)
-(``kernels/ssd/chunk_state.py`` ``TILES``). Every variant is checked against the default tiles' outputs first and gets
-no time if it differs by more than 2% (the defaults themselves are checked against the fp32 reference by
-``bench_kernels.py --only ssd``). mamba_ssm's matching kernels (``_chunk_scan_fwd``, the fused
-``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_state_fwd``) are timed on the same inputs when importable. Prints and
-appends ``RESULT`` JSON lines; ``--best`` writes the fastest tiles per kernel as JSON.
+``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop step, dstate
+per program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``). Every variant is
+checked against the default tiles' outputs first and gets no time if it differs by more than 2% (the defaults
+themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels
+(``_chunk_scan_fwd``, the fused ``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_scan_bwd_dstates``,
+``_chunk_state_fwd``) are timed on the same inputs when importable. Prints and appends ``RESULT`` JSON lines;
+``--best`` writes the fastest tiles per kernel as JSON.
 """
 
 import argparse
@@ -25,6 +27,7 @@ SHAPE = dict(batch=8, seqlen=2048, nheads=64, headdim=64, dstate=128, ngroups=1,
 DEFAULT_FWD = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
 DEFAULT_STATE = ["64,64", "64,128", "32,128", "128,64", "128,128", "32,64"]
 DEFAULT_DX = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
+DEFAULT_DSTATES = ["64,64", "32,64", "32,128", "64,128", "128,128", "32,256"]
 
 
 def tiles_arg(text: str) -> tuple[int, ...]:
@@ -80,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--fwd", nargs="*", default=DEFAULT_FWD, type=str, help="forward tiles, e.g. 64,32,64")
     p.add_argument("--dx", nargs="*", default=DEFAULT_DX, type=str, help="dx-backward tiles, e.g. 64,32,64")
     p.add_argument("--state", nargs="*", default=DEFAULT_STATE, type=str, help="chunk-state tiles, e.g. 64,128")
+    p.add_argument("--dstates", nargs="*", default=DEFAULT_DSTATES, type=str, help="dstates tiles, e.g. 32,128")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max relative difference from the default tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -111,6 +115,12 @@ def main(argv=None) -> int:
             what="mamba_ssm_chunk_scan_chunk_state_bwd_dx",
             ms=bench(lambda: _chunk_scan_chunk_state_bwd_dx(*args_dx, D=t["D"])),
         )
+        from mamba_ssm.ops.triton.ssd_chunk_scan import _chunk_scan_bwd_dstates
+
+        emit(
+            what="mamba_ssm_chunk_scan_bwd_dstates",
+            ms=bench(lambda: _chunk_scan_bwd_dstates(t["C"], t["dA_cumsum"], t["dout"], dtype=torch.float32)),
+        )
         from mamba_ssm.ops.triton.ssd_chunk_state import _chunk_state_fwd
 
         emit(
@@ -128,9 +138,11 @@ def main(argv=None) -> int:
             t["CB"], t["x"], t["dout"], t["dt"], t["dA_cumsum"], t["B"], t["dstates"], t["D"]
         )[:3],
         "state": lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
+        "bwd_dstates": lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
     }
     best = {}
-    for kind, variants in (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state)):
+    sweeps = (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates))
+    for kind, variants in sweeps:
         table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
         default = table[key]
         expected = runs[kind]()

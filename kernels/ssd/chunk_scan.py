@@ -37,10 +37,11 @@ from mambatron.kernels.ssd._common import (
 )
 
 _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
-# Launch tiles of the two largest kernels, upper bounds (the block helpers fit them to the shapes): output positions
+# Launch tiles, upper bounds (the block helpers fit them to the shapes). The two largest kernels: output positions
 # per program, positions per step of the inner loop, dstate per step of the entering-state product, and (forward
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
-TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (128, 32, 64)}
+# The entering-state gradient (dstates): positions per step of its loop, dstate per program (not swept yet).
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (128, 32, 64), "bwd_dstates": (64, 64)}
 
 
 @triton.jit
@@ -582,13 +583,14 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     ngroups, dstate = C.shape[2:]
     nchunks, chunk_size = dA_cumsum.shape[2:]
     dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, dy.device)
-    block_n = dstate_block(dstate)
+    up_l, up_n = TILES["bwd_dstates"]
+    block_n = dstate_block(dstate, up_n)
     _chunk_scan_bwd_dstates_kernel[(triton.cdiv(dstate, block_n) * batch * nchunks * nheads,)](
         dy, C, dA_cumsum, seq_idx, dprev_states,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *C.stride(),
         HAS_SEQ_IDX=seq_idx is not None,
-        BLOCK_L=chunk_block(chunk_size), BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
+        BLOCK_L=chunk_block(chunk_size, up_l), BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip
     return dprev_states
 
