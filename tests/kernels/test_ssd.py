@@ -47,8 +47,8 @@ def small_tiles(monkeypatch):
 def uneven_tiles(small_tiles, monkeypatch):
     """Small tiles, and output tiles unlike the inner loop's steps: the forward's loop takes half an output tile per
     step and its programs split the head in two (headdim 16), the dx backward's loop starts inside a step that begins
-    before the output tile."""
-    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8)})
+    before the output tile; the dstates backward walks 4 positions per step and splits dstate over programs of 4."""
+    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4)})
 
 
 # Stages ------------------------------------------------------------------------------------------------------------
