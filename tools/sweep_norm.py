@@ -5,14 +5,13 @@
 A configuration is ``programs_per_SM,wide_warps,warps,chunk`` as in ``kernels/rmsnorm/api.py`` (``LAUNCH["fwd"]``,
 ``FWD_CHUNK``): programs per SM (0: one row per program), warps for rows of ≥ 4096 elements and for shorter ones, and
 the column chunk (0: one padded tile) for groups whose tile would be padded past ``FWD_CHUNK_ABOVE`` elements, which
-run with chunk / 256 warps. Shapes are the forward norms of a
-Mamba2 step at 8 x 2048 tokens: the pre-norm residual add over d_model (bf16 x, fp32 residual) and the gated norm
-over d_inner (one group, gate applied before the norm, z read in place from the in_proj output), for Mamba2-1.3B
-(2048, 4096) and 2.7B (2560, 5120). Every configuration's outputs (out, residual_out, rstd) are checked against the
-fp32 reference first and get no time if their max relative error is above 0.03. Times are device times from a CUDA
-graph (median); mamba_ssm's ``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The
-last line, ``what: best``, is the configuration with the least total time over the shapes. Prints and appends
-``RESULT`` JSON lines.
+run with chunk / 256 warps. Shapes are the forward norms of a Mamba2 step at 8 x 2048 tokens: the pre-norm residual
+add over d_model (bf16 x, fp32 residual) and the gated norm over d_inner (one group, gate applied before the norm, z
+read in place from the in_proj output), for Mamba2-1.3B (2048, 4096) and 2.7B (2560, 5120). Every configuration's
+outputs (out, and residual_out for the pre-norm) are checked against the fp32 reference first and get no time if
+their max relative error is above 0.03. Times are device times from a CUDA graph (median); mamba_ssm's
+``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The last line, ``what: best``, is
+the configuration with the least total time over the shapes. Prints and appends ``RESULT`` JSON lines.
 """
 
 import argparse
@@ -20,6 +19,7 @@ import sys
 
 import torch
 from bench_kernels import bench_graph  # tools/ is on the path when a tool runs as a script
+from sweep_conv import rel
 from sweep_ssd import results_writer
 
 TOLERANCE = 3e-2
@@ -67,10 +67,6 @@ def reference(inp: dict):
     if inp["prenorm"]:
         return rms_norm_fn_ref(x, w, None, inp["residual"], 1e-5, prenorm=True, residual_in_fp32=True)
     return rmsnorm_fn_ref(x, w, None, z=inp["z"].float(), eps=1e-5, norm_before_gate=False), None
-
-
-def rel(a, b) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
 
 
 def theirs_fn(inp: dict):

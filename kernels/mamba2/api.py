@@ -123,12 +123,11 @@ def mamba2_split_conv_scan_fn(
     zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, *, d_inner, ngroups, dstate, chunk_size,
     norm_group_size, eps, seq_idx=None, out_proj_weight=None, out_proj_bias=None, keep_states=False,
 ):  # fmt: skip
-    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec); ``keep_states`` (a memory/speed
-    choice, same results) keeps SSD's per-chunk entering states from the forward instead of recomputing them in
-    backward. zxbcdt is read in place when it is
-    uniformly strided over (batch, seqlen) rows of unit-stride features (an in_proj output), else copied first (a
-    tensor-parallel layer's sequence-major output). Runs the Triton kernels on CUDA tensors or under
-    TRITON_INTERPRET=1 (fp16/bf16/fp32), the reference otherwise."""
+    """Arguments and result as :func:`mamba2_split_conv_scan_fn_ref` (the spec); ``keep_states`` (a memory/speed choice,
+    same results) keeps SSD's per-chunk entering states from the forward instead of recomputing them in backward. zxbcdt
+    is read in place when it is uniformly strided over (batch, seqlen) rows of unit-stride features (an in_proj output),
+    else copied first (a tensor-parallel layer's sequence-major output). Runs the Triton kernels on CUDA tensors or
+    under TRITON_INTERPRET=1 (fp16/bf16/fp32), the reference otherwise."""
     if not use_triton(zxbcdt) or zxbcdt.dtype == torch.float64:
         return mamba2_split_conv_scan_fn_ref(
             zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, d_inner=d_inner, ngroups=ngroups,

@@ -38,7 +38,8 @@ def _fwd_chunking(group_size: int, chunk: int, above: int) -> tuple[bool, int, i
     (see FWD_CHUNK)."""
     block = triton.next_power_of_2(group_size)
     if chunk and block != group_size and block > above:
-        return True, min(chunk, block), max(1, min(chunk, block) // 256)
+        block = min(chunk, block)
+        return True, block, max(1, block // 256)
     return False, block, None
 
 

@@ -17,9 +17,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_tile(GROUPS, GROUP_SIZE, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr):
+def _row_tile(GROUPS, GROUP_SIZE, BLOCK_G: tl.constexpr, BLOCK_GS: tl.constexpr, c0=0):
+    """Columns and mask of a (BLOCK_G, BLOCK_GS) tile: columns c0 .. c0 + BLOCK_GS of every group."""
     g = tl.arange(0, BLOCK_G)
-    c = tl.arange(0, BLOCK_GS)
+    c = c0 + tl.arange(0, BLOCK_GS)
     cols = g[:, None] * GROUP_SIZE + c[None, :]
     mask = (g < GROUPS)[:, None] & (c < GROUP_SIZE)[None, :]
     return cols, mask
@@ -85,7 +86,6 @@ def _norm_fwd_kernel(
     or, CHUNKED (for groups whose tile would be padded far past their size), walked in BLOCK_GS-column chunks twice:
     first for the sum of squares, then for the output, the second pass reading the row again from cache."""
     g = tl.arange(0, BLOCK_G)
-    c = tl.arange(0, BLOCK_GS)
     g_mask = g < GROUPS
     hidden = GROUPS * GROUP_SIZE
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
@@ -95,8 +95,7 @@ def _norm_fwd_kernel(
         if CHUNKED:
             sum_sq = tl.zeros((BLOCK_G,), dtype=tl.float32)
             for c0 in range(0, GROUP_SIZE, BLOCK_GS):
-                cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
-                mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
+                cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS, c0)
                 s, gate, xg = _fwd_input(
                     x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
                 )
@@ -106,8 +105,7 @@ def _norm_fwd_kernel(
             rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
             tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
             for c0 in range(0, GROUP_SIZE, BLOCK_GS):
-                cols = g[:, None] * GROUP_SIZE + c0 + c[None, :]
-                mask = g_mask[:, None] & (c0 + c < GROUP_SIZE)[None, :]
+                cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS, c0)
                 s, gate, xg = _fwd_input(
                     x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
                 )

@@ -1,12 +1,11 @@
 """`mamba_chunk_scan_combined`: the SSD scan as one autograd op over the Triton stages.
 
-Forward: chunk_cumsum → chunk_state → state_passing → bmm_chunk → chunk_scan (5 launches). Backward recomputes the
-chunk states and CB instead of saving them (they are the largest intermediates; 3 launches; the fused Mamba2 op can
-keep the states instead, ``keep_states``), then runs the fused
-gradient kernels of chunk_scan.py, state_passing's reverse recurrence and chunk_cumsum's backward (6 launches, 7 with
-z), plus small torch reductions of per-tile partial sums (kept instead of atomics, so results are deterministic).
-Saved for backward: the inputs, dt_out/dA_cumsum (batch·nheads·seqlen fp32 each), and with z the output before the
-gate (for dz).
+Forward: chunk_cumsum → chunk_state → state_passing → bmm_chunk → chunk_scan (5 launches). Backward recomputes the chunk
+states and CB instead of saving them (they are the largest intermediates; 3 launches; the fused Mamba2 op can keep the
+states instead, ``keep_states``), then runs the fused gradient kernels of chunk_scan.py, state_passing's reverse
+recurrence and chunk_cumsum's backward (6 launches, 7 with z), plus small torch reductions of per-tile partial sums
+(kept instead of atomics, so results are deterministic). Saved for backward: the inputs, dt_out/dA_cumsum
+(batch·nheads·seqlen fp32 each), and with z the output before the gate (for dz).
 """
 
 import torch
