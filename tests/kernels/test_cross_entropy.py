@@ -114,3 +114,28 @@ def test_model_loss_through_the_chunked_head(monkeypatch):
     assert calls == [1]
     for ref, ours in zip(expected, actual, strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output weight-gradient GEMM is CUDA-only")
+def test_cuda_bf16_weight_grad_accumulates_in_fp32():
+    """On CUDA the bf16 chunks' weight gradient is summed by the GEMM into the fp32 buffer: it must match the fp64
+    sum over chunks of exact bf16-input products closer than the old per-chunk-rounded sum does."""
+    from mambatron.kernels.cross_entropy import api
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dw = torch.zeros(300, 64, device="cuda")
+    chunks = [
+        (
+            torch.randn(96, 300, device="cuda", generator=g).bfloat16(),
+            torch.randn(96, 64, device="cuda", generator=g).bfloat16(),
+        )
+        for _ in range(5)
+    ]
+    rounded = torch.zeros_like(dw)
+    for grad, hc in chunks:
+        api._add_weight_grad(dw, grad, hc)
+        rounded += grad.t() @ hc
+    exact = sum(grad.double().t() @ hc.double() for grad, hc in chunks)
+    err = (dw.double() - exact).abs().max().item()
+    assert err < 1e-3, err
+    assert err < (rounded.double() - exact).abs().max().item() / 4
