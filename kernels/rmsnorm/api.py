@@ -15,7 +15,7 @@ _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Programs per SM (0: one row per program) and warps (for rows of at least 4096 elements, and shorter) of each
 # kernel. The backward walks several rows per program so that the weight-gradient partial sums stay small. From the
 # H200 sweeps in docs/benchmarks.md (tools/sweep_norm.py for the forward).
-LAUNCH = {"fwd": (0, 16, 8), "bwd": (4, 16, 8)}
+LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
 # A group whose register tile, padded to a power of two, would hold more than FWD_CHUNK_ABOVE elements (Mamba2-2.7B's
 # d_inner 5120 -> 8192) is normalised in FWD_CHUNK-column chunks instead, read twice (the second time from cache),
 # by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 always pads.

@@ -41,7 +41,7 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # per program, positions per step of the inner loop, dstate per step of the entering-state product, and (forward
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
 # The entering-state gradient (dstates): positions per step of its loop, dstate per program (not swept yet).
-TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (128, 32, 64), "bwd_dstates": (64, 64)}
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128)}
 
 
 @triton.jit

@@ -6,11 +6,11 @@ import torch
 from mambatron.kernels.cross_entropy import linear_cross_entropy_fn, linear_cross_entropy_fn_ref
 
 
-def _inputs(dtype=torch.float32, rows=(3, 11), vocab=37, d=16, seed=0):
+def _inputs(dtype=torch.float32, rows=(3, 11), vocab=37, d=16, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(*rows, d, generator=g, dtype=dtype).requires_grad_()
-    weight = (torch.randn(vocab, d, generator=g) * 0.5).requires_grad_()
-    labels = torch.randint(0, vocab, rows, generator=g)
+    hidden = torch.randn(*rows, d, generator=g, dtype=dtype).to(device).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=g) * 0.5).to(device).requires_grad_()
+    labels = torch.randint(0, vocab, rows, generator=g).to(device)
     labels[0, :4] = -100  # ignored positions
     labels[2, -1] = -1
     return hidden, weight, labels
@@ -56,7 +56,9 @@ def test_kernel_path_equals_the_pytorch_ops(dtype, monkeypatch):
     it replaces, with a vocabulary over one 4096-wide block (a padded last block), ignored rows and a label in it."""
     from mambatron.kernels.cross_entropy import api
 
-    hidden, weight, labels = _inputs(dtype=dtype, rows=(3, 7), vocab=4100, d=8, seed=1)
+    # On a GPU machine the kernel runs compiled, on CUDA tensors; elsewhere in the interpreter on CPU tensors.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden, weight, labels = _inputs(dtype=dtype, rows=(3, 7), vocab=4100, d=8, seed=1, device=device)
     labels[1, 0] = 4099  # the last entry, in the padded block
     weight = weight.detach().to(dtype).requires_grad_()
     calls, real = [], api._logits_grad
