@@ -2,16 +2,17 @@
 
     python tools/sweep_norm.py --out sweep.jsonl [--extra-path DIR:DIR] [--fwd CFG ...] [--shapes NAME,...]
 
-A configuration is ``programs_per_SM,wide_warps,warps,chunk`` as in ``kernels/rmsnorm/api.py`` (``LAUNCH["fwd"]``,
-``FWD_CHUNK``): programs per SM (0: one row per program), warps for rows of ≥ 4096 elements and for shorter ones, and
-the column chunk (0: one padded tile) for groups whose tile would be padded past ``FWD_CHUNK_ABOVE`` elements, which
-run with chunk / 256 warps. Shapes are the forward norms of a Mamba2 step at 8 x 2048 tokens: the pre-norm residual
-add over d_model (bf16 x, fp32 residual) and the gated norm over d_inner (one group, gate applied before the norm, z
-read in place from the in_proj output), for Mamba2-1.3B (2048, 4096) and 2.7B (2560, 5120). Every configuration's
-outputs (out, and residual_out for the pre-norm) are checked against the fp32 reference first and get no time if
-their max relative error is above 0.03. Times are device times from a CUDA graph (median); mamba_ssm's
-``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The last line, ``what: best``, is
-the configuration with the least total time over the shapes. Prints and appends ``RESULT`` JSON lines.
+A configuration is ``programs_per_SM,wide_warps,warps,chunk[,split_above]`` as in ``kernels/rmsnorm/api.py``
+(``LAUNCH["fwd"]``, ``FWD_CHUNK``, ``FWD_SPLIT_ABOVE``): programs per SM (0: one row per program), warps for rows of ≥
+4096 elements and for shorter ones, the column chunk (0: one padded tile) for groups whose tile would be padded past
+``FWD_CHUNK_ABOVE`` elements, which run with chunk / 256 warps, and the group size above which a group that is not a
+power of two is held as two tiles (absent or 0: never). Shapes are the forward norms of a Mamba2 step at 8 x 2048
+tokens: the pre-norm residual add over d_model (bf16 x, fp32 residual) and the gated norm over d_inner (one group,
+gate applied before the norm, z read in place from the in_proj output), for Mamba2-1.3B (2048, 4096) and 2.7B (2560,
+5120). Every configuration's outputs (out, and residual_out for the pre-norm) are checked against the fp32 reference
+first and get no time if their max relative error is above 0.03. Times are device times from a CUDA graph (median);
+mamba_ssm's ``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The last line, ``what:
+best``, is the configuration with the least total time over the shapes. Prints and appends ``RESULT`` JSON lines.
 """
 
 import argparse
@@ -35,9 +36,9 @@ FWD = ["16,16,8,0", "0,8,4,0", "0,16,8,0", "32,16,8,0", "0,4,4,0", "16,16,8,1024
        "0,8,8,1024", "0,4,4,512", "32,4,4,1024", "64,4,4,512", "16,8,8,2048", "0,8,4,2048"]  # fmt: skip
 
 
-def parse(cfg: str) -> tuple[tuple[int, int, int], int]:
-    per_sm, wide, warps, chunk = (int(v) for v in cfg.split(","))
-    return (per_sm, wide, warps), chunk
+def parse(cfg: str) -> tuple[tuple[int, int, int], int, int]:
+    per_sm, wide, warps, chunk, *split = (int(v) for v in cfg.split(","))
+    return (per_sm, wide, warps), chunk, (split[0] if split else 0)
 
 
 def make(shape: str) -> dict:
@@ -96,15 +97,14 @@ def main(argv=None) -> int:
     from mambatron.kernels.rmsnorm import api
 
     emit = results_writer(args.out)
-    default = (api.LAUNCH["fwd"], api.FWD_CHUNK)
+    default = (api.LAUNCH["fwd"], api.FWD_CHUNK, api.FWD_SPLIT_ABOVE)
     totals: dict[str, float] = {}
     shapes = args.shapes.split(",")
     for shape in shapes:
         inp = make(shape)
         expected = reference(inp)
         for cfg in args.fwd:
-            launch, chunk = parse(cfg)
-            api.LAUNCH["fwd"], api.FWD_CHUNK = launch, chunk
+            api.LAUNCH["fwd"], api.FWD_CHUNK, api.FWD_SPLIT_ABOVE = parse(cfg)
             try:
                 out, residual_out, _ = ours(inp)
                 err = max(rel(a, b) for a, b in zip((out, residual_out), expected) if b is not None)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                 row["ms"] = bench_graph(lambda i=inp: ours(i))
             totals[cfg] = totals.get(cfg, 0.0) + row.get("ms", float("inf"))
             emit(**row)
-        api.LAUNCH["fwd"], api.FWD_CHUNK = default
+        api.LAUNCH["fwd"], api.FWD_CHUNK, api.FWD_SPLIT_ABOVE = default
         theirs = theirs_fn(inp)
         if theirs is not None:
             err = rel(theirs()[0] if inp["prenorm"] else theirs(), expected[0])

@@ -16,9 +16,13 @@ _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # kernel. The backward walks several rows per program so that the weight-gradient partial sums stay small. From the
 # H200 sweeps in docs/benchmarks.md (tools/sweep_norm.py for the forward).
 LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
-# A group whose register tile, padded to a power of two, would hold more than FWD_CHUNK_ABOVE elements (Mamba2-2.7B's
-# d_inner 5120 -> 8192) is normalised in FWD_CHUNK-column chunks instead, read twice (the second time from cache),
-# by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 always pads.
+# The forward holds a group in one register tile padded to a power of two, except:
+# - a group of more than FWD_SPLIT_ABOVE columns that is not a power of two is held in two tiles, the largest power
+#   of two below its size and the rest padded (Mamba2-2.7B's d_inner 5120 as 4096 + 1024, d_model 2560 as 2048 +
+#   512), where that holds fewer columns than the padded tile; 0 never splits;
+# - otherwise, a group whose padded tile would hold more than FWD_CHUNK_ABOVE elements is normalised in
+#   FWD_CHUNK-column chunks, read twice (the second time from cache), by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 pads.
+FWD_SPLIT_ABOVE = 2048
 FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 
 
@@ -33,14 +37,21 @@ def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[in
     return triton.cdiv(rows, per_program), per_program, wide_warps if hidden >= 4096 else warps
 
 
-def _fwd_chunking(group_size: int, chunk: int, above: int) -> tuple[bool, int, int | None]:
-    """(chunked, column block, warps or None for the launch table's) of the forward for groups of ``group_size``
-    (see FWD_CHUNK)."""
+def _fwd_tiles(group_size: int, split_above: int, chunk: int, chunk_above: int) -> tuple[bool, int, int, int | None]:
+    """(chunked, column block, tail block (0: none), warps or None for the launch table's) of the forward for groups
+    of ``group_size`` (see FWD_SPLIT_ABOVE and FWD_CHUNK)."""
     block = triton.next_power_of_2(group_size)
-    if chunk and block != group_size and block > above:
+    if block == group_size:
+        return False, block, 0, None
+    if split_above and group_size > split_above:
+        head = block // 2
+        tail = triton.next_power_of_2(group_size - head)
+        if head + tail < block:
+            return False, head, tail, None
+    if chunk and block > chunk_above:
         block = min(chunk, block)
-        return True, block, max(1, block // 256)
-    return False, block, None
+        return True, block, 0, max(1, block // 256)
+    return False, block, 0, None
 
 
 def row_stride(t: torch.Tensor) -> int | None:
@@ -62,7 +73,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
     rows = x.numel() // hidden
     groups = hidden // group_size
     programs, per_program, warps = _launch(rows, hidden, x.device, "fwd")
-    chunked, block, chunk_warps = _fwd_chunking(group_size, FWD_CHUNK, FWD_CHUNK_ABOVE)
+    chunked, block, tail, chunk_warps = _fwd_tiles(group_size, FWD_SPLIT_ABOVE, FWD_CHUNK, FWD_CHUNK_ABOVE)
     out = new_output(shape, x.dtype, x.device)
     residual_out = new_output(shape, residual_dtype, x.device) if prenorm else None
     rstd = new_output((rows, groups), torch.float32, x.device)
@@ -77,6 +88,7 @@ def norm_forward(x, residual, z, weight, bias, eps, group_size, norm_before_gate
         CHUNKED=chunked,
         BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_GS=block,
+        BLOCK_TAIL=tail,
         num_warps=chunk_warps or warps,
     )  # fmt: skip
     return out, residual_out, rstd

@@ -81,9 +81,11 @@ def _norm_fwd_kernel(
     CHUNKED: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr = 0,
 ):
-    """rstd: (M, GROUPS) fp32, kept for the backward. A group is one register tile of BLOCK_GS >= GROUP_SIZE columns,
-    or, CHUNKED (for groups whose tile would be padded far past their size), walked in BLOCK_GS-column chunks twice:
+    """rstd: (M, GROUPS) fp32, kept for the backward. A group is one register tile of BLOCK_GS >= GROUP_SIZE columns;
+    or two, BLOCK_TAIL > 0: columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL (Mamba2-2.7B's 5120 as 4096 +
+    1024 instead of one tile padded to 8192), still one pass; or, CHUNKED, walked in BLOCK_GS-column chunks twice:
     first for the sum of squares, then for the output, the second pass reading the row again from cache."""
     g = tl.arange(0, BLOCK_G)
     g_mask = g < GROUPS
@@ -117,9 +119,22 @@ def _norm_fwd_kernel(
             )
             if STORE_RESIDUAL:
                 tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
-            rstd = 1.0 / tl.sqrt(tl.sum(xg * xg, axis=1) / GROUP_SIZE + eps)  # (BLOCK_G,)
+            sum_sq = tl.sum(xg * xg, axis=1)  # (BLOCK_G,)
+            if BLOCK_TAIL > 0:
+                cols_t, mask_t = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_TAIL, BLOCK_GS)
+                s_t, gate_t, xg_t = _fwd_input(
+                    x_ptr, residual_ptr, z_ptr, base, z_base, cols_t, mask_t, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
+                )
+                if STORE_RESIDUAL:
+                    tl.store(residual_out_ptr + base + cols_t, s_t.to(residual_out_ptr.dtype.element_ty), mask=mask_t)
+                sum_sq += tl.sum(xg_t * xg_t, axis=1)
+            rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
             tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
             _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
+            if BLOCK_TAIL > 0:
+                _fwd_output(
+                    w_ptr, b_ptr, out_ptr, base, cols_t, mask_t, xg_t, gate_t, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS
+                )
 
 
 @triton.jit

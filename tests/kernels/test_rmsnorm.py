@@ -116,18 +116,32 @@ def test_gate_read_in_place_from_a_wider_tensor(norm_before_gate, device, monkey
     assert seen[1].is_contiguous() and seen[1].data_ptr() != z.data_ptr()
 
 
-@pytest.mark.parametrize("chunk", [4, 8])
-def test_forward_in_column_chunks(chunk, device, monkeypatch):
-    """Groups whose size is not a power of two and whose padded tile is large, walked in column chunks
-    (api.FWD_CHUNK): the same outputs and residual sums as the whole-row kernel and the reference, with a gate read
-    from a wider tensor, several groups, chunks that do not divide the group (a masked tail), and the pre-norm
-    residual add."""
+def test_forward_tiles_choice():
     from mambatron.kernels.rmsnorm import api
 
-    assert api._fwd_chunking(5120, 2048, 4096) == (True, 2048, 8), "Mamba2-2.7B's gated norm"
-    assert api._fwd_chunking(2560, 2048, 4096) == (False, 4096, None), "a padded tile of 4096 is still one tile"
-    assert api._fwd_chunking(12, chunk, 8)[:2] == (True, chunk)
-    assert api._fwd_chunking(16, chunk, 8) == (False, 16, None), "power-of-two groups keep one tile"
+    assert api._fwd_tiles(5120, 2048, 2048, 4096) == (False, 4096, 1024, None), "Mamba2-2.7B's gated norm, split"
+    assert api._fwd_tiles(2560, 2048, 2048, 4096) == (False, 2048, 512, None), "its d_model, split"
+    assert api._fwd_tiles(5120, 0, 2048, 4096) == (True, 2048, 0, 8), "no split: chunked"
+    assert api._fwd_tiles(2560, 0, 2048, 4096) == (False, 4096, 0, None), "a padded tile of 4096 is still one tile"
+    assert api._fwd_tiles(7000, 2048, 2048, 4096) == (True, 2048, 0, 8), "4096 + 4096 saves nothing: chunked"
+    assert api._fwd_tiles(1536, 2048, 0, 4096) == (False, 2048, 0, None), "at or below FWD_SPLIT_ABOVE: padded"
+    assert api._fwd_tiles(4096, 2048, 2048, 1024) == (False, 4096, 0, None), "power-of-two groups keep one tile"
+
+
+@pytest.mark.parametrize("mode", ["chunk4", "chunk8", "split"])
+def test_forward_in_column_chunks(mode, device, monkeypatch):
+    """Groups whose size is not a power of two, held as two tiles (api.FWD_SPLIT_ABOVE: 12 = 8 + 4, 36 = 32 + 4) or
+    walked in column chunks (api.FWD_CHUNK): the same outputs and residual sums as the whole-row kernel and the
+    reference, with a gate read from a wider tensor, several groups, chunks that do not divide the group (a masked
+    tail), and the pre-norm residual add."""
+    from mambatron.kernels.rmsnorm import api
+
+    chunk = int(mode[5:]) if mode.startswith("chunk") else 0
+    if mode == "split":
+        assert api._fwd_tiles(12, 8, 0, 8) == (False, 8, 4, None)
+        assert api._fwd_tiles(36, 8, 0, 8) == (False, 32, 4, None)
+    else:
+        assert api._fwd_tiles(12, 0, chunk, 8)[:3] == (True, chunk, 0)
     monkeypatch.setattr(api, "FWD_CHUNK_ABOVE", 8)
     x = rand(3, 4, 36, seed=0, dtype=torch.float32, device=device)
     w, b = (rand(36, seed=s, dtype=torch.float32, device=device) for s in (2, 3))
@@ -143,8 +157,10 @@ def test_forward_in_column_chunks(chunk, device, monkeypatch):
     ]  # fmt: skip
     for name, run, ref in cases:
         monkeypatch.setattr(api, "FWD_CHUNK", 0)
+        monkeypatch.setattr(api, "FWD_SPLIT_ABOVE", 0)
         whole = run()
         monkeypatch.setattr(api, "FWD_CHUNK", chunk)
+        monkeypatch.setattr(api, "FWD_SPLIT_ABOVE", 8 if mode == "split" else 0)
         chunked = run()
         expected = ref()
         for got, one_tile, want in zip(*(o if isinstance(o, tuple) else (o,) for o in (chunked, whole, expected))):
