@@ -1,19 +1,18 @@
-"""Sweep the launch tiles of the SSD chunk-scan forward, dx-backward, dstates-backward, dCB and chunk-state kernels on
-one GPU, beside mamba_ssm's.
+"""Sweep the launch tiles of the SSD chunk-scan forward, dx-backward, dstates-backward and chunk-state kernels on one
+GPU, beside mamba_ssm's.
 
     python tools/sweep_ssd.py --out sweep.jsonl [--best best.json] [--extra-path DIR:DIR]
                               [--fwd 64,32,64 128,32,64 ...] [--dx 64,32,64 ...] [--state 64,64 64,128 ...]
-                              [--dstates 64,64 32,128 ...] [--dcb 80 40 32 ...]
+                              [--dstates 64,64 32,128 ...]
 
-At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64 (``--nheads``), dstate 128, chunk 256, one group), with
-x, B and C strided views of one conv output as in the fused Mamba2 op. A tile is (output positions, positions per
-inner-loop step, dstate per step), the forward's optionally with a fourth entry, headdim per program (see
-``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop step, dstate per
-program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``); a dcb variant is the most
-heads per program of the dCB kernel (``chunk_scan.DCB_HEADS``), timed with the dB/dC kernel that adds its partial
-sums. Every variant is checked against the default tiles' outputs first and gets no time if it differs by more than 2%
-(the defaults themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's
-matching kernels (``_chunk_scan_fwd``, the fused ``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_scan_bwd_dstates``,
+At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64, dstate 128, chunk 256, one group), with x, B and C
+strided views of one conv output as in the fused Mamba2 op. A tile is (output positions, positions per inner-loop
+step, dstate per step), the forward's optionally with a fourth entry, headdim per program (see
+``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop step, dstate
+per program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``). Every variant is
+checked against the default tiles' outputs first and gets no time if it differs by more than 2% (the defaults
+themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels
+(``_chunk_scan_fwd``, the fused ``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_scan_bwd_dstates``,
 ``_chunk_state_fwd``) are timed on the same inputs when importable. Prints and appends ``RESULT`` JSON lines;
 ``--best`` writes the fastest tiles per kernel as JSON. Each timed row names the warps/stages/register cap the
 autotuner picked for it.
@@ -30,7 +29,6 @@ DEFAULT_FWD = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64
 DEFAULT_STATE = ["64,64", "64,128", "32,128", "128,64", "128,128", "32,64"]
 DEFAULT_DX = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
 DEFAULT_DSTATES = ["64,64", "32,64", "32,128", "64,128", "128,128", "32,256"]
-DEFAULT_DCB = ["64", "32", "22", "16"]
 
 
 def tiles_arg(text: str) -> tuple[int, ...]:
@@ -67,17 +65,6 @@ def make_inputs(device="cuda"):
                 prev_states=prev_states, dstates=dstates)  # fmt: skip
 
 
-def dcb_dbdc(t):
-    """The dCB kernel and the dB/dC kernel that adds its partial sums: ddA_diag, dB, dC, ddA_prev."""
-    from mambatron.kernels.ssd import chunk_scan
-
-    dCB, ddA_diag = chunk_scan.chunk_scan_bwd_dcb(t["dout"], t["x"], t["dt"], t["dA_cumsum"], t["CB"])
-    dB, dC, ddA_prev = chunk_scan.chunk_scan_bwd_dbdc(
-        dCB, t["B"], t["C"], t["dout"], t["x"], t["dt"], t["dA_cumsum"], t["prev_states"], t["dstates"]
-    )
-    return ddA_diag, dB, dC, ddA_prev
-
-
 def results_writer(path: str):
     """emit(**row): print a ``RESULT`` JSON line and append it to path (tools/sweep_scan.py writes the same way)."""
 
@@ -98,11 +85,8 @@ def main(argv=None) -> int:
     p.add_argument("--dx", nargs="*", default=DEFAULT_DX, type=str, help="dx-backward tiles, e.g. 64,32,64")
     p.add_argument("--state", nargs="*", default=DEFAULT_STATE, type=str, help="chunk-state tiles, e.g. 64,128")
     p.add_argument("--dstates", nargs="*", default=DEFAULT_DSTATES, type=str, help="dstates tiles, e.g. 32,128")
-    p.add_argument("--dcb", nargs="*", default=DEFAULT_DCB, type=str, help="dCB heads per program, e.g. 32")
-    p.add_argument("--nheads", type=int, default=SHAPE["nheads"], help="heads of 64 (Mamba2-2.7B: 80)")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max relative difference from the default tiles")
     args = p.parse_args(argv)
-    SHAPE["nheads"] = args.nheads
     if not torch.cuda.is_available():
         print("error: sweep_ssd.py times GPU kernels and needs a CUDA device; run it on a GPU machine", file=sys.stderr)
         return 2
@@ -156,32 +140,24 @@ def main(argv=None) -> int:
         )[:3],
         "state": lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
         "bwd_dstates": lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
-        "bwd_dcb": lambda: dcb_dbdc(t),
     }
     kernels = {
         "fwd": chunk_scan._chunk_scan_fwd_kernel,
         "bwd_dx": chunk_scan._chunk_scan_bwd_dx_kernel,
         "state": chunk_state._chunk_state_fwd_kernel,
         "bwd_dstates": chunk_scan._chunk_scan_bwd_dstates_kernel,
-        "bwd_dcb": chunk_scan._chunk_scan_bwd_dcb_kernel,
     }
     best = {}
-    sweeps = (
-        ("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates),
-        ("bwd_dcb", args.dcb),
-    )  # fmt: skip
+    sweeps = (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates))
     for kind, variants in sweeps:
-        if kind == "bwd_dcb":
-            table, key = vars(chunk_scan), "DCB_HEADS"
-        else:
-            table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
+        table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
         default = table[key]
         expected = runs[kind]()
         for text in variants:
             tiles = tiles_arg(text)
             if kind == "fwd" and len(tiles) == 3:
                 tiles += (default[3],)
-            table[key] = tiles[0] if kind == "bwd_dcb" else tiles
+            table[key] = tiles
             row = dict(what="ssd_tiles", kind=kind, tiles=list(tiles))
             try:
                 err = max(rel(a, b) for a, b in zip(runs[kind](), expected))

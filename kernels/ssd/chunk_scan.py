@@ -16,8 +16,7 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
   (and the chunk's last position collects the opposite total).
 - `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group,
   and per head the diagonal block's gradient w.r.t. dA_cumsum: with T = dCB_head · CB, row sums of T for
-  dA_cumsum[l] minus column sums for dA_cumsum[s]. The group's heads are split over programs (at most
-  DCB_HEADS each), each writing its partial dCB; the dbdc kernel adds the partials as it reads them.
+  dA_cumsum[l] minus column sums for dA_cumsum[s].
 - `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
   dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group; and the entering
   state's gradient w.r.t. dA_cumsum[l], exp(dA_cumsum[l]) (dy[l] prev_state) · C[l], from the product it has for dC
@@ -43,10 +42,6 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
 # The entering-state gradient (dstates): positions per step of its loop, dstate per program (not swept yet).
 TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128)}
-# Heads per program of the dCB kernel (a group's heads are split evenly over the fewest programs that keep to this):
-# its programs are few and long, one per (batch, chunk, tile pair) walking every head, so splitting the heads evens
-# out the last wave on the SMs. The partial sums cost the dbdc kernel one more read per split.
-DCB_HEADS = 32
 
 
 @triton.jit
@@ -338,7 +333,7 @@ def _chunk_scan_bwd_dx_kernel(
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
     dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_diag_ptr,
-    seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, heads_per_split,
+    seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -347,11 +342,6 @@ def _chunk_scan_bwd_dcb_kernel(
     pid = tl.program_id(0)
     pid_s = pid % ntiles
     pid_l, group, chunk, batch = _split_pid(pid // ntiles, chunk_size, ngroups, nchunks, BLOCK_L)
-    # This program's share of the group's heads, and its partial dCB.
-    split = tl.program_id(1)
-    first_head = group * heads_per_group + split * heads_per_split
-    split_heads = tl.minimum(heads_per_split, heads_per_group - split * heads_per_split)
-    dCB_ptr += split * (tl.num_programs(0) // (ntiles * ntiles)) * chunk_size * chunk_size
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
     # Partial sums of the diagonal block's gradient w.r.t. dA_cumsum, (batch, nheads, nchunks, 2 * ntiles, chunk_size):
@@ -361,8 +351,8 @@ def _chunk_scan_bwd_dcb_kernel(
     rows_ptrs = diag_base + pid_s * chunk_size + offs_l
     cols_ptrs = diag_base + (ntiles + pid_l) * chunk_size + offs_s
     if pid_s > pid_l:
-        for i in range(split_heads):
-            head = first_head + i
+        for i in range(heads_per_group):
+            head = group * heads_per_group + i
             zeros = tl.zeros((BLOCK_L,), dtype=tl.float32)
             tl.store(rows_ptrs + head * diag_stride_head, zeros, mask=offs_l < chunk_size)
             tl.store(cols_ptrs + head * diag_stride_head, zeros, mask=offs_s < chunk_size)
@@ -380,8 +370,8 @@ def _chunk_scan_bwd_dcb_kernel(
         CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
         CB = tl.where(causal, CB, 0.0)
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
-        for i in range(split_heads):
-            head = first_head + i
+        for i in range(heads_per_group):
+            head = group * heads_per_group + i
             row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
             dy = tl.load(
                 dy_ptr + ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :],
@@ -423,7 +413,7 @@ def _chunk_scan_bwd_dcb_kernel(
 def _chunk_scan_bwd_dbdc_kernel(
     dCB_ptr, B_ptr, C_ptr, dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, prev_states_ptr, dstates_ptr, seq_idx_ptr,
     dB_ptr, dC_ptr, ddA_prev_part_ptr,
-    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group, dCB_splits, stride_dCB_split,
+    seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dB_b, stride_dB_l, stride_dB_g, stride_dB_n,
     stride_dC_b, stride_dC_l, stride_dC_g, stride_dC_n,
@@ -453,10 +443,7 @@ def _chunk_scan_bwd_dbdc_kernel(
         offs_s = s0 + tl.arange(0, BLOCK_L)
         in_s = offs_s < chunk_len
         # Causal masks go on the values, not the loads, which then stay vectorised.
-        dCB_ptrs = dCB_base + offs_t[:, None] * chunk_size + offs_s[None, :]
-        dCB = tl.load(dCB_ptrs, mask=in_t[:, None] & in_s[None, :])
-        for k in range(1, dCB_splits):  # the dcb kernel's partial sums over head splits
-            dCB += tl.load(dCB_ptrs + k * stride_dCB_split, mask=in_t[:, None] & in_s[None, :])
+        dCB = tl.load(dCB_base + offs_t[:, None] * chunk_size + offs_s[None, :], mask=in_t[:, None] & in_s[None, :])
         dCB = tl.where(offs_s[None, :] <= offs_t[:, None], dCB, 0.0)
         B = tl.load(
             B_base + offs_s[:, None] * stride_B_l + offs_n[None, :] * stride_B_n,
@@ -468,10 +455,7 @@ def _chunk_scan_bwd_dbdc_kernel(
     for l0 in range(pid_t * BLOCK_L, chunk_len, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         in_l = offs_l < chunk_len
-        dCBT_ptrs = dCB_base + offs_l[None, :] * chunk_size + offs_t[:, None]
-        dCBT = tl.load(dCBT_ptrs, mask=in_t[:, None] & in_l[None, :])
-        for k in range(1, dCB_splits):
-            dCBT += tl.load(dCBT_ptrs + k * stride_dCB_split, mask=in_t[:, None] & in_l[None, :])
+        dCBT = tl.load(dCB_base + offs_l[None, :] * chunk_size + offs_t[:, None], mask=in_t[:, None] & in_l[None, :])
         dCBT = tl.where(offs_l[None, :] >= offs_t[:, None], dCBT, 0.0)
         C = tl.load(
             C_base + offs_l[:, None] * stride_C_l + offs_n[None, :] * stride_C_n,
@@ -655,23 +639,19 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     """dy: (batch, seqlen, nheads, headdim) contiguous; x: like dy; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size);
     CB: (batch, nchunks, ngroups, chunk_size, chunk_size) from bmm_chunk_fwd.
 
-    Returns dCB: (splits, *CB.shape), the gradient w.r.t. CB as partial sums over splits of each group's heads
-    (their sum, valid where s <= l, is the gradient; see DCB_HEADS), and ddA_diag: (batch, nheads, nchunks,
+    Returns dCB: like CB, the gradient w.r.t. it (valid where s <= l), and ddA_diag: (batch, nheads, nchunks,
     chunk_size), the gradient w.r.t. dA_cumsum of the diagonal block, both fp32.
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
     block_l, ntiles = _tiles(chunk_size)
-    heads_per_group = nheads // ngroups
-    splits = triton.cdiv(heads_per_group, DCB_HEADS)
-    heads_per_split = triton.cdiv(heads_per_group, splits)
-    dCB = new_output((splits, batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
+    dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
     # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
     ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), torch.float32, x.device)
-    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * batch * nchunks * ngroups, splits)](
+    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * batch * nchunks * ngroups,)](
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
-        seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, heads_per_split,
+        seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
         *x.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
     )  # fmt: skip
@@ -679,9 +659,9 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
 
 
 def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None, dB=None, dC=None):
-    """dCB: from chunk_scan_bwd_dcb (partial sums over head splits, added here); B, C: (batch, seqlen, ngroups,
-    dstate); dy, x: (batch, seqlen, nheads, headdim), dy contiguous; dt, dA_cumsum: (batch, nheads, nchunks,
-    chunk_size); prev_states, dstates: (batch, nchunks, nheads, headdim, dstate) fp32.
+    """dCB: from chunk_scan_bwd_dcb; B, C: (batch, seqlen, ngroups, dstate); dy, x: (batch, seqlen, nheads, headdim),
+    dy contiguous; dt, dA_cumsum: (batch, nheads, nchunks, chunk_size); prev_states, dstates:
+    (batch, nchunks, nheads, headdim, dstate) fp32.
 
     Returns dB, dC: like B and C, in their dtypes, written into ``dB``/``dC`` (any strides) when given, and
     ddA_prev: (batch, nheads, nchunks, chunk_size) fp32, the entering state's gradient w.r.t. dA_cumsum.
@@ -698,7 +678,7 @@ def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, s
     _chunk_scan_bwd_dbdc_kernel[(ntiles_n * ntiles * batch * nchunks * ngroups,)](
         dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
         dB, dC, ddA_prev_part,
-        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups, dCB.shape[0], dCB.stride(0),
+        seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *dB.stride(), *dC.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip

@@ -51,12 +51,6 @@ def uneven_tiles(small_tiles, monkeypatch):
     monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4)})
 
 
-@pytest.fixture
-def split_tiles(small_tiles, monkeypatch):
-    """Small tiles, and the dCB kernel's heads split over programs unevenly: 3 heads per group as 2 + 1."""
-    monkeypatch.setattr(chunk_scan, "DCB_HEADS", 2)
-
-
 # Stages ------------------------------------------------------------------------------------------------------------
 
 CHUNK = 16
@@ -173,8 +167,6 @@ CASES = {
 }
 # The same with output tiles unlike the inner loops' steps.
 CASES["uneven_tiles"] = {**CASES["tiled_docs"], "tiles": "uneven"}
-# Three heads per group, the dCB kernel's split over programs as 2 + 1 (partial sums added by the dB/dC kernel).
-CASES["split_heads"] = {**CASES["tiled_docs"], "shape": {**CASES["tiled_docs"]["shape"], "nheads": 6}, "tiles": "split"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
