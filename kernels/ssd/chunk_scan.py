@@ -40,7 +40,8 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # Launch tiles, upper bounds (the block helpers fit them to the shapes). The two largest kernels: output positions
 # per program, positions per step of the inner loop, dstate per step of the entering-state product, and (forward
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
-# The entering-state gradient (dstates): positions per step of its loop, dstate per program (not swept yet).
+# The entering-state gradient (dstates): positions per step of its loop, dstate per program (one program over all of
+# dstate reads dy once).
 TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128)}
 
 
