@@ -44,6 +44,21 @@ def _fwd_input(x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUA
 
 
 @triton.jit
+def _fwd_tile(
+    x_ptr, residual_ptr, z_ptr, residual_out_ptr, base, z_base, cols, mask,
+    HAS_RESIDUAL, STORE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE,
+):  # fmt: skip
+    """:func:`_fwd_input` on one tile, whose residual sum x + residual is stored for the pre-norm; returns the gate,
+    xg and xg's sum of squares per group."""
+    s, gate, xg = _fwd_input(
+        x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
+    )
+    if STORE_RESIDUAL:
+        tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
+    return gate, xg, tl.sum(xg * xg, axis=1)
+
+
+@triton.jit
 def _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS):
     """out = xg * rstd * weight (+ bias) (* gate); the weight and bias are read here, after the row's sum of squares
     (from cache after the first row), not held across it: at 4096 columns and 8 warps that keeps a program at 32
@@ -98,12 +113,11 @@ def _norm_fwd_kernel(
             sum_sq = tl.zeros((BLOCK_G,), dtype=tl.float32)
             for c0 in range(0, GROUP_SIZE, BLOCK_GS):
                 cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS, c0)
-                s, gate, xg = _fwd_input(
-                    x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
-                )
-                if STORE_RESIDUAL:
-                    tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
-                sum_sq += tl.sum(xg * xg, axis=1)
+                _, _, chunk_sum_sq = _fwd_tile(
+                    x_ptr, residual_ptr, z_ptr, residual_out_ptr, base, z_base, cols, mask,
+                    HAS_RESIDUAL, STORE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE,
+                )  # fmt: skip
+                sum_sq += chunk_sum_sq
             rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
             tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
             for c0 in range(0, GROUP_SIZE, BLOCK_GS):
@@ -114,20 +128,17 @@ def _norm_fwd_kernel(
                 _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
         else:
             cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
-            s, gate, xg = _fwd_input(
-                x_ptr, residual_ptr, z_ptr, base, z_base, cols, mask, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
-            )
-            if STORE_RESIDUAL:
-                tl.store(residual_out_ptr + base + cols, s.to(residual_out_ptr.dtype.element_ty), mask=mask)
-            sum_sq = tl.sum(xg * xg, axis=1)  # (BLOCK_G,)
+            gate, xg, sum_sq = _fwd_tile(
+                x_ptr, residual_ptr, z_ptr, residual_out_ptr, base, z_base, cols, mask,
+                HAS_RESIDUAL, STORE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE,
+            )  # fmt: skip
             if BLOCK_TAIL > 0:
                 cols_t, mask_t = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_TAIL, BLOCK_GS)
-                s_t, gate_t, xg_t = _fwd_input(
-                    x_ptr, residual_ptr, z_ptr, base, z_base, cols_t, mask_t, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE
-                )
-                if STORE_RESIDUAL:
-                    tl.store(residual_out_ptr + base + cols_t, s_t.to(residual_out_ptr.dtype.element_ty), mask=mask_t)
-                sum_sq += tl.sum(xg_t * xg_t, axis=1)
+                gate_t, xg_t, tail_sum_sq = _fwd_tile(
+                    x_ptr, residual_ptr, z_ptr, residual_out_ptr, base, z_base, cols_t, mask_t,
+                    HAS_RESIDUAL, STORE_RESIDUAL, HAS_Z, NORM_BEFORE_GATE,
+                )  # fmt: skip
+                sum_sq += tail_sum_sq
             rstd = 1.0 / tl.sqrt(sum_sq / GROUP_SIZE + eps)
             tl.store(rstd_ptr + row * GROUPS + g, rstd, mask=g_mask)
             _fwd_output(w_ptr, b_ptr, out_ptr, base, cols, mask, xg, gate, rstd, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS)
