@@ -131,28 +131,36 @@ def main(argv=None) -> int:
     except ImportError as e:
         emit(what="mamba_ssm_unavailable", error=repr(e)[:200])
 
+    # kind: (one run returning the outputs to compare, the autotuned kernel whose pick is recorded)
     runs = {
-        "fwd": lambda: chunk_scan.chunk_scan_fwd(
-            t["CB"], t["x"], t["dt"], t["dA_cumsum"], t["C"], t["prev_states"], t["D"]
-        )[:1],
-        "bwd_dx": lambda: chunk_scan.chunk_scan_bwd_dx(
-            t["CB"], t["x"], t["dout"], t["dt"], t["dA_cumsum"], t["B"], t["dstates"], t["D"]
-        )[:3],
-        "state": lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
-        "bwd_dstates": lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
-    }
-    kernels = {
-        "fwd": chunk_scan._chunk_scan_fwd_kernel,
-        "bwd_dx": chunk_scan._chunk_scan_bwd_dx_kernel,
-        "state": chunk_state._chunk_state_fwd_kernel,
-        "bwd_dstates": chunk_scan._chunk_scan_bwd_dstates_kernel,
+        "fwd": (
+            lambda: chunk_scan.chunk_scan_fwd(
+                t["CB"], t["x"], t["dt"], t["dA_cumsum"], t["C"], t["prev_states"], t["D"]
+            )[:1],
+            chunk_scan._chunk_scan_fwd_kernel,
+        ),
+        "bwd_dx": (
+            lambda: chunk_scan.chunk_scan_bwd_dx(
+                t["CB"], t["x"], t["dout"], t["dt"], t["dA_cumsum"], t["B"], t["dstates"], t["D"]
+            )[:3],
+            chunk_scan._chunk_scan_bwd_dx_kernel,
+        ),
+        "state": (
+            lambda: (chunk_state.chunk_state_fwd(t["B"], t["x"], t["dt"], t["dA_cumsum"]),),
+            chunk_state._chunk_state_fwd_kernel,
+        ),
+        "bwd_dstates": (
+            lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
+            chunk_scan._chunk_scan_bwd_dstates_kernel,
+        ),
     }
     best = {}
     sweeps = (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates))
     for kind, variants in sweeps:
         table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
         default = table[key]
-        expected = runs[kind]()
+        run, kernel = runs[kind]
+        expected = run()
         for text in variants:
             tiles = tiles_arg(text)
             if kind == "fwd" and len(tiles) == 3:
@@ -160,11 +168,11 @@ def main(argv=None) -> int:
             table[key] = tiles
             row = dict(what="ssd_tiles", kind=kind, tiles=list(tiles))
             try:
-                err = max(rel(a, b) for a, b in zip(runs[kind](), expected))
+                err = max(rel(a, b) for a, b in zip(run(), expected))
                 row.update(ok=err < args.tolerance, rel_err_vs_default=err)
                 if row["ok"]:
-                    row["ms"] = bench(runs[kind])
-                    row["config"] = str(getattr(kernels[kind], "best_config", None))  # the autotuner's pick
+                    row["ms"] = bench(run)
+                    row["config"] = str(getattr(kernel, "best_config", None))  # the autotuner's pick
                     if kind not in best or row["ms"] < best[kind][1]:
                         best[kind] = (list(tiles), row["ms"])
             except Exception as e:  # a tile the kernel cannot compile is a result, not the end of the sweep

@@ -129,7 +129,7 @@ def test_forward_tiles_choice():
 
 
 @pytest.mark.parametrize("mode", ["chunk4", "chunk8", "split"])
-def test_forward_in_column_chunks(mode, device, monkeypatch):
+def test_forward_in_split_or_chunked_tiles(mode, device, monkeypatch):
     """Groups whose size is not a power of two, held as two tiles (api.FWD_SPLIT_ABOVE: 12 = 8 + 4, 36 = 32 + 4) or
     walked in column chunks (api.FWD_CHUNK): the same outputs and residual sums as the whole-row kernel and the
     reference, with a gate read from a wider tensor, several groups, chunks that do not divide the group (a masked
