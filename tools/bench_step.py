@@ -7,6 +7,8 @@ One step = forward + backward + AdamW (fused) under bf16 autocast with fp32 weig
 implementations. Before timing, our model's loss and gradients with the Triton kernels are compared against the
 reference ops on a short sequence; a preset that fails that check gets no speed printed. MFU counts the matmul FLOPs
 (6 × linear parameters × tokens, the LM head included) against ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
+Each step record also has the fastest, median and slowest single step (CUDA events), the peak reserved memory and
+the caching allocator's retries (each one frees cached blocks and synchronises the device).
 ``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
@@ -92,7 +94,7 @@ def profile_step(step, what: str, top: int = 15) -> dict:
 
 def time_step(
     model, ids, steps: int, loss_fn, profile_as: str | None = None, top: int = 15
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
@@ -107,17 +109,28 @@ def time_step(
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    # Events between steps cost no sync; their spread shows whether single steps stall (allocator, clocks).
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     t = time.perf_counter()
-    for _ in range(steps):
+    marks[0].record()
+    for i in range(steps):
         loss = step()
+        marks[i + 1].record()
     torch.cuda.synchronize()
     dt, mem = (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / 1e9
+    per_step = sorted(a.elapsed_time(b) for a, b in zip(marks, marks[1:]))
+    stats = dict(
+        step_ms_min=per_step[0], step_ms_median=per_step[len(per_step) // 2], step_ms_max=per_step[-1],
+        peak_reserved_GB=torch.cuda.max_memory_reserved() / 1e9,
+        alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries,
+    )  # fmt: skip
     if profile_as:
         try:
             profile_step(step, profile_as, top)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the timing
             result(what=f"profile_{profile_as}", error=repr(e)[:300])
-    return dt, mem, float(loss)
+    return dt, mem, float(loss), stats
 
 
 def ours(preset: str, args) -> dict:
@@ -136,8 +149,9 @@ def ours(preset: str, args) -> dict:
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
     profile_as = f"mambatron_{preset}" if args.profile else None
-    dt, mem, loss = time_step(model, ids, args.steps, lambda m, x: m.loss(x[:, :-1], x[:, 1:]), profile_as, args.top)
-    return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss, config_overrides=args.set)
+    loss_fn = lambda m, x: m.loss(x[:, :-1], x[:, 1:])  # noqa: E731
+    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
+    return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss, config_overrides=args.set, **stats)
 
 
 def mamba_ssm_step(preset: str, args) -> dict:
@@ -165,8 +179,8 @@ def mamba_ssm_step(preset: str, args) -> dict:
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
 
     profile_as = f"mamba_ssm_{preset}" if args.profile else None
-    dt, mem, loss = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
-    return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss)
+    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
+    return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss, **stats)
 
 
 def report(what: str, model, args, dt: float, mem: float, loss: float, **extra) -> dict:
