@@ -34,3 +34,11 @@ def new_output_like_layout(t: torch.Tensor, dtype: torch.dtype | None = None) ->
     if channel_last(t):
         return new_output((batch, seqlen, dim), dtype, t.device).transpose(1, 2)
     return new_output((batch, dim, seqlen), dtype, t.device)
+
+
+def weight_grad(dout: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """doutᵀ·x for dout (rows, out_f) and x (rows, in_f), returned in ``dtype`` (the parameter's). On CUDA a half
+    precision product is written by the GEMM in fp32 directly: no rounding to bf16 and no cast pass afterwards."""
+    if dout.is_cuda and dtype == torch.float32 and dout.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(dout.t(), x, out_dtype=torch.float32)
+    return torch.matmul(dout.t(), x).to(dtype)

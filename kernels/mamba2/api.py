@@ -16,7 +16,7 @@ it changes is what is kept and where gradients land:
 import torch
 import torch.nn.functional as F
 
-from mambatron.kernels._common import use_triton
+from mambatron.kernels._common import use_triton, weight_grad
 from mambatron.kernels.conv1d.api import conv_backward, conv_forward
 from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward, row_stride
 from mambatron.kernels.ssd.combined import ssd_backward, ssd_forward
@@ -60,15 +60,21 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         del xbc, x, B, C
         y = y.view(batch, seqlen, di)
         out, _, rstd = norm_forward(y, None, v.z, norm_weight, None, eps, group_size, False, False, None)
+        # out_proj in the activations' dtype, as autocast would run F.linear; its gradients come back in the
+        # parameters' dtype (an fp32 weight's from an fp32-output GEMM), with no cast pass.
+        ctx.out_dtypes = None if out_w is None else (out_w.dtype, None if out_b is None else out_b.dtype)
+        if out_w is not None:
+            out_w = out_w.to(zxbcdt.dtype)
+            out_b = None if out_b is None else out_b.to(zxbcdt.dtype)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out,
-                              dA_cumsum, prev_states, out_w, out_b)  # fmt: skip
+                              dA_cumsum, prev_states, out_w)  # fmt: skip
         ctx.dims = dims
         return out if out_w is None else F.linear(out, out_w, out_b)
 
     @staticmethod
     def backward(ctx, dout):
         (zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, y, rstd, dt_out, dA_cumsum, prev_states,
-         out_w, out_b) = ctx.saved_tensors  # fmt: skip
+         out_w) = ctx.saved_tensors  # fmt: skip
         d_inner, ngroups, dstate, chunk_size, group_size, eps, _ = ctx.dims
         di, conv_dim, nheads = split_sizes(zxbcdt, d_inner, ngroups, dstate)
         batch, seqlen, _ = zxbcdt.shape
@@ -86,8 +92,9 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         )
         del y
         if out_w is not None:
-            dout_w = torch.matmul(dres.t(), out[0].view(-1, di))
-            dout_b = dres.sum(0, dtype=torch.float32).to(out_b.dtype) if out_b is not None else None
+            w_dtype, b_dtype = ctx.out_dtypes
+            dout_w = weight_grad(dres, out[0].view(-1, di), w_dtype)
+            dout_b = dres.sum(0, dtype=torch.float32).to(b_dtype) if b_dtype is not None else None
             del out
         xbc_t = v.xbc.transpose(1, 2)
         xbc = conv_forward(xbc_t, conv_weight, conv_bias, seq_idx, None, True).transpose(1, 2)
@@ -141,9 +148,6 @@ def mamba2_split_conv_scan_fn(
         zxbcdt = zxbcdt.contiguous()
     contig = lambda t: None if t is None else t.contiguous()
     dims = (d_inner, ngroups, dstate, chunk_size, norm_group_size, eps, keep_states)
-    if out_proj_weight is not None:  # in the activations' dtype, as autocast would give F.linear
-        out_proj_weight = out_proj_weight.to(zxbcdt.dtype)
-        out_proj_bias = None if out_proj_bias is None else out_proj_bias.to(zxbcdt.dtype)
     return _Mamba2SplitConvScan.apply(
         zxbcdt, conv_weight.contiguous(), contig(conv_bias), dt_bias.contiguous(), A.contiguous(), D.contiguous(),
         norm_weight.contiguous(), contig(seq_idx), dims, contig(out_proj_weight), contig(out_proj_bias),

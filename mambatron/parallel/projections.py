@@ -32,11 +32,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambatron.kernels._common import weight_grad
+
 
 def foldable(linear: nn.Module) -> bool:
-    """Whether ``linear`` is a plain single-device ``nn.Linear``, whose weight a fused op may apply itself. The
-    tensor-parallel layers communicate around their GEMM, so they must run as modules."""
-    return type(linear) is nn.Linear
+    """Whether ``linear`` is a plain single-device ``nn.Linear`` (or :class:`Linear`), whose weight a fused op may
+    apply itself. The tensor-parallel layers communicate around their GEMM, so they must run as modules."""
+    return type(linear) in (nn.Linear, Linear)
+
+
+class _HalfLinear(torch.autograd.Function):
+    """F.linear in a half dtype with full-precision parameters, as autocast runs it, but with the weight and bias
+    gradients produced in the parameters' dtype (:func:`weight_grad`) instead of cast to it afterwards."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        w = weight.to(dtype)
+        ctx.save_for_backward(x, w)
+        ctx.param_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        return F.linear(x, w, None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w = ctx.saved_tensors
+        dout2 = dout.reshape(-1, dout.shape[-1])
+        dx = torch.matmul(dout, w) if ctx.needs_input_grad[0] else None
+        dw = weight_grad(dout2, x.reshape(-1, x.shape[-1]), ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        db = dout2.sum(0, dtype=torch.float32).to(ctx.param_dtype) if ctx.has_bias else None
+        return dx, dw, db, None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose autocast path keeps fp32 weight gradients fp32 end to
+    end: see :class:`_HalfLinear`. Outside autocast, or with half-precision parameters, it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind) or self.weight.dtype != torch.float32:
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        if dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
+        return _HalfLinear.apply(x.to(dtype), self.weight, self.bias, dtype)
 
 
 class _FeatureMajorLinear(torch.autograd.Function):
@@ -93,10 +131,10 @@ class LocalProjections:
         self.ep_size = ep
 
     def column(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
 
     def row(self, in_features: int, out_features: int, bias: bool = False, scatter: bool = True) -> nn.Module:
-        return nn.Linear(in_features, out_features, bias=bias)
+        return Linear(in_features, out_features, bias=bias)
 
     def embedding(self, vocab_size: int, dim: int) -> nn.Module:
         return nn.Embedding(vocab_size, dim)
