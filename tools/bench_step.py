@@ -130,7 +130,7 @@ def time_step(
             profile_step(step, profile_as, top)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the timing
             result(what=f"profile_{profile_as}", error=repr(e)[:300])
-    return dt, mem, float(loss), stats
+    return dt, mem, float(loss.detach()), stats
 
 
 def ours(preset: str, args) -> dict:
