@@ -134,3 +134,26 @@ def test_kept_chunk_states_are_not_recomputed_and_change_nothing(device, monkeyp
     headdim = DIMS["d_inner"] // NHEADS
     words = NHEADS * headdim * DIMS["dstate"] / DIMS["chunk_size"]  # one fp32 state per chunk, per token
     assert saved[True] == saved[False] + words, (saved, words)
+
+
+def test_folded_out_proj_gradients_come_in_the_parameters_dtype(device):
+    """bf16 activations with fp32 out_proj parameters (autocast's mixed precision): the folded projection runs in
+    bf16, as F.linear would under autocast, and returns its weight and bias gradients in fp32 itself. Autograd would
+    cast a wrong dtype silently, so what this checks is the values: those of the projection applied outside the op."""
+    inputs = make_inputs(2, 16, device, out_proj=True)
+    zxbcdt = inputs["zxbcdt"].detach().to(torch.bfloat16).requires_grad_()
+    inputs = {**inputs, "zxbcdt": zxbcdt}
+    weight, bias = inputs["out_proj_weight"], inputs["out_proj_bias"]
+    plain = {k: v for k, v in inputs.items() if not k.startswith("out_proj")}
+    dy = torch.randn(2, 16, D_MODEL, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+
+    folded = call(mamba2_split_conv_scan_fn, inputs)
+    dw, db = torch.autograd.grad((folded.float() * dy.float()).sum(), [weight, bias])
+    outside = torch.nn.functional.linear(
+        call(mamba2_split_conv_scan_fn, plain), weight.to(torch.bfloat16), bias.to(torch.bfloat16)
+    )
+    dw_ref, db_ref = torch.autograd.grad((outside.float() * dy.float()).sum(), [weight, bias])
+    assert folded.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
+    assert_close(folded, outside, "out", torch.bfloat16)
+    assert_close(dw, dw_ref, "dout_proj_weight", torch.bfloat16)
+    assert_close(db, db_ref, "dout_proj_bias", torch.bfloat16)
