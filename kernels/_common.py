@@ -42,3 +42,8 @@ def weight_grad(dout: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torc
     if dout.is_cuda and dtype == torch.float32 and dout.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(dout.t(), x, out_dtype=torch.float32)
     return torch.matmul(dout.t(), x).to(dtype)
+
+
+def bias_grad(dout: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of dout (rows, out_f) over rows, accumulated in fp32 and returned in ``dtype`` (the parameter's)."""
+    return dout.sum(0, dtype=torch.float32).to(dtype)

@@ -16,7 +16,7 @@ it changes is what is kept and where gradients land:
 import torch
 import torch.nn.functional as F
 
-from mambatron.kernels._common import use_triton, weight_grad
+from mambatron.kernels._common import bias_grad, use_triton, weight_grad
 from mambatron.kernels.conv1d.api import conv_backward, conv_forward
 from mambatron.kernels.rmsnorm.api import norm_backward, norm_forward, row_stride
 from mambatron.kernels.ssd.combined import ssd_backward, ssd_forward
@@ -94,7 +94,7 @@ class _Mamba2SplitConvScan(torch.autograd.Function):
         if out_w is not None:
             w_dtype, b_dtype = ctx.out_dtypes
             dout_w = weight_grad(dres, out[0].view(-1, di), w_dtype)
-            dout_b = dres.sum(0, dtype=torch.float32).to(b_dtype) if b_dtype is not None else None
+            dout_b = bias_grad(dres, b_dtype) if b_dtype is not None else None
             del out
         xbc_t = v.xbc.transpose(1, 2)
         xbc = conv_forward(xbc_t, conv_weight, conv_bias, seq_idx, None, True).transpose(1, 2)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mambatron.kernels._common import weight_grad
+from mambatron.kernels._common import bias_grad, weight_grad
 
 
 def foldable(linear: nn.Module) -> bool:
@@ -59,7 +59,7 @@ class _HalfLinear(torch.autograd.Function):
         dout2 = dout.reshape(-1, dout.shape[-1])
         dx = torch.matmul(dout, w) if ctx.needs_input_grad[0] else None
         dw = weight_grad(dout2, x.reshape(-1, x.shape[-1]), ctx.param_dtype) if ctx.needs_input_grad[1] else None
-        db = dout2.sum(0, dtype=torch.float32).to(ctx.param_dtype) if ctx.has_bias else None
+        db = bias_grad(dout2, ctx.param_dtype) if ctx.has_bias else None
         return dx, dw, db, None
 
 
@@ -69,10 +69,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kind = x.device.type
-        if not torch.is_autocast_enabled(kind) or self.weight.dtype != torch.float32:
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype(kind)
-        if dtype not in (torch.bfloat16, torch.float16):
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        if dtype not in (torch.bfloat16, torch.float16) or self.weight.dtype != torch.float32:
             return super().forward(x)
         return _HalfLinear.apply(x.to(dtype), self.weight, self.bias, dtype)
 
