@@ -1,7 +1,8 @@
 """Full training-step throughput on one GPU: tokens/s, MFU and peak memory, beside mamba_ssm's MambaLMHeadModel.
 
     python tools/bench_step.py [--presets mamba1-1.4b,mamba2-1.3b] [--batch 8] [--seqlen 2048] [--steps 10]
-                               [--activation-checkpointing] [--profile] [--top N] [--set KEY=VALUE ...] [--json PATH]
+                               [--activation-checkpointing] [--profile [--gaps N]] [--top N]
+                               [--set KEY=VALUE ...] [--json PATH]
 
 One step = forward + backward + AdamW (fused) under bf16 autocast with fp32 weights, the same recipe for both
 implementations. Before timing, our model's loss and gradients with the Triton kernels are compared against the
@@ -9,7 +10,8 @@ reference ops on a short sequence; a preset that fails that check gets no speed 
 (6 × linear parameters × tokens, the LM head included) against ``--peak-tflops`` (H100/H200 SXM dense bf16: 989).
 Each step record also has the fastest, median and slowest single step (CUDA events), the peak reserved memory and
 the caching allocator's retries (each one frees cached blocks and synchronises the device).
-``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it.
+``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it;
+``--gaps N`` then profiles N back-to-back steps for the device's idle time between kernels and what it waited for.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -96,8 +98,54 @@ def profile_step(step, what: str, top: int = 15) -> dict:
     return result(what=f"profile_{what}", device_ms=total / 1e3, cpu_ms=cpu_ms, top_kernels=kernels)
 
 
+def idle_gaps(spans: list[tuple[float, float, str]]) -> tuple[float, float, list[tuple[float, str, str]]]:
+    """Device intervals (start, end, name), sorted by start and possibly overlapping (several streams) ->
+    (window, busy time = their union, gaps as (length, name of the last interval to end before, name after))."""
+    busy, gaps, end, before = 0.0, [], spans[0][0], spans[0][2]
+    for start, stop, name in spans:
+        if start > end:
+            gaps.append((start - end, before, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, before = stop, name
+    return end - spans[0][0], busy, gaps
+
+
+def device_gaps(step, what: str, steps: int = 3, top: int = 12) -> dict:
+    """Where the device waits between kernels over ``steps`` back-to-back steps (device activity only, so the
+    profiler adds little host work). ``busy_ms`` is the union of kernel and copy intervals, ``idle_ms`` the rest
+    of the window; each gap is charged to the kernel that follows it (the one the host had not launched yet)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return result(what=f"gaps_{what}", error="the profiler saw no device activity")
+    wall, busy, gaps = idle_gaps(spans)
+    after: dict[str, list] = {}
+    for gap, _, name in gaps:
+        after.setdefault(name[:90], [0.0, 0])
+        after[name[:90]][0] += gap / 1e3
+        after[name[:90]][1] += 1
+    by_kernel = sorted(after.items(), key=lambda kv: -kv[1][0])[:top]
+    largest = sorted(gaps, reverse=True)[:top]
+    return result(
+        what=f"gaps_{what}", steps=steps, wall_ms=wall / 1e3, busy_ms=busy / 1e3, idle_ms=(wall - busy) / 1e3,
+        gaps=len(gaps), idle_before=[dict(kernel=k, ms=v[0], gaps=v[1]) for k, v in by_kernel],
+        largest=[dict(ms=g / 1e3, previous=a[:60], next=b[:60]) for g, a, b in largest],
+    )  # fmt: skip
+
+
 def time_step(
-    model, ids, steps: int, loss_fn, profile_as: str | None = None, top: int = 15
+    model, ids, steps: int, loss_fn, profile_as: str | None = None, top: int = 15, gaps: int = 0
 ) -> tuple[float, float, float, dict]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
@@ -117,9 +165,12 @@ def time_step(
     # Events between steps cost no sync; their spread shows whether single steps stall (allocator, clocks).
     marks = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     t = time.perf_counter()
+    host = []  # seconds the host spends issuing each step: near the step time when the host (or a sync) bounds it
     marks[0].record()
     for i in range(steps):
+        h = time.perf_counter()
         loss = step()
+        host.append(time.perf_counter() - h)
         marks[i + 1].record()
     torch.cuda.synchronize()
     dt, mem = (time.perf_counter() - t) / steps, torch.cuda.max_memory_allocated() / 1e9
@@ -128,12 +179,18 @@ def time_step(
         step_ms_min=per_step[0], step_ms_median=per_step[len(per_step) // 2], step_ms_max=per_step[-1],
         peak_reserved_GB=torch.cuda.max_memory_reserved() / 1e9,
         alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries,
+        host_ms_median=sorted(host)[len(host) // 2] * 1e3,
     )  # fmt: skip
     if profile_as:
         try:
             profile_step(step, profile_as, top)
         except Exception as e:  # noqa: BLE001 - a profiler failure must not hide the timing
             result(what=f"profile_{profile_as}", error=repr(e)[:300])
+    if profile_as and gaps:
+        try:
+            device_gaps(step, profile_as, gaps, top)
+        except Exception as e:  # noqa: BLE001
+            result(what=f"gaps_{profile_as}", error=repr(e)[:300])
     return dt, mem, float(loss.detach()), stats
 
 
@@ -154,7 +211,7 @@ def ours(preset: str, args) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
     profile_as = f"mambatron_{preset}" if args.profile else None
     loss_fn = lambda m, x: m.loss(x[:, :-1], x[:, 1:])  # noqa: E731
-    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
+    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top, args.gaps)
     return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss, config_overrides=args.set, **stats)
 
 
@@ -183,7 +240,7 @@ def mamba_ssm_step(preset: str, args) -> dict:
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].reshape(-1))
 
     profile_as = f"mamba_ssm_{preset}" if args.profile else None
-    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top)
+    dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top, args.gaps)
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss, **stats)
 
 
@@ -208,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-mamba-ssm", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile one extra step of each implementation")
+    ap.add_argument(
+        "--gaps", type=int, default=0, help="with --profile: device idle time over this many back-to-back steps"
+    )
     ap.add_argument("--top", type=int, default=15, help="kernels listed per profile")
     ap.add_argument(
         "--set", nargs="*", default=[], help="config overrides for our model, e.g. model.ssd_keep_states=true"
