@@ -1,6 +1,7 @@
 """Sweep the RMSNorm forward's launch on one GPU, beside mamba_ssm's Triton norms.
 
     python tools/sweep_norm.py --out sweep.jsonl [--extra-path DIR:DIR] [--fwd CFG ...] [--shapes NAME,...]
+                               [--bwd-split N ...]
 
 A configuration is ``programs_per_SM,wide_warps,warps,chunk[,split_above]`` as in ``kernels/rmsnorm/api.py``
 (``LAUNCH["fwd"]``, ``FWD_CHUNK``, ``FWD_SPLIT_ABOVE``): programs per SM (0: one row per program), warps for rows of ≥
@@ -13,6 +14,11 @@ gate applied before the norm, z read in place from the in_proj output), for Mamb
 first and get no time if their max relative error is above 0.03. Times are device times from a CUDA graph (median);
 mamba_ssm's ``rms_norm_fn`` / ``layernorm_gated.rmsnorm_fn`` forwards are timed the same way. The last line, ``what:
 best``, is the configuration with the least total time over the shapes. Prints and appends ``RESULT`` JSON lines.
+
+``--bwd-split`` then times the backward as the training step runs it (the pre-norm from the fp32 sum with an
+incoming residual gradient, the gated norm with z read in place; both recompute the bf16 output for the next
+linear's weight gradient) for each ``BWD_SPLIT_ABOVE`` given, each checked first against the one-padded-tile
+backward (``0``), with its effective bandwidth (the bytes each tensor moves once, over the time).
 """
 
 import argparse
@@ -86,12 +92,53 @@ def theirs_fn(inp: dict):
         return None
 
 
+def backward_args(inp: dict) -> tuple[tuple, dict, int]:
+    """(positional args, keyword args, bytes moved) of norm_backward for a forward shape of :func:`make`."""
+    from mambatron.kernels.rmsnorm import api
+
+    x, w, z = inp["x"], inp["weight"], inp["z"]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    dout = torch.randn(x.shape, device="cuda", generator=g).to(torch.bfloat16)
+    if inp["prenorm"]:
+        _, summed, rstd = api.norm_forward(x, inp["residual"], None, w, None, 1e-5, x.shape[-1], True, True,
+                                           torch.float32)  # fmt: skip
+        dres = torch.randn(x.shape, device="cuda", generator=g)
+        args = (summed, None, None, w, None, rstd, True, dout, dres)
+        kw = dict(out_dtype=torch.bfloat16, summed_dtypes=(torch.bfloat16, torch.float32))
+        return args, kw, x.numel() * (4 + 2 + 4 + 2 + 4 + 2)  # sum, dout, dres in; dx, dresidual, out
+    _, _, rstd = api.norm_forward(x, None, z, w, None, 1e-5, x.shape[-1], False, False, None)
+    args = (x, None, z, w, None, rstd, False, dout)
+    return args, dict(out_dtype=torch.bfloat16), x.numel() * 2 * 6  # x, z, dout in; dx, dz, out
+
+
+def sweep_backward(shapes: list[str], splits: list[int], emit) -> None:
+    from mambatron.kernels.rmsnorm import api
+
+    default = api.BWD_SPLIT_ABOVE
+    for shape in shapes:
+        args, kw, nbytes = backward_args(make(shape))
+        base = None
+        for split in [0, *(v for v in splits if v != 0)]:
+            api.BWD_SPLIT_ABOVE = split
+            got = [t for t in api.norm_backward(*args, **kw) if t is not None]
+            base = base or got
+            err = max(rel(a.float(), b.float()) for a, b in zip(got, base))
+            row = dict(what="norm_bwd", shape=shape, split_above=split, max_rel_error=err, ok=err <= 1e-3)
+            if row["ok"]:
+                row["ms"] = bench_graph(lambda a=args, k=kw: api.norm_backward(*a, **k))
+                row["GBps"] = nbytes / row["ms"] / 1e6
+            emit(**row)
+        torch.cuda.empty_cache()
+    api.BWD_SPLIT_ABOVE = default
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="append RESULT JSON lines here")
     p.add_argument("--extra-path", default="", help="colon-separated folders put in front of sys.path")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--fwd", nargs="*", default=FWD, help="forward configurations")
+    p.add_argument("--bwd-split", nargs="*", type=int, default=[], help="backward BWD_SPLIT_ABOVE values to time")
     args = p.parse_args(argv)
     sys.path[:0] = [d for d in args.extra_path.split(":") if d]
     from mambatron.kernels.rmsnorm import api
@@ -125,6 +172,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     best = min(totals, key=totals.get)
     emit(what="best", cfg=best, total_ms=totals[best], shapes=shapes)
+    if args.bwd_split:
+        sweep_backward(shapes, args.bwd_split, emit)
     return 0
 
 

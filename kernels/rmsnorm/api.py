@@ -24,6 +24,8 @@ LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
 #   FWD_CHUNK-column chunks, read twice (the second time from cache), by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 pads.
 FWD_SPLIT_ABOVE = 2048
 FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
+# The backward splits such groups the same way, above BWD_SPLIT_ABOVE columns (0: one padded tile); it never chunks.
+BWD_SPLIT_ABOVE = 2048
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
@@ -108,6 +110,7 @@ def norm_backward(
     shape, hidden = x.shape, x.shape[-1]
     rows, groups = rstd.shape
     programs, per_program, warps = _launch(rows, hidden, x.device, "bwd")
+    _, block, tail, _ = _fwd_tiles(hidden // groups, BWD_SPLIT_ABOVE, 0, 0)
     dev = x.device
     dout = torch.zeros_like(x) if dout is None else dout.contiguous()
     dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
@@ -134,7 +137,8 @@ def norm_backward(
         NORM_BEFORE_GATE=norm_before_gate,
         HAS_BIAS=bias is not None,
         BLOCK_G=triton.next_power_of_2(groups),
-        BLOCK_GS=triton.next_power_of_2(hidden // groups),
+        BLOCK_GS=block,
+        BLOCK_TAIL=tail,
         num_warps=warps,
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)

@@ -149,6 +149,64 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile_in(
+    x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, offs, z_offs, dz_offs, mask, w, b, rstd,
+    STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
+):  # fmt: skip
+    """The backward's first half on one tile of a row: loads s (= x + residual), dy and z; stores dz when the gate
+    follows the norm, and the recomputed output when STORE_OUTPUT. Returns s, the gate, its derivative, xhat
+    (= xg * rstd), dy (through the gate) and w * dy, whose dot with xhat over the group the second half needs."""
+    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xg, gate, dgate = s, s, s
+    if HAS_Z:
+        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(z)
+        gate = z * sig
+        dgate = sig * (1.0 + z * (1.0 - sig))
+        if NORM_BEFORE_GATE:
+            y = s * rstd[:, None] * w
+            if HAS_BIAS:
+                y += b
+            tl.store(dz_ptr + dz_offs, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+            if STORE_OUTPUT:
+                tl.store(out_ptr + offs, (y * gate).to(out_ptr.dtype.element_ty), mask=mask)
+            dy = dy * gate
+        else:
+            xg = s * gate
+    xhat = xg * rstd[:, None]
+    if STORE_OUTPUT:
+        if not (HAS_Z and NORM_BEFORE_GATE):
+            y = xhat * w
+            if HAS_BIAS:
+                y += b
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    return s, gate, dgate, xhat, dy, dy * w
+
+
+@triton.jit
+def _bwd_tile_out(
+    dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, offs, dz_offs, mask, s, gate, dgate, xhat, wdy, dot, rstd,
+    STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z, NORM_BEFORE_GATE,
+):  # fmt: skip
+    """The second half: dx (and dresidual, and dz when the gate comes before the norm) from the group's mean of
+    w * dy * xhat (``dot``)."""
+    dxg = (wdy - xhat * dot[:, None]) * rstd[:, None]
+    ds = dxg
+    if HAS_Z:
+        if not NORM_BEFORE_GATE:
+            tl.store(dz_ptr + dz_offs, (dxg * s * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+            ds = dxg * gate
+    if HAS_DRESIDUAL_OUT:
+        ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
+    if STORE_DRESIDUAL:
+        tl.store(dresidual_ptr + offs, ds.to(dresidual_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_bwd_kernel(
     x_ptr,
     residual_ptr,
@@ -179,67 +237,67 @@ def _norm_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
+    BLOCK_TAIL: tl.constexpr = 0,
 ):
     """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces.
     x may be the forward's sum s = x + residual itself (its fp32 residual_out), with no residual to add: dresidual,
     which equals dx, is then still written when STORE_DRESIDUAL.
     With STORE_OUTPUT, also the forward's output ``out`` again, from the values the gradients need anyway (cheaper
-    than a second forward pass when a following linear layer needs it for its weight gradient)."""
-    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
+    than a second forward pass when a following linear layer needs it for its weight gradient).
+    A group is one register tile of BLOCK_GS >= GROUP_SIZE columns, or two as in the forward (BLOCK_TAIL > 0:
+    columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL), each with its own weight-gradient accumulators."""
     hidden = GROUPS * GROUP_SIZE
+    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = w
     if HAS_BIAS:
         b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
     db = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
+    if BLOCK_TAIL > 0:
+        cols_t, mask_t = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_TAIL, BLOCK_GS)
+        w_t = tl.load(w_ptr + cols_t, mask=mask_t, other=0.0).to(tl.float32)
+        b_t = w_t
+        if HAS_BIAS:
+            b_t = tl.load(b_ptr + cols_t, mask=mask_t, other=0.0).to(tl.float32)
+        dw_t = tl.zeros((BLOCK_G, BLOCK_TAIL), dtype=tl.float32)
+        db_t = tl.zeros((BLOCK_G, BLOCK_TAIL), dtype=tl.float32)
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
         row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
-        offs = row64 * hidden + cols
-        s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        base, z_base, dz_base = row64 * hidden, row64 * stride_z_row, row64 * stride_dz_row
         rstd = tl.load(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), mask=tl.arange(0, BLOCK_G) < GROUPS, other=0.0)
-        dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xg = s
-        if HAS_Z:
-            z = tl.load(z_ptr + row64 * stride_z_row + cols, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(z)
-            gate = z * sig
-            dgate = sig * (1.0 + z * (1.0 - sig))
-            if NORM_BEFORE_GATE:
-                y = s * rstd[:, None] * w
-                if HAS_BIAS:
-                    y += b
-                tl.store(dz_ptr + row64 * stride_dz_row + cols, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
-                if STORE_OUTPUT:
-                    tl.store(out_ptr + offs, (y * gate).to(out_ptr.dtype.element_ty), mask=mask)
-                dy = dy * gate
-            else:
-                xg = s * gate
-        xhat = xg * rstd[:, None]
-        if STORE_OUTPUT:
-            if not (HAS_Z and NORM_BEFORE_GATE):
-                y = xhat * w
-                if HAS_BIAS:
-                    y += b
-                tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        s, gate, dgate, xhat, dy, wdy = _bwd_tile_in(
+            x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols, z_base + cols, dz_base + cols, mask,
+            w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
+        )  # fmt: skip
+        dot = tl.sum(wdy * xhat, axis=1)
+        if BLOCK_TAIL > 0:
+            s_t, gate_t, dgate_t, xhat_t, dy_t, wdy_t = _bwd_tile_in(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols_t, z_base + cols_t,
+                dz_base + cols_t, mask_t, w_t, b_t, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
+            )  # fmt: skip
+            dot += tl.sum(wdy_t * xhat_t, axis=1)
+        dot = dot / GROUP_SIZE
         dw += dy * xhat
         db += dy
-        wdy = dy * w
-        dxg = (wdy - xhat * (tl.sum(wdy * xhat, axis=1) / GROUP_SIZE)[:, None]) * rstd[:, None]
-        ds = dxg
-        if HAS_Z:
-            if not NORM_BEFORE_GATE:
-                dz = dxg * s * dgate
-                tl.store(dz_ptr + row64 * stride_dz_row + cols, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-                ds = dxg * gate
-        if HAS_DRESIDUAL_OUT:
-            ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=mask)
-        if STORE_DRESIDUAL:
-            tl.store(dresidual_ptr + offs, ds.to(dresidual_ptr.dtype.element_ty), mask=mask)
-    part = tl.program_id(0).to(tl.int64) * hidden + cols
-    tl.store(dw_ptr + part, dw, mask=mask)
+        _bwd_tile_out(
+            dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, base + cols, dz_base + cols, mask,
+            s, gate, dgate, xhat, wdy, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z, NORM_BEFORE_GATE,
+        )  # fmt: skip
+        if BLOCK_TAIL > 0:
+            dw_t += dy_t * xhat_t
+            db_t += dy_t
+            _bwd_tile_out(
+                dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, base + cols_t, dz_base + cols_t, mask_t,
+                s_t, gate_t, dgate_t, xhat_t, wdy_t, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z,
+                NORM_BEFORE_GATE,
+            )  # fmt: skip
+    part = tl.program_id(0).to(tl.int64) * hidden
+    tl.store(dw_ptr + part + cols, dw, mask=mask)
     if HAS_BIAS:
-        tl.store(db_ptr + part, db, mask=mask)
+        tl.store(db_ptr + part + cols, db, mask=mask)
+    if BLOCK_TAIL > 0:
+        tl.store(dw_ptr + part + cols_t, dw_t, mask=mask_t)
+        if HAS_BIAS:
+            tl.store(db_ptr + part + cols_t, db_t, mask=mask_t)

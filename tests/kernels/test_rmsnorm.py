@@ -277,3 +277,50 @@ def test_prenorm_keeps_only_the_fp32_sum_for_backward(with_residual, device):
     if with_residual:
         assert torch.equal(grads[2], dres)
     assert dx.abs().max() > 0.01
+
+
+@pytest.mark.parametrize("group_size", [12, 36])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+def test_backward_in_split_tiles_matches_the_reference(group_size, norm_before_gate, device, monkeypatch):
+    """The backward holds a group that is not a power of two as two tiles (api.BWD_SPLIT_ABOVE: 12 = 8 + 4,
+    36 = 32 + 4, as Mamba2-2.7B's 5120 = 4096 + 1024): every gradient of the gated norm, with bias and a gate read
+    from a wider tensor, equals the reference's."""
+    from mambatron.kernels.rmsnorm import api
+
+    monkeypatch.setattr(api, "BWD_SPLIT_ABOVE", 8)
+    assert api._fwd_tiles(group_size, 8, 0, 0)[1:3] == ((8, 4) if group_size == 12 else (32, 4))
+    inputs = dict(
+        x=rand(3, 4, 36, seed=0, dtype=torch.float32, device=device),
+        weight=rand(36, seed=2, dtype=torch.float32, device=device),
+        bias=rand(36, seed=3, dtype=torch.float32, device=device),
+        z=rand(3, 4, 50, seed=1, dtype=torch.float32, device=device)[..., 7:43],
+    )
+    kw = dict(eps=1e-5, group_size=group_size, norm_before_gate=norm_before_gate)
+    out = rmsnorm_fn(**inputs, **kw)
+    inputs_ref = upcast(inputs)
+    grads, grads_ref = grads_of((out,), inputs), grads_of((rmsnorm_fn_ref(**inputs_ref, **kw),), inputs_ref)
+    assert set(grads) == {"x", "weight", "bias", "z"}
+    for name, grad in grads.items():
+        assert_close(grad, grads_ref[name], f"d{name}")
+
+
+@pytest.mark.parametrize("case", ["gated-before", "gated-after", "prenorm"])
+def test_backward_split_tiles_equal_one_padded_tile(case, device, monkeypatch):
+    """norm_backward with two tiles per group and with one padded tile: the same dx, dresidual, dz, dweight, dbias
+    and recomputed output (the pre-norm case with an incoming residual gradient)."""
+    from mambatron.kernels.rmsnorm import api
+
+    x, w, z, b, res, dout, dres = (rand(6, 36, seed=i, dtype=torch.float32, device=device).detach() for i in range(7))
+    gated = case != "prenorm"
+    args = (x, None if gated else res, z if gated else None, w[0], b[0], None, case == "gated-before", dout)
+    _, _, rstd = api.norm_forward(*args[:5], 1e-5, 12 if gated else 36, args[6], False, None)
+    args = args[:5] + (rstd,) + args[6:]
+    runs = []
+    for split in (0, 8):
+        monkeypatch.setattr(api, "BWD_SPLIT_ABOVE", split)
+        runs.append(api.norm_backward(*args, None if gated else dres, out_dtype=torch.float32))
+    for name, got, want in zip(("dx", "dresidual", "dz", "dweight", "dbias", "out"), *runs):
+        assert (got is None) == (want is None) == (name == ("dresidual" if gated else "dz")), name
+        if got is not None:
+            assert want.abs().max() > 0.05, name
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
