@@ -24,8 +24,10 @@ LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
 #   FWD_CHUNK-column chunks, read twice (the second time from cache), by FWD_CHUNK / 256 warps; FWD_CHUNK = 0 pads.
 FWD_SPLIT_ABOVE = 2048
 FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
-# The backward splits such groups the same way, above BWD_SPLIT_ABOVE columns (0: one padded tile); it never chunks.
-BWD_SPLIT_ABOVE = 2048
+# The backward can split such groups the same way, above BWD_SPLIT_ABOVE columns (0: one padded tile); it never
+# chunks. H200, 8 x 2048 rows (docs/benchmarks.md): split at 2048 took 0.561 ms for the gated 5120 against 0.453 ms
+# padded, so it stays off.
+BWD_SPLIT_ABOVE = 0
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:

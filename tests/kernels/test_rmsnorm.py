@@ -282,7 +282,7 @@ def test_prenorm_keeps_only_the_fp32_sum_for_backward(with_residual, device):
 @pytest.mark.parametrize("group_size", [12, 36])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 def test_backward_in_split_tiles_matches_the_reference(group_size, norm_before_gate, device, monkeypatch):
-    """The backward holds a group that is not a power of two as two tiles (api.BWD_SPLIT_ABOVE: 12 = 8 + 4,
+    """The backward can hold a group that is not a power of two as two tiles (api.BWD_SPLIT_ABOVE: 12 = 8 + 4,
     36 = 32 + 4, as Mamba2-2.7B's 5120 = 4096 + 1024): every gradient of the gated norm, with bias and a gate read
     from a wider tensor, equals the reference's."""
     from mambatron.kernels.rmsnorm import api
