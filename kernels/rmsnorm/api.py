@@ -14,8 +14,9 @@ _IO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Programs per SM (0: one row per program) and warps (for rows of at least 4096 elements, and shorter) of each
 # kernel. The backward walks several rows per program so that the weight-gradient partial sums stay small. From the
-# H200 sweeps in docs/benchmarks.md (tools/sweep_norm.py for the forward).
-LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
+# H200 sweeps in docs/benchmarks.md (tools/sweep_norm.py; the backward's from its --bwd sweep of 2026-12-04 at
+# Mamba2-2.7B's widths, where 2 programs per SM beat 4 and 8).
+LAUNCH = {"fwd": (0, 8, 4), "bwd": (2, 16, 8)}
 # The forward holds a group in one register tile padded to a power of two, except:
 # - a group of more than FWD_SPLIT_ABOVE columns that is not a power of two is held in two tiles, the largest power
 #   of two below its size and the rest padded (Mamba2-2.7B's d_inner 5120 as 4096 + 1024, d_model 2560 as 2048 +
@@ -25,8 +26,8 @@ LAUNCH = {"fwd": (0, 8, 4), "bwd": (4, 16, 8)}
 FWD_SPLIT_ABOVE = 2048
 FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 # The backward can split such groups the same way, above BWD_SPLIT_ABOVE columns (0: one padded tile); it never
-# chunks. H200, 8 x 2048 rows (docs/benchmarks.md): split at 2048 took 0.561 ms for the gated 5120 against 0.453 ms
-# padded, so it stays off.
+# chunks. H200, 8 x 2048 rows (docs/benchmarks.md): every launch swept ran slower split (the gated 5120: 0.57 ms
+# against 0.46 ms padded), so it stays off.
 BWD_SPLIT_ABOVE = 0
 
 
