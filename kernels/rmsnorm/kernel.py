@@ -149,6 +149,18 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, c0):
+    """A backward tile's columns, mask, weight and bias (the weight again without bias) and its zeroed weight- and
+    bias-gradient accumulators: columns c0 .. c0 + BLOCK of every group."""
+    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK, c0)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = w
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return cols, mask, w, b, tl.zeros((BLOCK_G, BLOCK), dtype=tl.float32), tl.zeros((BLOCK_G, BLOCK), dtype=tl.float32)
+
+
+@triton.jit
 def _bwd_tile_in(
     x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, offs, z_offs, dz_offs, mask, w, b, rstd,
     STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
@@ -247,21 +259,11 @@ def _norm_bwd_kernel(
     A group is one register tile of BLOCK_GS >= GROUP_SIZE columns, or two as in the forward (BLOCK_TAIL > 0:
     columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL), each with its own weight-gradient accumulators."""
     hidden = GROUPS * GROUP_SIZE
-    cols, mask = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_GS)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    b = w
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
-    db = tl.zeros((BLOCK_G, BLOCK_GS), dtype=tl.float32)
+    cols, mask, w, b, dw, db = _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_GS, 0)
     if BLOCK_TAIL > 0:
-        cols_t, mask_t = _row_tile(GROUPS, GROUP_SIZE, BLOCK_G, BLOCK_TAIL, BLOCK_GS)
-        w_t = tl.load(w_ptr + cols_t, mask=mask_t, other=0.0).to(tl.float32)
-        b_t = w_t
-        if HAS_BIAS:
-            b_t = tl.load(b_ptr + cols_t, mask=mask_t, other=0.0).to(tl.float32)
-        dw_t = tl.zeros((BLOCK_G, BLOCK_TAIL), dtype=tl.float32)
-        db_t = tl.zeros((BLOCK_G, BLOCK_TAIL), dtype=tl.float32)
+        cols_t, mask_t, w_t, b_t, dw_t, db_t = _bwd_tile_setup(
+            w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_TAIL, BLOCK_GS
+        )
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
         row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
