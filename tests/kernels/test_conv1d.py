@@ -139,7 +139,7 @@ def _force_kernel(monkeypatch, table_names, channel_last, name, group=8):
         block_d, block_l, warps = table[channel_last][:3]
         if name == "rows":
             # The row kernels unroll their whole tile; at the slot kernels' 128-256 positions one sm_90 compile takes
-            # minutes (64 positions: about 30 s), so they get the tile length the launch table gives them.
+            # minutes (64 positions: about 30 s), so they get at most the ROWS_TILE the launch tables give them.
             block_l = min(block_l, ROWS_TILE)
         table[channel_last] = (block_d, block_l, warps, name, group)
         monkeypatch.setattr(api, table_name, table)
