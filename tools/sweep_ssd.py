@@ -1,15 +1,17 @@
 """Sweep the launch tiles of the SSD chunk-scan forward, dx-backward, dstates-backward and chunk-state kernels on one
 GPU, beside mamba_ssm's.
 
-    python tools/sweep_ssd.py --out sweep.jsonl [--best best.json] [--extra-path DIR:DIR]
+    python tools/sweep_ssd.py --out sweep.jsonl [--best best.json] [--extra-path DIR:DIR] [--nheads 80]
                               [--fwd 64,32,64 128,32,64 ...] [--dx 64,32,64 ...] [--state 64,64 64,128 ...]
-                              [--dstates 64,64 32,128 ...]
+                              [--dstates 64,64 32,128 ...] [--dcb 64,1 64,4 ...]
 
-At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64, dstate 128, chunk 256, one group), with x, B and C
-strided views of one conv output as in the fused Mamba2 op. A tile is (output positions, positions per inner-loop
-step, dstate per step), the forward's optionally with a fourth entry, headdim per program (see
-``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop step, dstate
-per program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``). Every variant is
+At Mamba2-1.3B's shape (batch 8, seqlen 2048, 64 heads of 64, dstate 128, chunk 256, one group; ``--nheads 80``:
+Mamba2-2.7B's), with x, B and C strided views of one conv output as in the fused Mamba2 op. A tile is (output
+positions, positions per inner-loop step, dstate per step), the forward's optionally with a fourth entry, headdim per
+program (see ``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop
+step, dstate per program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``); a dCB
+tile is (positions per side, runs of heads) (``chunk_scan.TILES["bwd_dcb"]``, compared on dCB's lower triangle and
+the dA_cumsum gradient; no mamba_ssm kernel matches it, its own split in two kernels). Every variant is
 checked against the default tiles' outputs first and gets no time if it differs by more than 2% (the defaults
 themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels
 (``_chunk_scan_fwd``, the fused ``_chunk_scan_chunk_state_bwd_dx``, ``_chunk_scan_bwd_dstates``,
@@ -29,6 +31,7 @@ DEFAULT_FWD = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64
 DEFAULT_STATE = ["64,64", "64,128", "32,128", "128,64", "128,128", "32,64"]
 DEFAULT_DX = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
 DEFAULT_DSTATES = ["64,64", "32,64", "32,128", "64,128", "128,128", "32,256"]
+DEFAULT_DCB = ["64,1", "64,2", "64,4", "64,8", "32,1", "32,4"]
 
 
 def tiles_arg(text: str) -> tuple[int, ...]:
@@ -65,6 +68,12 @@ def make_inputs(device="cuda"):
                 prev_states=prev_states, dstates=dstates)  # fmt: skip
 
 
+def _dcb(chunk_scan, t):
+    """The dCB backward's outputs to compare: dCB where it is defined (s <= l) and the dA_cumsum gradient."""
+    dCB, ddA = chunk_scan.chunk_scan_bwd_dcb(t["dout"], t["x"], t["dt"], t["dA_cumsum"], t["CB"])
+    return dCB.tril(), ddA
+
+
 def results_writer(path: str):
     """emit(**row): print a ``RESULT`` JSON line and append it to path (tools/sweep_scan.py writes the same way)."""
 
@@ -85,8 +94,11 @@ def main(argv=None) -> int:
     p.add_argument("--dx", nargs="*", default=DEFAULT_DX, type=str, help="dx-backward tiles, e.g. 64,32,64")
     p.add_argument("--state", nargs="*", default=DEFAULT_STATE, type=str, help="chunk-state tiles, e.g. 64,128")
     p.add_argument("--dstates", nargs="*", default=DEFAULT_DSTATES, type=str, help="dstates tiles, e.g. 32,128")
+    p.add_argument("--dcb", nargs="*", default=DEFAULT_DCB, type=str, help="dCB-backward tiles, e.g. 64,4")
+    p.add_argument("--nheads", type=int, default=SHAPE["nheads"], help="heads of 64 (64: Mamba2-1.3B, 80: 2.7B)")
     p.add_argument("--tolerance", type=float, default=2e-2, help="max relative difference from the default tiles")
     args = p.parse_args(argv)
+    SHAPE["nheads"] = args.nheads
     if not torch.cuda.is_available():
         print("error: sweep_ssd.py times GPU kernels and needs a CUDA device; run it on a GPU machine", file=sys.stderr)
         return 2
@@ -153,9 +165,13 @@ def main(argv=None) -> int:
             lambda: (chunk_scan.chunk_scan_bwd_dstates(t["dout"], t["C"], t["dA_cumsum"]),),
             chunk_scan._chunk_scan_bwd_dstates_kernel,
         ),
+        "bwd_dcb": (lambda: _dcb(chunk_scan, t), chunk_scan._chunk_scan_bwd_dcb_kernel),
     }
     best = {}
-    sweeps = (("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates))
+    sweeps = (
+        ("fwd", args.fwd), ("bwd_dx", args.dx), ("state", args.state), ("bwd_dstates", args.dstates),
+        ("bwd_dcb", args.dcb),
+    )  # fmt: skip
     for kind, variants in sweeps:
         table, key = (chunk_state.TILES, "fwd") if kind == "state" else (chunk_scan.TILES, kind)
         default = table[key]

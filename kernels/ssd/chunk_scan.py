@@ -14,9 +14,9 @@ read by few kernels and no per-head (seqlen, dstate) gradient is materialised:
   + exp(dA_cumsum[last] - dA_cumsum[s]) dstates[c] B[s] (the second term from chunk_state), then dx = dt G + D dy,
   ddt = x · G, dD. Gradient w.r.t. dA_cumsum: chunk_state's depends on dA_cumsum[s] through -dt[s] ddt_state[s]
   (and the chunk's last position collects the opposite total).
-- `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group,
-  and per head the diagonal block's gradient w.r.t. dA_cumsum: with T = dCB_head · CB, row sums of T for
-  dA_cumsum[l] minus column sums for dA_cumsum[s].
+- `_chunk_scan_bwd_dcb_kernel`: dCB[l, s] = sum over the group's heads of (dy[l] · x[s]) exp(...) dt[s], per group
+  (in parts over runs of heads, TILES["bwd_dcb"], added by the launcher), and per head the diagonal block's gradient
+  w.r.t. dA_cumsum: with T = dCB_head · CB, row sums of T for dA_cumsum[l] minus column sums for dA_cumsum[s].
 - `_chunk_scan_bwd_dbdc_kernel`: dC = dCB B + sum_h exp(dA_cumsum) dy prev_state, and
   dB = dCB^T C + sum_h exp(dA_cumsum[last] - dA_cumsum) dt x dstates (from chunk_state), per group; and the entering
   state's gradient w.r.t. dA_cumsum[l], exp(dA_cumsum[l]) (dy[l] prev_state) · C[l], from the product it has for dC
@@ -42,7 +42,9 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
 # The entering-state gradient (dstates): positions per step of its loop, dstate per program (one program over all of
 # dstate reads dy once).
-TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128)}
+# The dCB backward: positions per side of its (l, s) tiles, and into how many runs a group's heads are split, each
+# run by its own programs into its own part of dCB that the launcher adds (1: one program walks all of the heads).
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128), "bwd_dcb": (64, 1)}
 
 
 @triton.jit
@@ -330,11 +332,11 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
 
 
-@autotune_warps(key=["chunk_size", "headdim", "BLOCK_L", "BLOCK_P"])
+@autotune_warps(key=["chunk_size", "headdim", "heads_per_split", "BLOCK_L", "BLOCK_P"])
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
     dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_diag_ptr,
-    seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group,
+    seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, heads_per_split, nsplits, stride_dCB_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
 ):  # fmt: skip
@@ -342,7 +344,14 @@ def _chunk_scan_bwd_dcb_kernel(
     ntiles = tl.cdiv(chunk_size, BLOCK_L)
     pid = tl.program_id(0)
     pid_s = pid % ntiles
-    pid_l, group, chunk, batch = _split_pid(pid // ntiles, chunk_size, ngroups, nchunks, BLOCK_L)
+    pid = pid // ntiles
+    # A group's heads in nsplits runs of heads_per_split, each summing its own part of dCB (more programs, shorter
+    # loops over heads); the caller adds the parts.
+    split = pid % nsplits
+    pid_l, group, chunk, batch = _split_pid(pid // nsplits, chunk_size, ngroups, nchunks, BLOCK_L)
+    head_lo = group * heads_per_group + split * heads_per_split
+    head_hi = tl.minimum(head_lo + heads_per_split, (group + 1) * heads_per_group)
+    dCB_ptr += split.to(tl.int64) * stride_dCB_split
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_s = pid_s * BLOCK_L + tl.arange(0, BLOCK_L)
     # Partial sums of the diagonal block's gradient w.r.t. dA_cumsum, (batch, nheads, nchunks, 2 * ntiles, chunk_size):
@@ -351,12 +360,16 @@ def _chunk_scan_bwd_dcb_kernel(
     diag_base = ddA_diag_ptr + (batch * nheads * nchunks + chunk) * 2 * ntiles * chunk_size
     rows_ptrs = diag_base + pid_s * chunk_size + offs_l
     cols_ptrs = diag_base + (ntiles + pid_l) * chunk_size + offs_s
+    out_ptrs = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
+    out_ptrs += offs_l[:, None] * chunk_size + offs_s[None, :]
+    out_mask = (offs_l[:, None] < chunk_size) & (offs_s[None, :] < chunk_size)
     if pid_s > pid_l:
-        for i in range(heads_per_group):
-            head = group * heads_per_group + i
+        for head in range(head_lo, head_hi):
             zeros = tl.zeros((BLOCK_L,), dtype=tl.float32)
             tl.store(rows_ptrs + head * diag_stride_head, zeros, mask=offs_l < chunk_size)
             tl.store(cols_ptrs + head * diag_stride_head, zeros, mask=offs_s < chunk_size)
+        if nsplits > 1:  # the parts are added: each is 0 above the diagonal
+            tl.store(out_ptrs, tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32), mask=out_mask)
     else:
         chunk_start = chunk * chunk_size
         chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
@@ -371,8 +384,7 @@ def _chunk_scan_bwd_dcb_kernel(
         CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
         CB = tl.where(causal, CB, 0.0)
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
-        for i in range(heads_per_group):
-            head = group * heads_per_group + i
+        for head in range(head_lo, head_hi):
             row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
             dy = tl.load(
                 dy_ptr + ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :],
@@ -404,9 +416,7 @@ def _chunk_scan_bwd_dcb_kernel(
             doc_l = tl.load(doc_base + offs_l, mask=in_l, other=-1)
             doc_s = tl.load(doc_base + offs_s, mask=in_s, other=-2)
             acc = tl.where(doc_l[:, None] == doc_s[None, :], acc, 0.0)
-        out_ptrs = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
-        out_ptrs += offs_l[:, None] * chunk_size + offs_s[None, :]
-        tl.store(out_ptrs, acc, mask=(offs_l[:, None] < chunk_size) & (offs_s[None, :] < chunk_size))
+        tl.store(out_ptrs, acc, mask=out_mask)
 
 
 @autotune_warps(key=_KEY)
@@ -646,17 +656,21 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     batch, seqlen, nheads, headdim = x.shape
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
-    block_l, ntiles = _tiles(chunk_size)
-    dCB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
+    up_l, splits = TILES["bwd_dcb"]
+    block_l, ntiles = _tiles(chunk_size, up_l)
+    heads_per_group = nheads // ngroups
+    per_split = triton.cdiv(heads_per_group, max(1, min(splits, heads_per_group)))
+    nsplits = triton.cdiv(heads_per_group, per_split)
+    dCB = new_output((nsplits, batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
     # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
     ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), torch.float32, x.device)
-    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * batch * nchunks * ngroups,)](
+    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * nsplits * batch * nchunks * ngroups,)](
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
-        seqlen, nheads, nchunks, chunk_size, headdim, nheads // ngroups,
+        seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, per_split, nsplits, dCB.stride(0),
         *x.stride(),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
     )  # fmt: skip
-    return dCB, ddA_diag.sum(3)
+    return (dCB[0] if nsplits == 1 else dCB.sum(0)), ddA_diag.sum(3)
 
 
 def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx=None, dB=None, dC=None):

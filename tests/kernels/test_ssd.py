@@ -47,8 +47,11 @@ def small_tiles(monkeypatch):
 def uneven_tiles(small_tiles, monkeypatch):
     """Small tiles, and output tiles unlike the inner loop's steps: the forward's loop takes half an output tile per
     step and its programs split the head in two (headdim 16), the dx backward's loop starts inside a step that begins
-    before the output tile; the dstates backward walks 4 positions per step and splits dstate over programs of 4."""
-    monkeypatch.setattr(chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4)})
+    before the output tile; the dstates backward walks 4 positions per step and splits dstate over programs of 4;
+    the dCB backward takes tiles of 4 and splits a group's heads in two runs, each summing its own part of dCB."""
+    monkeypatch.setattr(
+        chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4), "bwd_dcb": (4, 2)}
+    )
 
 
 # Stages ------------------------------------------------------------------------------------------------------------
@@ -167,6 +170,8 @@ CASES = {
 }
 # The same with output tiles unlike the inner loops' steps.
 CASES["uneven_tiles"] = {**CASES["tiled_docs"], "tiles": "uneven"}
+# Three heads per group, which the uneven tiles' dCB backward splits into runs of 2 and 1.
+CASES["uneven_head_runs"] = {**CASES["uneven_tiles"], "shape": {**CASES["tiled_docs"]["shape"], "nheads": 6}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
