@@ -29,12 +29,6 @@ FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 # chunks. H200, 8 x 2048 rows (docs/benchmarks.md): every launch swept ran slower split (the gated 5120: 0.57 ms
 # against 0.46 ms padded), so it stays off.
 BWD_SPLIT_ABOVE = 0
-# The backward reads a row twice (the group's dot first, then the gradients, the second read from cache), for groups
-# of more than BWD_RELOAD_ABOVE columns (0: never): fewer registers live per thread across the group's reduction.
-BWD_RELOAD_ABOVE = 0
-# At most this many registers per thread for the backward over such groups (0: the compiler's choice), so that more
-# programs fit an SM.
-BWD_MAXNREG = 0
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
@@ -120,7 +114,6 @@ def norm_backward(
     rows, groups = rstd.shape
     programs, per_program, warps = _launch(rows, hidden, x.device, "bwd")
     _, block, tail, _ = _fwd_tiles(hidden // groups, BWD_SPLIT_ABOVE, 0, 0)
-    reload = bool(BWD_RELOAD_ABOVE) and hidden // groups > BWD_RELOAD_ABOVE
     dev = x.device
     dout = torch.zeros_like(x) if dout is None else dout.contiguous()
     dresidual_out = None if dresidual_out is None else dresidual_out.contiguous()
@@ -149,9 +142,7 @@ def norm_backward(
         BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_GS=block,
         BLOCK_TAIL=tail,
-        RELOAD=reload,
         num_warps=warps,
-        **({"maxnreg": BWD_MAXNREG} if reload and BWD_MAXNREG else {}),
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else None

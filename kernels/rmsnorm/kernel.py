@@ -163,20 +163,18 @@ def _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G: tl.cons
 @triton.jit
 def _bwd_tile_in(
     x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, offs, z_offs, dz_offs, mask, w, b, rstd,
-    STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS, STORES: tl.constexpr = True,
-    EVICT: tl.constexpr = "",
+    STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
 ):  # fmt: skip
     """The backward's first half on one tile of a row: loads s (= x + residual), dy and z; stores dz when the gate
-    follows the norm, and the recomputed output when STORE_OUTPUT (neither without STORES). Returns s, the gate, its
-    derivative, xhat (= xg * rstd), dy (through the gate) and w * dy, whose dot with xhat over the group the second
-    half needs. EVICT: the loads' eviction policy."""
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+    follows the norm, and the recomputed output when STORE_OUTPUT. Returns s, the gate, its derivative, xhat
+    (= xg * rstd), dy (through the gate) and w * dy, whose dot with xhat over the group the second half needs."""
+    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(residual_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
-    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xg, gate, dgate = s, s, s
     if HAS_Z:
-        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(z)
         gate = z * sig
         dgate = sig * (1.0 + z * (1.0 - sig))
@@ -184,15 +182,14 @@ def _bwd_tile_in(
             y = s * rstd[:, None] * w
             if HAS_BIAS:
                 y += b
-            if STORES:
-                tl.store(dz_ptr + dz_offs, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
-                if STORE_OUTPUT:
-                    tl.store(out_ptr + offs, (y * gate).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + dz_offs, (dy * y * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+            if STORE_OUTPUT:
+                tl.store(out_ptr + offs, (y * gate).to(out_ptr.dtype.element_ty), mask=mask)
             dy = dy * gate
         else:
             xg = s * gate
     xhat = xg * rstd[:, None]
-    if STORE_OUTPUT and STORES:
+    if STORE_OUTPUT:
         if not (HAS_Z and NORM_BEFORE_GATE):
             y = xhat * w
             if HAS_BIAS:
@@ -253,7 +250,6 @@ def _norm_bwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
     BLOCK_TAIL: tl.constexpr = 0,
-    RELOAD: tl.constexpr = False,
 ):
     """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces.
     x may be the forward's sum s = x + residual itself (its fp32 residual_out), with no residual to add: dresidual,
@@ -261,10 +257,7 @@ def _norm_bwd_kernel(
     With STORE_OUTPUT, also the forward's output ``out`` again, from the values the gradients need anyway (cheaper
     than a second forward pass when a following linear layer needs it for its weight gradient).
     A group is one register tile of BLOCK_GS >= GROUP_SIZE columns, or two as in the forward (BLOCK_TAIL > 0:
-    columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL), each with its own weight-gradient accumulators.
-    RELOAD: a row is read twice, first for the group's dot (nothing stored), then again (from cache) for the
-    gradients, so that only the weight and its gradient stay in registers between the two: fewer registers per
-    thread, more rows in flight per SM, for wide rows."""
+    columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL), each with its own weight-gradient accumulators."""
     hidden = GROUPS * GROUP_SIZE
     cols, mask, w, b, dw, db = _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_GS, 0)
     if BLOCK_TAIL > 0:
@@ -276,36 +269,18 @@ def _norm_bwd_kernel(
         row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
         base, z_base, dz_base = row64 * hidden, row64 * stride_z_row, row64 * stride_dz_row
         rstd = tl.load(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), mask=tl.arange(0, BLOCK_G) < GROUPS, other=0.0)
-        if RELOAD:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        # The first pass keeps its loads in cache (evict_last) when the second reads them again (evict_first: a
-        # different hint also keeps the compiler from merging the two reads).
         s, gate, dgate, xhat, dy, wdy = _bwd_tile_in(
             x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols, z_base + cols, dz_base + cols, mask,
             w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
-            not RELOAD, "evict_last" if RELOAD else "",
         )  # fmt: skip
         dot = tl.sum(wdy * xhat, axis=1)
         if BLOCK_TAIL > 0:
             s_t, gate_t, dgate_t, xhat_t, dy_t, wdy_t = _bwd_tile_in(
                 x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols_t, z_base + cols_t,
                 dz_base + cols_t, mask_t, w_t, b_t, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
-                not RELOAD, "evict_last" if RELOAD else "",
             )  # fmt: skip
             dot += tl.sum(wdy_t * xhat_t, axis=1)
         dot = dot / GROUP_SIZE
-        if RELOAD:
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0, cache_modifier=".ca").to(tl.float32)
-            s, gate, dgate, xhat, dy, wdy = _bwd_tile_in(
-                x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols, z_base + cols, dz_base + cols,
-                mask, w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS, True, "evict_first",
-            )  # fmt: skip
-            if BLOCK_TAIL > 0:
-                s_t, gate_t, dgate_t, xhat_t, dy_t, wdy_t = _bwd_tile_in(
-                    x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols_t, z_base + cols_t,
-                    dz_base + cols_t, mask_t, w_t, b_t, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE,
-                    HAS_BIAS, True, "evict_first",
-                )  # fmt: skip
         dw += dy * xhat
         db += dy
         _bwd_tile_out(
