@@ -2,7 +2,7 @@
 
     python tools/bench_step.py [--presets mamba1-1.4b,mamba2-1.3b] [--batch 8] [--seqlen 2048] [--steps 10]
                                [--activation-checkpointing] [--profile [--gaps N]] [--top N]
-                               [--set KEY=VALUE ...] [--json PATH]
+                               [--set KEY=VALUE ...] [--launch NAME:MODULE.TABLE[KEY]=INTS ...] [--json PATH]
 
 One step = forward + backward + AdamW (fused) under bf16 autocast with fp32 weights, the same recipe for both
 implementations. Before timing, our model's loss and gradients with the Triton kernels are compared against the
@@ -12,6 +12,10 @@ Each step record also has the fastest, median and slowest single step (CUDA even
 the caching allocator's retries (each one frees cached blocks and synchronises the device).
 ``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it;
 ``--gaps N`` then profiles N back-to-back steps for the device's idle time between kernels and what it waited for.
+``--launch`` times our step again, in the same process, with a kernel's launch constant changed (a variant per NAME;
+e.g. ``dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2``, a module under ``mambatron.kernels``, a module-level constant or
+one key of a dict of them, integers only): each variant passes its own check first and is recorded as
+``train_step_mambatron_<preset>@<NAME>``, so that a launch change is compared on one machine, not across machines.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -19,8 +23,11 @@ by the anchor scripts in /tmp/ext).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -194,25 +201,94 @@ def time_step(
     return dt, mem, float(loss.detach()), stats
 
 
-def ours(preset: str, args) -> dict:
+_LAUNCH = re.compile(
+    r"^(?P<name>[\w-]+):(?P<module>[a-z_][\w.]*)\.(?P<attr>[A-Z_][A-Z0-9_]*)(\[(?P<key>\w+)\])?=(?P<value>-?\d+(,-?\d+)*)$"
+)
+
+
+def parse_launch(texts: list[str]) -> dict[str, list[tuple[str, str, str | None, int | tuple[int, ...]]]]:
+    """``NAME:MODULE.TABLE[KEY]=INTS`` (see ``--launch``) -> {name: [(module, attr, key or None, value)]}: the
+    module, relative to ``mambatron.kernels``, must hold the constant (or dict with that key), and the value must have
+    its shape (an int, or a tuple of as many ints). Raises ValueError naming the problem."""
+    variants: dict[str, list] = {}
+    for text in texts:
+        m = _LAUNCH.match(text)
+        if m is None:
+            raise ValueError(
+                f"--launch {text!r}: expected NAME:MODULE.CONSTANT[KEY]=INT[,INT...], "
+                "e.g. dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2"
+            )
+        module, attr, key = m["module"], m["attr"], m["key"]
+        try:
+            mod = importlib.import_module(f"mambatron.kernels.{module}")
+        except ImportError:
+            raise ValueError(f"--launch {text!r}: no module mambatron.kernels.{module}") from None
+        if not hasattr(mod, attr):
+            raise ValueError(f"--launch {text!r}: mambatron.kernels.{module} has no {attr}")
+        current = getattr(mod, attr)
+        if key is not None:
+            if not isinstance(current, dict) or key not in current:
+                raise ValueError(f"--launch {text!r}: mambatron.kernels.{module}.{attr} has no key {key!r}")
+            current = current[key]
+        where = f"mambatron.kernels.{module}.{attr}" + (f"[{key!r}]" if key else "")
+        ints = tuple(int(v) for v in m["value"].split(","))
+        if isinstance(current, int) and not isinstance(current, bool) and len(ints) == 1:
+            value = ints[0]
+        elif isinstance(current, tuple) and len(current) == len(ints) and all(type(v) is int for v in current):
+            value = ints
+        else:
+            raise ValueError(f"--launch {text!r}: {where} is {current!r}; give a value of the same shape")
+        variants.setdefault(m["name"], []).append((module, attr, key, value))
+    return variants
+
+
+@contextlib.contextmanager
+def launch_overrides(overrides: list[tuple[str, str, str | None, int | tuple[int, ...]]]):
+    """Sets the constants of one variant (from :func:`parse_launch`) and restores them afterwards."""
+    saved = []
+    try:
+        for module, attr, key, value in overrides:
+            mod = importlib.import_module(f"mambatron.kernels.{module}")
+            if key is None:
+                saved.append((mod, attr, None, getattr(mod, attr)))
+                setattr(mod, attr, value)
+            else:
+                table = getattr(mod, attr)
+                saved.append((table, None, key, table[key]))
+                table[key] = value
+        yield
+    finally:
+        for owner, attr, key, old in reversed(saved):
+            if key is None:
+                setattr(owner, attr, old)
+            else:
+                owner[key] = old
+
+
+def ours(preset: str, args, variant: str | None = None) -> dict:
     from mambatron.config import load_config
     from mambatron.models import build_model
 
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["model.kernels=triton", *args.set]).model
+    label = preset if variant is None else f"{preset}@{variant}"
     err = check_kernels(cfg, "cuda")
     ok = err < args.tolerance
-    result(what=f"check_{preset}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
+    result(what=f"check_{label}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
     if not ok:
-        return result(what=f"train_step_mambatron_{preset}", error=f"kernel check failed (rel err {err:.3g})")
+        return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     model.activation_checkpointing = args.activation_checkpointing
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seqlen + 1), device="cuda")
-    profile_as = f"mambatron_{preset}" if args.profile else None
+    profile_as = f"mambatron_{label}" if args.profile else None
     loss_fn = lambda m, x: m.loss(x[:, :-1], x[:, 1:])  # noqa: E731
     dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top, args.gaps)
-    return report(f"train_step_mambatron_{preset}", model, args, dt, mem, loss, config_overrides=args.set, **stats)
+    launch = args.launch_variants.get(variant, []) if variant else []
+    return report(
+        f"train_step_mambatron_{label}", model, args, dt, mem, loss, config_overrides=args.set,
+        launch_overrides=[f"{m}.{a}" + (f"[{k}]" if k else "") + f"={v}" for m, a, k, v in launch], **stats,
+    )  # fmt: skip
 
 
 def mamba_ssm_step(preset: str, args) -> dict:
@@ -272,8 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--set", nargs="*", default=[], help="config overrides for our model, e.g. model.ssd_keep_states=true"
     )
+    ap.add_argument(
+        "--launch", nargs="*", default=[], help="our step again with a kernel launch constant changed, e.g. "
+        "dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2 (entries with one NAME make one variant)",
+    )  # fmt: skip
     ap.add_argument("--json", help="append every RESULT record (checks, profiles, steps) to this file")
     args = ap.parse_args(argv)
+    try:
+        args.launch_variants = parse_launch(args.launch)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: bench_step needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -282,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     for preset in args.presets.split(","):
         records.append(ours(preset, args))
         torch.cuda.empty_cache()
+        for name, overrides in args.launch_variants.items():
+            with launch_overrides(overrides):
+                records.append(ours(preset, args, variant=name))
+            torch.cuda.empty_cache()
         if not args.no_mamba_ssm:
             try:
                 records.append(mamba_ssm_step(preset, args))
