@@ -168,10 +168,13 @@ CASES = {
         tiles="small",
     ),
 }
-# The same with output tiles unlike the inner loops' steps.
-CASES["uneven_tiles"] = {**CASES["tiled_docs"], "tiles": "uneven"}
-# Three heads per group, which the uneven tiles' dCB backward splits into runs of 2 and 1.
-CASES["uneven_head_runs"] = {**CASES["uneven_tiles"], "shape": {**CASES["tiled_docs"]["shape"], "nheads": 6}}
+# The same with output tiles unlike the inner loops' steps, and three heads per group, which these tiles' dCB
+# backward splits into runs of 2 and 1.
+CASES["uneven_tiles"] = {
+    **CASES["tiled_docs"],
+    "shape": {**CASES["tiled_docs"]["shape"], "nheads": 6},
+    "tiles": "uneven",
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
