@@ -206,6 +206,10 @@ _LAUNCH = re.compile(
 )
 
 
+def _launch_target(module: str, attr: str, key: str | None) -> str:
+    return f"mambatron.kernels.{module}.{attr}" + (f"[{key!r}]" if key else "")
+
+
 def parse_launch(texts: list[str]) -> dict[str, list[tuple[str, str, str | None, int | tuple[int, ...]]]]:
     """``NAME:MODULE.TABLE[KEY]=INTS`` (see ``--launch``) -> {name: [(module, attr, key or None, value)]}: the
     module, relative to ``mambatron.kernels``, must hold the constant (or dict with that key), and the value must have
@@ -230,14 +234,15 @@ def parse_launch(texts: list[str]) -> dict[str, list[tuple[str, str, str | None,
             if not isinstance(current, dict) or key not in current:
                 raise ValueError(f"--launch {text!r}: mambatron.kernels.{module}.{attr} has no key {key!r}")
             current = current[key]
-        where = f"mambatron.kernels.{module}.{attr}" + (f"[{key!r}]" if key else "")
         ints = tuple(int(v) for v in m["value"].split(","))
         if isinstance(current, int) and not isinstance(current, bool) and len(ints) == 1:
             value = ints[0]
         elif isinstance(current, tuple) and len(current) == len(ints) and all(type(v) is int for v in current):
             value = ints
         else:
-            raise ValueError(f"--launch {text!r}: {where} is {current!r}; give a value of the same shape")
+            raise ValueError(
+                f"--launch {text!r}: {_launch_target(module, attr, key)} is {current!r}; give a value of the same shape"
+            )
         variants.setdefault(m["name"], []).append((module, attr, key, value))
     return variants
 
@@ -287,7 +292,7 @@ def ours(preset: str, args, variant: str | None = None) -> dict:
     launch = args.launch_variants.get(variant, []) if variant else []
     return report(
         f"train_step_mambatron_{label}", model, args, dt, mem, loss, config_overrides=args.set,
-        launch_overrides=[f"{m}.{a}" + (f"[{k}]" if k else "") + f"={v}" for m, a, k, v in launch], **stats,
+        launch_overrides=[f"{_launch_target(m, a, k)}={v}" for m, a, k, v in launch], **stats,
     )  # fmt: skip
 
 
