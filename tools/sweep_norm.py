@@ -17,9 +17,9 @@ best``, is the configuration with the least total time over the shapes. Prints a
 
 ``--bwd`` then times the backward as the training step runs it (the pre-norm from the fp32 sum with an incoming
 residual gradient, the gated norm with z read in place; both recompute the bf16 output for the next linear's weight
-gradient) in each configuration ``programs_per_SM,wide_warps,warps,split_above`` (``LAUNCH["bwd"]``,
-``BWD_SPLIT_ABOVE``), each checked first against the default's gradients, with its effective bandwidth (the bytes
-each tensor moves once, over the time).
+gradient) in each configuration ``programs_per_SM,wide_warps,warps,split_above[,prefetch_above]`` (``LAUNCH["bwd"]``,
+``BWD_SPLIT_ABOVE``, ``BWD_PREFETCH_ABOVE``, absent: 0), each checked first against the default's gradients, with its
+effective bandwidth (the bytes each tensor moves once, over the time).
 """
 
 import argparse
@@ -113,18 +113,20 @@ def backward_args(inp: dict) -> tuple[tuple, dict, int]:
 
 
 def sweep_backward(shapes: list[str], cfgs: list[str], emit) -> None:
-    """Each backward configuration ``programs_per_SM,wide_warps,warps,split_above`` (``LAUNCH["bwd"]`` and
-    ``BWD_SPLIT_ABOVE``), checked against the default's gradients, then timed; the last line is the best in total."""
+    """Each backward configuration ``programs_per_SM,wide_warps,warps,split_above[,prefetch_above]``
+    (``LAUNCH["bwd"]``, ``BWD_SPLIT_ABOVE``, ``BWD_PREFETCH_ABOVE``), checked against the default's gradients, then
+    timed; the last line is the best in total."""
     from mambatron.kernels.rmsnorm import api
 
-    default = (api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE)
+    default = (api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE, api.BWD_PREFETCH_ABOVE)
     totals: dict[str, float] = {}
     for shape in shapes:
         args, kw, nbytes = backward_args(make(shape))
         base = [t for t in api.norm_backward(*args, **kw) if t is not None]
         for cfg in cfgs:
-            *launch, split = (int(v) for v in cfg.split(","))
-            api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE = tuple(launch), split
+            per_sm, wide, warps, split, *prefetch = (int(v) for v in cfg.split(","))
+            api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE = (per_sm, wide, warps), split
+            api.BWD_PREFETCH_ABOVE = prefetch[0] if prefetch else 0
             try:
                 got = [t for t in api.norm_backward(*args, **kw) if t is not None]
             except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
@@ -138,7 +140,7 @@ def sweep_backward(shapes: list[str], cfgs: list[str], emit) -> None:
                 row["GBps"] = nbytes / row["ms"] / 1e6
             totals[cfg] = totals.get(cfg, 0.0) + row.get("ms", float("inf"))
             emit(**row)
-        api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE = default
+        api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE, api.BWD_PREFETCH_ABOVE = default
         torch.cuda.empty_cache()
     best = min(totals, key=totals.get)
     emit(what="best_bwd", cfg=best, total_ms=totals[best], shapes=shapes)

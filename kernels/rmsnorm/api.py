@@ -29,6 +29,9 @@ FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 # chunks. H200, 8 x 2048 rows (docs/benchmarks.md): every launch swept ran slower split (the gated 5120: 0.57 ms
 # against 0.46 ms padded), so it stays off.
 BWD_SPLIT_ABOVE = 0
+# For groups of more than BWD_PREFETCH_ABOVE columns (0: never) a backward program loads its next row's inputs before
+# the current row's reduction, so that one program per SM still has loads in flight while it computes.
+BWD_PREFETCH_ABOVE = 0
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
@@ -142,6 +145,7 @@ def norm_backward(
         BLOCK_G=triton.next_power_of_2(groups),
         BLOCK_GS=block,
         BLOCK_TAIL=tail,
+        PREFETCH=bool(BWD_PREFETCH_ABOVE) and hidden // groups > BWD_PREFETCH_ABOVE,
         num_warps=warps,
     )  # fmt: skip
     dweight = dw_part.sum(0).to(weight.dtype)

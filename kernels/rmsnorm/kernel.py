@@ -161,20 +161,35 @@ def _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G: tl.cons
 
 
 @triton.jit
+def _bwd_tile_load(x_ptr, residual_ptr, z_ptr, dout_ptr, offs, z_offs, mask, HAS_RESIDUAL, HAS_Z):
+    """A backward tile's inputs as stored: x, residual, z, dy (x again in place of an absent residual or z). The loads
+    alone, so that the next row's can be issued before this row's reduction."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    res = x
+    if HAS_RESIDUAL:
+        res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+    z = x
+    if HAS_Z:
+        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0)
+    return x, res, z, tl.load(dout_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _bwd_tile_in(
-    x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, offs, z_offs, dz_offs, mask, w, b, rstd,
+    x, res, z, dy, dz_ptr, out_ptr, offs, dz_offs, mask, w, b, rstd,
     STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
 ):  # fmt: skip
-    """The backward's first half on one tile of a row: loads s (= x + residual), dy and z; stores dz when the gate
-    follows the norm, and the recomputed output when STORE_OUTPUT. Returns s, the gate, its derivative, xhat
-    (= xg * rstd), dy (through the gate) and w * dy, whose dot with xhat over the group the second half needs."""
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """The backward's first half on one tile of a row, from its inputs (:func:`_bwd_tile_load`): s = x + residual;
+    stores dz when the gate follows the norm, and the recomputed output when STORE_OUTPUT. Returns s times the gate's
+    derivative, the gate, xhat (= xg * rstd), dy (through the gate) and w * dy, whose dot with xhat over the group
+    the second half needs."""
+    s = x.to(tl.float32)
     if HAS_RESIDUAL:
-        s += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s += res.to(tl.float32)
+    dy = dy.to(tl.float32)
     xg, gate, dgate = s, s, s
     if HAS_Z:
-        z = tl.load(z_ptr + z_offs, mask=mask, other=0.0).to(tl.float32)
+        z = z.to(tl.float32)
         sig = tl.sigmoid(z)
         gate = z * sig
         dgate = sig * (1.0 + z * (1.0 - sig))
@@ -195,12 +210,14 @@ def _bwd_tile_in(
             if HAS_BIAS:
                 y += b
             tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
-    return s, gate, dgate, xhat, dy, dy * w
+    # After the group's reduction the gate-before-norm path needs s and dgate only as their product: one tensor live
+    # across it instead of two.
+    return s * dgate, gate, xhat, dy, dy * w
 
 
 @triton.jit
 def _bwd_tile_out(
-    dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, offs, dz_offs, mask, s, gate, dgate, xhat, wdy, dot, rstd,
+    dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, offs, dz_offs, mask, sdg, gate, xhat, wdy, dot, rstd,
     STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z, NORM_BEFORE_GATE,
 ):  # fmt: skip
     """The second half: dx (and dresidual, and dz when the gate comes before the norm) from the group's mean of
@@ -209,7 +226,7 @@ def _bwd_tile_out(
     ds = dxg
     if HAS_Z:
         if not NORM_BEFORE_GATE:
-            tl.store(dz_ptr + dz_offs, (dxg * s * dgate).to(dz_ptr.dtype.element_ty), mask=mask)
+            tl.store(dz_ptr + dz_offs, (dxg * sdg).to(dz_ptr.dtype.element_ty), mask=mask)
             ds = dxg * gate
     if HAS_DRESIDUAL_OUT:
         ds += tl.load(dresidual_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -250,6 +267,7 @@ def _norm_bwd_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_GS: tl.constexpr,
     BLOCK_TAIL: tl.constexpr = 0,
+    PREFETCH: tl.constexpr = False,
 ):
     """dx (and dresidual, dz) per row; dw, db as (programs, hidden) fp32 partial sums that the caller reduces.
     x may be the forward's sum s = x + residual itself (its fp32 residual_out), with no residual to add: dresidual,
@@ -265,19 +283,57 @@ def _norm_bwd_kernel(
             w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_TAIL, BLOCK_GS
         )
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
-    for row in range(row_start, tl.minimum(row_start + ROWS_PER_PROGRAM, M)):
+    row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
+    offs_g = tl.arange(0, BLOCK_G)
+    if PREFETCH:  # the first row's inputs; each row then loads the next one's before its own reduction
+        nxt = tl.full((), 0, tl.int64) + row_start
+        x_n, res_n, z_n, dy_n = _bwd_tile_load(
+            x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols, nxt * stride_z_row + cols, mask, HAS_RESIDUAL,
+            HAS_Z,
+        )  # fmt: skip
+        rstd_n = tl.load(rstd_ptr + nxt * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
+        if BLOCK_TAIL > 0:
+            x_nt, res_nt, z_nt, dy_nt = _bwd_tile_load(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols_t, nxt * stride_z_row + cols_t, mask_t,
+                HAS_RESIDUAL, HAS_Z,
+            )  # fmt: skip
+    for row in range(row_start, row_end):
         row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
         base, z_base, dz_base = row64 * hidden, row64 * stride_z_row, row64 * stride_dz_row
-        rstd = tl.load(rstd_ptr + row * GROUPS + tl.arange(0, BLOCK_G), mask=tl.arange(0, BLOCK_G) < GROUPS, other=0.0)
-        s, gate, dgate, xhat, dy, wdy = _bwd_tile_in(
-            x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols, z_base + cols, dz_base + cols, mask,
-            w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
+        if PREFETCH:
+            x, res, z, dy, rstd = x_n, res_n, z_n, dy_n, rstd_n
+            if BLOCK_TAIL > 0:
+                x_t, res_t, z_t, dy_t = x_nt, res_nt, z_nt, dy_nt
+            # The last row loads itself again rather than branch.
+            nxt = tl.minimum(row64 + 1, row_end - 1)
+            x_n, res_n, z_n, dy_n = _bwd_tile_load(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols, nxt * stride_z_row + cols, mask,
+                HAS_RESIDUAL, HAS_Z,
+            )  # fmt: skip
+            rstd_n = tl.load(rstd_ptr + nxt * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
+            if BLOCK_TAIL > 0:
+                x_nt, res_nt, z_nt, dy_nt = _bwd_tile_load(
+                    x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols_t, nxt * stride_z_row + cols_t, mask_t,
+                    HAS_RESIDUAL, HAS_Z,
+                )  # fmt: skip
+        else:
+            rstd = tl.load(rstd_ptr + row * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
+            x, res, z, dy = _bwd_tile_load(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, base + cols, z_base + cols, mask, HAS_RESIDUAL, HAS_Z
+            )
+            if BLOCK_TAIL > 0:
+                x_t, res_t, z_t, dy_t = _bwd_tile_load(
+                    x_ptr, residual_ptr, z_ptr, dout_ptr, base + cols_t, z_base + cols_t, mask_t, HAS_RESIDUAL, HAS_Z
+                )
+        sdg, gate, xhat, dy, wdy = _bwd_tile_in(
+            x, res, z, dy, dz_ptr, out_ptr, base + cols, dz_base + cols, mask, w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL,
+            HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
         )  # fmt: skip
         dot = tl.sum(wdy * xhat, axis=1)
         if BLOCK_TAIL > 0:
-            s_t, gate_t, dgate_t, xhat_t, dy_t, wdy_t = _bwd_tile_in(
-                x_ptr, residual_ptr, z_ptr, dout_ptr, dz_ptr, out_ptr, base + cols_t, z_base + cols_t,
-                dz_base + cols_t, mask_t, w_t, b_t, rstd, STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
+            sdg_t, gate_t, xhat_t, dy_t, wdy_t = _bwd_tile_in(
+                x_t, res_t, z_t, dy_t, dz_ptr, out_ptr, base + cols_t, dz_base + cols_t, mask_t, w_t, b_t, rstd,
+                STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
             )  # fmt: skip
             dot += tl.sum(wdy_t * xhat_t, axis=1)
         dot = dot / GROUP_SIZE
@@ -285,14 +341,14 @@ def _norm_bwd_kernel(
         db += dy
         _bwd_tile_out(
             dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, base + cols, dz_base + cols, mask,
-            s, gate, dgate, xhat, wdy, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z, NORM_BEFORE_GATE,
+            sdg, gate, xhat, wdy, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z, NORM_BEFORE_GATE,
         )  # fmt: skip
         if BLOCK_TAIL > 0:
             dw_t += dy_t * xhat_t
             db_t += dy_t
             _bwd_tile_out(
                 dresidual_out_ptr, dx_ptr, dresidual_ptr, dz_ptr, base + cols_t, dz_base + cols_t, mask_t,
-                s_t, gate_t, dgate_t, xhat_t, wdy_t, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z,
+                sdg_t, gate_t, xhat_t, wdy_t, dot, rstd, STORE_DRESIDUAL, HAS_DRESIDUAL_OUT, HAS_Z,
                 NORM_BEFORE_GATE,
             )  # fmt: skip
     part = tl.program_id(0).to(tl.int64) * hidden

@@ -305,9 +305,10 @@ def test_backward_in_split_tiles_matches_the_reference(group_size, norm_before_g
 
 
 @pytest.mark.parametrize("case", ["gated-before", "gated-after", "prenorm"])
-def test_backward_split_tiles_equal_one_padded_tile(case, device, monkeypatch):
-    """norm_backward with two tiles per group and with one padded tile: the same dx, dresidual, dz, dweight, dbias
-    and recomputed output (the pre-norm case with an incoming residual gradient)."""
+def test_backward_split_tiles_and_prefetch_equal_one_padded_tile(case, device, monkeypatch):
+    """norm_backward with two tiles per group, with each row's inputs loaded during the row before (prefetch), with
+    both, and with one padded tile: the same dx, dresidual, dz, dweight, dbias and recomputed output (the pre-norm
+    case with an incoming residual gradient). Several rows per program, so the prefetched rows are the ones used."""
     from mambatron.kernels.rmsnorm import api
 
     x, w, z, b, res, dout, dres = (rand(6, 36, seed=i, dtype=torch.float32, device=device).detach() for i in range(7))
@@ -316,11 +317,13 @@ def test_backward_split_tiles_equal_one_padded_tile(case, device, monkeypatch):
     _, _, rstd = api.norm_forward(*args[:5], 1e-5, 12 if gated else 36, args[6], False, None)
     args = args[:5] + (rstd,) + args[6:]
     runs = []
-    for split in (0, 8):
+    for split, prefetch in ((0, 0), (8, 0), (0, 8), (8, 8)):
         monkeypatch.setattr(api, "BWD_SPLIT_ABOVE", split)
+        monkeypatch.setattr(api, "BWD_PREFETCH_ABOVE", prefetch)
         runs.append(api.norm_backward(*args, None if gated else dres, out_dtype=torch.float32))
-    for name, got, want in zip(("dx", "dresidual", "dz", "dweight", "dbias", "out"), *runs):
-        assert (got is None) == (want is None) == (name == ("dresidual" if gated else "dz")), name
-        if got is not None:
-            assert want.abs().max() > 0.05, name
-            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+    for run in runs[1:]:
+        for name, got, want in zip(("dx", "dresidual", "dz", "dweight", "dbias", "out"), run, runs[0]):
+            assert (got is None) == (want is None) == (name == ("dresidual" if gated else "dz")), name
+            if got is not None:
+                assert want.abs().max() > 0.05, name
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
