@@ -26,12 +26,13 @@ LAUNCH = {"fwd": (0, 8, 4), "bwd": (2, 16, 8)}
 FWD_SPLIT_ABOVE = 2048
 FWD_CHUNK, FWD_CHUNK_ABOVE = 2048, 4096
 # The backward can split such groups the same way, above BWD_SPLIT_ABOVE columns (0: one padded tile); it never
-# chunks. H200, 8 x 2048 rows (docs/benchmarks.md): every launch swept ran slower split (the gated 5120: 0.57 ms
-# against 0.46 ms padded), so it stays off.
-BWD_SPLIT_ABOVE = 0
-# For groups of more than BWD_PREFETCH_ABOVE columns (0: never) a backward program loads its next row's inputs before
-# the current row's reduction, so that one program per SM still has loads in flight while it computes.
-BWD_PREFETCH_ABOVE = 0
+# chunks. For groups of more than BWD_PREFETCH_ABOVE columns (0: never) a backward program loads its next row's
+# inputs before the current row's reduction, so that its one program per SM still has loads in flight while it
+# computes. H200, 8 x 2048 rows (docs/benchmarks.md, 2026-12-04 last): split tiles alone ran slower than the padded
+# tile at every launch swept (the gated 5120: 0.44 against 0.39 ms), split and prefetched faster at every width:
+# pre-norm 2048 / 2560 0.198 / 0.249 -> 0.167 / 0.221 ms, gated 4096 / 5120 0.283 / 0.388 -> 0.233 / 0.340 ms.
+BWD_SPLIT_ABOVE = 2048
+BWD_PREFETCH_ABOVE = 1
 
 
 def _launch(rows: int, hidden: int, device: torch.device, kind: str) -> tuple[int, int, int]:
