@@ -71,3 +71,42 @@ def test_bad_launch_variants_are_named(text, match):
 def test_a_bad_launch_variant_exits_2_before_anything_runs(capsys):
     assert main(["--presets", "mamba2-1.3b", "--launch", "x:ssd.chunk_scan.TILES[bwd_dcb]=64"]) == 2
     assert "give a value of the same shape" in capsys.readouterr().err
+
+
+def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
+    """An autotuned SSD kernel run once (the interpreter takes the first configuration) is listed with its key and
+    that configuration; a benchmarked one (timings as the autotuner leaves them) also with every candidate's time,
+    for the key it benchmarked last only."""
+    import torch
+    from triton.runtime.autotuner import Autotuner
+
+    from mambatron.kernels.ssd import bmm
+    from tools.bench_step import autotune_picks
+
+    tuner = bmm._bmm_chunk_fwd_kernel
+    assert isinstance(tuner, Autotuner)
+    monkeypatch.setattr(tuner, "cache", {})
+    from mambatron.kernels._common import interpreting
+
+    x = torch.randn(1, 8, 1, 4, device="cuda" if torch.cuda.is_available() else "cpu")
+    bmm.bmm_chunk_fwd(x, x, 4)
+    (pick,) = [p for p in autotune_picks() if p["kernel"] == "_bmm_chunk_fwd_kernel"]
+    first = tuner.configs[0]
+    assert pick["key"][:2] == ["4", "4"]  # chunk_size, dstate
+    if interpreting():  # no benchmark: the first configuration
+        assert (pick["num_warps"], pick["num_stages"]) == (first.num_warps, first.num_stages)
+        assert "candidates_ms" not in pick
+    else:  # benchmarked: the fastest candidate
+        fastest = min(pick["candidates_ms"], key=lambda c: c["ms"])
+        assert (pick["num_warps"], pick["num_stages"]) == (fastest["num_warps"], fastest["num_stages"])
+    # As after a benchmark on a GPU: two keys, the second benchmarked last, its timings kept.
+    (key,) = tuner.cache
+    other = ("8",) + key[1:]
+    monkeypatch.setattr(tuner, "cache", {key: first, other: tuner.configs[1]})
+    monkeypatch.setattr(
+        tuner, "configs_timings", {first: [0.5, 0.4, 0.6], tuner.configs[1]: [0.25, 0.2, 0.3]}, raising=False
+    )
+    picks = [p for p in autotune_picks() if p["kernel"] == "_bmm_chunk_fwd_kernel"]
+    assert [("candidates_ms" in p) for p in picks] == [False, True]
+    assert picks[1]["num_warps"] == tuner.configs[1].num_warps
+    assert [c["ms"] for c in picks[1]["candidates_ms"]] == [0.5, 0.25]

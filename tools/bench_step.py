@@ -16,6 +16,9 @@ the caching allocator's retries (each one frees cached blocks and synchronises t
 e.g. ``dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2``, a module under ``mambatron.kernels``, a module-level constant or
 one key of a dict of them, integers only): each variant passes its own check first and is recorded as
 ``train_step_mambatron_<preset>@<NAME>``, so that a launch change is compared on one machine, not across machines.
+After each of our steps an ``autotune_<preset>[@<NAME>]`` record lists the configuration every autotuned kernel of
+ours picked, per autotuning key (the shapes), with each candidate's median time where the autotuner last benchmarked
+that kernel: what our step ran with, which the autotuner can choose differently from one machine to the next.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -290,6 +293,7 @@ def ours(preset: str, args, variant: str | None = None) -> dict:
     loss_fn = lambda m, x: m.loss(x[:, :-1], x[:, 1:])  # noqa: E731
     dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top, args.gaps)
     launch = args.launch_variants.get(variant, []) if variant else []
+    result(what=f"autotune_{label}", picks=autotune_picks())
     return report(
         f"train_step_mambatron_{label}", model, args, dt, mem, loss, config_overrides=args.set,
         launch_overrides=[f"{_launch_target(m, a, k)}={v}" for m, a, k, v in launch], **stats,
@@ -323,6 +327,39 @@ def mamba_ssm_step(preset: str, args) -> dict:
     profile_as = f"mamba_ssm_{preset}" if args.profile else None
     dt, mem, loss, stats = time_step(model, ids, args.steps, loss_fn, profile_as, args.top, args.gaps)
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss, **stats)
+
+
+def autotune_picks() -> list[dict]:
+    """Per autotuned Triton kernel of ours (module under ``mambatron.kernels``) and autotuning key: the configuration it
+    picked, and each candidate's median time (ms) where that kernel last benchmarked this key."""
+    from triton.runtime.autotuner import Autotuner
+
+    picks, seen = [], set()
+    for modname, mod in sorted(sys.modules.items()):
+        if not modname.startswith("mambatron.kernels.") or mod is None:
+            continue
+        for tuner in vars(mod).values():
+            if not isinstance(tuner, Autotuner) or id(tuner) in seen:
+                continue
+            seen.add(id(tuner))
+            # The autotuner keeps the timings of its last benchmark only: that of the key it added last (the cache
+            # is filled in benchmark order), which for our step is the step's shape (the check's comes before).
+            timings = getattr(tuner, "configs_timings", None) or {}
+            last_key = next(reversed(tuner.cache), None)
+            for key, cfg in tuner.cache.items():
+                pick = dict(kernel=tuner.fn.__name__, key=[str(k) for k in key], **_config(cfg))
+                if key == last_key and cfg in timings:
+                    pick["candidates_ms"] = [dict(**_config(c), ms=_median(t)) for c, t in timings.items()]
+                picks.append(pick)
+    return picks
+
+
+def _config(cfg) -> dict:
+    return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+
+
+def _median(t) -> float:
+    return round(float(t[0] if isinstance(t, (list, tuple)) else t), 5)  # do_bench's (median, p20, p80) or a time
 
 
 def report(what: str, model, args, dt: float, mem: float, loss: float, **extra) -> dict:
