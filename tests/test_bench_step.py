@@ -81,7 +81,7 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
     from triton.runtime.autotuner import Autotuner
 
     from mambatron.kernels.ssd import bmm
-    from tools.bench_step import autotune_picks
+    from tools.bench_step import autotune_picks, reset_autotuning
 
     tuner = bmm._bmm_chunk_fwd_kernel
     assert isinstance(tuner, Autotuner)
@@ -110,3 +110,6 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
     assert [("candidates_ms" in p) for p in picks] == [False, True]
     assert picks[1]["num_warps"] == tuner.configs[1].num_warps
     assert [c["ms"] for c in picks[1]["candidates_ms"]] == [0.5, 0.25]
+    # What the step does after the check: every pick forgotten, this kernel's two among them.
+    assert reset_autotuning() >= 2
+    assert tuner.cache == {} and not [p for p in autotune_picks() if p["kernel"] == "_bmm_chunk_fwd_kernel"]

@@ -16,9 +16,11 @@ the caching allocator's retries (each one frees cached blocks and synchronises t
 e.g. ``dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2``, a module under ``mambatron.kernels``, a module-level constant or
 one key of a dict of them, integers only): each variant passes its own check first and is recorded as
 ``train_step_mambatron_<preset>@<NAME>``, so that a launch change is compared on one machine, not across machines.
-After each of our steps an ``autotune_<preset>[@<NAME>]`` record lists the configuration every autotuned kernel of
-ours picked, per autotuning key (the shapes), with each candidate's median time where the autotuner last benchmarked
-that kernel: what our step ran with, which the autotuner can choose differently from one machine to the next.
+Our kernels' autotuning picks from the check are forgotten before the step, which autotunes at its own shape (as a
+training run's first step, and mamba_ssm's here). After each of our steps an ``autotune_<preset>[@<NAME>]`` record
+lists the configuration every autotuned kernel of ours picked, per autotuning key (the shapes), with each
+candidate's median time where the autotuner last benchmarked that kernel: what our step ran with, which the
+autotuner can choose differently from one machine to the next.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -284,6 +286,7 @@ def ours(preset: str, args, variant: str | None = None) -> dict:
     result(what=f"check_{label}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
     if not ok:
         return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
+    reset_autotuning()  # the step's kernels autotune at the step's shape, not the check's
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     model.activation_checkpointing = args.activation_checkpointing
@@ -329,28 +332,46 @@ def mamba_ssm_step(preset: str, args) -> dict:
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss, **stats)
 
 
-def autotune_picks() -> list[dict]:
-    """Per autotuned Triton kernel of ours (module under ``mambatron.kernels``) and autotuning key: the configuration it
-    picked, and each candidate's median time (ms) where that kernel last benchmarked this key."""
+def _our_autotuners():
+    """Every autotuned Triton kernel in the loaded modules under ``mambatron.kernels``, once each."""
     from triton.runtime.autotuner import Autotuner
 
-    picks, seen = [], set()
+    seen = set()
     for modname, mod in sorted(sys.modules.items()):
         if not modname.startswith("mambatron.kernels.") or mod is None:
             continue
         for tuner in vars(mod).values():
-            if not isinstance(tuner, Autotuner) or id(tuner) in seen:
-                continue
-            seen.add(id(tuner))
-            # The autotuner keeps the timings of its last benchmark only: that of the key it added last (the cache
-            # is filled in benchmark order), which for our step is the step's shape (the check's comes before).
-            timings = getattr(tuner, "configs_timings", None) or {}
-            last_key = next(reversed(tuner.cache), None)
-            for key, cfg in tuner.cache.items():
-                pick = dict(kernel=tuner.fn.__name__, key=[str(k) for k in key], **_config(cfg))
-                if key == last_key and cfg in timings:
-                    pick["candidates_ms"] = [dict(**_config(c), ms=_median(t)) for c, t in timings.items()]
-                picks.append(pick)
+            if isinstance(tuner, Autotuner) and id(tuner) not in seen:
+                seen.add(id(tuner))
+                yield tuner
+
+
+def reset_autotuning() -> int:
+    """Forgets every pick of our autotuned kernels; returns how many there were. The check runs a short 2 x 512
+    model whose picks would otherwise be reused at the step's shape (the autotuning keys hold no batch or length, and
+    a pick that is fastest over a few dozen programs need not be over a thousand): after it, the step autotunes at
+    its own shape, as a training run's first step does and as mamba_ssm's first step here does."""
+    forgotten = 0
+    for tuner in _our_autotuners():
+        forgotten += len(tuner.cache)
+        tuner.cache.clear()
+    return forgotten
+
+
+def autotune_picks() -> list[dict]:
+    """Per autotuned Triton kernel of ours (module under ``mambatron.kernels``) and autotuning key: the configuration it
+    picked, and each candidate's median time (ms) where that kernel last benchmarked this key."""
+    picks = []
+    for tuner in _our_autotuners():
+        # The autotuner keeps the timings of its last benchmark only: that of the key it added last (the cache is
+        # filled in benchmark order).
+        timings = getattr(tuner, "configs_timings", None) or {}
+        last_key = next(reversed(tuner.cache), None)
+        for key, cfg in tuner.cache.items():
+            pick = dict(kernel=tuner.fn.__name__, key=[str(k) for k in key], **_config(cfg))
+            if key == last_key and cfg in timings:
+                pick["candidates_ms"] = [dict(**_config(c), ms=_median(t)) for c, t in timings.items()]
+            picks.append(pick)
     return picks
 
 
