@@ -1,6 +1,7 @@
-"""Helpers shared by every kernel folder: when Triton runs, and how outputs are allocated."""
+"""Helpers shared by every kernel folder: when Triton runs, how outputs are allocated, the autotuners."""
 
 import os
+import sys
 
 import torch
 
@@ -47,3 +48,29 @@ def weight_grad(dout: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torc
 def bias_grad(dout: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The sum of dout (rows, out_f) over rows, accumulated in fp32 and returned in ``dtype`` (the parameter's)."""
     return dout.sum(0, dtype=torch.float32).to(dtype)
+
+
+def autotuners():
+    """Every autotuned Triton kernel in the loaded modules under ``mambatron.kernels``, once each."""
+    from triton.runtime.autotuner import Autotuner
+
+    seen = set()
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("mambatron.kernels.") or module is None:
+            continue
+        for tuner in vars(module).values():
+            if isinstance(tuner, Autotuner) and id(tuner) not in seen:
+                seen.add(id(tuner))
+                yield tuner
+
+
+def reset_autotuning() -> int:
+    """Forgets every autotuning pick of our kernels; returns how many there were. The keys hold the shapes that set
+    the tiles (chunk size, head dim, state size, ...) but no batch or length, so a pick made on a small input is
+    reused on a large one, where a launch that was fastest over a few dozen programs need not be over a thousand: a
+    benchmark that checks at a small shape and times at a large one calls this in between."""
+    forgotten = 0
+    for tuner in autotuners():
+        forgotten += len(tuner.cache)
+        tuner.cache.clear()
+    return forgotten

@@ -80,8 +80,9 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
     import torch
     from triton.runtime.autotuner import Autotuner
 
+    from mambatron.kernels._common import reset_autotuning
     from mambatron.kernels.ssd import bmm
-    from tools.bench_step import autotune_picks, reset_autotuning
+    from tools.bench_step import autotune_picks
 
     tuner = bmm._bmm_chunk_fwd_kernel
     assert isinstance(tuner, Autotuner)

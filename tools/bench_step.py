@@ -277,6 +277,7 @@ def launch_overrides(overrides: list[tuple[str, str, str | None, int | tuple[int
 
 def ours(preset: str, args, variant: str | None = None) -> dict:
     from mambatron.config import load_config
+    from mambatron.kernels._common import reset_autotuning
     from mambatron.models import build_model
 
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["model.kernels=triton", *args.set]).model
@@ -286,7 +287,9 @@ def ours(preset: str, args, variant: str | None = None) -> dict:
     result(what=f"check_{label}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
     if not ok:
         return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
-    reset_autotuning()  # the step's kernels autotune at the step's shape, not the check's
+    # The step's kernels autotune at the step's shape, as a training run's first step and mamba_ssm's here do,
+    # not at the check's 2 x 512.
+    reset_autotuning()
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     model.activation_checkpointing = args.activation_checkpointing
@@ -332,37 +335,13 @@ def mamba_ssm_step(preset: str, args) -> dict:
     return report(f"train_step_mamba_ssm_{preset}", model, args, dt, mem, loss, **stats)
 
 
-def _our_autotuners():
-    """Every autotuned Triton kernel in the loaded modules under ``mambatron.kernels``, once each."""
-    from triton.runtime.autotuner import Autotuner
-
-    seen = set()
-    for modname, mod in sorted(sys.modules.items()):
-        if not modname.startswith("mambatron.kernels.") or mod is None:
-            continue
-        for tuner in vars(mod).values():
-            if isinstance(tuner, Autotuner) and id(tuner) not in seen:
-                seen.add(id(tuner))
-                yield tuner
-
-
-def reset_autotuning() -> int:
-    """Forgets every pick of our autotuned kernels; returns how many there were. The check runs a short 2 x 512
-    model whose picks would otherwise be reused at the step's shape (the autotuning keys hold no batch or length, and
-    a pick that is fastest over a few dozen programs need not be over a thousand): after it, the step autotunes at
-    its own shape, as a training run's first step does and as mamba_ssm's first step here does."""
-    forgotten = 0
-    for tuner in _our_autotuners():
-        forgotten += len(tuner.cache)
-        tuner.cache.clear()
-    return forgotten
-
-
 def autotune_picks() -> list[dict]:
     """Per autotuned Triton kernel of ours (module under ``mambatron.kernels``) and autotuning key: the configuration it
     picked, and each candidate's median time (ms) where that kernel last benchmarked this key."""
+    from mambatron.kernels._common import autotuners
+
     picks = []
-    for tuner in _our_autotuners():
+    for tuner in autotuners():
         # The autotuner keeps the timings of its last benchmark only: that of the key it added last (the cache is
         # filled in benchmark order).
         timings = getattr(tuner, "configs_timings", None) or {}
