@@ -18,9 +18,9 @@ one key of a dict of them, integers only): each variant passes its own check fir
 ``train_step_mambatron_<preset>@<NAME>``, so that a launch change is compared on one machine, not across machines.
 Our kernels' autotuning picks from the check are forgotten before the step, which autotunes at its own shape (as a
 training run's first step, and mamba_ssm's here). After each of our steps an ``autotune_<preset>[@<NAME>]`` record
-lists the configuration every autotuned kernel of ours picked, per autotuning key (the shapes), with each
-candidate's median time where the autotuner last benchmarked that kernel: what our step ran with, which the
-autotuner can choose differently from one machine to the next.
+(and before it ``autotune_check_...``, what the check picked) lists the configuration every autotuned kernel of ours
+picked, per autotuning key (the shapes), with each candidate's median time where the autotuner last benchmarked that
+kernel: what our step ran with, which the autotuner can choose differently from one machine to the next.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """
@@ -288,7 +288,8 @@ def ours(preset: str, args, variant: str | None = None) -> dict:
     if not ok:
         return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
     # The step's kernels autotune at the step's shape, as a training run's first step and mamba_ssm's here do,
-    # not at the check's 2 x 512.
+    # not at the check's 2 x 512; what the check picked is recorded first, to compare.
+    result(what=f"autotune_check_{label}", picks=autotune_picks())
     reset_autotuning()
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
