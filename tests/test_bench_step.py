@@ -114,3 +114,34 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
     # What the step does after the check: every pick forgotten, this kernel's two among them.
     assert reset_autotuning() >= 2
     assert tuner.cache == {} and not [p for p in autotune_picks() if p["kernel"] == "_bmm_chunk_fwd_kernel"]
+
+
+@pytest.mark.parametrize("passes", [True, False])
+def test_the_step_forgets_the_checks_autotuning_picks(passes, monkeypatch):
+    """The check runs a small model whose autotuning picks the step would reuse (the keys hold no batch or length):
+    after a passing check they are recorded and forgotten; a failing check gives the step a record with no speed."""
+    import torch
+
+    import tools.bench_step as bench_step
+    from mambatron.kernels.ssd import bmm
+
+    tuner = bmm._bmm_chunk_fwd_kernel
+    monkeypatch.setattr(tuner, "cache", {})
+
+    def check(cfg, device):  # stands in for the small model's check: runs an autotuned kernel
+        x = torch.randn(1, 8, 1, 4, device=device)
+        bmm.bmm_chunk_fwd(x, x, 4)
+        return 0.001 if passes else 0.5
+
+    monkeypatch.setattr(bench_step, "check_kernels", check)
+    start = len(bench_step.RECORDS)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = bench_step.checked(None, "tiny", tolerance=0.02, device=device)
+    whats = [r["what"] for r in bench_step.RECORDS[start:]]
+    if passes:
+        assert got is None and tuner.cache == {}
+        assert whats == ["check_tiny", "autotune_check_tiny"]
+        assert any(p["kernel"] == "_bmm_chunk_fwd_kernel" for p in bench_step.RECORDS[-1]["picks"])
+    else:
+        assert "error" in got and "tokens_per_s" not in got
+        assert whats == ["check_tiny", "train_step_mambatron_tiny"]

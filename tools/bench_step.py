@@ -275,22 +275,32 @@ def launch_overrides(overrides: list[tuple[str, str, str | None, int | tuple[int
                 owner[key] = old
 
 
+def checked(cfg, label: str, tolerance: float, device: str = "cuda") -> dict | None:
+    """The check of our kernels for a step: None when it passes, else the step's record, which has no speed. After a
+    pass, the picks our kernels' autotuning made during the check are recorded and forgotten, so that the step's
+    kernels autotune at the step's shape, as a training run's first step and mamba_ssm's here do, not at the check's
+    2 x 512."""
+    from mambatron.kernels._common import reset_autotuning
+
+    err = check_kernels(cfg, device)
+    ok = err < tolerance
+    result(what=f"check_{label}", max_rel_err_loss_and_grads=err, tolerance=tolerance, ok=ok)
+    if not ok:
+        return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
+    result(what=f"autotune_check_{label}", picks=autotune_picks())
+    reset_autotuning()
+    return None
+
+
 def ours(preset: str, args, variant: str | None = None) -> dict:
     from mambatron.config import load_config
-    from mambatron.kernels._common import reset_autotuning
     from mambatron.models import build_model
 
     cfg = load_config(ROOT / "configs" / f"{preset}.yaml", ["model.kernels=triton", *args.set]).model
     label = preset if variant is None else f"{preset}@{variant}"
-    err = check_kernels(cfg, "cuda")
-    ok = err < args.tolerance
-    result(what=f"check_{label}", max_rel_err_loss_and_grads=err, tolerance=args.tolerance, ok=ok)
-    if not ok:
-        return result(what=f"train_step_mambatron_{label}", error=f"kernel check failed (rel err {err:.3g})")
-    # The step's kernels autotune at the step's shape, as a training run's first step and mamba_ssm's here do,
-    # not at the check's 2 x 512; what the check picked is recorded first, to compare.
-    result(what=f"autotune_check_{label}", picks=autotune_picks())
-    reset_autotuning()
+    failed = checked(cfg, label, args.tolerance)
+    if failed is not None:
+        return failed
     torch.manual_seed(0)
     model = build_model(cfg).cuda()
     model.activation_checkpointing = args.activation_checkpointing
