@@ -175,6 +175,27 @@ def _bwd_tile_load(x_ptr, residual_ptr, z_ptr, dout_ptr, offs, z_offs, mask, HAS
 
 
 @triton.jit
+def _bwd_row_load(
+    x_ptr, residual_ptr, z_ptr, dout_ptr, rstd_ptr, row, hidden, stride_z_row, cols, mask, cols_t, mask_t, GROUPS,
+    HAS_RESIDUAL, HAS_Z, BLOCK_G: tl.constexpr, BLOCK_TAIL: tl.constexpr,
+):  # fmt: skip
+    """Row ``row`` (int64)'s inputs: :func:`_bwd_tile_load` of the tile and of the tail tile (the tile's again when
+    there is none), and its rstd per group."""
+    x, res, z, dy = _bwd_tile_load(
+        x_ptr, residual_ptr, z_ptr, dout_ptr, row * hidden + cols, row * stride_z_row + cols, mask, HAS_RESIDUAL, HAS_Z
+    )
+    offs_g = tl.arange(0, BLOCK_G)
+    rstd = tl.load(rstd_ptr + row * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
+    x_t, res_t, z_t, dy_t = x, res, z, dy
+    if BLOCK_TAIL > 0:
+        x_t, res_t, z_t, dy_t = _bwd_tile_load(
+            x_ptr, residual_ptr, z_ptr, dout_ptr, row * hidden + cols_t, row * stride_z_row + cols_t, mask_t,
+            HAS_RESIDUAL, HAS_Z,
+        )  # fmt: skip
+    return x, res, z, dy, x_t, res_t, z_t, dy_t, rstd
+
+
+@triton.jit
 def _bwd_tile_in(
     x, res, z, dy, dz_ptr, out_ptr, offs, dz_offs, mask, w, b, rstd,
     STORE_OUTPUT, HAS_RESIDUAL, HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
@@ -278,53 +299,33 @@ def _norm_bwd_kernel(
     columns [0, BLOCK_GS) and the rest in a tile of BLOCK_TAIL), each with its own weight-gradient accumulators."""
     hidden = GROUPS * GROUP_SIZE
     cols, mask, w, b, dw, db = _bwd_tile_setup(w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_GS, 0)
+    cols_t, mask_t = cols, mask
     if BLOCK_TAIL > 0:
         cols_t, mask_t, w_t, b_t, dw_t, db_t = _bwd_tile_setup(
             w_ptr, b_ptr, GROUPS, GROUP_SIZE, HAS_BIAS, BLOCK_G, BLOCK_TAIL, BLOCK_GS
         )
     row_start = tl.program_id(0) * ROWS_PER_PROGRAM
     row_end = tl.minimum(row_start + ROWS_PER_PROGRAM, M)
-    offs_g = tl.arange(0, BLOCK_G)
     if PREFETCH:  # the first row's inputs; each row then loads the next one's before its own reduction
-        nxt = tl.full((), 0, tl.int64) + row_start
-        x_n, res_n, z_n, dy_n = _bwd_tile_load(
-            x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols, nxt * stride_z_row + cols, mask, HAS_RESIDUAL,
-            HAS_Z,
+        x_n, res_n, z_n, dy_n, x_nt, res_nt, z_nt, dy_nt, rstd_n = _bwd_row_load(
+            x_ptr, residual_ptr, z_ptr, dout_ptr, rstd_ptr, tl.full((), 0, tl.int64) + row_start, hidden,
+            stride_z_row, cols, mask, cols_t, mask_t, GROUPS, HAS_RESIDUAL, HAS_Z, BLOCK_G, BLOCK_TAIL,
         )  # fmt: skip
-        rstd_n = tl.load(rstd_ptr + nxt * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
-        if BLOCK_TAIL > 0:
-            x_nt, res_nt, z_nt, dy_nt = _bwd_tile_load(
-                x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols_t, nxt * stride_z_row + cols_t, mask_t,
-                HAS_RESIDUAL, HAS_Z,
-            )  # fmt: skip
     for row in range(row_start, row_end):
         row64 = tl.full((), 0, tl.int64) + row  # int64: rows * hidden may pass 2**31
-        base, z_base, dz_base = row64 * hidden, row64 * stride_z_row, row64 * stride_dz_row
+        base, dz_base = row64 * hidden, row64 * stride_dz_row
         if PREFETCH:
-            x, res, z, dy, rstd = x_n, res_n, z_n, dy_n, rstd_n
-            if BLOCK_TAIL > 0:
-                x_t, res_t, z_t, dy_t = x_nt, res_nt, z_nt, dy_nt
+            x, res, z, dy, x_t, res_t, z_t, dy_t, rstd = x_n, res_n, z_n, dy_n, x_nt, res_nt, z_nt, dy_nt, rstd_n
             # The last row loads itself again rather than branch.
-            nxt = tl.minimum(row64 + 1, row_end - 1)
-            x_n, res_n, z_n, dy_n = _bwd_tile_load(
-                x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols, nxt * stride_z_row + cols, mask,
-                HAS_RESIDUAL, HAS_Z,
+            x_n, res_n, z_n, dy_n, x_nt, res_nt, z_nt, dy_nt, rstd_n = _bwd_row_load(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, rstd_ptr, tl.minimum(row64 + 1, row_end - 1), hidden,
+                stride_z_row, cols, mask, cols_t, mask_t, GROUPS, HAS_RESIDUAL, HAS_Z, BLOCK_G, BLOCK_TAIL,
             )  # fmt: skip
-            rstd_n = tl.load(rstd_ptr + nxt * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
-            if BLOCK_TAIL > 0:
-                x_nt, res_nt, z_nt, dy_nt = _bwd_tile_load(
-                    x_ptr, residual_ptr, z_ptr, dout_ptr, nxt * hidden + cols_t, nxt * stride_z_row + cols_t, mask_t,
-                    HAS_RESIDUAL, HAS_Z,
-                )  # fmt: skip
         else:
-            rstd = tl.load(rstd_ptr + row * GROUPS + offs_g, mask=offs_g < GROUPS, other=0.0)
-            x, res, z, dy = _bwd_tile_load(
-                x_ptr, residual_ptr, z_ptr, dout_ptr, base + cols, z_base + cols, mask, HAS_RESIDUAL, HAS_Z
-            )
-            if BLOCK_TAIL > 0:
-                x_t, res_t, z_t, dy_t = _bwd_tile_load(
-                    x_ptr, residual_ptr, z_ptr, dout_ptr, base + cols_t, z_base + cols_t, mask_t, HAS_RESIDUAL, HAS_Z
-                )
+            x, res, z, dy, x_t, res_t, z_t, dy_t, rstd = _bwd_row_load(
+                x_ptr, residual_ptr, z_ptr, dout_ptr, rstd_ptr, row64, hidden, stride_z_row, cols, mask, cols_t,
+                mask_t, GROUPS, HAS_RESIDUAL, HAS_Z, BLOCK_G, BLOCK_TAIL,
+            )  # fmt: skip
         sdg, gate, xhat, dy, wdy = _bwd_tile_in(
             x, res, z, dy, dz_ptr, out_ptr, base + cols, dz_base + cols, mask, w, b, rstd, STORE_OUTPUT, HAS_RESIDUAL,
             HAS_Z, NORM_BEFORE_GATE, HAS_BIAS,
