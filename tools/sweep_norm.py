@@ -27,6 +27,7 @@ import sys
 
 import torch
 from bench_kernels import bench_graph  # tools/ is on the path when a tool runs as a script
+from bench_step import launch_overrides
 from sweep_conv import rel
 from sweep_ssd import results_writer
 
@@ -118,29 +119,31 @@ def sweep_backward(shapes: list[str], cfgs: list[str], emit) -> None:
     timed; the last line is the best in total."""
     from mambatron.kernels.rmsnorm import api
 
-    default = (api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE, api.BWD_PREFETCH_ABOVE)
     totals: dict[str, float] = {}
     for shape in shapes:
         args, kw, nbytes = backward_args(make(shape))
         base = [t for t in api.norm_backward(*args, **kw) if t is not None]
         for cfg in cfgs:
             per_sm, wide, warps, split, *prefetch = (int(v) for v in cfg.split(","))
-            api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE = (per_sm, wide, warps), split
-            api.BWD_PREFETCH_ABOVE = prefetch[0] if prefetch else 0
-            try:
-                got = [t for t in api.norm_backward(*args, **kw) if t is not None]
-            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
-                emit(what="norm_bwd", shape=shape, cfg=cfg, error=repr(e)[:300])
-                totals[cfg] = float("inf")
-                continue
-            err = max(rel(a, b) for a, b in zip(got, base))  # bf16 outputs: summation order moves the last bit
-            row = dict(what="norm_bwd", shape=shape, cfg=cfg, max_rel_error=err, ok=err <= 1e-2)
-            if row["ok"]:
-                row["ms"] = bench_graph(lambda a=args, k=kw: api.norm_backward(*a, **k))
-                row["GBps"] = nbytes / row["ms"] / 1e6
+            launch = [
+                ("rmsnorm.api", "LAUNCH", "bwd", (per_sm, wide, warps)),
+                ("rmsnorm.api", "BWD_SPLIT_ABOVE", None, split),
+                ("rmsnorm.api", "BWD_PREFETCH_ABOVE", None, prefetch[0] if prefetch else 0),
+            ]
+            with launch_overrides(launch):
+                try:
+                    got = [t for t in api.norm_backward(*args, **kw) if t is not None]
+                except Exception as e:  # noqa: BLE001 - a configuration that does not compile is a result too
+                    emit(what="norm_bwd", shape=shape, cfg=cfg, error=repr(e)[:300])
+                    totals[cfg] = float("inf")
+                    continue
+                err = max(rel(a, b) for a, b in zip(got, base))  # bf16 outputs: summation order moves the last bit
+                row = dict(what="norm_bwd", shape=shape, cfg=cfg, max_rel_error=err, ok=err <= 1e-2)
+                if row["ok"]:
+                    row["ms"] = bench_graph(lambda a=args, k=kw: api.norm_backward(*a, **k))
+                    row["GBps"] = nbytes / row["ms"] / 1e6
             totals[cfg] = totals.get(cfg, 0.0) + row.get("ms", float("inf"))
             emit(**row)
-        api.LAUNCH["bwd"], api.BWD_SPLIT_ABOVE, api.BWD_PREFETCH_ABOVE = default
         torch.cuda.empty_cache()
     best = min(totals, key=totals.get)
     emit(what="best_bwd", cfg=best, total_ms=totals[best], shapes=shapes)
