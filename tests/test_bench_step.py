@@ -33,20 +33,20 @@ def test_launch_variants_set_kernel_constants_and_restore_them():
     tiles, split = chunk_scan.TILES["bwd_dcb"], api.BWD_SPLIT_ABOVE
     variants = parse_launch(
         [
-            "dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2",
-            "both:ssd.chunk_scan.TILES[bwd_dcb]=32,4",
+            "dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2,1",
+            "both:ssd.chunk_scan.TILES[bwd_dcb]=32,4,0",
             "both:rmsnorm.api.BWD_SPLIT_ABOVE=4096",
         ]
     )
     assert variants == {
-        "dcb2": [("ssd.chunk_scan", "TILES", "bwd_dcb", (64, 2))],
-        "both": [("ssd.chunk_scan", "TILES", "bwd_dcb", (32, 4)), ("rmsnorm.api", "BWD_SPLIT_ABOVE", None, 4096)],
+        "dcb2": [("ssd.chunk_scan", "TILES", "bwd_dcb", (64, 2, 1))],
+        "both": [("ssd.chunk_scan", "TILES", "bwd_dcb", (32, 4, 0)), ("rmsnorm.api", "BWD_SPLIT_ABOVE", None, 4096)],
     }
     with launch_overrides(variants["both"]):
-        assert chunk_scan.TILES["bwd_dcb"] == (32, 4) and api.BWD_SPLIT_ABOVE == 4096
+        assert chunk_scan.TILES["bwd_dcb"] == (32, 4, 0) and api.BWD_SPLIT_ABOVE == 4096
     assert chunk_scan.TILES["bwd_dcb"] == tiles and api.BWD_SPLIT_ABOVE == split != 4096
     with pytest.raises(RuntimeError), launch_overrides(variants["dcb2"]):
-        assert chunk_scan.TILES["bwd_dcb"] == (64, 2)
+        assert chunk_scan.TILES["bwd_dcb"] == (64, 2, 1)
         raise RuntimeError("a failed step still restores the launch")
     assert chunk_scan.TILES["bwd_dcb"] == tiles
 
@@ -59,7 +59,7 @@ def test_launch_variants_set_kernel_constants_and_restore_them():
         ("x:ssd.nonexistent.TILES=1", "no module mambatron.kernels.ssd.nonexistent"),
         ("x:ssd.chunk_scan.NOT_THERE=1", "chunk_scan has no NOT_THERE"),
         ("x:ssd.chunk_scan.TILES[nope]=1", "TILES has no key 'nope'"),
-        ("x:ssd.chunk_scan.TILES[bwd_dcb]=64", r"is \(64, 1\); give a value of the same shape"),
+        ("x:ssd.chunk_scan.TILES[bwd_dcb]=64", r"is \(64, 1, 0\); give a value of the same shape"),
         ("x:rmsnorm.api.BWD_SPLIT_ABOVE=1,2", "is 2048; give a value of the same shape"),
     ],
 )

@@ -13,7 +13,7 @@ the caching allocator's retries (each one frees cached blocks and synchronises t
 ``--profile`` adds one profiled step per implementation: its device time and the kernels that take the most of it;
 ``--gaps N`` then profiles N back-to-back steps for the device's idle time between kernels and what it waited for.
 ``--launch`` times our step again, in the same process, with a kernel's launch constant changed (a variant per NAME;
-e.g. ``dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2``, a module under ``mambatron.kernels``, a module-level constant or
+e.g. ``dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2,0``, a module under ``mambatron.kernels``, a module-level constant or
 one key of a dict of them, integers only): each variant passes its own check first and is recorded as
 ``train_step_mambatron_<preset>@<NAME>``, so that a launch change is compared on one machine, not across machines.
 Our kernels' autotuning picks from the check are forgotten before the step, which autotunes at its own shape (as a
@@ -225,7 +225,7 @@ def parse_launch(texts: list[str]) -> dict[str, list[tuple[str, str, str | None,
         if m is None:
             raise ValueError(
                 f"--launch {text!r}: expected NAME:MODULE.CONSTANT[KEY]=INT[,INT...], "
-                "e.g. dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2"
+                "e.g. dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2,0"
             )
         module, attr, key = m["module"], m["attr"], m["key"]
         try:
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--launch", nargs="*", default=[], help="our step again with a kernel launch constant changed, e.g. "
-        "dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2 (entries with one NAME make one variant)",
+        "dcb2:ssd.chunk_scan.TILES[bwd_dcb]=64,2,0 (entries with one NAME make one variant)",
     )  # fmt: skip
     ap.add_argument("--json", help="append every RESULT record (checks, profiles, steps) to this file")
     args = ap.parse_args(argv)

@@ -10,7 +10,8 @@ Mamba2-2.7B's), with x, B and C strided views of one conv output as in the fused
 positions, positions per inner-loop step, dstate per step), the forward's optionally with a fourth entry, headdim per
 program (see ``kernels/ssd/chunk_scan.py`` ``TILES``); a chunk-state or dstates tile is (positions per inner-loop
 step, dstate per program) (``kernels/ssd/chunk_state.py`` ``TILES``, ``chunk_scan.TILES["bwd_dstates"]``); a dCB
-tile is (positions per side, runs of heads) (``chunk_scan.TILES["bwd_dcb"]``, compared on dCB's lower triangle and
+tile is (positions per side, runs of heads[, 1 to load each head's vectors a head ahead])
+(``chunk_scan.TILES["bwd_dcb"]``, compared on dCB's lower triangle and
 the dA_cumsum gradient; no mamba_ssm kernel matches it, its own split in two kernels). Every variant is
 checked against the default tiles' outputs first and gets no time if it differs by more than 2% (the defaults
 themselves are checked against the fp32 reference by ``bench_kernels.py --only ssd``). mamba_ssm's matching kernels
@@ -31,7 +32,7 @@ DEFAULT_FWD = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64
 DEFAULT_STATE = ["64,64", "64,128", "32,128", "128,64", "128,128", "32,64"]
 DEFAULT_DX = ["64,32,64", "64,64,64", "128,32,64", "128,64,64", "64,16,64", "64,32,128", "32,32,64"]
 DEFAULT_DSTATES = ["64,64", "32,64", "32,128", "64,128", "128,128", "32,256"]
-DEFAULT_DCB = ["64,1", "64,2", "64,4", "64,8", "32,1", "32,4"]
+DEFAULT_DCB = ["64,1", "64,1,1", "64,2", "64,2,1", "64,4", "32,1", "32,4"]
 
 
 def tiles_arg(text: str) -> tuple[int, ...]:

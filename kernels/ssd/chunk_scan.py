@@ -42,9 +42,10 @@ _KEY = ["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"]
 # only: the dx backward sums over the whole head) headdim per program. From the H200 sweeps in docs/benchmarks.md.
 # The entering-state gradient (dstates): positions per step of its loop, dstate per program (one program over all of
 # dstate reads dy once).
-# The dCB backward: positions per side of its (l, s) tiles, and into how many runs a group's heads are split, each
-# run by its own programs into its own part of dCB that the launcher adds (1: one program walks all of the heads).
-TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128), "bwd_dcb": (64, 1)}
+# The dCB backward: positions per side of its (l, s) tiles, into how many runs a group's heads are split, each
+# run by its own programs into its own part of dCB that the launcher adds (1: one program walks all of the heads),
+# and whether a program loads the next head's dA_cumsum and dt a head ahead (1) or when it reaches it (0).
+TILES = {"fwd": (64, 32, 64, 1 << 30), "bwd_dx": (64, 32, 64), "bwd_dstates": (32, 128), "bwd_dcb": (64, 1, 0)}
 
 
 @triton.jit
@@ -332,13 +333,29 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(ddA_chunk_part_ptr + part, tl.sum(dt_s * ddt_state))
 
 
+@triton.jit
+def _store_tile(base, tile, offs_l, offs_s, chunk_size):
+    """tile into the (chunk_size, chunk_size) matrix at base, rows offs_l and columns offs_s."""
+    mask = (offs_l[:, None] < chunk_size) & (offs_s[None, :] < chunk_size)
+    tl.store(base + offs_l[:, None] * chunk_size + offs_s[None, :], tile, mask=mask)
+
+
+@triton.jit
+def _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s):
+    """One head's dA_cumsum at the tile's rows and columns and dt at its columns, for the dCB backward."""
+    dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
+    dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
+    dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
+    return dA_cumsum_l, dA_cumsum_s, dt_s
+
+
 @autotune_warps(key=["chunk_size", "headdim", "heads_per_split", "BLOCK_L", "BLOCK_P"])
 @triton.jit
 def _chunk_scan_bwd_dcb_kernel(
     dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_diag_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, heads_per_split, nsplits, stride_dCB_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
-    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     ngroups = nheads // heads_per_group
     ntiles = tl.cdiv(chunk_size, BLOCK_L)
@@ -360,16 +377,15 @@ def _chunk_scan_bwd_dcb_kernel(
     diag_base = ddA_diag_ptr + (batch * nheads * nchunks + chunk) * 2 * ntiles * chunk_size
     rows_ptrs = diag_base + pid_s * chunk_size + offs_l
     cols_ptrs = diag_base + (ntiles + pid_l) * chunk_size + offs_s
-    out_ptrs = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
-    out_ptrs += offs_l[:, None] * chunk_size + offs_s[None, :]
-    out_mask = (offs_l[:, None] < chunk_size) & (offs_s[None, :] < chunk_size)
+    # dCB's tile is addressed where it is stored, so its 64-bit pointers are not live through the loop over heads.
+    out_base = dCB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
     if pid_s > pid_l:
         for head in range(head_lo, head_hi):
             zeros = tl.zeros((BLOCK_L,), dtype=tl.float32)
             tl.store(rows_ptrs + head * diag_stride_head, zeros, mask=offs_l < chunk_size)
             tl.store(cols_ptrs + head * diag_stride_head, zeros, mask=offs_s < chunk_size)
         if nsplits > 1:  # the parts are added: each is 0 above the diagonal
-            tl.store(out_ptrs, tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32), mask=out_mask)
+            _store_tile(out_base, tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32), offs_l, offs_s, chunk_size)
     else:
         chunk_start = chunk * chunk_size
         chunk_len = tl.minimum(chunk_size, seqlen - chunk_start)
@@ -377,15 +393,27 @@ def _chunk_scan_bwd_dcb_kernel(
         in_l = offs_l < chunk_len
         in_s = offs_s < chunk_len
         in_p = offs_p < headdim
-        causal = offs_s[None, :] <= offs_l[:, None]
         dot_dtype = x_ptr.dtype.element_ty
         CB_base = CB_ptr + ((batch * nchunks + chunk) * ngroups + group) * chunk_size * chunk_size
-        # The causal mask goes on the values, not the load, which then stays vectorised.
+        # The causal mask goes on the values, not the load, which then stays vectorised. It is the only causal mask:
+        # above the diagonal, dCB is left undefined (its consumer masks it) and the products with the masked CB are 0.
         CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
-        CB = tl.where(causal, CB, 0.0)
+        CB = tl.where(offs_s[None, :] <= offs_l[:, None], CB, 0.0)
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
+        # PREFETCH: the next head's dA_cumsum and dt load before this head's work, so their latency is not waited
+        # for in each step of the loop (the last head loads itself again instead of branching).
+        row = ((batch * nheads + head_lo) * nchunks + chunk) * chunk_size
+        dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
         for head in range(head_lo, head_hi):
             row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
+            if PREFETCH:
+                cur_l, cur_s, cur_dt = dA_cumsum_l, dA_cumsum_s, dt_s
+                nxt = ((batch * nheads + tl.minimum(head + 1, head_hi - 1)) * nchunks + chunk) * chunk_size
+                dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(
+                    dA_cumsum_ptr, dt_ptr, nxt, offs_l, offs_s, in_l, in_s
+                )
+            else:
+                cur_l, cur_s, cur_dt = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
             dy = tl.load(
                 dy_ptr + ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :],
                 mask=in_l[:, None] & in_p[None, :],
@@ -400,11 +428,10 @@ def _chunk_scan_bwd_dcb_kernel(
                 mask=in_s[None, :] & in_p[:, None],
                 other=0.0,
             )
-            dA_cumsum_l = tl.load(dA_cumsum_ptr + row + offs_l, mask=in_l, other=0.0)
-            dA_cumsum_s = tl.load(dA_cumsum_ptr + row + offs_s, mask=in_s, other=0.0)
-            dt_s = tl.load(dt_ptr + row + offs_s, mask=in_s, other=0.0)
-            decay = tl.exp(tl.where(causal, dA_cumsum_l[:, None] - dA_cumsum_s[None, :], float("-inf")))
-            dCB_head = tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * dt_s[None, :]
+            # dA_cumsum does not increase along the chunk (A < 0), so below the diagonal the exponent is <= 0 and
+            # the clamp changes nothing; above it, it keeps the (unused) values finite, so no per-head mask is needed.
+            decay = tl.exp(tl.minimum(cur_l[:, None] - cur_s[None, :], 0.0))
+            dCB_head = tl.dot(dy.to(dot_dtype), xT.to(dot_dtype)) * decay * cur_dt[None, :]
             acc += dCB_head
             # Rows and columns are summed from the same fp32 products, so their totals (equal in exact arithmetic)
             # cancel to fp32 rounding; dA sums over the whole sequence and would otherwise inherit bf16 rounding.
@@ -416,7 +443,7 @@ def _chunk_scan_bwd_dcb_kernel(
             doc_l = tl.load(doc_base + offs_l, mask=in_l, other=-1)
             doc_s = tl.load(doc_base + offs_s, mask=in_s, other=-2)
             acc = tl.where(doc_l[:, None] == doc_s[None, :], acc, 0.0)
-        tl.store(out_ptrs, acc, mask=out_mask)
+        _store_tile(out_base, acc, offs_l, offs_s, chunk_size)
 
 
 @autotune_warps(key=_KEY)
@@ -656,7 +683,7 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     batch, seqlen, nheads, headdim = x.shape
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
-    up_l, splits = TILES["bwd_dcb"]
+    up_l, splits, prefetch = (*TILES["bwd_dcb"], 0)[:3]
     block_l, ntiles = _tiles(chunk_size, up_l)
     heads_per_group = nheads // ngroups
     per_split = triton.cdiv(heads_per_group, max(1, min(splits, heads_per_group)))
@@ -668,7 +695,7 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
         seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, per_split, nsplits, dCB.stride(0),
         *x.stride(),
-        HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim),
+        HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), PREFETCH=bool(prefetch),
     )  # fmt: skip
     return (dCB[0] if nsplits == 1 else dCB.sum(0)), ddA_diag.sum(3)
 

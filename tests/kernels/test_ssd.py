@@ -54,6 +54,13 @@ def uneven_tiles(small_tiles, monkeypatch):
     )
 
 
+@pytest.fixture
+def prefetch_tiles(uneven_tiles, monkeypatch):
+    """The uneven tiles, with the dCB backward walking each group's three heads in one run and loading each head's
+    dA_cumsum and dt one head ahead (the last head loads itself again)."""
+    monkeypatch.setitem(chunk_scan.TILES, "bwd_dcb", (4, 1, 1))
+
+
 # Stages ------------------------------------------------------------------------------------------------------------
 
 CHUNK = 16
@@ -175,6 +182,7 @@ CASES["uneven_tiles"] = {
     "shape": {**CASES["tiled_docs"]["shape"], "nheads": 6},
     "tiles": "uneven",
 }
+CASES["dcb_prefetch"] = {**CASES["uneven_tiles"], "tiles": "prefetch"}
 
 
 @pytest.mark.parametrize("case", list(CASES))
