@@ -66,9 +66,10 @@ def autotuners():
 
 def reset_autotuning() -> int:
     """Forgets every autotuning pick of our kernels; returns how many there were. The keys hold the shapes that set
-    the tiles (chunk size, head dim, state size, ...) but no batch or length, so a pick made on a small input is
-    reused on a large one, where a launch that was fastest over a few dozen programs need not be over a thousand: a
-    benchmark that checks at a small shape and times at a large one calls this in between."""
+    the tiles (chunk size, head dim, state size, ...) and the grid's size only in factors of 4 (the SSD kernels'
+    ``grid_bucket``), so a pick made on a small input can still be reused on a larger one in the same bucket: a
+    benchmark that checks at a small shape and times at another calls this in between, so that the timed run picks
+    at its own shape, as a training run's first step does."""
     forgotten = 0
     for tuner in autotuners():
         forgotten += len(tuner.cache)

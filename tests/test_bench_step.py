@@ -118,7 +118,7 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
 
 @pytest.mark.parametrize("passes", [True, False])
 def test_the_step_forgets_the_checks_autotuning_picks(passes, monkeypatch):
-    """The check runs a small model whose autotuning picks the step would reuse (the keys hold no batch or length):
+    """The check runs a small model whose autotuning picks a step in the same grid bucket would reuse:
     after a passing check they are recorded and forgotten; a failing check gives the step a record with no speed."""
     import torch
 

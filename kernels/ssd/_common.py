@@ -1,5 +1,7 @@
 """Helpers shared by the SSD Triton kernels: launch configs, block sizes, output allocation."""
 
+import math
+
 import triton
 
 from mambatron.kernels._common import interpreting, new_output  # noqa: F401  (re-exported to the stages)
@@ -11,15 +13,26 @@ def _first_config_when_interpreting(configs, named_args, **kwargs):
 
 
 def autotune_warps(key: list[str], stages: tuple[int, ...] = (2, 3), capped: tuple[int, ...] = ()):
-    """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers).
+    """Autotunes num_warps/num_stages on the GPU (block sizes are chosen from the shapes by the launchers), per
+    ``key`` and the launch's :func:`grid_bucket` (the kernel takes a ``grid_bucket`` argument).
 
     ``capped``: stage counts also tried with 8 warps and at most 128 registers per thread, which lets two programs
     share an SM (64K registers) where the uncapped build would take more and leave one; ptxas may spill a little."""
     configs = [triton.Config({}, num_warps=w, num_stages=s) for s in stages for w in (4, 8)]
     configs += [triton.Config({}, num_warps=8, num_stages=s, maxnreg=128) for s in capped]
     return triton.autotune(
-        configs=configs, key=key, prune_configs_by={"early_config_prune": _first_config_when_interpreting}
+        configs=configs,
+        key=key + ["grid_bucket"],
+        prune_configs_by={"early_config_prune": _first_config_when_interpreting},
     )
+
+
+def grid_bucket(*grid: int) -> int:
+    """The launch's size in steps of a factor of 4 (ceil(log2(programs)) // 2), passed to every autotuned SSD kernel
+    as its ``grid_bucket`` argument and part of its autotuning key: the shapes that set the tiles say nothing of
+    batch or length, and a pick made over a few dozen programs (a small first call: a check, an evaluation) need not
+    be the fastest over a thousand."""
+    return (math.prod(grid) - 1).bit_length() // 2
 
 
 # Upper bounds of the tile sizes along the chunk and along dstate. Tests lower them to exercise multi-tile loops at

@@ -10,15 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, new_output
+from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, grid_bucket, new_output
 
 
 @autotune_warps(key=["chunk_size", "dstate", "BLOCK_L", "BLOCK_N"])
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _bmm_chunk_fwd_kernel(
     C_ptr, B_ptr, seq_idx_ptr, CB_ptr,
     seqlen, ngroups, nchunks, chunk_size, dstate,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    grid_bucket,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -68,10 +69,12 @@ def bmm_chunk_fwd(C, B, chunk_size, seq_idx=None):
     block_l = chunk_block(chunk_size)
     CB = new_output((batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, C.device)
     ntiles = triton.cdiv(chunk_size, block_l)
-    _bmm_chunk_fwd_kernel[(batch * nchunks * ngroups, ntiles, ntiles)](
+    grid = (batch * nchunks * ngroups, ntiles, ntiles)
+    _bmm_chunk_fwd_kernel[grid](
         C, B, seq_idx, CB,
         seqlen, ngroups, nchunks, chunk_size, dstate,
         *C.stride(), *B.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_N=dstate_block(dstate),
     )  # fmt: skip
     return CB

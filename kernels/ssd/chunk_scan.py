@@ -32,6 +32,7 @@ from mambatron.kernels.ssd._common import (
     autotune_warps,
     chunk_block,
     dstate_block,
+    grid_bucket,
     headdim_block,
     new_output,
 )
@@ -67,12 +68,13 @@ def _load_D(D_ptr, head, offs_p, headdim, D_HAS_HDIM: tl.constexpr):
 
 
 @autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4))
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_scan_fwd_kernel(
     CB_ptr, x_ptr, z_ptr, dt_ptr, dA_cumsum_ptr, C_ptr, prev_states_ptr, D_ptr, seq_idx_ptr, out_ptr, out_x_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_z_b, stride_z_l, stride_z_h, stride_z_p,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    grid_bucket,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -189,11 +191,12 @@ def _gate_bwd_kernel(
 
 
 @autotune_warps(key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_scan_bwd_dstates_kernel(
     dy_ptr, C_ptr, dA_cumsum_ptr, seq_idx_ptr, dprev_states_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n,
+    grid_bucket,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid_n, head, chunk, batch = _split_pid(tl.program_id(0), dstate, nheads, nchunks, BLOCK_N)
@@ -231,13 +234,14 @@ def _chunk_scan_bwd_dstates_kernel(
 
 
 @autotune_warps(key=_KEY + ["BLOCK_K"], stages=(2, 3, 4), capped=(2, 3))
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_scan_bwd_dx_kernel(
     CB_ptr, x_ptr, dy_ptr, dt_ptr, dA_cumsum_ptr, B_ptr, dstates_ptr, D_ptr, seq_idx_ptr,
     dx_ptr, ddt_ptr, ddA_cumsum_ptr, ddA_chunk_part_ptr, dD_part_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_dx_b, stride_dx_l, stride_dx_h, stride_dx_p,
+    grid_bucket,
     HAS_D: tl.constexpr, D_HAS_HDIM: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -350,11 +354,12 @@ def _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s):
 
 
 @autotune_warps(key=["chunk_size", "headdim", "heads_per_split", "BLOCK_L", "BLOCK_P"])
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_scan_bwd_dcb_kernel(
     dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, CB_ptr, seq_idx_ptr, dCB_ptr, ddA_diag_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, heads_per_split, nsplits, stride_dCB_split,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p,
+    grid_bucket,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     ngroups = nheads // heads_per_group
@@ -447,7 +452,7 @@ def _chunk_scan_bwd_dcb_kernel(
 
 
 @autotune_warps(key=_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_scan_bwd_dbdc_kernel(
     dCB_ptr, B_ptr, C_ptr, dy_ptr, x_ptr, dt_ptr, dA_cumsum_ptr, prev_states_ptr, dstates_ptr, seq_idx_ptr,
     dB_ptr, dC_ptr, ddA_prev_part_ptr,
@@ -455,6 +460,7 @@ def _chunk_scan_bwd_dbdc_kernel(
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
     stride_C_b, stride_C_l, stride_C_g, stride_C_n, stride_dB_b, stride_dB_l, stride_dB_g, stride_dB_n,
     stride_dC_b, stride_dC_l, stride_dC_g, stride_dC_n,
+    grid_bucket,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     ngroups = nheads // heads_per_group
@@ -582,10 +588,12 @@ def chunk_scan_fwd(CB, x, dt, dA_cumsum, C, prev_states, D=None, z=None, seq_idx
     up_l, up_k, up_n, up_p = TILES["fwd"]
     block_l, ntiles = _tiles(chunk_size, up_l)
     block_p = headdim_block(headdim, up_p)
-    _chunk_scan_fwd_kernel[(triton.cdiv(headdim, block_p) * ntiles * batch * nchunks * nheads,)](
+    grid = (triton.cdiv(headdim, block_p) * ntiles * batch * nchunks * nheads,)
+    _chunk_scan_fwd_kernel[grid](
         CB, x, z, dt, dA_cumsum, C, prev_states, D, seq_idx, out, out_x,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *(z.stride() if z is not None else (0, 0, 0, 0)), *C.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, up_k), BLOCK_P=block_p, BLOCK_N=dstate_block(dstate, up_n),
@@ -625,10 +633,12 @@ def chunk_scan_bwd_dstates(dy, C, dA_cumsum, seq_idx=None):
     dprev_states = new_output((batch, nchunks, nheads, headdim, dstate), torch.float32, dy.device)
     up_l, up_n = TILES["bwd_dstates"]
     block_n = dstate_block(dstate, up_n)
-    _chunk_scan_bwd_dstates_kernel[(triton.cdiv(dstate, block_n) * batch * nchunks * nheads,)](
+    grid = (triton.cdiv(dstate, block_n) * batch * nchunks * nheads,)
+    _chunk_scan_bwd_dstates_kernel[grid](
         dy, C, dA_cumsum, seq_idx, dprev_states,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *C.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=chunk_block(chunk_size, up_l), BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip
@@ -656,11 +666,13 @@ def chunk_scan_bwd_dx(CB, x, dy, dt, dA_cumsum, B, dstates, D=None, seq_idx=None
     ddA_cumsum = new_output(dt.shape, torch.float32, x.device)
     ddA_chunk_part = new_output((batch, nheads, nchunks, ntiles), torch.float32, x.device)
     dD_part = new_output((batch, nchunks, ntiles, nheads, headdim), torch.float32, x.device) if D is not None else None
-    _chunk_scan_bwd_dx_kernel[(ntiles * batch * nchunks * nheads,)](
+    grid = (ntiles * batch * nchunks * nheads,)
+    _chunk_scan_bwd_dx_kernel[grid](
         CB, x, dy, dt, dA_cumsum, B, dstates, D, seq_idx,
         dx, ddt_out, ddA_cumsum, ddA_chunk_part, dD_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(), *dx.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_D=D is not None, D_HAS_HDIM=D is not None and D.dim() == 2, HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=block_l, BLOCK_K=chunk_block(chunk_size, up_k), BLOCK_P=headdim_block(headdim),
         BLOCK_N=dstate_block(dstate, up_n),
@@ -691,10 +703,12 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     dCB = new_output((nsplits, batch, nchunks, ngroups, chunk_size, chunk_size), torch.float32, x.device)
     # Partial row and column sums, one per tile; the tiles above the diagonal write zeros.
     ddA_diag = new_output((batch, nheads, nchunks, 2 * ntiles, chunk_size), torch.float32, x.device)
-    _chunk_scan_bwd_dcb_kernel[(ntiles * ntiles * nsplits * batch * nchunks * ngroups,)](
+    grid = (ntiles * ntiles * nsplits * batch * nchunks * ngroups,)
+    _chunk_scan_bwd_dcb_kernel[grid](
         dy, x, dt, dA_cumsum, CB, seq_idx, dCB, ddA_diag,
         seqlen, nheads, nchunks, chunk_size, headdim, heads_per_group, per_split, nsplits, dCB.stride(0),
         *x.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), PREFETCH=bool(prefetch),
     )  # fmt: skip
     return (dCB[0] if nsplits == 1 else dCB.sum(0)), ddA_diag.sum(3)
@@ -717,11 +731,13 @@ def chunk_scan_bwd_dbdc(dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, s
     dC = new_output((batch, seqlen, ngroups, dstate), C.dtype, C.device) if dC is None else dC
     ntiles_n = triton.cdiv(dstate, block_n)
     ddA_prev_part = new_output((batch, nheads, nchunks, ntiles_n, chunk_size), torch.float32, x.device)
-    _chunk_scan_bwd_dbdc_kernel[(ntiles_n * ntiles * batch * nchunks * ngroups,)](
+    grid = (ntiles_n * ntiles * batch * nchunks * ngroups,)
+    _chunk_scan_bwd_dbdc_kernel[grid](
         dCB, B, C, dy, x, dt, dA_cumsum, prev_states, dstates, seq_idx,
         dB, dC, ddA_prev_part,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(), *C.stride(), *dB.stride(), *dC.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_SEQ_IDX=seq_idx is not None, BLOCK_L=block_l, BLOCK_P=headdim_block(headdim), BLOCK_N=block_n,
     )  # fmt: skip
     return dB, dC, ddA_prev_part.sum(3)

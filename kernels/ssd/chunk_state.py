@@ -10,18 +10,26 @@ import torch
 import triton
 import triton.language as tl
 
-from mambatron.kernels.ssd._common import autotune_warps, chunk_block, dstate_block, headdim_block, new_output
+from mambatron.kernels.ssd._common import (
+    autotune_warps,
+    chunk_block,
+    dstate_block,
+    grid_bucket,
+    headdim_block,
+    new_output,
+)
 
 # Tile upper bounds (positions per inner-loop step, dstate per program); tools/sweep_ssd.py --state sweeps them.
 TILES = {"fwd": (64, 64)}
 
 
 @autotune_warps(key=["chunk_size", "headdim", "dstate", "BLOCK_L", "BLOCK_P", "BLOCK_N"], stages=(2, 3, 4))
-@triton.jit
+@triton.jit(do_not_specialize=["grid_bucket"])
 def _chunk_state_fwd_kernel(
     x_ptr, B_ptr, dt_ptr, dA_cumsum_ptr, seq_idx_ptr, states_ptr,
     seqlen, nheads, nchunks, chunk_size, headdim, dstate, heads_per_group,
     stride_x_b, stride_x_l, stride_x_h, stride_x_p, stride_B_b, stride_B_l, stride_B_g, stride_B_n,
+    grid_bucket,
     HAS_SEQ_IDX: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -82,6 +90,7 @@ def chunk_state_fwd(B, x, dt, dA_cumsum, seq_idx=None):
         x, B, dt, dA_cumsum, seq_idx, states,
         seqlen, nheads, nchunks, chunk_size, headdim, dstate, nheads // ngroups,
         *x.stride(), *B.stride(),
+        grid_bucket=grid_bucket(*grid),
         HAS_SEQ_IDX=seq_idx is not None,
         BLOCK_L=chunk_block(chunk_size, up_l), BLOCK_P=block_p, BLOCK_N=block_n,
     )  # fmt: skip

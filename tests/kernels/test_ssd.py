@@ -233,6 +233,31 @@ def test_gradient_through_final_states_only():
         assert_close(g, g_ref, f"d{name}")
 
 
+def test_grid_bucket_steps_by_a_factor_of_four():
+    sizes = (1, 2, 3, 8, 9, 32, 33, 128, 129, 1024, 2048, 2049)
+    assert [_common.grid_bucket(n) for n in sizes] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 5, 5, 6]
+    assert _common.grid_bucket(4, 4, 4) == _common.grid_bucket(64)
+
+
+def test_autotuning_picks_are_kept_per_grid_size():
+    """Every autotuned SSD kernel keys its pick on the launch's grid bucket as well as on the shapes that set its
+    tiles, so a small first call (a check, an evaluation) and a large one each get their own pick; on the shape keys
+    alone the large call would reuse the small one's."""
+    from mambatron.kernels._common import autotuners, reset_autotuning
+
+    reset_autotuning()
+    for batch, seqlen in ((1, CHUNK), (2, 8 * CHUNK)):  # 1 and 16 chunks in all: every grid in another bucket
+        leaves = {k: v.requires_grad_() for k, v in fp32_inputs(batch=batch, seqlen=seqlen, ngroups=1).items()}
+        mamba_chunk_scan_combined(**leaves, chunk_size=CHUNK, dt_softplus=True).sum().backward()
+    tuners = {t.base_fn.__name__: t for t in autotuners() if t.base_fn.__module__.startswith("mambatron.kernels.ssd")}
+    assert len(tuners) == 7, sorted(tuners)
+    for name, tuner in tuners.items():
+        keys = list(tuner.cache)
+        assert len(keys) == 2, (name, keys)
+        # The same tiles and dtypes: only the grid bucket tells the two calls apart.
+        assert [a == b for a, b in zip(*keys)].count(False) == 1, (name, keys)
+
+
 # Dispatch and validation -----------------------------------------------------------------------------------------
 
 
