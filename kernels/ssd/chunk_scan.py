@@ -407,8 +407,9 @@ def _chunk_scan_bwd_dcb_kernel(
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
         # PREFETCH: the next head's dA_cumsum and dt load before this head's work, so their latency is not waited
         # for in each step of the loop (the last head loads itself again instead of branching).
-        row = ((batch * nheads + head_lo) * nchunks + chunk) * chunk_size
-        dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
+        if PREFETCH:
+            row = ((batch * nheads + head_lo) * nchunks + chunk) * chunk_size
+            dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
         for head in range(head_lo, head_hi):
             row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
             if PREFETCH:
