@@ -80,15 +80,13 @@ def test_autotune_picks_name_each_kernel_its_key_and_config(monkeypatch):
     import torch
     from triton.runtime.autotuner import Autotuner
 
-    from mambatron.kernels._common import reset_autotuning
+    from mambatron.kernels._common import interpreting, reset_autotuning
     from mambatron.kernels.ssd import bmm
     from tools.bench_step import autotune_picks
 
     tuner = bmm._bmm_chunk_fwd_kernel
     assert isinstance(tuner, Autotuner)
     monkeypatch.setattr(tuner, "cache", {})
-    from mambatron.kernels._common import interpreting
-
     x = torch.randn(1, 8, 1, 4, device="cuda" if torch.cuda.is_available() else "cpu")
     bmm.bmm_chunk_fwd(x, x, 4)
     (pick,) = [p for p in autotune_picks() if p["kernel"] == "_bmm_chunk_fwd_kernel"]

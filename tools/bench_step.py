@@ -19,8 +19,9 @@ one key of a dict of them, integers only): each variant passes its own check fir
 Our kernels' autotuning picks from the check are forgotten before the step, which autotunes at its own shape (as a
 training run's first step, and mamba_ssm's here). After each of our steps an ``autotune_<preset>[@<NAME>]`` record
 (and before it ``autotune_check_...``, what the check picked) lists the configuration every autotuned kernel of ours
-picked, per autotuning key (the shapes), with each candidate's median time where the autotuner last benchmarked that
-kernel: what our step ran with, which the autotuner can choose differently from one machine to the next.
+picked, per autotuning key (the shapes and, for the SSD kernels, the grid bucket), with each candidate's median
+time where the autotuner last benchmarked that kernel: what our step ran with, which the autotuner can choose
+differently from one machine to the next.
 mamba_ssm is looked for on the import path and in ``.anchor/`` (its public sources, with the CUDA extensions built
 by the anchor scripts in /tmp/ext).
 """

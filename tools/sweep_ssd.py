@@ -180,8 +180,7 @@ def main(argv=None) -> int:
         expected = run()
         for text in variants:
             tiles = tiles_arg(text)
-            if kind == "fwd" and len(tiles) == 3:
-                tiles += (default[3],)
+            tiles += default[len(tiles) :]  # entries left out keep their defaults (the forward's headdim split, ...)
             table[key] = tiles
             row = dict(what="ssd_tiles", kind=kind, tiles=list(tiles))
             try:

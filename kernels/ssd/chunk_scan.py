@@ -405,21 +405,25 @@ def _chunk_scan_bwd_dcb_kernel(
         CB = tl.load(CB_base + offs_l[:, None] * chunk_size + offs_s[None, :], mask=in_l[:, None] & in_s[None, :])
         CB = tl.where(offs_s[None, :] <= offs_l[:, None], CB, 0.0)
         acc = tl.zeros((BLOCK_L, BLOCK_L), dtype=tl.float32)
-        # PREFETCH: the next head's dA_cumsum and dt load before this head's work, so their latency is not waited
-        # for in each step of the loop (the last head loads itself again instead of branching).
+        # A head's dA_cumsum and dt rows for this chunk start at vec_base + head * head_stride. PREFETCH: the next
+        # head's load before this head's work, so their latency is not waited for in each step of the loop (the last
+        # head loads itself again instead of branching).
+        vec_base, head_stride = (batch * nheads * nchunks + chunk) * chunk_size, nchunks * chunk_size
         if PREFETCH:
-            row = ((batch * nheads + head_lo) * nchunks + chunk) * chunk_size
-            dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
+            nxt_l, nxt_s, nxt_dt = _dcb_head_vectors(
+                dA_cumsum_ptr, dt_ptr, vec_base + head_lo * head_stride, offs_l, offs_s, in_l, in_s
+            )
         for head in range(head_lo, head_hi):
-            row = ((batch * nheads + head) * nchunks + chunk) * chunk_size
             if PREFETCH:
-                cur_l, cur_s, cur_dt = dA_cumsum_l, dA_cumsum_s, dt_s
-                nxt = ((batch * nheads + tl.minimum(head + 1, head_hi - 1)) * nchunks + chunk) * chunk_size
-                dA_cumsum_l, dA_cumsum_s, dt_s = _dcb_head_vectors(
-                    dA_cumsum_ptr, dt_ptr, nxt, offs_l, offs_s, in_l, in_s
-                )
+                cur_l, cur_s, cur_dt = nxt_l, nxt_s, nxt_dt
+                nxt_l, nxt_s, nxt_dt = _dcb_head_vectors(
+                    dA_cumsum_ptr, dt_ptr, vec_base + tl.minimum(head + 1, head_hi - 1) * head_stride, offs_l, offs_s,
+                    in_l, in_s,
+                )  # fmt: skip
             else:
-                cur_l, cur_s, cur_dt = _dcb_head_vectors(dA_cumsum_ptr, dt_ptr, row, offs_l, offs_s, in_l, in_s)
+                cur_l, cur_s, cur_dt = _dcb_head_vectors(
+                    dA_cumsum_ptr, dt_ptr, vec_base + head * head_stride, offs_l, offs_s, in_l, in_s
+                )
             dy = tl.load(
                 dy_ptr + ((batch * seqlen + chunk_start + offs_l[:, None]) * nheads + head) * headdim + offs_p[None, :],
                 mask=in_l[:, None] & in_p[None, :],
@@ -696,7 +700,7 @@ def chunk_scan_bwd_dcb(dy, x, dt, dA_cumsum, CB, seq_idx=None):
     batch, seqlen, nheads, headdim = x.shape
     ngroups = CB.shape[2]
     nchunks, chunk_size = dt.shape[2:]
-    up_l, splits, prefetch = (*TILES["bwd_dcb"], 0)[:3]
+    up_l, splits, prefetch = TILES["bwd_dcb"]
     block_l, ntiles = _tiles(chunk_size, up_l)
     heads_per_group = nheads // ngroups
     per_split = triton.cdiv(heads_per_group, max(1, min(splits, heads_per_group)))

@@ -50,7 +50,7 @@ def uneven_tiles(small_tiles, monkeypatch):
     before the output tile; the dstates backward walks 4 positions per step and splits dstate over programs of 4;
     the dCB backward takes tiles of 4 and splits a group's heads in two runs, each summing its own part of dCB."""
     monkeypatch.setattr(
-        chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4), "bwd_dcb": (4, 2)}
+        chunk_scan, "TILES", {"fwd": (8, 4, 4, 8), "bwd_dx": (4, 8, 8), "bwd_dstates": (4, 4), "bwd_dcb": (4, 2, 0)}
     )
 
 
